@@ -1,0 +1,33 @@
+"""lora-lite: LoRA-family adapters attached to any PyTorch model with forward hooks.
+
+    import lora_lite as ll
+    cfg = ll.config("lora", r=8, target_names=[r"q_proj$", r"v_proj$"])
+    ll.attach(model, cfg)             # base frozen, adapter tensors on the target layers
+    ll.save(model, "a.safetensors")   # small file: adapter tensors + metadata
+    ll.detach(model)                  # the model is back, bit for bit
+    ll.load(model, "a.safetensors")   # fresh base + file -> the adapted model
+
+Variants come from plugins (entry-point group ``lora_lite``); core ships none.
+"""
+from .adapter_file import load, read_header, save
+from .attach import adapter_tensors, attach, attached, detach, trainable_parameters
+from .calibration import call_model, stream_inputs
+from .config import AdapterConfig, check, config
+from .errors import (AdapterFileError, AttachError, ConfigError, LoraLiteError,
+                     VariantContractError, VariantNotInstalled)
+from .hookspecs import hookimpl
+from .plugins import get_plugin_manager, get_variant, plugins, problems, variants
+from .targets import Target, find_targets
+from .variant import ParamSpec, Variant, hook_kind
+from .weights import base_dense_weight, dense_weight, set_dense_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "AdapterFileError", "AttachError", "ConfigError", "LoraLiteError",
+    "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
+    "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
+    "config", "dense_weight", "detach", "find_targets", "get_plugin_manager", "get_variant",
+    "hook_kind", "hookimpl", "load", "plugins", "problems", "read_header", "save",
+    "set_dense_weight", "stream_inputs", "trainable_parameters", "variants",
+]

@@ -1,0 +1,175 @@
+"""attach / detach: adapter tensors registered on the target layers, math run by forward hooks.
+
+No module is replaced. ``attach`` freezes the base, creates the variant's ``lora_*`` tensors on
+each target, runs its per-layer ``init``, registers the hooks, then its ``group_init``. If any
+step fails, everything done so far is undone and the error re-raised: the model is as before.
+``detach`` removes it all and restores any rewritten base weight bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import AttachError
+from .plugins import get_variant, variant_origin
+from .targets import Target, find_targets
+from .variant import hook_kind, make_tensor
+from .weights import guard_training, restore_base_weight
+
+STATE_ATTR = "_lora_lite_state"
+_SCRATCH = ("_lora_cfg", "_lora_variant", "_lora_role", "_lora_name")
+
+
+@dataclass
+class AttachState:
+    cfg: object
+    variant: type
+    targets: list[Target]
+    tensor_names: dict = field(default_factory=dict)  # target name -> [attr names]
+    handles: list = field(default_factory=list)
+    requires_grad: list = field(default_factory=list)  # (param, flag before attach)
+    undo_guard: object = None
+
+
+def attached(model) -> AttachState | None:
+    return getattr(model, STATE_ATTR, None)
+
+
+def needs_calibration(variant) -> bool:
+    return bool(getattr(variant, "needs_calibration", False))
+
+
+def attach(model, cfg, calibration_data=None, *, _skip_group_init=False) -> AttachState:
+    """Attach the adapter described by ``cfg`` to ``model`` (in place). Returns its state."""
+    if attached(model) is not None:
+        raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
+                          "attached; call ll.detach(model) first")
+    stray = [n for n, m in model.named_modules() if hasattr(m, "_lora_variant")]
+    if stray:
+        raise AttachError(f"layer {stray[0]!r} carries leftovers of another adapter; "
+                          "load a fresh copy of the base model")
+    variant = get_variant(cfg.variant)
+    if not isinstance(cfg, variant.config):
+        raise AttachError(f"config is a {type(cfg).__name__}, variant {cfg.variant!r} needs a "
+                          f"{variant.config.__name__}; build it with ll.config({cfg.variant!r}, ...)")
+    if needs_calibration(variant) and calibration_data is None and not _skip_group_init:
+        raise ValueError(
+            f"variant {cfg.variant!r} initialises from data: pass calibration_data=[batch, ...] "
+            "to ll.attach (batches as the model takes them, e.g. dicts with input_ids and "
+            "attention_mask); the model was not changed")
+    targets = find_targets(model, cfg)
+    state = AttachState(cfg, variant, targets)
+    setattr(model, STATE_ATTR, state)
+    try:
+        _attach(model, state, calibration_data, _skip_group_init)
+    except BaseException:
+        _undo(model, state)
+        raise
+    return state
+
+
+def _attach(model, state, calibration_data, skip_group_init):
+    cfg, variant = state.cfg, state.variant
+    for p in model.parameters():
+        state.requires_grad.append((p, p.requires_grad))
+        p.requires_grad_(False)
+    state.undo_guard = guard_training(model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for t in state.targets:
+        layer, names = t.layer, []
+        state.tensor_names[t.name] = names
+        specs = variant.param_specs(t.d_in, t.d_out, cfg)
+        device = _device_of(layer)
+        for name, spec in specs.items():
+            if not name.startswith("lora_"):
+                raise AttachError(f"variant {cfg.variant!r} ({variant_origin(cfg.variant).distribution}) "
+                                  f"names a tensor {name!r}: adapter tensor names must start with 'lora_'")
+            if hasattr(layer, name):
+                raise AttachError(f"{t.name} already has an attribute {name!r}; detach first")
+            tensor = make_tensor(spec, cfg.dtype, device, generator)
+            if spec.trainable:
+                layer.register_parameter(name, torch.nn.Parameter(tensor))
+            else:
+                layer.register_buffer(name, tensor, persistent=spec.persistent)
+            names.append(name)
+        layer._lora_cfg, layer._lora_variant = cfg, variant
+        layer._lora_role, layer._lora_name = t.role, t.name
+        if callable(getattr(variant, "init", None)):
+            variant.init(layer, cfg)
+    for t in state.targets:
+        if hook_kind(variant) == "input":
+            state.handles.append(t.layer.register_forward_pre_hook(_input_hook))
+        else:
+            state.handles.append(t.layer.register_forward_hook(_output_hook))
+    if callable(getattr(variant, "group_init", None)) and not skip_group_init:
+        variant.group_init(model, state.targets, cfg, calibration_data)
+
+
+def _device_of(layer):
+    for tensor in list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False)):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _output_hook(layer, args, y):
+    cfg = layer._lora_cfg
+    y_new = layer._lora_variant.forward(layer, args[0].to(cfg.dtype), y)
+    return y_new.to(y.dtype)
+
+
+def _input_hook(layer, args):
+    x = args[0]
+    x_new = layer._lora_variant.forward_input(layer, x.to(layer._lora_cfg.dtype))
+    return (x_new.to(x.dtype), *args[1:])
+
+
+def detach(model) -> None:
+    """Remove the adapter: hooks, tensors, rewritten weights; the base is back bit for bit."""
+    state = attached(model)
+    if state is None:
+        raise AttachError("no lora-lite adapter is attached to this model")
+    _undo(model, state)
+
+
+def _undo(model, state):
+    for handle in state.handles:
+        handle.remove()
+    for t in state.targets:
+        layer = t.layer
+        restore_base_weight(layer)
+        for name in state.tensor_names.get(t.name, []):
+            if name in layer._parameters:
+                del layer._parameters[name]
+            elif name in layer._buffers:
+                del layer._buffers[name]
+                layer._non_persistent_buffers_set.discard(name)
+        for name in _SCRATCH:
+            if name in vars(layer):
+                delattr(layer, name)
+    for p, flag in state.requires_grad:
+        p.requires_grad_(flag)
+    if state.undo_guard is not None:
+        state.undo_guard()
+    if STATE_ATTR in vars(model):
+        delattr(model, STATE_ATTR)
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """'<module path>.<tensor name>' -> tensor, for every adapter tensor on the model."""
+    state = attached(model)
+    if state is None:
+        raise AttachError("no lora-lite adapter is attached to this model")
+    out = {}
+    for t in state.targets:
+        for name in state.tensor_names[t.name]:
+            out[f"{t.name}.{name}"] = getattr(t.layer, name)
+    return out
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    state = attached(model)
+    if state is None:
+        raise AttachError("no lora-lite adapter is attached to this model")
+    return [p for p in adapter_tensors(model).values()
+            if isinstance(p, torch.nn.Parameter) and p.requires_grad]

@@ -1,0 +1,155 @@
+"""Adapter configs: a base dataclass that each variant subclasses with its own typed knobs.
+
+Validation runs at construction and raises ``ConfigError`` (a ValueError) naming the field.
+Configs round-trip through JSON (``to_dict``/``from_dict``); tuples come back as tuples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from .errors import ConfigError
+
+ROLES = ("reader", "writer", "inner")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every variant has. Subclasses set ``variant``'s default to their variant name."""
+
+    variant: str = ""
+    r: int = 8                      # rank (variants that have none ignore it)
+    alpha: float = 16.0             # LoRA scale s = alpha / r, where the variant uses one
+    dtype: torch.dtype = torch.float32  # dtype of adapter tensors and of the hook's math
+    target_roles: tuple = ("reader", "writer")  # () = any role
+    target_names: tuple = ()        # regexes (re.search) on module names; () = any name
+    exclude_names: tuple = ("lm_head", "embed_tokens")
+    layers: tuple | None = None     # decoder layer indices to adapt; None = all
+    seed: int = 0                   # seeds the random init of adapter tensors
+
+    uses_rank: ClassVar[bool] = True
+
+    def __post_init__(self):
+        self.dtype = _as_dtype(self.dtype)
+        for name in ("target_roles", "target_names", "exclude_names"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            setattr(self, name, tuple(value))
+        if self.layers is not None:
+            if isinstance(self.layers, int):
+                self.layers = (self.layers,)
+            self.layers = tuple(self.layers)
+        self.validate()
+
+    def validate(self):
+        """Check field values; subclasses extend it (call super().validate())."""
+        _check(self.variant and isinstance(self.variant, str), "variant", self.variant,
+               "a variant name; build configs with ll.config(name, ...)")
+        if self.uses_rank:
+            _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+                   "r", self.r, "a positive integer")
+        _check(isinstance(self.alpha, (int, float)) and self.alpha == self.alpha, "alpha",
+               self.alpha, "a number")
+        _check(self.dtype.is_floating_point, "dtype", self.dtype, "a floating dtype")
+        bad = [r for r in self.target_roles if r not in ROLES]
+        _check(not bad, "target_roles", self.target_roles, f"a subset of {ROLES}")
+        for name in ("target_names", "exclude_names"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as e:
+                    raise ConfigError(f"{name}: {pattern!r} is not a valid regex ({e})") from None
+        if self.layers is not None:
+            _check(all(isinstance(i, int) and i >= 0 for i in self.layers), "layers",
+                   self.layers, "a list of non-negative layer indices, or None for all")
+        _check(isinstance(self.seed, int), "seed", self.seed, "an integer")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.dtype):
+                value = str(value).removeprefix("torch.")
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdapterConfig":
+        """Rebuild a config; on the base class, the subclass is found from ``d['variant']``."""
+        target = cls
+        if cls is AdapterConfig:
+            from .plugins import get_variant
+            target = get_variant(d.get("variant", "")).config
+        known = {f.name: f for f in fields(target)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown} for variant "
+                              f"{d.get('variant')!r}; known fields: {sorted(known)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return target(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AdapterConfig":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def knobs(cls) -> dict:
+        """The fields this variant adds to AdapterConfig, with their defaults."""
+        base = {f.name for f in fields(AdapterConfig)}
+        return {f.name: _default(f) for f in fields(cls) if f.name not in base}
+
+
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _as_dtype(value):
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[value.removeprefix("torch.")]
+    raise ConfigError(f"dtype: {value!r} is not one of {sorted(_DTYPES)}")
+
+
+def _check(ok, field_name, value, expected):
+    if not ok:
+        raise ConfigError(f"{field_name}: got {value!r}, expected {expected}")
+
+
+def check(ok, field_name, value, expected):
+    """For variant configs' validate(): raise ConfigError naming the field unless ``ok``."""
+    _check(ok, field_name, value, expected)
+
+
+def config(name: str, **fields_) -> AdapterConfig:
+    """Build the typed config of variant ``name``: ``ll.config("lora", r=8, target_names=[...])``."""
+    from .plugins import get_variant
+    cls = get_variant(name).config
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(fields_) - known)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown} for variant {name!r}; "
+                          f"known fields: {sorted(known - {'variant'})}")
+    fields_ = {k: tuple(v) if isinstance(v, list) else v for k, v in fields_.items()}
+    return cls(**fields_)

@@ -1,0 +1,72 @@
+"""The variant contract: ``ParamSpec`` (one adapter tensor) and an optional ``Variant`` base class.
+
+A variant is any class with ``name``, ``config`` (an AdapterConfig subclass), ``param_specs``
+and exactly one of ``forward(layer, x, y) -> y_new`` (output hook) or
+``forward_input(layer, x) -> x_new`` (input pre-hook). Optional: ``init(layer, cfg)``,
+``group_init(model, targets, cfg, calibration_data)``, ``after_load(layer, cfg)`` (rebuild what
+``init`` derived from the base weight using the loaded tensors) and the class attributes below.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+Init = Union[str, Callable[[torch.Tensor, torch.Generator], None]]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One adapter tensor on a target layer, registered as ``layer.<name>`` (name starts lora_).
+
+    init: "zeros", "ones", "kaiming" (like nn.Linear's weight), "normal" (std 0.02), or a
+    callable ``fill(tensor, generator)``. Non-trainable specs become buffers; non-persistent
+    buffers are not saved (the variant must be able to regenerate them in ``init``).
+    """
+
+    shape: tuple
+    init: Init = "zeros"
+    trainable: bool = True
+    persistent: bool = True
+
+
+def make_tensor(spec: ParamSpec, dtype, device, generator) -> torch.Tensor:
+    t = torch.empty(spec.shape, dtype=torch.float32)
+    if callable(spec.init):
+        with torch.no_grad():
+            spec.init(t, generator)
+    elif spec.init == "zeros":
+        t.zero_()
+    elif spec.init == "ones":
+        t.fill_(1.0)
+    elif spec.init == "kaiming":
+        if t.dim() >= 2:  # nn.Linear's default: kaiming_uniform_(a=sqrt(5))
+            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+        else:
+            t.normal_(0.0, 0.02, generator=generator)
+    elif spec.init == "normal":
+        t.normal_(0.0, 0.02, generator=generator)
+    else:
+        raise ValueError(f"unknown ParamSpec init {spec.init!r}")
+    return t.to(device=device, dtype=dtype)
+
+
+class Variant:
+    """Optional base class; documents the contract and gives defaults for the descriptive flags."""
+
+    name: str = ""
+    config = None
+    rewrites_weight: bool = False     # init() changes the base weight (through set_dense_weight)
+    needs_calibration: bool = False   # attach() must get calibration_data
+    supports_quantized: bool = True   # works on bitsandbytes 4bit/8bit bases
+    paper: str = ""
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg) -> dict:
+        raise NotImplementedError
+
+
+def hook_kind(variant) -> str:
+    return "input" if callable(getattr(variant, "forward_input", None)) else "output"

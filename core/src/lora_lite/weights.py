@@ -1,0 +1,104 @@
+"""Dense-weight access for any supported layer type: read the fp32 weight, write a new one back.
+
+Plain nn.Linear-like layers are handled here; quantized layer types come from weight backends
+registered through the ``register_weight_backends`` hook (lora-lite's own bitsandbytes backend is
+one of them). The first write to a layer keeps a snapshot of the original storage so that
+``restore_base_weight`` (called by ``detach``) puts it back bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .plugins import weight_backends
+
+_SNAPSHOT = "_lora_lite_base_snapshot"
+
+
+class DenseBackend:
+    """Layers whose ``.weight`` is an ordinary floating (d_out, d_in) tensor (nn.Linear & co)."""
+
+    name = "dense"
+
+    @staticmethod
+    def handles(layer):
+        w = getattr(layer, "weight", None)
+        return isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2
+
+    @staticmethod
+    def read(layer):
+        return layer.weight.detach().float()
+
+    @staticmethod
+    def write(layer, dense):
+        old = layer.weight
+        layer.weight = nn.Parameter(dense.detach().to(old.dtype, copy=True), requires_grad=False)
+
+    @staticmethod
+    def snapshot(layer):
+        return layer.weight  # write() replaces the Parameter, so the original object is intact
+
+    @staticmethod
+    def restore(layer, snap):
+        layer.weight = snap
+
+
+def backend_for(layer):
+    for backend in weight_backends():
+        if backend.handles(layer):
+            return backend
+    if DenseBackend.handles(layer):
+        return DenseBackend
+    raise TypeError(
+        f"lora-lite cannot read the weight of {type(layer).__module__}.{type(layer).__name__}: "
+        "no weight backend handles this layer type. Supported: nn.Linear, bitsandbytes Linear4bit "
+        "and Linear8bitLt; plugins can add others through the register_weight_backends hook.")
+
+
+def dense_weight(layer) -> torch.Tensor:
+    """The layer's current weight as a dense fp32 (d_out, d_in) tensor (dequantized if needed)."""
+    return backend_for(layer).read(layer)
+
+
+def set_dense_weight(layer, dense: torch.Tensor) -> None:
+    """Replace the layer's weight with ``dense`` (requantized for quantized layers).
+
+    The original storage is kept so that ``detach`` restores it bit for bit.
+    """
+    backend = backend_for(layer)
+    d_out, d_in = layer.out_features, layer.in_features
+    if tuple(dense.shape) != (d_out, d_in):
+        raise ValueError(f"new weight has shape {tuple(dense.shape)}, layer needs {(d_out, d_in)}")
+    if not hasattr(layer, _SNAPSHOT):
+        setattr(layer, _SNAPSHOT, (backend, backend.snapshot(layer), backend.read(layer)))
+    backend.write(layer, dense)
+
+
+def base_dense_weight(layer) -> torch.Tensor:
+    """The fp32 weight the layer had before any ``set_dense_weight`` (its current one otherwise)."""
+    snap = getattr(layer, _SNAPSHOT, None)
+    return snap[2].clone() if snap is not None else dense_weight(layer)
+
+
+def weight_was_rewritten(layer) -> bool:
+    return hasattr(layer, _SNAPSHOT)
+
+
+def restore_base_weight(layer) -> None:
+    """Undo every ``set_dense_weight`` on this layer (no-op if none happened)."""
+    snap = getattr(layer, _SNAPSHOT, None)
+    if snap is not None:
+        backend, saved, _ = snap
+        backend.restore(layer, saved)
+        delattr(layer, _SNAPSHOT)
+
+
+def guard_training(model):
+    """Let each backend make its layers safe to train adapters through; returns an undo function."""
+    undos = [b.guard_training(model) for b in weight_backends() if hasattr(b, "guard_training")]
+
+    def undo():
+        for fn in reversed(undos):
+            if fn is not None:
+                fn()
+    return undo
