@@ -1,0 +1,1 @@
+"""Built-in commands; each module decorates ``lora_lite_cli.app.app``."""
