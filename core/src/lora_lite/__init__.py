@@ -16,7 +16,7 @@ from .config import AdapterConfig, check, config
 from .errors import (AdapterFileError, AttachError, ConfigError, LoraLiteError,
                      VariantContractError, VariantNotInstalled)
 from .hookspecs import hookimpl
-from .plugins import get_plugin_manager, get_variant, plugins, problems, variants
+from .plugins import get_plugin_manager, get_variant, installed_plugins, problems, variants
 from .targets import Target, find_targets
 from .variant import ParamSpec, Variant, hook_kind
 from .weights import base_dense_weight, dense_weight, set_dense_weight
@@ -28,6 +28,6 @@ __all__ = [
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
     "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
     "config", "dense_weight", "detach", "find_targets", "get_plugin_manager", "get_variant",
-    "hook_kind", "hookimpl", "load", "plugins", "problems", "read_header", "save",
+    "hook_kind", "hookimpl", "installed_plugins", "load", "problems", "read_header", "save",
     "set_dense_weight", "stream_inputs", "trainable_parameters", "variants",
 ]

@@ -227,7 +227,7 @@ def problems() -> list[PluginProblem]:
     return list(reg.load_problems) + list(reg.collected()[3])
 
 
-def plugins() -> list[PluginInfo]:
+def installed_plugins() -> list[PluginInfo]:
     reg = registry()
     reg.collected()
     return list(reg.info.values())
