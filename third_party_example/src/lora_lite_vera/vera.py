@@ -1,0 +1,120 @@
+"""VeRA — Kopiczko et al. 2024, https://arxiv.org/abs/2310.11454
+
+    y' = y + λ_b ⊙ ( B (λ_d ⊙ (A x)) ),   A (r, d_in), B (d_out, r): frozen, random, shared
+                                          λ_d (r) = d_initial, λ_b (d_out) = 0: trained
+
+A and B are never trained and never saved: they are regenerated from ``projection_seed`` and
+the layer shape, so every layer of the same shape (and the same seed, rank, dtype, device)
+shares one A and one B in memory. λ_b = 0 makes the adapter exactly the identity at init.
+Same math and init as PEFT's VeRA (vera_lambda_d, vera_lambda_b; A and B kaiming-uniform),
+except that PEFT draws one A/B pair sized to the largest target and slices it per layer, while
+here each shape gets its own pair (so adding a target never changes the others' projections).
+
+Files store λ_d, λ_b and a 4-number fingerprint of A and B, so a load on a machine whose random
+stream differs fails loudly instead of silently giving other outputs.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+import lora_lite as ll
+
+
+@dataclass
+class VeRAConfig(ll.AdapterConfig):
+    variant: str = "vera"
+    r: int = 256                  # VeRA wants larger ranks than LoRA: only λ_d grows with r
+    projection_seed: int = 0      # regenerates the frozen A and B (PEFT: projection_prng_key)
+    d_initial: float = 0.1        # initial value of every λ_d entry (PEFT's default)
+
+    def validate(self):
+        super().validate()
+        ll.check(isinstance(self.projection_seed, int) and not isinstance(self.projection_seed, bool)
+                 and 0 <= self.projection_seed < 2**63, "projection_seed", self.projection_seed,
+                 "an integer in [0, 2**63)")
+        ll.check(isinstance(self.d_initial, (int, float)) and not isinstance(self.d_initial, bool)
+                 and math.isfinite(self.d_initial) and self.d_initial != 0, "d_initial",
+                 self.d_initial, "a finite non-zero number (λ_b starts at 0, so with λ_d = 0 too "
+                 "neither vector would ever get a gradient)")
+
+
+def _kaiming_uniform(shape, generator):
+    """U(-b, b) with b = sqrt(6 / fan_in), fan_in = shape[1]: PEFT's ``_kaiming_init``."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def projections(seed, r, d_in, d_out):
+    """The frozen (A (r, d_in), B (d_out, r)) of one layer shape, fp32 on the CPU."""
+    shape_seed = ((seed * 1_000_003 + d_in) * 1_000_003 + d_out) % 2**63
+    generator = torch.Generator().manual_seed(shape_seed)
+    A = _kaiming_uniform((r, d_in), generator)
+    B = _kaiming_uniform((d_out, r), generator)
+    return A, B
+
+
+def _fingerprint(A, B):
+    return torch.stack([A.flatten()[0], A.flatten()[-1], B.flatten()[0], B.flatten()[-1]]).float()
+
+
+# (seed, r, d_in, d_out, dtype, device, "A"|"B") -> the tensor every such layer shares.
+# Weak values: once the last adapter using a pair is detached, the pair is freed.
+_shared: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+class VeRA(ll.Variant):
+    name = "vera"
+    config = VeRAConfig
+    paper = "https://arxiv.org/abs/2310.11454"
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {
+            # frozen and not saved: filled from the seed by init() on every attach and load
+            "lora_vera_A": ll.ParamSpec((cfg.r, d_in), trainable=False, persistent=False),
+            "lora_vera_B": ll.ParamSpec((d_out, cfg.r), trainable=False, persistent=False),
+            "lora_lambda_d": ll.ParamSpec((cfg.r,), init=lambda t, g: t.fill_(cfg.d_initial)),
+            "lora_lambda_b": ll.ParamSpec((d_out,), init="zeros"),
+            # saved, checked at load: the regenerated A and B are the ones it was trained with
+            "lora_vera_fingerprint": ll.ParamSpec((4,), trainable=False),
+        }
+
+    @staticmethod
+    def init(layer, cfg):
+        # Swap the placeholders for the pair every layer of this shape shares.
+        r, d_in = layer.lora_vera_A.shape
+        d_out = layer.lora_vera_B.shape[0]
+        dtype, device = layer.lora_vera_A.dtype, layer.lora_vera_A.device
+        key = (cfg.projection_seed, r, d_in, d_out, dtype, device)
+        A, B = _shared.get(key + ("A",)), _shared.get(key + ("B",))
+        if A is None or B is None:
+            A, B = (t.to(device=device, dtype=dtype)
+                    for t in projections(cfg.projection_seed, r, d_in, d_out))
+            _shared[key + ("A",)], _shared[key + ("B",)] = A, B
+        layer.register_buffer("lora_vera_A", A, persistent=False)
+        layer.register_buffer("lora_vera_B", B, persistent=False)
+        with torch.no_grad():
+            layer.lora_vera_fingerprint.copy_(_fingerprint(A, B))
+
+    @staticmethod
+    def after_load(layer, cfg):
+        stored = layer.lora_vera_fingerprint.float()
+        regenerated = _fingerprint(layer.lora_vera_A, layer.lora_vera_B).to(stored.device)
+        if not torch.allclose(stored, regenerated, rtol=1e-2, atol=1e-3):
+            raise ll.AdapterFileError(
+                f"{layer._lora_name}: the VeRA projections regenerated from projection_seed="
+                f"{cfg.projection_seed} differ from the ones this adapter was trained with "
+                f"(fingerprint {regenerated.tolist()} vs stored {stored.tolist()}); this torch "
+                f"({torch.__version__}) draws a different random stream: load it with the torch "
+                "version that saved it")
+
+    @staticmethod
+    def forward(layer, x, y):
+        # x: (..., d_in) in cfg.dtype; y: (..., d_out) base output
+        h = layer.lora_lambda_d * (x @ layer.lora_vera_A.T)        # (..., r)
+        delta = layer.lora_lambda_b * (h @ layer.lora_vera_B.T)    # (..., d_out)
+        return y + delta.to(y.dtype)
