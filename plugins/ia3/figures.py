@@ -1,0 +1,42 @@
+"""Print the issue-4 figures for ia3 and ia3_ff on the tiny test Llama (fp32, 4bit, 8bit bases).
+
+    python plugins/ia3/figures.py
+
+Uses the same setups and PEFT parity check as tests/test_ia3.py (loaded from there).
+"""
+import importlib.util
+import pathlib
+import warnings
+
+import lora_lite as ll
+from lora_lite.testing import make_batch, measure_invariants
+
+warnings.filterwarnings("ignore")  # bitsandbytes' per-call 8-bit cast notice
+_spec = importlib.util.spec_from_file_location(
+    "ia3_tests", pathlib.Path(__file__).parent / "tests" / "test_ia3.py")
+T = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T)
+
+
+def main():
+    header = ("variant", "targets", "identity fp32", "PEFT parity", "reload fp32",
+              "identity 4bit", "identity 8bit", "reload 4bit", "reload 8bit", "trainable")
+    rows = []
+    for variant, (kwargs, names, _) in T.SETUPS.items():
+        cfg = ll.config(variant, **kwargs)
+        m = {base: measure_invariants(lambda: T.make_model(base), cfg, make_batch(), lr=5e-2)
+             for base in ("fp32", "4bit", "8bit")}
+        parity, _ = T.peft_parity_error(variant)
+        rows.append((variant, "/".join(names), f"{m['fp32']['identity_err']:.1e}", f"{parity:.1e}",
+                     f"{m['fp32']['reload_err']:.1e}", f"{m['4bit']['identity_err']:.1e}",
+                     f"{m['8bit']['identity_err']:.1e}", f"{m['4bit']['reload_err']:.1e}",
+                     f"{m['8bit']['reload_err']:.1e}", str(m["fp32"]["trainable"])))
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print("\nerrors: max |logit difference| on tiny_llama (hidden 64, 2 layers), make_batch(); "
+          "PEFT parity on the same shape with random biases, fp32, random gate values")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""ia3 and ia3_ff: design.md §4 invariants on fp32, 4bit and 8bit bases, PEFT parity, config errors.
+
+Tolerances: both gates start at exactly 1.0, so init is bit-exact (identity error 0); a fresh
+base + the saved file runs the very same float ops as the trained model, so reload is exact too
+(1e-6 allowed); PEFT runs the same elementwise product (fp32, 1e-5 allowed for op-order noise).
+"""
+import copy
+
+import pytest
+import torch
+
+import lora_lite as ll
+from lora_lite.testing import logits, make_batch, measure_invariants, quantize, tiny_llama
+
+SETUPS = {  # variant -> (config kwargs, target layers on tiny_llama, trainable count)
+    # tiny_llama: hidden 64, 4 heads, 2 kv heads (k/v out 32), intermediate 128, 2 layers
+    "ia3": (dict(target_names=[r"k_proj$", r"v_proj$"]), ["k_proj", "v_proj"], 2 * (32 + 32)),
+    "ia3_ff": (dict(target_names=[r"down_proj$"]), ["down_proj"], 2 * 128),
+}
+
+
+def make_model(base="fp32"):
+    model = tiny_llama()
+    return model if base == "fp32" else quantize(model, base)
+
+
+def biased_llama(seed=0):
+    """tiny_llama's shape with random biases on every projection (checks bias handling)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, vocab_size=128,
+                         max_position_embeddings=128, tie_word_embeddings=False,
+                         attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0.0, 0.1)
+    return model
+
+
+def randomize(model, seed=1):
+    """Move every adapter tensor away from its init so that parity checks mean something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in ll.adapter_tensors(model).values():
+            t.add_(0.3 * torch.randn(t.shape, generator=g))
+
+
+def peft_parity_error(variant, model_fn=biased_llama):
+    """max |logits(lora-lite) - logits(PEFT IA3)| with the same gate values (fp32)."""
+    from peft import IA3Config, get_peft_model
+    batch = make_batch()
+    kwargs, names, _ = SETUPS[variant]
+    base = model_fn()
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.config(variant, **kwargs))
+    randomize(ours)
+    ff = names if variant == "ia3_ff" else []
+    peft_model = get_peft_model(base, IA3Config(target_modules=names, feedforward_modules=ff))
+    gates = ll.adapter_tensors(ours)
+    copied = 0
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "ia3_l") and "default" in module.ia3_l:
+                g = gates[name.removeprefix("base_model.model.") + ".lora_g"]
+                module.ia3_l["default"].copy_(g.reshape(module.ia3_l["default"].shape))
+                copied += 1
+    assert copied == len(gates) > 0
+    ours_out, peft_out = logits(ours, batch), logits(peft_model.eval(), batch)
+    moved = (ours_out - logits(model_fn(), batch)).abs().max().item()
+    return (ours_out - peft_out).abs().max().item(), moved
+
+
+def test_discovered_through_entry_point():
+    found = ll.variants()
+    assert {"ia3", "ia3_ff"} <= set(found)
+    from lora_lite.plugins import variant_origin
+    assert variant_origin("ia3").distribution == variant_origin("ia3_ff").distribution == "lora-lite-ia3"
+    assert ll.hook_kind(found["ia3"]) == "output" and ll.hook_kind(found["ia3_ff"]) == "input"
+
+
+@pytest.mark.parametrize("base", ["fp32", "4bit", "8bit"])
+@pytest.mark.parametrize("variant", ["ia3", "ia3_ff"])
+def test_invariants(variant, base):
+    kwargs, names, trainable = SETUPS[variant]
+    m = measure_invariants(lambda: make_model(base), ll.config(variant, **kwargs), make_batch(),
+                           steps=3, lr=5e-2)
+    assert m["identity_err"] == 0.0                      # g = 1 exactly
+    assert m["trainable"] == trainable
+    assert m["grad_norm_first"] > 0 and m["grad_norm_after_eval"] > 0
+    assert m["zero_grad_adapters"] == 0
+    assert m["base_grad_leaks"] == 0
+    assert m["base_changed"] is False
+    assert m["trained_delta"] > 1e-3                     # training moved the outputs
+    assert m["reload_err"] <= 1e-6
+    expected_keys = sorted(f"model.layers.{i}.{'mlp' if n == 'down_proj' else 'self_attn'}.{n}.lora_g"
+                           for i in range(2) for n in names)
+    assert m["file_keys"] == expected_keys
+    assert m["file_bytes"] < 4096 + 4 * trainable        # header + the gates, nothing else
+    assert m["detach_bitexact"] is True
+    assert m["detach_logits_err"] == 0.0
+
+
+@pytest.mark.parametrize("variant", ["ia3", "ia3_ff"])
+def test_matches_peft(variant):
+    err, moved = peft_parity_error(variant)
+    assert moved > 1e-3          # the random gates really change the outputs (logits are ~1e-1)
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("base", ["4bit", "8bit"])
+@pytest.mark.parametrize("variant", ["ia3", "ia3_ff"])
+def test_quantized_math(variant, base):
+    """On a quantized layer the gate acts on what that layer computes: layer(x)⊙g or layer(x⊙g)."""
+    from lora_lite.weights import guard_training
+    model = make_model(base)
+    kwargs, _, _ = SETUPS[variant]
+    ll.attach(model, ll.config(variant, **kwargs))
+    randomize(model)
+    block = model.model.layers[0]
+    layer = block.mlp.down_proj if variant == "ia3_ff" else block.self_attn.v_proj
+    g = layer.lora_g.detach().clone()
+    x = torch.randn(3, 5, layer.in_features)
+    with torch.no_grad():
+        got = layer(x)
+        ll.detach(model)
+        undo = guard_training(model)  # the same bnb kernel as while attached
+        want = layer(x * g) if variant == "ia3_ff" else layer(x) * g
+        undo()
+    assert (got - want).abs().max().item() <= 1e-6
+
+
+def test_config_errors():
+    with pytest.raises(ll.ConfigError, match="unknown config field"):
+        ll.config("ia3", group_size=4)
+    with pytest.raises(ll.ConfigError, match="dtype"):
+        ll.config("ia3_ff", dtype="int8")
+    with pytest.raises(ll.ConfigError, match="target_roles"):
+        ll.config("ia3", target_roles=["everything"])
+    with pytest.raises(ll.ConfigError, match="target_names"):
+        ll.config("ia3_ff", target_names=["("])
+    # r is unused by IA3: any value is accepted, nothing depends on it
+    assert ll.config("ia3", r=0).r == 0
