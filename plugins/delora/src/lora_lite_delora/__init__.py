@@ -1,0 +1,1 @@
+"""DeLoRA for lora-lite (found through the ``lora_lite`` entry point ``lora_lite_delora.plugin``)."""
