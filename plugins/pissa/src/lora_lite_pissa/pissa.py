@@ -1,0 +1,111 @@
+"""PiSSA — Meng et al. 2024, https://arxiv.org/abs/2404.02948
+
+    W = U diag(S) Vh (fp32 SVD),  B = U_r diag(√(S_r/s)),  A = diag(√(S_r/s)) Vh_r,  s = alpha / r
+    W_res = W − s·B A  written back as the base weight;   y' = x W_resᵀ + b + s·(x Aᵀ) Bᵀ
+
+The adapter starts on the top-r singular directions of W and the frozen base keeps the rest.
+Dividing S_r by s before the square root (as PEFT's init_lora_weights="pissa" does) makes
+s·B A = U_r diag(S_r) Vh_r for any alpha, so A, B and W_res equal PEFT's (up to SVD signs).
+
+Quantized bases (bitsandbytes 4bit/8bit): W is the dequantized weight and W_res is requantized on
+write, so at init the function moves by E = Q(W_res) − W_res. ``quant_iters`` = k > 0 refits the
+adapter to what the stored residual leaves out, LoftQ-style (the paper's multi-iteration QPiSSA):
+B A ← top-r SVD of (W − Q(W_res)) / s, then W_res ← W − s·B A is requantized, k times, ending on a
+refit. Each refit is the best rank-r correction for the residual actually stored. When the write
+is exact (an fp32 base) nothing is refit: A, B and W_res are plain PiSSA.
+
+``rewrite_base=False`` leaves the base weight alone and keeps the residual implicit instead:
+y' = y + s·(x Aᵀ) Bᵀ − s·(x A0ᵀ) B0ᵀ, with A0, B0 the init factors as frozen, unsaved buffers.
+That is PiSSA with an unquantized residual: exactly the identity at init on any base, for two
+more rank-r products per token and a frozen copy of A0, B0.
+
+Load re-runs this init on the fresh base (a deterministic function of W), which rebuilds the
+residual; the file holds only A and B. Detach restores the original weight bit for bit (core
+keeps the storage that set_dense_weight replaced).
+"""
+from dataclasses import dataclass
+
+import torch
+
+import lora_lite as ll
+
+
+@dataclass
+class PiSSAConfig(ll.AdapterConfig):
+    variant: str = "pissa"
+    quant_iters: int = 1        # refits of A, B to a requantized residual (0 = plain PiSSA)
+    rewrite_base: bool = True   # False: keep W, subtract s·B0 A0 in the hook (exact identity)
+
+    def validate(self):
+        super().validate()
+        ll.check(isinstance(self.quant_iters, int) and not isinstance(self.quant_iters, bool)
+                 and 0 <= self.quant_iters <= 20, "quant_iters", self.quant_iters,
+                 "an integer in [0, 20]")
+        ll.check(isinstance(self.rewrite_base, bool), "rewrite_base", self.rewrite_base,
+                 "True or False")
+
+
+def principal_factors(W, cfg):
+    """Top-r factors of W (fp32 (d_out, d_in)) with s·B A = U_r diag(S_r) Vh_r, in cfg.dtype."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    root = torch.sqrt(S[: cfg.r] / cfg.scale)             # (r,)
+    B = U[:, : cfg.r] * root                              # (d_out, r)
+    A = root[:, None] * Vh[: cfg.r]                       # (r, d_in)
+    return A.to(cfg.dtype), B.to(cfg.dtype)
+
+
+def write_residual(layer, W, A, B, cfg):
+    """W_res = W − s·B A into the base (requantized on bnb), refit ``quant_iters`` times."""
+    for refit in range(cfg.quant_iters + 1):
+        if refit:  # fit the adapter to what the stored residual leaves out of W
+            A, B = principal_factors(W - stored, cfg)
+            if refit == cfg.quant_iters:
+                break                                     # keep the residual this fit is for
+        residual = W - (cfg.scale * B.float()) @ A.float()  # PEFT's order of operations
+        ll.set_dense_weight(layer, residual)
+        stored = ll.dense_weight(layer)
+        if torch.equal(stored, residual):                 # exact write: nothing to refit
+            break
+    return A, B
+
+
+class PiSSA(ll.Variant):
+    name = "pissa"
+    config = PiSSAConfig
+    paper = "https://arxiv.org/abs/2404.02948"
+    rewrites_weight = True
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        ll.check(cfg.r <= min(d_in, d_out), "r", cfg.r,
+                 f"at most min(d_in, d_out) = {min(d_in, d_out)}: PiSSA takes r singular vectors "
+                 f"of a {d_out}x{d_in} weight")
+        specs = {  # filled by init from the SVD
+            "lora_A": ll.ParamSpec((cfg.r, d_in)),
+            "lora_B": ll.ParamSpec((d_out, cfg.r)),
+        }
+        if not cfg.rewrite_base:  # the init factors, rebuilt by init at load
+            specs["lora_A0"] = ll.ParamSpec((cfg.r, d_in), trainable=False, persistent=False)
+            specs["lora_B0"] = ll.ParamSpec((d_out, cfg.r), trainable=False, persistent=False)
+        return specs
+
+    @staticmethod
+    def init(layer, cfg):
+        W = ll.dense_weight(layer)                        # fp32 (d_out, d_in), dequantized on bnb
+        A, B = principal_factors(W, cfg)
+        if cfg.rewrite_base:
+            A, B = write_residual(layer, W, A, B, cfg)
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+            if not cfg.rewrite_base:
+                layer.lora_A0.copy_(A)
+                layer.lora_B0.copy_(B)
+
+    @staticmethod
+    def forward(layer, x, y):
+        # x: (..., d_in) in cfg.dtype; y: (..., d_out) output of the (residual) base
+        delta = (x @ layer.lora_A.T) @ layer.lora_B.T     # (..., d_out)
+        if hasattr(layer, "lora_A0"):                     # implicit residual: remove s·B0 A0
+            delta = delta - (x @ layer.lora_A0.T) @ layer.lora_B0.T
+        return y + layer._lora_cfg.scale * delta.to(y.dtype)
