@@ -40,6 +40,7 @@ class PluginProblem:
     distribution: str
     error: str
     hint: str
+    variant: str | None = None  # the variant name concerned, where there is one
 
     def __str__(self):
         return f"plugin {self.distribution!r}: {self.error} ({self.hint})"
@@ -123,14 +124,20 @@ class _Registry:
             def register(cls, _info=info):
                 problem = variant_problem(cls)
                 name = getattr(cls, "name", repr(cls))
+                hint = f"report it to the plugin's author or uninstall {_info.distribution}"
                 if problem is None and name in variants:
                     problem = (f"variant name {name!r} is already registered by "
                                f"{origin[name].distribution}; this one was skipped")
+                    hint = (f"uninstall one of the two (pip uninstall {_info.distribution}), or "
+                            f"load only one of them with {ALLOW_ENV}")
                 if problem is not None:
                     problems.append(PluginProblem(
-                        _info.distribution, problem,
-                        f"report it to the plugin's author or uninstall {_info.distribution}"))
+                        _info.distribution, problem, hint,
+                        name if isinstance(name, str) else None))
                     return
+                warning = tensor_name_problem(cls)
+                if warning is not None:
+                    problems.append(PluginProblem(_info.distribution, warning, hint, name))
                 variants[name] = cls
                 origin[name] = _info
                 _info.variants.append(name)
@@ -180,6 +187,21 @@ def variant_problem(cls):
     fwd = [m for m in ("forward", "forward_input") if callable(getattr(cls, m, None))]
     if len(fwd) != 1:
         return f"variant {name!r} must define exactly one of forward(layer, x, y) or forward_input(layer, x); it has {fwd or 'none'}"
+    return None
+
+
+def tensor_name_problem(cls):
+    """Bad tensor names in ``cls.param_specs`` under its default config, or None. Such a variant
+    stays registered (attach refuses it before touching a model); this reports it up front."""
+    try:
+        specs = cls.param_specs(16, 16, cls.config())
+    except Exception:  # cannot be probed with the default config: attach still checks
+        return None
+    bad = [n for n in specs if not (isinstance(n, str) and n.startswith("lora_"))] \
+        if isinstance(specs, dict) else []
+    if bad:
+        return (f"variant {cls.name!r}: param_specs names tensor(s) {bad}; every adapter tensor "
+                "name must start with 'lora_', so attach refuses this variant")
     return None
 
 
@@ -242,7 +264,8 @@ def get_variant(name):
     if name in found:
         return found[name]
     dist = KNOWN_DISTRIBUTIONS.get(name) or f"lora-lite-{name.split('_')[0]}"
-    related = [p for p in problems() if _norm(p.distribution) == _norm(dist)]
+    related = ([p for p in problems() if p.variant == name]
+               or [p for p in problems() if _norm(p.distribution) == _norm(dist)])
     msg = f"unknown adapter variant {name!r}: it is not installed. Install its plugin: pip install {dist}"
     if related:
         msg = f"variant {name!r} is unavailable because {related[0]}"

@@ -1,0 +1,102 @@
+"""Plugin discovery: entry points, lazy loading, the LORA_LITE_PLUGINS allow-list, in-process
+registration, and broken plugins reported and skipped."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+import lora_lite as ll
+import lora_lite.plugins as plugins
+
+from lltest import QV, registered
+
+
+def variants_in_subprocess(env_value):
+    env = dict(os.environ)
+    env.pop(plugins.ALLOW_ENV, None)
+    if env_value is not None:
+        env[plugins.ALLOW_ENV] = env_value
+    out = subprocess.run([sys.executable, "-c",
+                          "import json, lora_lite as ll; print(json.dumps(sorted(ll.variants())))"],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_lora_is_found_through_its_entry_point_and_the_allow_list_hides_it():
+    assert "lora" in variants_in_subprocess(None)
+    assert variants_in_subprocess("") == []
+    assert variants_in_subprocess("lora-lite-lora") == ["lora"]
+    assert variants_in_subprocess("lora_lite_lora") == ["lora"]  # names are normalised
+
+
+def test_core_works_with_zero_plugins(only_plugins, model, batch):
+    only_plugins("")
+    assert ll.variants() == {}
+    assert [p.name for p in ll.installed_plugins()] == ["bnb_backend"]  # core's own backend
+    with pytest.raises(ll.VariantNotInstalled, match="pip install lora-lite-lora"):
+        ll.config("lora")
+
+
+def test_loading_is_lazy():
+    code = ("import lora_lite, lora_lite.plugins as p; assert p._registry is None; "
+            "lora_lite.variants(); assert p._registry is not None; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+@dataclass
+class GateConfig(ll.AdapterConfig):
+    variant: str = "test_gate"
+
+
+class Gate(ll.Variant):
+    name, config = "test_gate", GateConfig
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_gate": ll.ParamSpec((d_out,), init="ones")}
+
+    @staticmethod
+    def forward(layer, x, y):
+        return y * layer.lora_gate
+
+
+def test_in_process_registration_and_unregistration(model):
+    with registered(Gate, name="gate-plugin"):
+        assert "test_gate" in ll.variants()
+        info = {p.name: p for p in ll.installed_plugins()}["gate-plugin"]
+        assert info.variants == ["test_gate"] and "register_variants" in info.hooks
+        ll.attach(model, ll.config("test_gate", **QV))
+        ll.detach(model)
+    assert "test_gate" not in ll.variants()
+
+
+def test_broken_plugins_are_reported_and_skipped():
+    class Crashing:
+        @staticmethod
+        @ll.hookimpl
+        def register_variants(register):
+            raise RuntimeError("plugin bug")
+
+    class NoForward:
+        name, config = "noforward", GateConfig
+
+        @staticmethod
+        def param_specs(d_in, d_out, cfg):
+            return {}
+
+    with registered(Gate, NoForward, name="mixed"):
+        plugins.register_plugin(Crashing, name="crashing", distribution="lora-lite-crashing")
+        try:
+            found = ll.variants()
+            assert "lora" in found and "test_gate" in found and "noforward" not in found
+            problems = {p.distribution: str(p) for p in ll.problems()}
+            assert "register_variants raised RuntimeError: plugin bug" in problems["lora-lite-crashing"]
+            assert "uninstall lora-lite-crashing" in problems["lora-lite-crashing"]
+            assert "must default to 'noforward'" in problems["mixed"] or "exactly one of forward" in problems["mixed"]
+        finally:
+            plugins.unregister_plugin("crashing")
+    assert not [p for p in ll.problems() if p.distribution in ("lora-lite-crashing", "mixed")]
