@@ -5,13 +5,15 @@
 Uses the same setups and PEFT parity check as tests/test_ia3.py (loaded from there).
 """
 import importlib.util
+import logging
 import pathlib
 import warnings
 
 import lora_lite as ll
 from lora_lite.testing import make_batch, measure_invariants
 
-warnings.filterwarnings("ignore")  # bitsandbytes' per-call 8-bit cast notice
+warnings.filterwarnings("ignore")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its per-call 8-bit cast notice
 _spec = importlib.util.spec_from_file_location(
     "ia3_tests", pathlib.Path(__file__).parent / "tests" / "test_ia3.py")
 T = importlib.util.module_from_spec(_spec)
