@@ -118,7 +118,9 @@ class _Registry:
         variants, origin, backends, problems = {}, {}, [], []
         for info in self.info.values():
             info.variants = []
-        for impl in self.pm.hook.register_variants.get_hookimpls()[::-1]:  # registration order
+        # registration order (get_hookimpls lists it; pluggy *calls* in reverse): the first
+        # plugin to register a name keeps it, as the clash report says
+        for impl in self.pm.hook.register_variants.get_hookimpls():
             info = self.info[impl.plugin_name]
 
             def register(cls, _info=info):

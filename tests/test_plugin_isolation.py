@@ -1,0 +1,325 @@
+"""Plugin isolation (design.md §2): a plugin that fails to import, a variant that breaks the
+contract, two plugins registering one variant name, and the LORA_LITE_PLUGINS allow-list.
+
+In each case the other plugins keep working (the built-in ``lora`` attaches, runs and detaches)
+and ``ll.problems()`` names the culprit distribution and what to do about it. Contract breaches
+and clashes are staged in-process with ``register_plugin``; the import failure and a clash
+between real entry points are staged in a subprocess, with throwaway ``*.dist-info`` folders on
+its ``sys.path`` so that ``importlib.metadata`` finds them like installed distributions.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import lora_lite as ll
+from lora_lite import plugins
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch):
+    """Every test starts and ends with plugins reloaded from the real entry points."""
+    monkeypatch.delenv(plugins.ALLOW_ENV, raising=False)
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj = torch.nn.Linear(8, 8)
+        self.o_proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x))
+
+
+def assert_works(variant, **knobs):
+    """The variant attaches, is the identity at init, and detaches leaving the model as it was."""
+    model, x = Tiny(), torch.randn(3, 8)
+    with torch.no_grad():
+        ref = model(x)
+        ll.attach(model, ll.config(variant, r=2, target_names=[r"q_proj$"], **knobs))
+        assert torch.allclose(model(x), ref, atol=1e-6)
+        ll.detach(model)
+        assert torch.equal(model(x), ref)
+
+
+def plugin_of(*variant_classes):
+    class Plugin:
+        @staticmethod
+        @ll.hookimpl
+        def register_variants(register):
+            for cls in variant_classes:
+                register(cls)
+    return Plugin
+
+
+def problems_of(distribution):
+    return [str(p) for p in ll.problems() if p.distribution == distribution]
+
+
+@dataclass
+class ScaleConfig(ll.AdapterConfig):
+    variant: str = "iso_scale"
+
+
+class Scale(ll.Variant):
+    """A well-behaved variant: y * s, s = 1 at init."""
+    name, config = "iso_scale", ScaleConfig
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_scale": ll.ParamSpec((d_out,), init="ones")}
+
+    @staticmethod
+    def forward(layer, x, y):
+        return y * layer.lora_scale
+
+
+# -- a variant that breaks the contract ------------------------------------------------------
+
+@dataclass
+class NoForwardConfig(ll.AdapterConfig):
+    variant: str = "iso_noforward"
+
+
+class NoForward:
+    name, config = "iso_noforward", NoForwardConfig
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_s": ll.ParamSpec((d_out,))}
+
+
+@dataclass
+class PlainConfig:  # not an AdapterConfig
+    variant: str = "iso_plainconfig"
+    r: int = 8
+
+
+class PlainConfigVariant(Scale):
+    name, config = "iso_plainconfig", PlainConfig
+
+
+class WrongDefaultVariant(Scale):
+    name, config = "iso_wrongdefault", ScaleConfig  # config.variant defaults to "iso_scale"
+
+
+@pytest.mark.parametrize("culprit, expected", [
+    (NoForward, "must define exactly one of forward(layer, x, y) or forward_input(layer, x)"),
+    (PlainConfigVariant, ".config must be a dataclass subclassing lora_lite.AdapterConfig"),
+    (WrongDefaultVariant, "its config's `variant` field must default to 'iso_wrongdefault'"),
+])
+def test_contract_breaking_variant_is_skipped_and_reported(culprit, expected):
+    plugins.register_plugin(plugin_of(culprit, Scale), "acme", distribution="acme-adapters")
+    found = ll.variants()
+    assert culprit.name not in found
+    assert "iso_scale" in found and "lora" in found  # the same plugin's good variant stays
+    [problem] = problems_of("acme-adapters")
+    assert expected in problem
+    assert "report it to the plugin's author or uninstall acme-adapters" in problem
+    with pytest.raises(ll.VariantNotInstalled, match=rf"{culprit.name!r} is unavailable because "
+                                                      r"plugin 'acme-adapters'"):
+        ll.config(culprit.name)
+    assert_works("lora")
+    assert_works("iso_scale")
+
+
+@dataclass
+class BadNamesConfig(ll.AdapterConfig):
+    variant: str = "iso_badnames"
+
+
+class BadNames(Scale):
+    name, config = "iso_badnames", BadNamesConfig
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_scale": ll.ParamSpec((d_out,), init="ones"), "gain": ll.ParamSpec((d_out,))}
+
+
+def test_variant_with_bad_tensor_names_is_reported_and_refused_by_attach():
+    plugins.register_plugin(plugin_of(BadNames), "acme", distribution="acme-adapters")
+    [problem] = problems_of("acme-adapters")
+    assert "param_specs names tensor(s) ['gain']" in problem and "must start with 'lora_'" in problem
+    assert "report it to the plugin's author or uninstall acme-adapters" in problem
+    model, x = Tiny(), torch.randn(3, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ll.AttachError, match=r"acme-adapters.*'gain'.*must start with 'lora_'"):
+        ll.attach(model, ll.config("iso_badnames", target_names=[r"q_proj$"]))
+    assert ll.attached(model) is None and not hasattr(model.q_proj, "lora_scale")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_works("lora")
+
+
+# -- two plugins registering the same variant name ---------------------------------------------
+
+class OtherScale(Scale):
+    """Same name as Scale, from another distribution."""
+
+
+def test_two_plugins_registering_one_name_first_wins_second_is_reported():
+    plugins.register_plugin(plugin_of(Scale), "first", distribution="acme-scale")
+    plugins.register_plugin(plugin_of(OtherScale), "second", distribution="other-scale")
+    assert ll.variants()["iso_scale"] is Scale
+    assert plugins.variant_origin("iso_scale").distribution == "acme-scale"
+    assert problems_of("acme-scale") == []
+    [problem] = problems_of("other-scale")
+    assert "variant name 'iso_scale' is already registered by acme-scale; this one was skipped" in problem
+    assert "pip uninstall other-scale" in problem and plugins.ALLOW_ENV in problem
+    assert_works("iso_scale")
+    assert_works("lora")
+
+
+# -- the LORA_LITE_PLUGINS allow-list -------------------------------------------------------------
+
+def test_allow_list_empty_hides_every_plugin(monkeypatch):
+    monkeypatch.setenv(plugins.ALLOW_ENV, "")
+    plugins.reset()
+    assert ll.variants() == {} and ll.problems() == []
+    assert [p.distribution for p in ll.installed_plugins()] == ["lora-lite"]  # core's backend
+    with pytest.raises(ll.VariantNotInstalled) as err:
+        ll.config("lora")
+    assert "pip install lora-lite-lora" in str(err.value)
+    assert f"{plugins.ALLOW_ENV}=''" in str(err.value)  # the message points at the allow-list
+
+
+def test_allow_list_shows_only_the_named_distribution(monkeypatch):
+    plugins.reset()
+    assert len(ll.variants()) >= 1  # whatever is installed
+    monkeypatch.setenv(plugins.ALLOW_ENV, "lora-lite-lora")
+    plugins.reset()
+    assert list(ll.variants()) == ["lora"]
+    assert {p.distribution for p in ll.installed_plugins()} == {"lora-lite", "lora-lite-lora"}
+    assert ll.problems() == []
+    assert_works("lora")
+
+
+# -- real entry points, in a subprocess ----------------------------------------------------------
+
+SCALE_PLUGIN = '''
+from dataclasses import dataclass
+import lora_lite as ll
+
+@dataclass
+class ScaleConfig(ll.AdapterConfig):
+    variant: str = "scale"
+
+class Scale(ll.Variant):
+    name, config = "scale", ScaleConfig
+    origin = {origin!r}
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {{"lora_scale": ll.ParamSpec((d_out,), init="ones")}}
+
+    @staticmethod
+    def forward(layer, x, y):
+        return y * layer.lora_scale
+
+@ll.hookimpl
+def register_variants(register):
+    register(Scale)
+'''
+
+PROBE = textwrap.dedent('''
+    import json, torch, lora_lite as ll
+    from lora_lite import plugins
+
+    def works(variant):
+        model = torch.nn.Module()
+        model.q_proj = torch.nn.Linear(8, 8)
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            ref = model.q_proj(x)
+            ll.attach(model, ll.config(variant, r=2, target_names=["q_proj$"]))
+            same = torch.allclose(model.q_proj(x), ref, atol=1e-6)
+            ll.detach(model)
+            return same and torch.equal(model.q_proj(x), ref)
+
+    try:
+        ll.config("broken")
+        broken_message = None
+    except ll.VariantNotInstalled as e:
+        broken_message = str(e)
+    print(json.dumps({
+        "variants": {n: plugins.variant_origin(n).distribution for n in ll.variants()},
+        "scale_origin": getattr(ll.variants().get("scale"), "origin", None),
+        "problems": [{"distribution": p.distribution, "text": str(p)} for p in ll.problems()],
+        "works": {n: works(n) for n in ("lora", "scale") if n in ll.variants()},
+        "broken_message": broken_message,
+    }))
+''')
+
+
+def fake_distribution(site, name, version, entry_points, module=None, source=""):
+    """A minimal installed distribution: NAME-VERSION.dist-info/{METADATA,entry_points.txt}."""
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(
+        "[lora_lite]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    if module:
+        (site / f"{module}.py").write_text(source)
+
+
+@pytest.fixture(scope="module")
+def fake_site(tmp_path_factory):
+    site = tmp_path_factory.mktemp("site")
+    fake_distribution(site, "lora-lite-broken", "0.1.0", {"broken": "lora_lite_broken_missing.plugin"})
+    fake_distribution(site, "acme-scale", "1.0", {"acme_scale": "acme_scale_plugin"},
+                      "acme_scale_plugin", SCALE_PLUGIN.format(origin="acme-scale"))
+    fake_distribution(site, "other-scale", "2.0", {"other_scale": "other_scale_plugin"},
+                      "other_scale_plugin", SCALE_PLUGIN.format(origin="other-scale"))
+    return site
+
+
+def probe(site, allow=None):
+    env = {k: v for k, v in os.environ.items() if k != plugins.ALLOW_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    if allow is not None:
+        env[plugins.ALLOW_ENV] = allow
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_real_entry_points_broken_import_and_clash_are_isolated(fake_site):
+    result = probe(fake_site)
+    problems = {p["distribution"]: p["text"] for p in result["problems"]}
+    # the plugin that fails to import: named, with the error and what to do
+    broken = problems.pop("lora-lite-broken")
+    assert "failed to import 'lora_lite_broken_missing.plugin': ModuleNotFoundError" in broken
+    assert "pip install --force-reinstall lora-lite-broken" in broken
+    assert plugins.ALLOW_ENV in broken
+    # ...and a command that needs it says why it is unavailable and how to fix it
+    assert result["broken_message"].startswith(
+        "variant 'broken' is unavailable because plugin 'lora-lite-broken': failed to import")
+    # the clash: whichever distribution came first on sys.path wins, the other is reported
+    winner = result["variants"]["scale"]
+    loser = {"acme-scale", "other-scale"} - {winner}
+    assert winner in ("acme-scale", "other-scale") and result["scale_origin"] == winner
+    assert list(problems) == list(loser)
+    assert f"variant name 'scale' is already registered by {winner}" in problems[loser.pop()]
+    # everything else keeps working
+    assert result["variants"]["lora"] == "lora-lite-lora"
+    assert result["works"] == {"lora": True, "scale": True}
+
+
+def test_real_entry_points_allow_list_excludes_the_culprits(fake_site):
+    result = probe(fake_site, allow="lora-lite-lora, acme-scale")
+    assert result["variants"] == {"lora": "lora-lite-lora", "scale": "acme-scale"}
+    assert result["problems"] == []
+    assert result["works"] == {"lora": True, "scale": True}
+    assert "LORA_LITE_PLUGINS" in result["broken_message"]  # not loaded: the message says why
+    nothing = probe(fake_site, allow="")
+    assert nothing["variants"] == {} and nothing["problems"] == [] and nothing["works"] == {}
