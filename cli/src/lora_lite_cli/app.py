@@ -1,17 +1,41 @@
-"""The ``lora-lite`` Typer app. Commands live in ``lora_lite_cli.commands.*`` (each module
-decorates ``app``); plugins add theirs through the ``register_commands(app)`` hook and get this
-``typer.Typer``."""
+"""The ``lora-lite`` Typer app.
+
+Built-in commands live in ``lora_lite_cli.commands.*``: each module decorates ``app`` (the
+built-in app). ``get_app()`` returns a fresh Typer holding the built-in commands plus the ones
+every currently loaded plugin adds through its ``register_commands(app)`` hook, so a plugin
+registered in-process (tests, notebooks) shows up on the next ``get_app()`` call.
+
+Also here, for every command: ``handle_errors`` (expected errors -> one red line and an exit
+code scripts can trust) and the option helpers that build an adapter config from the command
+line (``build_config``: ``--targets``, ``--rank``, ``--set knob=value``).
+
+Exit codes: 0 ok; 1 the run failed; 2 bad input (usage, unknown variant, bad knob, model or
+file not found, adapter file refused); 130 interrupted.
+"""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import json
+import os
 
 import typer
 from rich.console import Console
 
 from . import __version__
 
-app = typer.Typer(name="lora-lite", no_args_is_help=True, add_completion=False,
-                  help="LoRA-family adapters with forward hooks: list, attach, train, evaluate, cost.")
+APP_HELP = "LoRA-family adapters attached with forward hooks: list, attach, train, evaluate, cost."
+DEFAULT_TARGETS = (r"q_proj$", r"v_proj$")
+DEBUG_ENV = "LORA_LITE_DEBUG"
+
+
+def _new_typer() -> typer.Typer:
+    return typer.Typer(name="lora-lite", no_args_is_help=True, add_completion=False,
+                       help=APP_HELP, pretty_exceptions_enable=False)
+
+
+app = _new_typer()  # built-in commands register here (see commands/__init__.py)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -24,27 +48,57 @@ class CLIError(Exception):
         self.code = code
 
 
+def one_line(message) -> str:
+    """A message squeezed onto one line (library errors sometimes span several)."""
+    return " ".join(str(message).split())
+
+
+def fail(message, code=1):
+    err_console.print(f"[red]error:[/] {one_line(message)}", highlight=False, markup=True,
+                      soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def warn(message):
+    err_console.print(f"[yellow]warning:[/] {one_line(message)}", highlight=False, soft_wrap=True)
+
+
 def handle_errors(fn):
-    """Decorator for commands: expected errors become one red line and a non-zero exit code."""
+    """Decorator for commands: errors become one red line and a non-zero exit code.
+
+    CLIError -> its code; lora-lite errors (unknown variant, bad config, refused adapter file),
+    a missing model, a missing file -> 2; Ctrl-C -> 130; anything else -> 1, with the traceback
+    only when LORA_LITE_DEBUG=1.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import click
         from lora_lite import LoraLiteError
         from .models import ModelNotFound
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException, click.exceptions.Exit):
+            raise
         except CLIError as e:
-            err_console.print(f"[red]error:[/] {e}", highlight=False)
-            raise typer.Exit(e.code)
+            fail(e, e.code)
         except (LoraLiteError, ModelNotFound, FileNotFoundError) as e:
-            err_console.print(f"[red]error:[/] {e}", highlight=False)
-            raise typer.Exit(2)
+            fail(e, 2)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except OSError as e:  # e.g. transformers: a model name that is neither a folder nor reachable
+            fail(e, 2)
+        except Exception as e:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            fail(f"{type(e).__name__}: {e} (set {DEBUG_ENV}=1 to see the traceback)", 1)
     return wrapper
 
 
 def _version(value: bool):
     if value:
         import lora_lite
-        console.print(f"lora-lite-cli {__version__} (lora-lite {lora_lite.__version__})")
+        console.print(f"lora-lite-cli {__version__} (lora-lite {lora_lite.__version__})",
+                      highlight=False)
         raise typer.Exit()
 
 
@@ -54,24 +108,221 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     """lora-lite: LoRA-family adapters attached with forward hooks."""
 
 
-_registered = False
+# -- plugins' commands -------------------------------------------------------------------------
+command_problems: list[str] = []  # filled by get_app(): plugins whose commands were refused
+
+
+def _command_name(info) -> str:
+    from typer.main import get_command_name
+    return info.name or get_command_name(info.callback.__name__)
+
+
+def _group_name(info) -> str | None:
+    return info.name or (info.typer_instance.info.name if info.typer_instance else None)
 
 
 def get_app() -> typer.Typer:
-    """The app with built-in and plugin commands registered (idempotent; use in tests)."""
-    global _registered
-    if not _registered:
-        _registered = True
-        from . import commands  # noqa: F401
-        from lora_lite.plugins import hook
-        for impl in hook().register_commands.get_hookimpls():
-            try:
-                impl.function(app=app)
-            except Exception as e:
-                err_console.print(f"[yellow]warning:[/] plugin {impl.plugin_name!r} failed to "
-                                  f"add commands: {type(e).__name__}: {e}")
-    return app
+    """A fresh app: the built-in commands plus those of every loaded plugin.
+
+    Each plugin's ``register_commands`` gets its own scratch Typer, so a plugin that raises half
+    way adds nothing, and a command whose name is taken (built-in or another plugin's) is
+    refused with a warning naming the distribution. Plugin commands get ``handle_errors``.
+    """
+    from . import commands  # noqa: F401  (imports register the built-in commands on `app`)
+    from lora_lite.plugins import hook, registry
+
+    cli = _new_typer()
+    cli.registered_callback = app.registered_callback
+    cli.registered_commands = list(app.registered_commands)
+    cli.registered_groups = list(app.registered_groups)
+    taken = {_command_name(c): "lora-lite-cli" for c in cli.registered_commands}
+    taken.update({_group_name(g): "lora-lite-cli" for g in cli.registered_groups})
+    command_problems.clear()
+    info = registry().info
+    for impl in hook().register_commands.get_hookimpls()[::-1]:  # registration order
+        dist = info[impl.plugin_name].distribution if impl.plugin_name in info else impl.plugin_name
+        scratch = typer.Typer()
+        try:
+            impl.function(app=scratch)
+        except Exception as e:
+            command_problems.append(f"plugin {dist!r} failed to add commands: "
+                                    f"{type(e).__name__}: {e} (fix or uninstall {dist})")
+            continue
+        for command in scratch.registered_commands:
+            name = _command_name(command)
+            if name in taken:
+                command_problems.append(f"plugin {dist!r}: command {name!r} is already provided by "
+                                        f"{taken[name]}; this one was skipped (rename it in {dist})")
+                continue
+            taken[name] = dist
+            command = copy.copy(command)
+            command.callback = handle_errors(command.callback)
+            cli.registered_commands.append(command)
+        for group in scratch.registered_groups:
+            name = _group_name(group)
+            if name in taken:
+                command_problems.append(f"plugin {dist!r}: command group {name!r} is already "
+                                        f"provided by {taken[name]}; skipped")
+                continue
+            taken[name] = dist
+            cli.registered_groups.append(group)
+    return cli
+
+
+def report_command_problems():
+    for problem in command_problems:
+        warn(problem)
 
 
 def main():
-    get_app()()
+    cli = get_app()
+    report_command_problems()
+    cli(prog_name="lora-lite")
+
+
+# -- loading the base model ------------------------------------------------------------------
+def load_base_model(name: str, dtype="float32", quantize=None):
+    """(model, tokenizer) through ``models.load_model``, with a clear error for a local path
+    that does not exist (transformers would call it an invalid hub repo id)."""
+    from .models import load_model
+    if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
+        raise CLIError(f"model {name!r} not found: no such folder or file", 2)
+    return load_model(os.path.expanduser(name) if name.startswith("~") else name,
+                      dtype=dtype, quantize=quantize)
+
+
+# -- building an adapter config from the command line ------------------------------------------
+def parse_sets(pairs) -> dict[str, str]:
+    """['block=8', 'road_variant=road_2'] -> {'block': '8', ...} (values still text)."""
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise CLIError(f"--set {pair!r}: expected knob=value, e.g. --set alpha=32", 2)
+        out[key] = value.strip()
+    return out
+
+
+def _coerce(field, text: str):
+    """Turn the text of --set into the type of config field ``field`` (from its default)."""
+    default = field.default if field.default is not dataclasses.MISSING else None
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = field.default_factory()  # type: ignore[misc]
+    low = text.lower()
+    if isinstance(default, bool):
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, (tuple, list)):
+        if text.startswith("["):
+            return tuple(json.loads(text))
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        return tuple(_scalar(s) for s in items) if field.name == "layers" else tuple(items)
+    if default is None:
+        if low in ("none", "null", ""):
+            return None
+        if field.name == "layers":
+            return tuple(int(s) for s in text.split(",") if s.strip())
+        return _scalar(text)
+    return text  # strings, dtype names
+
+
+def _scalar(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    return text
+
+
+def parse_layers(text: str | None):
+    """'0,1,5' or '0-3' or 'all' -> tuple of indices or None."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = part.split("-")
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise CLIError(f"--layers {text!r}: expected indices like 0,1,5 or a range 0-3, or all",
+                           2) from None
+    return tuple(out)
+
+
+def build_config(variant: str, *, targets=None, rank=None, alpha=None, layers=None,
+                 dtype="float32", sets=None, seed=None):
+    """The typed config of ``variant`` from command-line values.
+
+    targets: regexes on module names; when omitted, the variant config's own default target
+    names, else ``DEFAULT_TARGETS`` (q/v, like the upstream benchmark); any role. ``sets``:
+    {'knob': 'text'} from --set, coerced to each field's type; unknown knobs and bad values
+    raise ConfigError naming the field. Raises VariantNotInstalled for an unknown variant.
+    """
+    import lora_lite as ll
+    cls = ll.get_variant(variant).config
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict = {}
+    if targets:
+        values["target_names"] = tuple(targets)
+    else:
+        own = fields["target_names"].default if "target_names" in fields else ()
+        values["target_names"] = tuple(own) if own else DEFAULT_TARGETS
+    values["target_roles"] = ()
+    if rank is not None:
+        values["r"] = rank
+    if alpha is not None:
+        values["alpha"] = alpha
+    if layers is not None:
+        values["layers"] = layers
+    if seed is not None:
+        values["seed"] = seed
+    values["dtype"] = dtype
+    for key, text in (sets or {}).items():
+        if key == "variant":
+            raise ll.ConfigError("variant: choose the variant with --variant, not --set")
+        if key not in fields:
+            known = sorted(k for k in fields if k != "variant")
+            raise ll.ConfigError(f"unknown knob {key!r} for variant {variant!r}; "
+                                 f"known knobs: {', '.join(known)}")
+        try:
+            values[key] = _coerce(fields[key], text)
+        except (ValueError, TypeError) as e:
+            raise ll.ConfigError(f"{key}: cannot read {text!r} ({e})") from None
+    return ll.config(variant, **values)
+
+
+def jsonable(value):
+    """Config defaults and figures as JSON values (dtypes as names, tuples as lists)."""
+    import torch
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, float) and value != value:
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def print_json(data):
+    """JSON on stdout, nothing else (progress and warnings go to stderr)."""
+    typer.echo(json.dumps(jsonable(data), indent=2))

@@ -1,0 +1,209 @@
+"""``lora-lite cost-report``: what each variant costs, optionally side by side with PEFT."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..app import (CLIError, app, build_config, console, err_console, handle_errors,
+                   load_base_model, one_line, parse_layers, parse_sets, print_json, warn)
+from ..models import DEFAULT_MODEL
+
+
+def _si(value, digits=3) -> str:
+    if value is None:
+        return "-"
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= factor:
+            return f"{value / factor:.{digits}g}{suffix}"
+    return f"{value:.{digits}g}"
+
+
+def _num(value, fmt="{:.3g}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _ratio_text(row) -> str:
+    if row.flops_per_token is None or row.macs_per_token is None:
+        return "-"
+    if row.flop_ratio is None:
+        return "0=0" if row.flops_per_token == 0 else "-"
+    return "inf" if row.flop_ratio == float("inf") else f"{row.flop_ratio:.3f}"
+
+
+COLUMNS = ("variant", "impl", "trainable", "+MACs/tok (analytic)", "+FLOPs/tok (measured)",
+           "FLOPs/(2*MACs)", "fwd ms", "step ms", "peak MB", "init ms", "note")
+RATIO_COLUMNS = ("variant", "trainable", "+FLOPs/tok", "fwd ms", "step ms", "peak MB", "init ms")
+
+
+def _cells(row) -> list[str]:
+    if row.error:
+        return [row.variant, row.impl] + ["-"] * 8 + [f"failed: {one_line(row.error)}"]
+    return [row.variant, row.impl, f"{row.trainable:,}" if row.trainable is not None else "-",
+            _si(row.macs_per_token), _si(row.flops_per_token), _ratio_text(row),
+            _num(row.fwd_ms, "{:.1f}"), _num(row.step_ms, "{:.1f}"), _num(row.peak_mb, "{:.1f}"),
+            _num(row.init_ms, "{:.1f}"), row.note]
+
+
+def _ratio_cells(r) -> list[str]:
+    return [r["variant"]] + [_num(r[k], "{:.2f}") for k in
+                             ("trainable", "flops_per_token", "fwd_ms", "step_ms", "peak_mb", "init_ms")]
+
+
+def _header(report) -> list[str]:
+    s = report.settings
+    return [f"model {s.model}; batch {s.batch} x seq {s.seq_len} = {s.batch * s.seq_len} tokens per "
+            f"call; device {s.device}; median of {s.repeats} runs after {s.warmup} warm-up",
+            f"memory: {report.memory_method}",
+            report_conventions()]
+
+
+def report_conventions():
+    from ..cost import CONVENTIONS
+    return CONVENTIONS
+
+
+def markdown(report) -> str:
+    def table(cols, rows):
+        out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        return "\n".join(out)
+    parts = ["\n".join(f"> {line}" for line in _header(report)), "",
+             table(COLUMNS, [_cells(r) for r in report.rows])]
+    if report.ratios:
+        parts += ["", "lora-lite / PEFT (below 1: lora-lite is smaller, cheaper or faster):", "",
+                  table(RATIO_COLUMNS, [_ratio_cells(r) for r in report.ratios])]
+    return "\n".join(parts)
+
+
+def show(report):
+    """Rich tables for a terminal: the notes go below the table as numbered footnotes."""
+    for line in _header(report):
+        console.print(line, style="dim", highlight=False, soft_wrap=True)
+    table = Table(title="cost per variant", title_justify="left")
+    short = ("variant", "impl", "trainable", "+MACs/tok", "+FLOPs/tok", "ratio", "fwd ms",
+             "step ms", "peak MB", "init ms", "n.")
+    for col in short:
+        table.add_column(col, no_wrap=True,
+                         justify="left" if col in ("variant", "impl") else "right")
+    notes: list[str] = []
+    for r in report.rows:
+        cells = _cells(r)
+        note = cells.pop()
+        ref = ""
+        if note:
+            if note not in notes:
+                notes.append(note)
+            ref = f"[{notes.index(note) + 1}]"
+        table.add_row(*cells, ref)
+    console.print(table, width=max(console.width, 120))  # never squeeze figures into ellipses
+    console.print("+MACs/tok: analytic; +FLOPs/tok: measured; ratio = FLOPs / (2 x MACs)",
+                  style="dim", highlight=False)
+    for i, note in enumerate(notes, 1):
+        console.print(f"[{i}] {note}", highlight=False, markup=False)
+    if report.ratios:
+        ratios = Table(title="lora-lite / PEFT (below 1: lora-lite is smaller, cheaper or faster)",
+                       title_justify="left")
+        for col in RATIO_COLUMNS:
+            ratios.add_column(col, justify="left" if col == "variant" else "right")
+        for r in report.ratios:
+            ratios.add_row(*_ratio_cells(r))
+        console.print(ratios, width=max(console.width, 90))
+
+
+def _split(values) -> list[str]:
+    out = []
+    for v in values or ():
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+@app.command("cost-report")
+@handle_errors
+def cost_report_command(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub name."),
+    variants: Optional[List[str]] = typer.Option(
+        None, "--variants", help="Variants to measure, repeatable or comma-separated (default: every installed one)."),
+    targets: Optional[List[str]] = typer.Option(
+        None, "--targets", "-t", help="Regex on layer names, repeatable (default: each variant's own, else q_proj$ and v_proj$)."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank r for every variant (default: each variant's)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Decoder layers to adapt: 0,1,5 or 0-3 or all."),
+    sets: Optional[List[str]] = typer.Option(
+        None, "--set", help="variant.knob=value (one variant) or knob=value (every variant that has it); repeatable."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence of the random input."),
+    batch: int = typer.Option(2, "--batch", help="Sequences per batch."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed runs per measurement (the median is shown)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed runs before timing."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model and adapter dtype: float32, bfloat16, float16."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+    compare: Optional[str] = typer.Option(
+        None, "--compare", help="'peft': add PEFT's row for every variant PEFT also has, measured interleaved in the same run."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables."),
+):
+    """Measure each variant's cost on one model: trainable parameters, added MACs per token
+    (analytic, checked against torch's FlopCounterMode: FLOPs = 2 x MACs), forward and
+    training-step time, peak memory and init time. A base row (full fine-tuning) comes first."""
+    import torch
+    import lora_lite as ll
+    from .. import cost
+
+    if compare not in (None, "peft"):
+        raise CLIError(f"--compare {compare!r}: the only comparison is 'peft'", 2)
+    if compare == "peft":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise CLIError("--compare peft needs PEFT: pip install peft", 2) from None
+    for name, value in (("--seq-len", seq_len), ("--batch", batch), ("--repeats", repeats)):
+        if value < 1:
+            raise CLIError(f"{name} must be at least 1, got {value}", 2)
+    if warmup < 0:
+        raise CLIError(f"--warmup must be at least 0, got {warmup}", 2)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise CLIError(f"--device {device!r}: expected auto, cpu or cuda", 2)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available", 2)
+
+    names = _split(variants) or sorted(ll.variants())
+    if not names:
+        raise CLIError("no adapter variant is installed: lora-lite install lora-lite-lora", 2)
+    knob_sets = parse_sets(sets)
+    layer_ids = parse_layers(layers)
+    configs = {}
+    for name in names:  # every config is checked before the model is loaded
+        own = {k.split(".", 1)[1]: v for k, v in knob_sets.items() if k.startswith(name + ".")}
+        fields = set(ll.get_variant(name).config.__dataclass_fields__)
+        shared = {k: v for k, v in knob_sets.items() if "." not in k and k in fields}
+        configs[name] = build_config(name, targets=targets, rank=rank, layers=layer_ids,
+                                     dtype=dtype, sets={**shared, **own})
+    unused = [k for k in knob_sets if "." not in k and
+              not any(k in ll.get_variant(n).config.__dataclass_fields__ for n in names)]
+    if unused:
+        raise CLIError(f"--set {unused[0]}: no selected variant has a knob {unused[0]!r}", 2)
+
+    with err_console.status(f"loading {model} ..."):
+        base, _ = load_base_model(model, dtype=dtype)
+    base.to(device)
+    settings = cost.Settings(model=model, batch=batch, seq_len=seq_len, repeats=repeats,
+                             warmup=warmup, device=device, compare_peft=compare == "peft")
+    with err_console.status("measuring ...") as status:
+        runner = cost.CostReport(base, settings, progress=lambda m: status.update(f"measuring: {m}"))
+        runner.base_row()
+        for name in names:
+            try:
+                runner.variant_rows(name, configs[name])
+            except Exception as e:
+                runner.failed_row(name, "lora-lite", f"{type(e).__name__}: {e}")
+                warn(f"{name}: {type(e).__name__}: {e}")
+    report = runner.report
+    if as_json:
+        print_json(report.to_dict())
+    elif as_markdown:
+        typer.echo(markdown(report))
+    else:
+        show(report)

@@ -1,0 +1,84 @@
+"""``lora-lite variants``: every installed adapter variant, where it comes from, what it does."""
+from __future__ import annotations
+
+import dataclasses
+
+import typer
+from rich.table import Table
+
+from ..app import app, console, handle_errors, jsonable, print_json, warn
+
+
+def variant_info(name, cls) -> dict:
+    """What the CLI shows about one variant (plain data, also the --json record)."""
+    import lora_lite as ll
+    from lora_lite.plugins import variant_origin
+    origin = variant_origin(name)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls.config)}
+    uses_rank = bool(getattr(cls.config, "uses_rank", True))
+    return {
+        "name": name,
+        "distribution": origin.distribution,
+        "version": origin.version,
+        "hook": ll.hook_kind(cls),
+        "rewrites_weight": bool(getattr(cls, "rewrites_weight", False)),
+        "needs_calibration": bool(getattr(cls, "needs_calibration", False)),
+        "supports_quantized": bool(getattr(cls, "supports_quantized", True)),
+        "uses_rank": uses_rank,
+        "r": defaults.get("r") if uses_rank else None,
+        "alpha": defaults.get("alpha") if uses_rank else None,
+        "knobs": jsonable(cls.config.knobs()),
+        "paper": getattr(cls, "paper", "") or "",
+    }
+
+
+def problem_info(problem) -> dict:
+    return {"distribution": problem.distribution, "error": problem.error, "fix": problem.hint}
+
+
+def _yes(flag: bool) -> str:
+    return "[green]yes[/]" if flag else "no"
+
+
+@app.command("variants")
+@handle_errors
+def variants_command(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """List every installed adapter variant: plugin, hook kind, what it needs, its knobs.
+
+    Plugins that failed to load are listed as warnings naming the distribution and the fix.
+    """
+    import lora_lite as ll
+    found = ll.variants()
+    rows = [variant_info(name, cls) for name, cls in sorted(found.items())]
+    problems = [problem_info(p) for p in ll.problems()]
+    if as_json:
+        print_json({"variants": rows, "problems": problems})
+        return
+    if not rows:
+        console.print("No adapter variants are installed. Install a plugin, e.g. "
+                      "[bold]lora-lite install lora-lite-lora[/]")
+    else:
+        table = Table(title=f"{len(rows)} installed variant(s)", title_justify="left")
+        table.add_column("variant", no_wrap=True)
+        table.add_column("plugin", min_width=19)
+        table.add_column("hook", no_wrap=True)
+        table.add_column("rewrites W")
+        table.add_column("calib")
+        table.add_column("4/8bit")
+        for r in rows:
+            table.add_row(r["name"], f"{r['distribution']} {r['version']}", r["hook"],
+                          _yes(r["rewrites_weight"]),
+                          "[yellow]needs[/]" if r["needs_calibration"] else "no",
+                          _yes(r["supports_quantized"]))
+        console.print(table)
+        console.print("Knobs and defaults (change with --set knob=value):")
+        for r in rows:
+            knobs = [f"{k}={v}" for k, v in r["knobs"].items()]
+            if r["uses_rank"]:
+                knobs = [f"r={r['r']}", f"alpha={r['alpha']:g}"] + knobs
+            console.print(f"  [bold]{r['name']}[/]: {', '.join(knobs) or '(none)'}",
+                          highlight=False)
+    for p in problems:
+        warn(f"plugin {p['distribution']!r}: {p['error']} -> {p['fix']}")
