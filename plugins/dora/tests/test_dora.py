@@ -1,0 +1,204 @@
+"""DoRA plugin: invariants (fp32, 4bit, 8bit; cached and uncached dense weight), PEFT parity
+(use_dora=True: magnitude init, logits, gradients, with a bias), the bias passing unscaled, the
+weight cache (unsaved, not re-read, safe on 8bit layers), config validation. figures.py reuses
+the helpers defined here."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lora_lite as ll
+from lora_lite.testing import logits, make_batch, measure_invariants, quantize, tiny_llama
+
+warnings.filterwarnings("ignore", message="MatMul8bitLt")
+
+TARGETS = [r"q_proj$", r"v_proj$"]
+# tiny_llama: q_proj 64->64, v_proj 64->32, two layers; per target r(d_in + d_out) + d_out (m)
+TRAINABLE = 2 * ((4 * (64 + 64) + 64) + (4 * (64 + 32) + 32))
+
+
+def with_bias(model, seed=3):
+    """Give every q_proj / v_proj a random bias (tiny_llama has none), before any quantization."""
+    g = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            module.bias = torch.nn.Parameter(0.1 * torch.randn(module.out_features, generator=g))
+    return model
+
+
+MAKERS = {
+    "fp32": tiny_llama,
+    "4bit": lambda: quantize(tiny_llama(), "4bit"),
+    "8bit": lambda: quantize(tiny_llama(), "8bit"),
+    "fp32+bias": lambda: with_bias(tiny_llama()),
+    "4bit+bias": lambda: quantize(with_bias(tiny_llama()), "4bit"),
+    "8bit+bias": lambda: quantize(with_bias(tiny_llama()), "8bit"),
+}
+
+
+def make_cfg(**kw):
+    return ll.config("dora", **{"r": 4, "alpha": 8, "target_names": TARGETS, **kw})
+
+
+def invariants(kind, **kw):
+    return measure_invariants(MAKERS[kind], make_cfg(**kw), make_batch())
+
+
+def train(model, steps=3, lr=1e-2):
+    batch = make_batch()
+    opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def peft_layers(theirs, ours):
+    """(PEFT LoRA module, our adapted layer) pairs."""
+    for name, module in theirs.named_modules():
+        if "default" in getattr(module, "lora_A", {}):
+            yield module, ours.get_submodule(name.replace("base_model.model.", ""))
+
+
+def peft_pair(kind="fp32+bias"):
+    """(base, ours trained, PEFT use_dora model holding our trained A, B, m). Returns also the
+    max difference between PEFT's magnitude init and ours."""
+    from peft import LoraConfig, get_peft_model
+    base = MAKERS[kind]()
+    ours = copy.deepcopy(base)
+    ll.attach(ours, make_cfg())
+    m_init = {name: t.detach().clone() for name, t in ll.adapter_tensors(ours).items()}
+    train(ours)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_dora=True))
+    m_err = 0.0
+    with torch.no_grad():
+        for module, layer in peft_layers(theirs, ours):
+            magnitude = module.lora_magnitude_vector["default"].weight
+            m_err = max(m_err, (magnitude - m_init[f"{layer._lora_name}.lora_m"]).abs().max().item())
+            module.lora_A["default"].weight.copy_(layer.lora_A)
+            module.lora_B["default"].weight.copy_(layer.lora_B)
+            magnitude.copy_(layer.lora_m)
+    return base, ours, theirs, m_err
+
+
+def peft_parity_err():
+    _, ours, theirs, _ = peft_pair()
+    batch = make_batch()
+    return (logits(ours, batch) - logits(theirs, batch)).abs().max().item()
+
+
+def test_registered_through_entry_point():
+    v = ll.variants()["dora"]
+    assert v.config.__name__ == "DoRAConfig" and v.config.knobs() == {"cache_weight": True}
+    assert v.paper.endswith("2402.09353") and not v.rewrites_weight
+
+
+@pytest.mark.parametrize("kind,cache", [("fp32", True), ("4bit", True), ("8bit", True),
+                                        ("4bit", False), ("8bit", False)])
+def test_invariants(kind, cache):
+    out = invariants(kind, cache_weight=cache)
+    # m is computed by the same function as the forward's norm, so g = m/n is exactly 1 and
+    # B = 0: the added term (g − 1)(y − b) + g·s·x Aᵀ Bᵀ is exactly 0 on every base
+    assert out["identity_err"] == 0.0
+    assert out["trainable"] == TRAINABLE
+    assert out["grad_norm_first"] > 0 and out["grad_norm_after_eval"] > 0
+    assert out["zero_grad_adapters"] == 0
+    assert out["base_grad_leaks"] == 0
+    assert out["base_changed"] is False
+    assert out["trained_delta"] > 1e-3
+    assert out["reload_err"] == 0.0  # stored A, B, m; the cache is rebuilt from the fresh base
+    assert {k.rsplit(".", 1)[1] for k in out["file_keys"]} == {"lora_A", "lora_B", "lora_m"}
+    assert len(out["file_keys"]) == 3 * 4  # no lora_weight_cache, no base weight
+    assert out["file_bytes"] < TRAINABLE * 4 + 4096
+    assert out["detach_bitexact"] is True  # the cache is a non-persistent buffer: not in state
+    assert out["detach_logits_err"] == 0.0
+
+
+def test_peft_magnitude_init_is_the_same():
+    *_, m_err = peft_pair()
+    assert m_err < 1e-6  # the row norms of W; measured 0.0
+
+
+def test_peft_parity_after_training():
+    base, ours, theirs, _ = peft_pair()
+    batch = make_batch()
+    a, b = logits(ours, batch), logits(theirs, batch)
+    assert (a - logits(base, batch)).abs().max() > 1e-2  # trained: parity is not trivial
+    assert (a - b).abs().max() < 1e-5  # fp32 rounding only; measured ~1e-7
+
+
+def test_peft_parity_gradients():
+    _, ours, theirs, _ = peft_pair()
+    batch = make_batch()
+    for model in (ours, theirs):
+        model.train()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    for module, layer in peft_layers(theirs, ours):
+        for mine, peft_t in [(layer.lora_A, module.lora_A["default"].weight),
+                             (layer.lora_B, module.lora_B["default"].weight),
+                             (layer.lora_m, module.lora_magnitude_vector["default"].weight)]:
+            scale = peft_t.grad.abs().max().item()
+            assert scale > 0
+            assert (mine.grad - peft_t.grad).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("kind", ["fp32+bias", "4bit+bias", "8bit+bias"])
+def test_formula_and_unscaled_bias(kind):
+    model = MAKERS[kind]()
+    ll.attach(model, make_cfg())
+    train(model)
+    layer = ll.attached(model).targets[0].layer
+    x = torch.randn(5, layer.in_features)
+    with torch.no_grad():
+        got = layer(x)
+        base = layer.forward(x)                       # the layer's own kernel, without the hook
+        W = ll.dense_weight(layer)
+        V = W + 2.0 * layer.lora_B @ layer.lora_A     # s = 8 / 4
+        g = layer.lora_m / V.norm(dim=1)
+        want = g * (x @ V.T) + layer.bias             # the bias is not scaled by g
+    assert (g - 1).abs().max() > 1e-3 and layer.bias.abs().max() > 1e-2
+    # the base term comes from the layer's kernel (int8 activations on 8bit), not from x Wᵀ
+    kernel_err = (base - (x @ W.T + layer.bias)).abs()                  # (5, d_out)
+    assert ((got - want).abs() <= 1e-5 + 1.01 * g.abs() * kernel_err).all()
+
+
+def test_cached_weight_is_not_reread(monkeypatch):
+    model = MAKERS["4bit"]()
+    ll.attach(model, make_cfg())
+    for t in ll.attached(model).targets:
+        assert torch.equal(t.layer.lora_weight_cache, ll.dense_weight(t.layer))
+        assert "lora_weight_cache" not in t.layer.state_dict()
+    batch = make_batch()
+    before = logits(model, batch)
+
+    def no_dequantization(layer):
+        raise AssertionError("dense weight re-read in the forward")
+    monkeypatch.setattr(ll, "dense_weight", no_dequantization)
+    train(model, steps=1)
+    assert not torch.equal(logits(model, batch), before)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_uncached_equals_cached(kind):
+    batch = make_batch()
+    out = {}
+    for cache in (True, False):
+        model = MAKERS[kind]()
+        logits(model, batch)  # run the quantized layers first (8bit moves its scales on forward)
+        ll.attach(model, make_cfg(cache_weight=cache))
+        train(model)          # every forward of the uncached adapter re-reads the weight
+        out[cache] = [logits(model, batch) for _ in range(2)]
+    assert torch.equal(out[False][0], out[False][1])  # the layers still work after the reads
+    assert torch.equal(out[True][0], out[False][0])
+
+
+def test_config_validation():
+    for field, value in [("cache_weight", "yes"), ("cache_weight", 1), ("r", 0),
+                         ("alpha", "big"), ("target_roles", ("middle",))]:
+        with pytest.raises(ll.ConfigError, match=field):
+            make_cfg(**{field: value})
