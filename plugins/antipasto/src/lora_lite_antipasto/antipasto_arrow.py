@@ -1,0 +1,54 @@
+"""AntiPaSTO-arrow — "arrowhead" core on the frozen top-r SVD basis: a dense b×b block on the
+first b kept directions, the bounded diagonal gain of antipasto on the other r − b.
+Paper: https://arxiv.org/abs/2601.07473 (AntiPaSTO family); variants.md 4.15.
+
+    y' = x W_resᵀ + b + x (U C diag(S) Vh)ᵀ,   C = blockdiag(I_b + coeff · M, diag(φ(coeff · g̃)))
+    φ(z) = 1 + ELU(z),   M (b, b) and g (r − b) trainable, init 0  =>  C = I at init.
+
+With rewrite_base=False the hook adds only U (C − I) diag(S) Vh on the untouched base.
+The block sits on S-scaled coordinates and is not bounded (a step in M moves W by O(S)). After
+group_init the block covers the b largest-S of the *selected* directions (they are stored in
+descending-S order), not the b best-scoring ones.
+"""
+from dataclasses import dataclass
+
+import lora_lite as ll
+
+from .antipasto import gain
+from .basis import SVDBasisConfig, SVDBasisVariant, check_number, expand, project
+
+
+@dataclass
+class AntiPaSTOArrowConfig(SVDBasisConfig):
+    variant: str = "antipasto_arrow"
+    block: int = 8                # b: size of the dense block, 1 <= b < r
+    coeff: float = 1.0            # scales both M and g; 0 = identity
+    suppress_only: bool = False   # tail gains in (0, 1] (the block is not affected)
+
+    def validate(self):
+        super().validate()
+        ll.check(isinstance(self.block, int) and not isinstance(self.block, bool)
+                 and 1 <= self.block < self.r, "block", self.block, f"an integer with 1 <= block < r = {self.r}")
+        check_number(self.coeff, "coeff")
+        ll.check(isinstance(self.suppress_only, bool), "suppress_only", self.suppress_only, "True or False")
+
+
+class AntiPaSTOArrow(SVDBasisVariant):
+    name = "antipasto_arrow"
+    config = AntiPaSTOArrowConfig
+
+    @staticmethod
+    def trainable_specs(d_in, d_out, cfg):
+        return {"lora_M": ll.ParamSpec((cfg.block, cfg.block), init="zeros"),
+                "lora_g": ll.ParamSpec((cfg.r - cfg.block,), init="zeros")}
+
+    @staticmethod
+    def forward(layer, x, y):
+        cfg, b = layer._lora_cfg, layer._lora_cfg.block
+        h = project(layer, x) * layer.lora_S                  # (..., r) S-scaled coordinates
+        top = cfg.coeff * (h[..., :b] @ layer.lora_M.T)     # h_top (coeff M)ᵀ, (..., b)
+        if cfg.rewrite_base:
+            top = top + h[..., :b]                           # h_top (I + coeff M)ᵀ
+        tail = h[..., b:] * gain(layer.lora_g, cfg)          # φ (or φ − 1), (..., r - b)
+        delta = top @ layer.lora_U[:, :b].T + tail @ layer.lora_U[:, b:].T
+        return y + delta.to(y.dtype)
