@@ -1,0 +1,1 @@
+"""RoAd for lora-lite (found through the ``lora_lite`` entry point ``lora_lite_road.plugin``)."""

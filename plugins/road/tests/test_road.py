@@ -1,0 +1,178 @@
+"""road (road_1, road_2, road_4): design.md §4 invariants on fp32, 4bit and 8bit bases, PEFT
+parity for all three layouts, the explicit rotation matrix on quantized layers, config errors.
+
+Tolerances: θ = 0, α = 1 give c = 1, s = 0 exactly, so identity is bit-exact (0); reload runs
+the same ops on the same values (1e-6); PEFT computes the same elementwise products (1e-5).
+"""
+import copy
+
+import pytest
+import torch
+
+import lora_lite as ll
+from lora_lite.testing import logits, make_batch, measure_invariants, quantize, tiny_llama
+from lora_lite.weights import guard_training
+
+VARIANTS = ["road_1", "road_2", "road_4"]
+TARGETS = ["q_proj", "v_proj"]
+GROUP = 8  # tiny_llama's v_proj has d_out 32, q_proj 64; PEFT's default 64 does not divide 32
+# trainable: (θ, α) × 2 layers × (q 64 + v 32 outputs) × values per output (½, 1, 2)
+TRAINABLE = {"road_1": 2 * 2 * 96 // 2, "road_2": 2 * 2 * 96, "road_4": 2 * 2 * 96 * 2}
+
+
+def kwargs(road_variant):
+    return dict(road_variant=road_variant, group_size=GROUP, target_names=[r"q_proj$", r"v_proj$"])
+
+
+def make_model(base="fp32"):
+    model = tiny_llama()
+    return model if base == "fp32" else quantize(model, base)
+
+
+def biased_llama(seed=0):
+    """tiny_llama's shape with random biases on every projection (RoAd rotates the bias too)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, vocab_size=128,
+                         max_position_embeddings=128, tie_word_embeddings=False,
+                         attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0.0, 0.1)
+    return model
+
+
+def randomize(model, seed=1):
+    """θ ~ N(0, 0.5), α ~ N(1, 0.5): far from the identity, every layout slot different."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in ll.adapter_tensors(model).values():
+            t.add_(0.5 * torch.randn(t.shape, generator=g))
+
+
+def explicit_rotation(layer):
+    """The (d_out, d_out) matrix M with y' = y Mᵀ, built pair by pair from the paper's formula."""
+    from lora_lite_road.road import coefficients
+    cfg = layer._lora_cfg
+    c, s = coefficients(layer.lora_road_theta.detach(), layer.lora_road_alpha.detach(),
+                        cfg.road_variant, cfg.group_size)
+    d, g = c.numel(), cfg.group_size
+    M = torch.zeros(d, d, dtype=torch.float64)
+    for start in range(0, d, g):
+        for j in range(g // 2):
+            a, b = start + j, start + j + g // 2
+            M[a, a], M[a, b] = c[a], -s[a]      # y'_a = c_a y_a − s_a y_b
+            M[b, b], M[b, a] = c[b], s[b]       # y'_b = c_b y_b + s_b y_a
+    return M
+
+
+def peft_parity_error(road_variant, model_fn=biased_llama):
+    """max |logits(lora-lite) - logits(PEFT RoAd)| with the same θ and α (fp32)."""
+    from peft import RoadConfig, get_peft_model
+    batch = make_batch()
+    base = model_fn()
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.config("road", **kwargs(road_variant)))
+    randomize(ours)
+    peft_model = get_peft_model(base, RoadConfig(variant=road_variant, group_size=GROUP,
+                                                 target_modules=TARGETS))
+    tensors = ll.adapter_tensors(ours)
+    copied = 0
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "road_theta") and "default" in module.road_theta:
+                ours_name = name.removeprefix("base_model.model.")
+                module.road_theta["default"].copy_(tensors[ours_name + ".lora_road_theta"])
+                module.road_alpha["default"].copy_(tensors[ours_name + ".lora_road_alpha"])
+                copied += 1
+    assert copied == len(tensors) // 2 > 0
+    ours_out, peft_out = logits(ours, batch), logits(peft_model.eval(), batch)
+    moved = (ours_out - logits(model_fn(), batch)).abs().max().item()
+    return (ours_out - peft_out).abs().max().item(), moved
+
+
+def rotation_reference_error(road_variant, base):
+    """One hooked (quantized) v_proj with random θ, α against base_layer(x) Mᵀ, M explicit."""
+    model = make_model(base)
+    ll.attach(model, ll.config("road", **kwargs(road_variant)))
+    randomize(model)
+    layer = model.model.layers[0].self_attn.v_proj
+    M = explicit_rotation(layer)
+    x = torch.randn(2, 6, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = layer(x)
+        ll.detach(model)
+        undo = guard_training(model)  # the same bnb kernel as while attached
+        y = layer(x)
+        undo()
+    want = (y.double() @ M.T).float()
+    return (got - want).abs().max().item(), (got - y).abs().max().item()
+
+
+def test_discovered_through_entry_point():
+    assert "road" in ll.variants()
+    from lora_lite.plugins import variant_origin
+    assert variant_origin("road").distribution == "lora-lite-road"
+    assert ll.hook_kind(ll.variants()["road"]) == "output"
+
+
+@pytest.mark.parametrize("base", ["fp32", "4bit", "8bit"])
+@pytest.mark.parametrize("road_variant", VARIANTS)
+def test_invariants(road_variant, base):
+    m = measure_invariants(lambda: make_model(base), ll.config("road", **kwargs(road_variant)),
+                           make_batch(), steps=3, lr=5e-2)
+    assert m["identity_err"] == 0.0
+    assert m["trainable"] == TRAINABLE[road_variant]
+    assert m["grad_norm_first"] > 0 and m["grad_norm_after_eval"] > 0
+    assert m["zero_grad_adapters"] == 0
+    assert m["base_grad_leaks"] == 0
+    assert m["base_changed"] is False
+    assert m["trained_delta"] > 1e-3
+    assert m["reload_err"] <= 1e-6
+    assert m["file_keys"] == sorted(f"model.layers.{i}.self_attn.{n}.lora_road_{p}"
+                                    for i in range(2) for n in TARGETS for p in ("alpha", "theta"))
+    assert m["file_bytes"] < 4096 + 4 * TRAINABLE[road_variant]
+    assert m["detach_bitexact"] is True
+    assert m["detach_logits_err"] == 0.0
+
+
+@pytest.mark.parametrize("road_variant", VARIANTS)
+def test_matches_peft(road_variant):
+    err, moved = peft_parity_error(road_variant)
+    assert moved > 1e-2
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("base", ["fp32", "4bit", "8bit"])
+@pytest.mark.parametrize("road_variant", VARIANTS)
+def test_matches_explicit_rotation(road_variant, base):
+    err, moved = rotation_reference_error(road_variant, base)
+    assert moved > 1e-2
+    assert err < 1e-5
+
+
+def test_parameter_sizes_follow_the_variant():
+    specs = {v: ll.variants()["road"].param_specs(16, 32, ll.config("road", road_variant=v, group_size=8))
+             for v in VARIANTS}
+    assert {v: s["lora_road_theta"].shape for v, s in specs.items()} == \
+        {"road_1": (16,), "road_2": (32,), "road_4": (64,)}
+
+
+def test_config_errors():
+    with pytest.raises(ll.ConfigError, match=r"^road_variant: "):
+        ll.config("road", road_variant="road_3")
+    for bad in (0, -8, 7, 8.0, True):
+        with pytest.raises(ll.ConfigError, match=r"^group_size: "):
+            ll.config("road", group_size=bad)
+    # group_size must divide every target's d_out: checked at attach, the model left untouched
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ll.ConfigError, match=r"^group_size: got 64.*d_out = 32"):
+        ll.attach(model, ll.config("road", target_names=[r"v_proj$"]))   # PEFT's default 64
+    assert ll.attached(model) is None
+    assert not any(hasattr(m, "lora_road_theta") for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert ll.config("road", r=0, group_size=2).group_size == 2   # r is unused by RoAd
