@@ -1,0 +1,1 @@
+"""EVA for lora-lite (found through the ``lora_lite`` entry point ``lora_lite_eva.plugin``)."""
