@@ -60,7 +60,7 @@ def plugins_command(
 def run_pip(args: list[str]) -> int:
     """Run pip in this interpreter's environment; its output goes straight to the terminal."""
     cmd = [sys.executable, "-m", "pip", *args]
-    err_console.print(f"[dim]$ {' '.join(cmd)}[/]", highlight=False)
+    err_console.print(f"[dim]$ {' '.join(cmd)}[/]", highlight=False, soft_wrap=True)
     return subprocess.run(cmd).returncode
 
 
@@ -88,9 +88,9 @@ def _summarise_change(before: dict, after: dict | None):
     for p in new:
         console.print(f"plugin [bold]{p['distribution']}[/] {p['version']}: variants "
                       f"{', '.join(p['variants']) or '(none)'}; hooks {', '.join(p['hooks'])}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     for dist in sorted(gone):
-        console.print(f"removed plugin [bold]{dist}[/]", highlight=False)
+        console.print(f"removed plugin [bold]{dist}[/]", highlight=False, soft_wrap=True)
     old_problems = {(p["distribution"], p["error"]) for p in before["problems"]}
     for p in after["problems"]:
         if (p["distribution"], p["error"]) not in old_problems:

@@ -1,0 +1,94 @@
+"""``lora-lite variants``: installed variants with their facts; broken plugins as warnings."""
+import json
+from dataclasses import dataclass
+
+from typer.testing import CliRunner
+
+import lora_lite as ll
+from lora_lite.plugins import register_plugin, unregister_plugin
+from lora_lite_cli.app import get_app
+
+runner = CliRunner()
+
+
+@dataclass
+class KnobbyConfig(ll.AdapterConfig):
+    variant: str = "cli_knobby"
+    block: int = 8
+    mode: str = "fast"
+    uses_rank = False
+
+
+class Knobby(ll.Variant):
+    """A valid variant with knobs, calibration and a pre-hook."""
+    name = "cli_knobby"
+    config = KnobbyConfig
+    needs_calibration = True
+    supports_quantized = False
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_g": ll.ParamSpec((d_in,), init="ones")}
+
+    @staticmethod
+    def forward_input(layer, x):
+        return x * layer.lora_g
+
+
+class NoForward:
+    """Breaks the contract: no forward."""
+    name = "cli_no_forward"
+    config = KnobbyConfig
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {}
+
+
+class TestPlugin:
+    @ll.hookimpl
+    def register_variants(self, register):
+        register(Knobby)
+        register(NoForward)
+
+
+def test_variants_json_lists_lora_with_its_facts():
+    result = runner.invoke(get_app(), ["variants", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    lora = next(v for v in data["variants"] if v["name"] == "lora")
+    assert lora["distribution"] == "lora-lite-lora" and lora["version"] == "0.1.0"
+    assert lora["hook"] == "output"
+    assert (lora["rewrites_weight"], lora["needs_calibration"], lora["supports_quantized"]) == \
+        (False, False, True)
+    assert (lora["r"], lora["alpha"], lora["knobs"]) == (8, 16.0, {})
+    assert lora["paper"].startswith("https://arxiv.org/")
+    assert isinstance(data["problems"], list)
+
+
+def test_variants_shows_knobs_and_broken_plugins():
+    register_plugin(TestPlugin(), "cli_test_variants", distribution="cli-test-variants")
+    try:
+        result = runner.invoke(get_app(), ["variants", "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        knobby = next(v for v in data["variants"] if v["name"] == "cli_knobby")
+        assert knobby["distribution"] == "cli-test-variants"
+        assert knobby["hook"] == "input" and knobby["needs_calibration"] is True
+        assert knobby["supports_quantized"] is False and knobby["uses_rank"] is False
+        assert knobby["knobs"] == {"block": 8, "mode": "fast"}
+        assert not any(v["name"] == "cli_no_forward" for v in data["variants"])
+        broken = [p for p in data["problems"] if p["distribution"] == "cli-test-variants"]
+        assert len(broken) == 1 and "cli_no_forward" in broken[0]["error"]
+        assert "uninstall cli-test-variants" in broken[0]["fix"]
+
+        result = runner.invoke(get_app(), ["variants"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        assert "cli_knobby" in result.stdout and "block=8, mode=fast" in result.stdout
+        assert "lora-lite-lora 0.1.0" in result.stdout
+        assert "warning:" in result.stderr and "cli-test-variants" in result.stderr
+        assert "cli_no_forward" in result.stderr
+    finally:
+        unregister_plugin("cli_test_variants")
+    data = json.loads(runner.invoke(get_app(), ["variants", "--json"]).stdout)
+    assert not any(v["name"] == "cli_knobby" for v in data["variants"])
