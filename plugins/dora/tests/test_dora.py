@@ -158,7 +158,7 @@ def test_formula_and_unscaled_bias(kind):
         got = layer(x)
         base = layer.forward(x)                       # the layer's own kernel, without the hook
         W = ll.dense_weight(layer)
-        V = W + 2.0 * layer.lora_B @ layer.lora_A     # s = 8 / 4
+        V = W + layer._lora_cfg.scale * layer.lora_B @ layer.lora_A
         g = layer.lora_m / V.norm(dim=1)
         want = g * (x @ V.T) + layer.bias             # the bias is not scaled by g
     assert (g - 1).abs().max() > 1e-3 and layer.bias.abs().max() > 1e-2
