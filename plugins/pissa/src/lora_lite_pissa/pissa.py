@@ -9,9 +9,9 @@ s·B A = U_r diag(S_r) Vh_r for any alpha, so A, B and W_res equal PEFT's (up to
 
 Quantized bases (bitsandbytes 4bit/8bit): W is the dequantized weight and W_res is requantized on
 write, so at init the function moves by E = Q(W_res) − W_res. ``quant_iters`` = k > 0 refits the
-adapter to what the stored residual leaves out, LoftQ-style (the paper's multi-iteration QPiSSA):
-B A ← top-r SVD of (W − Q(W_res)) / s, then W_res ← W − s·B A is requantized, k times, ending on a
-refit. Each refit is the best rank-r correction for the residual actually stored. When the write
+adapter to what the stored residual leaves out, alternating as LoftQ does (Li et al. 2023,
+https://arxiv.org/abs/2310.08659): B A ← top-r SVD of (W − Q(W_res)) / s, then W_res ← W − s·B A
+is requantized, k times, ending on a refit. Each refit is the best rank-r correction for the residual actually stored. When the write
 is exact (an fp32 base) nothing is refit: A, B and W_res are plain PiSSA.
 
 ``rewrite_base=False`` leaves the base weight alone and keeps the residual implicit instead:
