@@ -182,3 +182,12 @@ def test_matches_peft_vera():
     assert (theirs - base).abs().max().item() > 0.1  # the adapter does change the outputs
     # same ops in the same order on the same fp32 values
     assert (ours - theirs).abs().max().item() <= 1e-6
+
+
+def test_bf16_adapter_on_fp32_base():
+    cfg = vera_cfg(dtype=torch.bfloat16)
+    fig = testing.measure_invariants(testing.tiny_llama, cfg, testing.make_batch(), steps=2)
+    assert fig["identity_err"] == 0.0  # λ_b = 0 exactly in bf16 too
+    assert fig["base_grad_leaks"] == 0 and fig["zero_grad_adapters"] == 0
+    assert fig["trained_delta"] > 1e-3
+    assert fig["reload_err"] <= 1e-6 and fig["detach_bitexact"] is True
