@@ -133,7 +133,9 @@ def _peft_road(cfg, names):
 
 def _peft_vera(cfg, names):
     from peft import VeraConfig
-    return VeraConfig(r=cfg.r, target_modules=names, vera_dropout=0.0)
+    return VeraConfig(r=cfg.r, target_modules=names, vera_dropout=0.0,
+                      projection_prng_key=getattr(cfg, "projection_seed", 0),
+                      d_initial=getattr(cfg, "d_initial", 0.1))
 
 
 def _eva_init(peft_model, calibration):

@@ -72,9 +72,10 @@ def attach_command(
     save: Optional[Path] = typer.Option(None, "--save", help="Write the freshly attached adapter to this .safetensors file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
-    """Attach a variant to a model: list the adapted layers, count the trainable parameters and
-    measure the identity error at init (max |logit difference| between base and adapted model
-    on a fixed random input)."""
+    """Attach a variant to a model and show what it touched and its identity error.
+
+    Lists the adapted layers (name, role, shape, adapter parameters), the total trainable parameters and the identity error at init: max |logit difference| between base and adapted model on a fixed random 2x16 input. --save writes the initial adapter.
+    """
     import torch
     import lora_lite as ll
     from lora_lite.testing import same_kernel_logits

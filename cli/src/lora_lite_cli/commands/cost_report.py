@@ -1,13 +1,15 @@
 """``lora-lite cost-report``: what each variant costs, optionally side by side with PEFT."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.table import Table
 
 from ..app import (CLIError, app, build_config, console, err_console, handle_errors,
-                   load_base_model, one_line, parse_layers, parse_sets, print_json, warn)
+                   jsonable, load_base_model, one_line, parse_layers, parse_sets, print_json, warn)
 from ..models import DEFAULT_MODEL
 
 
@@ -142,10 +144,12 @@ def cost_report_command(
         None, "--compare", help="'peft': add PEFT's row for every variant PEFT also has, measured interleaved in the same run."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     as_markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the report as JSON to this file."),
 ):
-    """Measure each variant's cost on one model: trainable parameters, added MACs per token
-    (analytic, checked against torch's FlopCounterMode: FLOPs = 2 x MACs), forward and
-    training-step time, peak memory and init time. A base row (full fine-tuning) comes first."""
+    """Measure what each variant costs on one model, optionally next to PEFT.
+
+    Trainable parameters, added MACs per token (analytic, checked against torch's FlopCounterMode: FLOPs = 2 x MACs), forward and training-step time (medians), peak memory and init time. A base row (full fine-tuning) comes first.
+    """
     import torch
     import lora_lite as ll
     from .. import cost
@@ -201,6 +205,8 @@ def cost_report_command(
                 runner.failed_row(name, "lora-lite", f"{type(e).__name__}: {e}")
                 warn(f"{name}: {type(e).__name__}: {e}")
     report = runner.report
+    if out is not None:
+        out.write_text(json.dumps(jsonable(report.to_dict()), indent=2))
     if as_json:
         print_json(report.to_dict())
     elif as_markdown:
