@@ -156,3 +156,15 @@ def test_load_onto_a_model_with_an_adapter_is_refused(trained_file, batch):
         ll.load(model, path)
     from lora_lite.testing import state_equal
     assert state_equal(snapshot_state(model), state)
+
+
+def test_saved_file_gets_ordinary_permissions(tmp_path):
+    model = tiny_llama()
+    ll.attach(model, lora_cfg())
+    path = tmp_path / "a.safetensors"
+    umask = os.umask(0o022)
+    try:
+        ll.save(model, path)
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o644
