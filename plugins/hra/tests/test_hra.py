@@ -146,6 +146,7 @@ def test_symmetric_init_pairs_rows():
 
 
 def test_matches_peft():
+    pytest.importorskip("peft")
     err, moved = peft_parity_error()
     assert moved > 1e-2           # random reflections really change the outputs
     assert err < 1e-5
@@ -183,6 +184,32 @@ def test_never_builds_a_d_in_square_matrix():
         model(x).square().sum().backward()
     assert model[0].lora_U.grad is not None and model[0].lora_U.grad.abs().sum() > 0
     assert Largest.numel <= d_in * d_out  # the base weight's size; d_in² would be 8× more
+
+
+def bf16_figures(variant, model_dtype, **cfg_kwargs):
+    """bf16 adapter on a bf16 or fp32 tiny_llama: identity error, whether one backward reaches
+    every adapter tensor (bf16 grads), and how far one AdamW step (lr 1e-2) moves the logits."""
+    from lora_lite.testing import loss_of
+    model, batch = tiny_llama().to(model_dtype), make_batch()
+    ref = logits(model, batch)
+    ll.attach(model, ll.config(variant, dtype=torch.bfloat16, **cfg_kwargs))
+    identity = (logits(model, batch) - ref).abs().max().item()
+    params = ll.trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    model.train()
+    loss_of(model, batch).backward()
+    grads_ok = all(p.dtype == p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0 for p in params)
+    opt.step()
+    model.eval()
+    return identity, grads_ok, (logits(model, batch) - ref).abs().max().item()
+
+
+def test_bf16():
+    identity, grads_ok, moved = bf16_figures("hra", torch.bfloat16, **KWARGS)
+    assert identity <= 4e-3 and grads_ok and moved > 1e-3   # ≤ 2 bf16 ulps of logits ~0.5
+    # on an fp32 model core casts the input to bf16 first: bf16 rounding of x (~2^-9) shows
+    identity, grads_ok, moved = bf16_figures("hra", torch.float32, **KWARGS)
+    assert identity <= 5e-3 and grads_ok and moved > 1e-3
 
 
 def test_config_errors():

@@ -31,5 +31,6 @@ class IA3(ll.Variant):
 
     @staticmethod
     def forward(layer, x, y):
-        # y: (..., d_out) base output, bias included; the gate runs in cfg.dtype (= lora_g's)
-        return y.to(layer.lora_g.dtype) * layer.lora_g
+        # y: (..., d_out) base output, bias included. The product runs in the wider of y's and
+        # lora_g's dtypes (type promotion, as PEFT), so g = 1 is exact on any base dtype.
+        return y * layer.lora_g

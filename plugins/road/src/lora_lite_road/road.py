@@ -77,9 +77,9 @@ class RoAd(ll.Variant):
 
     @staticmethod
     def forward(layer, x, y):
-        # y: (..., d_out) base output, bias included; the rotation runs in cfg.dtype
+        # y: (..., d_out) base output, bias included. c and s are computed in cfg.dtype, the
+        # products in the wider of that and y's dtype (type promotion): identity stays exact.
         cfg = layer._lora_cfg
-        theta = layer.lora_road_theta
-        c, s = coefficients(theta, layer.lora_road_alpha, cfg.road_variant, cfg.group_size)
-        y = y.to(theta.dtype)
+        c, s = coefficients(layer.lora_road_theta, layer.lora_road_alpha, cfg.road_variant,
+                            cfg.group_size)
         return y * c + rotate_half(y, cfg.group_size) * s
