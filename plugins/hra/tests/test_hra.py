@@ -141,8 +141,27 @@ def test_symmetric_init_pairs_rows():
     U = model.model.layers[0].self_attn.q_proj.lora_U
     assert U.shape == (6, 64)
     assert torch.equal(U[0::2], U[1::2]) and not torch.equal(U[0], U[2])
-    bound = 1 / math.sqrt(64)  # kaiming-uniform(a=√5) on fan_in = d_in
+    bound = 1 / math.sqrt(6 // 2)  # PEFT: kaiming-uniform(a=√5) on (d_in, r/2), fan_in = r/2
     assert U.abs().max() <= bound and U.abs().max() > bound / 2
+
+
+def test_init_is_peft_init_for_the_same_seed():
+    """Same seed, same draws: lora_U is PEFT's hra_u (transposed) bit for bit, on every target."""
+    pytest.importorskip("peft")
+    from peft import HRAConfig, get_peft_model
+    ours = tiny_llama()
+    ll.attach(ours, ll.config("hra", seed=0, **KWARGS))
+    base = tiny_llama()
+    torch.manual_seed(0)   # PEFT draws from the global generator
+    peft_model = get_peft_model(base, HRAConfig(r=KWARGS["r"], target_modules=TARGETS))
+    vectors = ll.adapter_tensors(ours)
+    compared = 0
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "hra_u") and "default" in module.hra_u:
+            U = vectors[name.removeprefix("base_model.model.") + ".lora_U"]
+            assert torch.equal(module.hra_u["default"].T, U), name
+            compared += 1
+    assert compared == len(vectors) == 4
 
 
 def test_matches_peft():

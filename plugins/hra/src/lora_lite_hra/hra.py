@@ -13,7 +13,7 @@ c + 2 (x_cur · v_i) e_i with x_cur · v_i = (x Vᵀ)(e_i − K G[:, i]), G = V 
 two thin matmuls, O(r·d_in) per token, like LoRA; autograd keeps (tokens × r) tensors, not r
 copies of x. (K is the compact-WY form of the product of reflections.)
 
-Init (PEFT's symmetric init): r/2 kaiming-uniform rows, each repeated twice, u_{2k} = u_{2k+1},
+Init (PEFT's symmetric init): r/2 kaiming-uniform vectors, each used twice, u_{2k} = u_{2k+1},
 so H_{2k} H_{2k+1} = I: the identity in exact arithmetic, ~1e-7 relative in fp32. r must be even.
 """
 import math
@@ -35,10 +35,12 @@ class HRAConfig(ll.AdapterConfig):
 
 
 def symmetric_init(t, generator):
-    """Rows 2k and 2k+1 equal: kaiming-uniform(a=√5) on (r/2, d_in), each row repeated."""
-    half = torch.empty(t.shape[0] // 2, t.shape[1])
+    """PEFT's init: kaiming-uniform(a=√5) on a (d_in, r/2) tensor (so fan_in = r/2 and entries
+    are U(±1/√(r/2)), which sets the step size Adam takes relative to u), each column used as
+    two equal rows u_2k = u_2k+1 of lora_U (r, d_in)."""
+    half = torch.empty(t.shape[1], t.shape[0] // 2)
     torch.nn.init.kaiming_uniform_(half, a=math.sqrt(5), generator=generator)
-    t.copy_(half.repeat_interleave(2, dim=0))
+    t.copy_(half.T.repeat_interleave(2, dim=0))
 
 
 def reflection_coefficients(V):
