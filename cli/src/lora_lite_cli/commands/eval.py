@@ -1,0 +1,102 @@
+"""``lora-lite eval``: accuracy of a base model and of the same model with an adapter file."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..app import CLIError, app, console, err_console, handle_errors, print_json
+from ..models import DEFAULT_MODEL
+
+
+def model_of_adapter(path: str) -> str:
+    """The base model recorded in an adapter file, if it can be loaded again, else the default."""
+    import lora_lite as ll
+    meta, _ = ll.read_header(path)
+    name = meta.get("base_model") or ""
+    if name and (os.path.exists(name) or not name.startswith(("/", "."))):
+        return name
+    return DEFAULT_MODEL
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter file (.safetensors written by lora-lite)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model [default: the one recorded in the adapter file, else the embedded smollm2]."),
+    eval_data: str = typer.Option("generated", "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
+    limit: int = typer.Option(200, "--limit", "-n", help="Evaluate the first N items (0: all)."),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", help="Generation budget per answer."),
+    batch_size: int = typer.Option(50, "--batch-size", "-b", help="Prompts per generation batch."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16, float16."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit or 8bit."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    base: bool = typer.Option(True, "--base/--no-base", help="Also evaluate the base model."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Where to write per-item predictions [default: eval_predictions.jsonl next to the adapter]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+):
+    """Accuracy of the base model and of the adapted model on held-out problems.
+
+    Greedy generation, scored as GSM8K: the last number after the last '####', else the last
+    number of the answer. Per-item predictions (output, extracted answer, correct) go to a JSONL file.
+    """
+    import lora_lite as ll
+
+    from .. import data as data_mod
+    from .. import evaluate as eval_mod
+    from ..models import load_model
+    from ..training import pick_device, write_predictions
+
+    if quantize not in (None, "4bit", "8bit"):
+        raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
+    ll.read_header(adapter)  # a missing / foreign / truncated file fails before loading a model
+    name = model or model_of_adapter(str(adapter))
+    out = err_console if as_json else console
+    examples = data_mod.eval_data(eval_data, limit or None)
+    device = pick_device(device)
+    with out.status(f"loading {name} ..."):
+        base_model, tokenizer = load_model(name, dtype, quantize, device)
+
+    def run(label):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        with Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=out) as progress:
+            task = progress.add_task(label, total=len(examples.examples))
+            t = time.perf_counter()
+            res = eval_mod.evaluate(base_model, tokenizer, examples.examples, batch_size,
+                                    max_new_tokens, lambda k: progress.advance(task, k))
+        res["time_s"] = round(time.perf_counter() - t, 2)
+        return res
+
+    base_res = run("base model") if base else None
+    ll.load(base_model, adapter)
+    adapted_res = run("adapted model")
+    pred_path = str(predictions or Path(adapter).with_name("eval_predictions.jsonl"))
+    write_predictions(pred_path, base_res, adapted_res)
+
+    def summary(res):
+        return None if res is None else {k: res[k] for k in ("accuracy", "correct", "n", "time_s")}
+
+    meta, _ = ll.read_header(adapter)
+    result = {"adapter": str(adapter), "variant": meta.get("variant"), "model": name,
+              "eval_data": examples.fingerprint(), "max_new_tokens": max_new_tokens,
+              "base": summary(base_res), "adapted": summary(adapted_res),
+              "gain": (adapted_res["accuracy"] - base_res["accuracy"]) if base_res else None,
+              "predictions": pred_path}
+    if as_json:
+        print_json(result)
+        return
+    from rich.table import Table
+    table = Table(title=f"{meta.get('variant')} adapter {adapter} on {name}", title_justify="left")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    table.add_column("correct", justify="right")
+    for label, res in (("base", base_res), ("adapted", adapted_res)):
+        if res is not None:
+            table.add_row(label, f"{100 * res['accuracy']:.1f}%", f"{res['correct']}/{res['n']}")
+    console.print(table)
+    console.print(f"data: {examples.spec} ({examples.kind}, {len(examples.examples)} items); "
+                  f"predictions: {pred_path}", highlight=False)

@@ -1,0 +1,219 @@
+"""``lora-lite train``: fine-tune an adapter, evaluate before and after, write the run folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..app import CLIError, app, console, err_console, handle_errors, parse_layers, parse_sets, print_json
+
+
+class RichReporter:
+    """Progress bars on rank 0: training (step, loss, lr, tokens/s, ETA) and evaluation."""
+
+    def __init__(self, out_console, enabled=True):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+        self.console, self.enabled = out_console, enabled
+        self.columns = dict(
+            train=[TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss [bold]{task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                   TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn()],
+            eval=[TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()])
+        self.Progress = Progress
+        self.progress = self.task = None
+        self.log_every = 1
+        self.steps = 0
+
+    def _open(self, kind):
+        self.progress = self.Progress(*self.columns[kind], console=self.console, transient=False)
+        self.progress.start()
+
+    def _close(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def status(self, text):
+        if self.enabled:
+            self.console.print(f"[dim]{text}[/]", highlight=False)
+
+    def start_train(self, steps, done):
+        if not self.enabled:
+            return
+        self._open("train")
+        self.steps = steps
+        self.log_every = max(1, steps // 10)
+        self.task = self.progress.add_task("train", total=steps, completed=done, loss="-", lr="-",
+                                           tps="-")
+
+    def step(self, step, loss, lr, tokens_per_s):
+        if not self.enabled:
+            return
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                             tps=f"{tokens_per_s:,.0f}")
+        if not self.console.is_terminal and (step % self.log_every == 0 or step == self.steps):
+            self.console.print(f"step {step}/{self.steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                               f"{tokens_per_s:,.0f} tok/s", highlight=False)
+
+    def end_train(self):
+        self._close()
+
+    def start_eval(self, label, n):
+        if self.enabled:
+            self._open("eval")
+            self.task = self.progress.add_task(label, total=n)
+
+    def eval_advance(self, k):
+        if self.enabled and self.progress is not None:
+            self.progress.advance(self.task, k)
+
+    def end_eval(self):
+        self._close()
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def print_summary(result, out):
+    from rich.table import Table
+    m = result.metrics
+    ev = m.get("eval", {})
+    table = Table(title=f"{m['variant']} on {m['settings']['model']}", title_justify="left",
+                  show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    base, adapted = ev.get("base"), ev.get("adapted")
+    if base:
+        table.add_row("accuracy, base", f"{_pct(base['accuracy'])}  ({base['correct']}/{base['n']})")
+    if adapted:
+        table.add_row("accuracy, adapted", f"{_pct(adapted['accuracy'])}  ({adapted['correct']}/{adapted['n']})")
+    tr = m.get("train", {})
+    if tr.get("loss_first") is not None:
+        table.add_row("loss", f"{tr['loss_first']:.4f} -> {tr['loss_last']:.4f} "
+                              f"({tr['steps_done']} steps)")
+    table.add_row("trainable parameters", f"{m['adapter']['trainable_params']:,}")
+    t = m.get("time", {})
+    table.add_row("time", f"train {t.get('train_s', 0):.1f} s, eval {t.get('eval_base_s', 0):.1f}"
+                          f" + {t.get('eval_adapted_s', 0):.1f} s, total {t.get('total_s', 0):.1f} s")
+    mem = m.get("memory", {})
+    table.add_row("peak memory", f"{mem.get('peak_rss_mb', 0):,.0f} MB process"
+                  + (f", {mem['peak_cuda_mb']:,.0f} MB CUDA" if "peak_cuda_mb" in mem else ""))
+    s = m.get("sanity", {})
+    verdict = "[green]OK[/]" if s.get("ok") else "[red]FAILED[/]"
+    table.add_row("sanity", f"{verdict}: first grad norm {s.get('first_grad_norm') or 0:.3g} (>0), "
+                            f"adapter delta {s.get('adapter_delta', 0):.3g} (>0), "
+                            f"base-grad leaks {s.get('base_grad_leaks')} (=0), "
+                            f"reload err {s.get('reload_err', 0):.2g}")
+    table.add_row("output", f"{result.output}/ (adapter.safetensors, metrics.json, loss.png)")
+    out.print(table)
+
+
+@app.command("train")
+@handle_errors
+def train_command(
+    variant: Optional[str] = typer.Option(None, "--variant", "-v", help="Adapter variant (see `lora-lite variants`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub id."),
+    train_data: Optional[str] = typer.Option(None, "--train-data", help="'generated' (default: built-in arithmetic problems), a .jsonl file, a dataset folder or a hub dataset NAME[:CONFIG][@SPLIT], e.g. meta-math/MetaMathQA."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps [default: 80]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per micro-batch, over all processes [default: 8]."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [default: 1]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [default: per variant, see training.VARIANT_DEFAULTS]."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="LR schedule: cosine, linear or constant [default: cosine]."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps [default: 0]."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay [default: 0]."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the adapter gradient norm (0: off) [default: 1.0]."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Truncate training examples to this many tokens [default: 256]."),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", "-t", help="Regex on layer names, repeatable [default: per variant, q_proj/v_proj]."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Decoder layers to adapt: 0,1,5 or 0-3 or all [default: all]."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank r [default: per variant, 8]."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Scale numerator, s = alpha / r [default: per variant, 16]."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="A variant knob, knob=value, repeatable (e.g. --set block=8)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Model and adapter dtype: float32, bfloat16, float16 [default: float32]."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit (nf4) or 8bit."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order/generation and adapter init [default: 0]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder [default: lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>]."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint folder (written on Ctrl-C) with its settings."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on the first N held-out items, 0 to skip evaluation [default: 200]."),
+    eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Prompts per generation batch [default: 50]."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget per answer [default: 40]."),
+    calibration: Optional[int] = typer.Option(None, "--calibration-batches", help="Training micro-batches given to data-initialised variants at attach [default: per variant]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto [default: cpu]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
+):
+    """Fine-tune an adapter and measure it: base and adapted accuracy on held-out problems.
+
+    With no option but --variant it runs offline: the embedded SmolLM2-135M-Instruct and the
+    built-in arithmetic word problems. Writes adapter.safetensors, metrics.json, predictions.jsonl
+    and loss.png to the run folder. Ctrl-C saves a checkpoint (continue with --resume); a NaN/inf
+    loss stops the run (exit code 3) and keeps the last good adapter. Under
+    `torchrun --nproc_per_node=N` the same command trains with DDP (gloo on CPU).
+    """
+    from .. import training
+
+    given = dict(model=model, train_data=train_data, eval_data=eval_data, steps=steps,
+                 batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule,
+                 warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, seq_len=seq_len,
+                 targets=tuple(targets) if targets else None,
+                 layers=parse_layers(layers) if layers is not None else None,
+                 rank=rank, alpha=alpha, knobs=parse_sets(sets) if sets else None, dtype=dtype,
+                 quantize=quantize, seed=seed, output=str(output) if output else None,
+                 eval_limit=eval_limit, eval_batch_size=eval_batch_size,
+                 max_new_tokens=max_new_tokens, calibration=calibration, device=device)
+    if quantize not in (None, "4bit", "8bit"):
+        raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
+    try:
+        if resume is not None:
+            settings, folder, state = training.settings_for_resume(str(resume), given)
+            if variant and variant != settings.variant:
+                raise CLIError(f"--resume: the checkpoint trains {settings.variant!r}, not {variant!r}", 2)
+            resume_state = (folder, state)
+        else:
+            if not variant:
+                raise CLIError("missing option --variant (see `lora-lite variants`)", 2)
+            import lora_lite as ll
+            ll.get_variant(variant)  # unknown variant: one line naming the package to install
+            settings = training.resolve_settings(variant, given)
+            resume_state = None
+        settings.device = training.pick_device(settings.device)
+        d = training.init_distributed(settings.device)
+        settings.device = training.pick_device(settings.device, d)
+        out = err_console if as_json else console
+        reporter = RichReporter(out, enabled=d.main)
+        if d.main and not as_json:
+            console.print(f"[bold]lora-lite train[/] {settings.variant}: model {settings.model}, "
+                          f"data {settings.train_data}, {settings.steps} steps x batch "
+                          f"{settings.batch_size}{f' x {settings.grad_accum}' if settings.grad_accum > 1 else ''}, "
+                          f"lr {settings.lr:g} ({settings.schedule}), r {settings.rank}, "
+                          f"targets {' '.join(settings.targets)}"
+                          f"{f', {d.world_size} processes' if d.world_size > 1 else ''}",
+                          highlight=False)
+        result = training.run(settings, reporter, resume_state, d)
+    except training.TrainError as e:
+        raise CLIError(str(e), e.code if e.code != 1 else 2) from None
+    finally:
+        _finish_distributed()
+    if not d.main:
+        return
+    if result.status == "interrupted":
+        raise CLIError(result.message, 130)
+    if as_json:
+        print_json(result.metrics)
+    else:
+        print_summary(result, console)
+    if result.status == "nonfinite":
+        raise CLIError(result.message + f"; adapter: {result.output}/adapter.safetensors", 3)
+
+
+def _finish_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
