@@ -14,7 +14,12 @@ same function (checked first). Then:
   heap or allocator caching, so it is the memory the method itself asks for.
 
     python plugins/hra/benchmarks/hra_vs_peft.py            # ~1-2 minutes on 2 CPU cores
-    python plugins/hra/benchmarks/hra_vs_peft.py --hidden 2048 --layers 1 --rounds 5
+    python plugins/hra/benchmarks/hra_vs_peft.py --hidden 2048 --rounds 3
+    python plugins/hra/benchmarks/hra_vs_peft.py --naive     # + the literal per-token loop
+
+--naive adds a third copy whose hook applies the reflections to x itself, one at a time
+(x ← x − 2 (x·v) v): the same function, but autograd keeps r copies of x (r × tokens × d_in),
+which is why lora-lite applies them to the r × r coefficient map instead.
 """
 import argparse
 import copy
@@ -36,6 +41,25 @@ def build_model(hidden, layers, vocab, seq, seed=0):
                          num_key_value_heads=max(1, hidden // 256), vocab_size=vocab,
                          max_position_embeddings=seq, tie_word_embeddings=False)
     return LlamaForCausalLM(config)
+
+
+def naive_forward_input(layer, x):
+    """The literal loop on x (reference for --naive only)."""
+    U = layer.lora_U
+    V = U / U.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    for v in reversed(V):                      # H_{r-1} first
+        x = x - 2.0 * (x @ v).unsqueeze(-1) * v
+    return x
+
+
+def make_naive(ours):
+    """A copy of the lora-lite model whose hooks run the literal loop (swaps the hook's variant)."""
+    naive = copy.deepcopy(ours)
+    variant = type("NaiveHRA", (ll.variants()["hra"],), {"forward_input": staticmethod(naive_forward_input)})
+    for module in naive.modules():
+        if hasattr(module, "lora_U"):
+            module._lora_variant = variant
+    return naive
 
 
 def make_pair(args):
@@ -112,11 +136,13 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--naive", action="store_true", help="also time the literal per-token loop")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     ours, peft_model = make_pair(args)
+    naive = make_naive(ours) if args.naive else None
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -125,12 +151,19 @@ def main():
     gap = (a - b).abs().max().item()
     ours.train(), peft_model.train()
     methods = {"lora-lite": trainer(ours), "peft": trainer(peft_model)}
+    if naive is not None:
+        with torch.no_grad():
+            gap_naive = (naive(**batch).logits - a).abs().max().item()
+        naive.train()
+        methods["naive loop"] = trainer(naive)
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, intermediate "
           f"{args.hidden * 11 // 4}, vocab {args.vocab}; HRA r={args.r} on q_proj and v_proj; "
           f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens; fp32 on "
           f"{args.device} with {torch.get_num_threads()} threads; torch {torch.__version__}")
     print(f"same function: max |logits(lora-lite) - logits(peft)| = {gap:.2e}; trainable "
           f"parameters: lora-lite {methods['lora-lite'][1]}, peft {methods['peft'][1]}")
+    if naive is not None:
+        print(f"naive loop: max |logits - logits(lora-lite)| = {gap_naive:.2e}")
 
     for name, (step, _) in methods.items():
         for _ in range(args.warmup):
@@ -138,7 +171,7 @@ def main():
     times = {name: [] for name in methods}
     order = list(methods)
     for i in range(args.rounds):
-        for name in (order if i % 2 == 0 else order[::-1]):
+        for name in order[i % len(order):] + order[:i % len(order)]:   # rotate who goes first
             times[name].append(timed(methods[name][0], batch, args.device))
     memory = {name: peak_step_memory(step, batch, args.device) for name, (step, _) in methods.items()}
 
@@ -150,6 +183,10 @@ def main():
     print(f"\nratios (peft / lora-lite): time per step {med['peft'] / med['lora-lite']:.2f}x, "
           f"peak step memory {memory['peft'] / memory['lora-lite']:.2f}x "
           f"({args.rounds} interleaved rounds after {args.warmup} warm-up steps each)")
+    if naive is not None:
+        print(f"ratios (naive loop / lora-lite): time per step "
+              f"{med['naive loop'] / med['lora-lite']:.2f}x, peak step memory "
+              f"{memory['naive loop'] / memory['lora-lite']:.2f}x")
 
 
 if __name__ == "__main__":
