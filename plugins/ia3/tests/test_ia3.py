@@ -129,8 +129,10 @@ def test_quantized_math(variant, base):
         ll.detach(model)
         undo = guard_training(model)  # the same bnb kernel as while attached
         want = layer(x * g) if variant == "ia3_ff" else layer(x) * g
+        plain = layer(x)
         undo()
     assert (got - want).abs().max().item() <= 1e-6
+    assert (got - plain).abs().max().item() > 1e-2   # the random gate is not a no-op
 
 
 def bf16_figures(variant, model_dtype, **cfg_kwargs):
