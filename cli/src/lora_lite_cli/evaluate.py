@@ -76,13 +76,11 @@ def generate_answers(model, tokenizer, questions, batch_size=32, max_new_tokens=
     return outputs
 
 
-def score(examples: list[Example], outputs: list[str], offset=0) -> list[Prediction]:
-    preds = []
-    for i, (ex, text) in enumerate(zip(examples, outputs)):
-        pred = extract_answer(text)
-        preds.append(Prediction(offset + i, ex.question, ex.reference, text, pred,
-                                same_number(pred, ex.reference)))
-    return preds
+def predict(index: int, example: Example, output: str) -> Prediction:
+    """Score one continuation against the example's reference."""
+    pred = extract_answer(output)
+    return Prediction(index, example.question, example.reference, output, pred,
+                      same_number(pred, example.reference))
 
 
 def evaluate(model, tokenizer, examples, batch_size=32, max_new_tokens=48, on_batch=None,
@@ -91,9 +89,7 @@ def evaluate(model, tokenizer, examples, batch_size=32, max_new_tokens=48, on_ba
     mine = list(range(rank, len(examples), world_size))
     outputs = generate_answers(model, tokenizer, [examples[i].question for i in mine],
                                batch_size, max_new_tokens, on_batch)
-    preds = [Prediction(i, examples[i].question, examples[i].reference, text,
-                        extract_answer(text), same_number(extract_answer(text), examples[i].reference))
-             for i, text in zip(mine, outputs)]
+    preds = [predict(i, examples[i], text) for i, text in zip(mine, outputs)]
     if world_size > 1:
         import torch.distributed as dist
         gathered = [None] * world_size

@@ -341,6 +341,45 @@ class Reporter:
         pass
 
 
+class StopRequest:
+    """Ctrl-C during training: the first SIGINT asks to stop at the next step boundary (so the
+    checkpoint is consistent), a second one interrupts at once. Only in the main thread."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        import sys
+        sys.stderr.write("\nCtrl-C: stopping after this step and saving a checkpoint "
+                         "(Ctrl-C again to stop at once)\n")
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
+
+    def agreed(self, d: "Dist") -> bool:
+        """True on every process once any process was asked to stop."""
+        if d.world_size == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 @dataclass
 class RunResult:
     status: str                 # completed | nonfinite | interrupted
@@ -542,52 +581,64 @@ def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] 
     reporter.start_train(s.steps, start)
     model.train()
     step = start
-    last_good = _adapter_snapshot(model)
+    last_good, kept_step = _adapter_snapshot(model), step
+    stop = StopRequest()
     try:
-        while step < s.steps:
-            t_step = time.perf_counter()
-            n_tokens = step_tokens(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            seen = 0
-            for a in range(s.grad_accum):
-                batch = micro(step * s.grad_accum + a)
-                seen += int(batch["attention_mask"].sum())
-                loss, _ = _loss_sum(model, batch)
-                (loss / n_tokens).backward()
-                loss_sum += loss.detach().double().cpu()
-            sanity["base_grad_leaks"] += sum(
-                1 for n, p in model.named_parameters() if p.grad is not None and "lora_" not in n)
-            step_loss = float(d.all_sum(loss_sum.to(device)).item()) / n_tokens
-            if not math.isfinite(step_loss):
-                _restore_adapter(model, last_good)
-                status = "nonfinite"
-                message = (f"loss is {step_loss} at step {step + 1}: training stopped; the adapter "
-                           f"of the last step with a finite loss was kept (try a lower --lr than {s.lr:g})")
-                break
-            last_good = _adapter_snapshot(model)
-            _sync_grads(params, d)
-            norms = [p.grad.norm().item() for p in params if p.grad is not None]
-            grad_norm = sum(norms)
-            if not math.isfinite(grad_norm):
-                status = "nonfinite"
-                message = (f"gradient norm is {grad_norm} at step {step + 1}: training stopped; "
-                           "the adapter before this step was kept")
-                break
-            if sanity["first_grad_norm"] is None:
-                sanity["first_grad_norm"] = grad_norm
-            if s.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-            lrs.append(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-            losses.append(step_loss)
-            sanity["train_tokens"] += n_tokens
-            step += 1
-            dt = time.perf_counter() - t_step
-            train_s += dt
-            seen_total = float(d.all_sum(torch.tensor(float(seen), device=device)).item())
-            reporter.step(step, step_loss, lrs[-1], seen_total / max(dt, 1e-9))
+        with stop:
+            while step < s.steps:
+                t_step = time.perf_counter()
+                n_tokens = step_tokens(step)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                seen = 0
+                for a in range(s.grad_accum):
+                    batch = micro(step * s.grad_accum + a)
+                    seen += int(batch["attention_mask"].sum())
+                    loss, _ = _loss_sum(model, batch)
+                    (loss / n_tokens).backward()
+                    loss_sum += loss.detach().double().cpu()
+                sanity["base_grad_leaks"] += sum(
+                    1 for n, p in model.named_parameters() if p.grad is not None and "lora_" not in n)
+                step_loss = float(d.all_sum(loss_sum.to(device)).item()) / n_tokens
+                if not math.isfinite(step_loss):
+                    # the adapter that produced this loss is bad: go back to the one before it
+                    _restore_adapter(model, last_good)
+                    status = "nonfinite"
+                    message = (f"loss is {step_loss} at step {step + 1}: training stopped; kept the "
+                               f"adapter of the last step with a finite loss (after {kept_step} "
+                               f"steps); try a lower --lr than {s.lr:g}")
+                    break
+                last_good, kept_step = _adapter_snapshot(model), step
+                _sync_grads(params, d)
+                grad_norm = sum(p.grad.double().norm().item() for p in params if p.grad is not None)
+                if not math.isfinite(grad_norm):
+                    status = "nonfinite"
+                    message = (f"gradient norm is {grad_norm} at step {step + 1}: training stopped; "
+                               f"kept the adapter before this step (after {kept_step} steps)")
+                    break
+                if sanity["first_grad_norm"] is None:
+                    sanity["first_grad_norm"] = grad_norm
+                if s.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                lrs.append(scheduler.get_last_lr()[0])
+                optimizer.step()
+                scheduler.step()
+                losses.append(step_loss)
+                sanity["train_tokens"] += n_tokens
+                step += 1
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    _restore_adapter(model, last_good)
+                    status = "nonfinite"
+                    message = (f"the update of step {step} made adapter values non-finite: training "
+                               f"stopped; kept the adapter before it (after {kept_step} steps); "
+                               f"try a lower --lr than {s.lr:g}")
+                    break
+                dt = time.perf_counter() - t_step
+                train_s += dt
+                seen_total = float(d.all_sum(torch.tensor(float(seen), device=device)).item())
+                reporter.step(step, step_loss, lrs[-1], seen_total / max(dt, 1e-9))
+                if stop.agreed(d):  # Ctrl-C: stop at this step boundary, on every process
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         reporter.end_train()
         optimizer.zero_grad(set_to_none=True)
@@ -610,7 +661,7 @@ def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] 
 
     # sanity figures and the adapter file
     after = _adapter_snapshot(model)
-    sanity["adapter_delta"] = float(sum((after[k].float() - before[k].float()).norm().item()
+    sanity["adapter_delta"] = float(sum((after[k].double() - before[k].double()).norm().item()
                                         for k in after))
     sanity["only_adapter_trainable"] = True
     probe_after = _probe_loss(model, probe)
@@ -643,6 +694,7 @@ def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] 
         metrics["message"] = message
     metrics["train"] = {
         "steps_done": step, "losses": losses, "lrs": lrs,
+        "adapter_kept_from_step": kept_step if status == "nonfinite" else step,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "probe_loss_before": probe_before, "probe_loss_after": probe_after,
         "supervised_tokens": tokens_total,

