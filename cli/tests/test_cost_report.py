@@ -146,3 +146,13 @@ def test_analytic_table_matches_the_flop_counter_on_lora():
     ll.detach(model)
     assert rule == "table" and macs == 4 * (64 + 64)
     assert added == 2 * macs * 8  # 2 FLOPs per MAC, 8 tokens
+
+
+def test_peak_memory_sees_an_allocation_and_forgets_it_after_free():
+    with cost.PeakMemory("cpu") as mem:
+        block = torch.ones(16 * 2**20)  # 64 MiB, every page touched
+        del block
+    assert 60 < mem.peak_mb < 100
+    with cost.PeakMemory("cpu") as after:  # the freed block went back to the OS
+        pass
+    assert after.peak_mb < 16

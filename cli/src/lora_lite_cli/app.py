@@ -22,6 +22,7 @@ import os
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 
@@ -54,13 +55,14 @@ def one_line(message) -> str:
 
 
 def fail(message, code=1):
-    err_console.print(f"[red]error:[/] {one_line(message)}", highlight=False, markup=True,
+    err_console.print(f"[red]error:[/] {escape(one_line(message))}", highlight=False,
                       soft_wrap=True)
     raise typer.Exit(code)
 
 
 def warn(message):
-    err_console.print(f"[yellow]warning:[/] {one_line(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(one_line(message))}", highlight=False,
+                      soft_wrap=True)
 
 
 def handle_errors(fn):

@@ -196,7 +196,13 @@ def cost_report_command(
     settings = cost.Settings(model=model, batch=batch, seq_len=seq_len, repeats=repeats,
                              warmup=warmup, device=device, compare_peft=compare == "peft")
     with err_console.status("measuring ...") as status:
-        runner = cost.CostReport(base, settings, progress=lambda m: status.update(f"measuring: {m}"))
+        def progress(message):  # a spinner on a terminal, one line per step in a log
+            if err_console.is_terminal:
+                status.update(f"measuring: {message}")
+            else:
+                err_console.print(f"measuring: {message}", style="dim", highlight=False,
+                                  soft_wrap=True)
+        runner = cost.CostReport(base, settings, progress=progress)
         runner.base_row()
         for name in names:
             try:

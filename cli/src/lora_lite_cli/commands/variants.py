@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..app import app, console, handle_errors, jsonable, print_json, warn
@@ -78,7 +79,7 @@ def variants_command(
             knobs = [f"{k}={v}" for k, v in r["knobs"].items()]
             if r["uses_rank"]:
                 knobs = [f"r={r['r']}", f"alpha={r['alpha']:g}"] + knobs
-            console.print(f"  [bold]{r['name']}[/]: {', '.join(knobs) or '(none)'}",
+            console.print(f"  [bold]{r['name']}[/]: {escape(', '.join(knobs)) or '(none)'}",
                           highlight=False)
     for p in problems:
         warn(f"plugin {p['distribution']!r}: {p['error']} -> {p['fix']}")
