@@ -101,6 +101,7 @@ def test_adapter_loads_onto_a_fresh_base(base_run, tiny_dir):
 def test_defaults_table_and_settings():
     s = training.resolve_settings("lora", {})
     assert (s.steps, s.batch_size, s.lr, s.rank, s.alpha) == (80, 8, 2e-3, 8, 16.0)
+    assert (s.eval_limit, s.max_new_tokens, s.schedule) == (100, 32, "cosine")
     assert s.model == "smollm2" and s.train_data == s.eval_data == "generated"
     assert s.output.endswith("smollm2__lora__s80__seed0")
     row = training.variant_defaults("ia3")
@@ -116,6 +117,27 @@ def test_defaults_table_and_settings():
     assert training.lr_factor(0, 10, "cosine", 0) == 1.0
     assert training.lr_factor(5, 10, "linear", 0) == 0.5
     assert training.lr_factor(0, 10, "constant", 2) == pytest.approx(1 / 3)
+
+
+def test_loss_on_kept_logits_equals_the_full_loss(tiny_dir):
+    """Left padding + position ids + logits of the answer span only == the model's own loss on
+    each row alone (no padding, full logits)."""
+    from lora_lite_cli import data
+    model, tok = models.load_model(tiny_dir)
+    encoded, skipped = training.encode(tok, data.generate(3, seed=5), 256)
+    assert skipped == 0
+    batch = training.collate(encoded, tok.pad_token_id, "cpu")
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padded
+    with torch.no_grad():
+        loss, logits = training._loss_sum(model, batch)
+        assert logits.shape[1] < batch["input_ids"].shape[1] - 1  # the prompt's logits skipped
+        total = 0.0
+        for e in encoded:
+            ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
+            n = int((labels[:, 1:] != -100).sum())
+            total += model(input_ids=ids, labels=labels).loss.item() * n
+    assert training._count(batch) == training.supervised_tokens(encoded)
+    assert loss.item() == pytest.approx(total, rel=1e-5)
 
 
 @pytest.mark.parametrize("args, code, needle", [
@@ -226,15 +248,6 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_adapter(tiny_dir, tmp_path
     ll.load(model, out / "adapter.safetensors")
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[3, 4, 5]])).logits).all()
-
-
-def test_absurd_lr_stops_on_nonfinite_adapter_values(tiny_dir, tmp_path):
-    # lr 1e37: adapter values of ~1e38 after the first updates overflow fp32 in the forward
-    result = train("--variant", "lora", "--model", tiny_dir, "--lr", "1e37", "--steps", "3",
-                   "--batch-size", "2", "--eval-limit", "0", "--output", str(tmp_path), expect=3)
-    assert "non-finite" in result.output or "loss is" in result.output
-    tensors = adapter_tensors(tmp_path / "adapter.safetensors")
-    assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
 def lora_lite_script():

@@ -45,7 +45,7 @@ def cut_after_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, questions, batch_size=32, max_new_tokens=48,
+def generate_answers(model, tokenizer, questions, batch_size=50, max_new_tokens=32,
                      on_batch=None) -> list[str]:
     """Greedy continuations of the prompts of ``questions`` (left padding, batched)."""
     from transformers import StoppingCriteriaList
@@ -83,7 +83,7 @@ def predict(index: int, example: Example, output: str) -> Prediction:
                       same_number(pred, example.reference))
 
 
-def evaluate(model, tokenizer, examples, batch_size=32, max_new_tokens=48, on_batch=None,
+def evaluate(model, tokenizer, examples, batch_size=50, max_new_tokens=32, on_batch=None,
              rank=0, world_size=1) -> dict:
     """{'accuracy', 'correct', 'n', 'predictions': [Prediction as dict]} over ``examples``."""
     mine = list(range(rank, len(examples), world_size))

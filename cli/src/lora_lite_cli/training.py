@@ -111,10 +111,11 @@ class Settings:
     quantize: str | None = None
     seed: int = 0
     calibration: int = 0
-    eval_limit: int = 200
+    eval_limit: int = 100
     eval_batch_size: int = 50
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     device: str = "cpu"
+    threads: int | None = None
     output: str = ""
 
     def to_dict(self) -> dict:
@@ -125,7 +126,7 @@ class Settings:
 
 
 # options that may differ from the checkpoint's when resuming (they do not change the training)
-RESUME_FREE = {"output", "eval_limit", "eval_batch_size", "max_new_tokens", "device"}
+RESUME_FREE = {"output", "eval_limit", "eval_batch_size", "max_new_tokens", "device", "threads"}
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -207,17 +208,26 @@ def encode(tokenizer, examples, seq_len) -> tuple[list[Encoded], int]:
 
 
 def collate(items: list[Encoded], pad_id: int, device) -> dict:
-    """Right-padded batch: input_ids, attention_mask, labels (-100 on padding)."""
+    """Left-padded batch: input_ids, attention_mask, labels (-100 on padding), position_ids
+    counted from each row's first real token (as generate() does). Left padding aligns every
+    row's answer at the right edge, so the loss needs logits of the last positions only."""
     width = max(len(e.input_ids) for e in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), -100, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for i, e in enumerate(items):
         n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+        ids[i, width - n:] = torch.tensor(e.input_ids)
+        labels[i, width - n:] = torch.tensor(e.labels)
+        mask[i, width - n:] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": positions.to(device), "labels": labels.to(device)}
+
+
+def model_inputs(batch: dict) -> dict:
+    """The batch without labels (what the model takes for a plain forward)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def supervised_tokens(items: list[Encoded]) -> int:
@@ -407,13 +417,34 @@ def _count(batch):
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def _accepts(model, name) -> bool:
+    import inspect
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _loss_sum(model, batch):
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                use_cache=False)
-    logits = out.logits[:, :-1].float()
+    """(summed token cross-entropy over supervised positions, the logits used). Only the
+    logits from the first supervised position on are computed (``logits_to_keep``) where the
+    model supports it: the prompt's share of the vocabulary projection is skipped."""
     labels = batch["labels"][:, 1:]
+    supervised = (labels != -100).any(0).nonzero()
+    first = int(supervised[0]) if len(supervised) else labels.shape[1] - 1
+    keep = labels.shape[1] - first + 1      # logits of positions first .. L-1
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "use_cache": False}
+    if "position_ids" in batch and _accepts(model, "position_ids"):
+        kwargs["position_ids"] = batch["position_ids"]
+    if _accepts(model, "logits_to_keep"):
+        logits = model(**kwargs, logits_to_keep=keep).logits
+    else:
+        logits = model(**kwargs).logits[:, -keep:]
+    logits = logits[:, :-1].float()            # position t predicts token t + 1
+    target = labels[:, first:]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels.reshape(-1), ignore_index=-100,
+                                             target.reshape(-1), ignore_index=-100,
                                              reduction="sum")
     return loss, logits
 
@@ -474,6 +505,8 @@ def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] 
     times = {}
     torch.manual_seed(s.seed)
     random.seed(s.seed)
+    if s.threads:
+        torch.set_num_threads(s.threads)
     if d.world_size > 1 and s.batch_size < d.world_size:
         raise TrainError(f"--batch-size {s.batch_size} is smaller than the {d.world_size} processes")
 
@@ -511,6 +544,7 @@ def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] 
                  "eval": eval_src.fingerprint() if eval_src else None,
                  "prompt": data_mod.PROMPT},
         "versions": {"torch": torch.__version__, "lora_lite": ll.__version__},
+        "torch_threads": torch.get_num_threads(),
     }
 
     def run_eval(label):
@@ -537,8 +571,7 @@ def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] 
         calib = None
         if s.calibration or getattr(variant, "needs_calibration", False):
             k = max(s.calibration, 1)
-            calib = [{key: v for key, v in collate(batches.global_items(j), tokenizer.pad_token_id,
-                                                    device).items() if key != "labels"}
+            calib = [model_inputs(collate(batches.global_items(j), tokenizer.pad_token_id, device))
                      for j in range(k)]
         ll.attach(model, cfg, calibration_data=calib)
     else:
@@ -666,7 +699,7 @@ def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] 
     sanity["only_adapter_trainable"] = True
     probe_after = _probe_loss(model, probe)
     with torch.no_grad():
-        trained_logits = model(**{k: v for k, v in probe.items() if k != "labels"}).logits.float()
+        trained_logits = model(**model_inputs(probe)).logits.float()
     if d.main:
         ll.save(model, adapter_path)
     if d.world_size > 1:
@@ -674,7 +707,7 @@ def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] 
     ll.detach(model)  # the model is the base again, bit for bit; reload the file onto it
     ll.load(model, adapter_path)
     with torch.no_grad():
-        reloaded = model(**{k: v for k, v in probe.items() if k != "labels"}).logits.float()
+        reloaded = model(**model_inputs(probe)).logits.float()
     sanity["reload_err"] = (reloaded - trained_logits).abs().max().item()
     sanity["ok"] = bool(status == "completed" and (sanity["first_grad_norm"] or 0) > 0
                         and sanity["adapter_delta"] > 0 and sanity["base_grad_leaks"] == 0)

@@ -139,11 +139,12 @@ def train_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order/generation and adapter init [default: 0]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder [default: lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>]."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint folder (written on Ctrl-C) with its settings."),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on the first N held-out items, 0 to skip evaluation [default: 200]."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on the first N held-out items, 0 to skip evaluation [default: 100]."),
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Prompts per generation batch [default: 50]."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget per answer [default: 40]."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget per answer [default: 32]."),
     calibration: Optional[int] = typer.Option(None, "--calibration-batches", help="Training micro-batches given to data-initialised variants at attach [default: per variant]."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto [default: cpu]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch [default: torch's, one per core]; 1 is faster on a machine busy with other work."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
 ):
     """Fine-tune an adapter and measure it: base and adapted accuracy on held-out problems.
@@ -166,7 +167,8 @@ def train_command(
                  rank=rank, alpha=alpha, knobs=parse_sets(sets) if sets else None, dtype=dtype,
                  quantize=quantize, seed=seed, output=str(output) if output else None,
                  eval_limit=eval_limit, eval_batch_size=eval_batch_size,
-                 max_new_tokens=max_new_tokens, calibration=calibration, device=device)
+                 max_new_tokens=max_new_tokens, calibration=calibration, device=device,
+                 threads=threads)
     if quantize not in (None, "4bit", "8bit"):
         raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
     try:
