@@ -109,6 +109,9 @@ def test_defaults_table_and_settings():
     assert training.variant_defaults("ia3_ff")["targets"] == (r"down_proj$",)
     assert training.variant_defaults("pissa")["alpha"] == "r"
     assert training.variant_defaults("antipasto_rot")["lr"] == 5e-3
+    if "antipasto" in ll.variants():  # the config's own rank, alpha = r
+        row = training.variant_defaults("antipasto")
+        assert row["rank"] == ll.variants()["antipasto"].config.r and row["alpha"] == "r"
     assert training.variant_defaults("eva")["calibration"] > 0
     assert training.variant_defaults("someone_elses")["lr"] == 2e-3
     assert training.resolve_settings("lora", {"lr": 0.1, "steps": 3}).lr == 0.1

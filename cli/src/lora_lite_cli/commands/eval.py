@@ -26,7 +26,7 @@ def model_of_adapter(path: str) -> str:
 @handle_errors
 def eval_command(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter file (.safetensors written by lora-lite)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model [default: the one recorded in the adapter file, else the embedded smollm2]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one recorded in the adapter file, else the embedded smollm2)."),
     eval_data: str = typer.Option("generated", "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
     limit: int = typer.Option(100, "--limit", "-n", help="Evaluate the first N items (0: all)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generation budget per answer."),
@@ -34,9 +34,9 @@ def eval_command(
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16, float16."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit or 8bit."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch [default: torch's]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core not busy with other work)."),
     base: bool = typer.Option(True, "--base/--no-base", help="Also evaluate the base model."),
-    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Where to write per-item predictions [default: eval_predictions.jsonl next to the adapter]."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Where to write per-item predictions (default: eval_predictions.jsonl next to the adapter)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ):
     """Accuracy of the base model and of the adapted model on held-out problems.
@@ -49,7 +49,7 @@ def eval_command(
     from .. import data as data_mod
     from .. import evaluate as eval_mod
     from ..models import load_model
-    from ..training import pick_device, write_predictions
+    from ..training import pick_device, set_threads, write_predictions
 
     if quantize not in (None, "4bit", "8bit"):
         raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
@@ -58,9 +58,7 @@ def eval_command(
     out = err_console if as_json else console
     examples = data_mod.eval_data(eval_data, limit or None)
     device = pick_device(device)
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
+    set_threads(threads)
     with out.status(f"loading {name} ..."):
         base_model, tokenizer = load_model(name, dtype, quantize, device)
 

@@ -118,33 +118,33 @@ def print_summary(result, out):
 def train_command(
     variant: Optional[str] = typer.Option(None, "--variant", "-v", help="Adapter variant (see `lora-lite variants`)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub id."),
-    train_data: Optional[str] = typer.Option(None, "--train-data", help="'generated' (default: built-in arithmetic problems), a .jsonl file, a dataset folder or a hub dataset NAME[:CONFIG][@SPLIT], e.g. meta-math/MetaMathQA."),
+    train_data: Optional[str] = typer.Option(None, "--train-data", help="'generated' (default: built-in arithmetic problems), a .jsonl file, a dataset folder or a hub dataset NAME, NAME:CONFIG or NAME:CONFIG@SPLIT, e.g. meta-math/MetaMathQA."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps [default: 80]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per micro-batch, over all processes [default: 8]."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [default: 1]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [default: per variant, see training.VARIANT_DEFAULTS]."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="LR schedule: cosine, linear or constant [default: cosine]."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps [default: 0]."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay [default: 0]."),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the adapter gradient norm (0: off) [default: 1.0]."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Truncate training examples to this many tokens [default: 256]."),
-    targets: Optional[List[str]] = typer.Option(None, "--targets", "-t", help="Regex on layer names, repeatable [default: per variant, q_proj/v_proj]."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Decoder layers to adapt: 0,1,5 or 0-3 or all [default: all]."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank r [default: per variant, 8]."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Scale numerator, s = alpha / r [default: per variant, 16]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: 80)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per micro-batch, over all processes (default: 8)."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (default: 1)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: per variant, see training.VARIANT_DEFAULTS)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="LR schedule: cosine, linear or constant (default: cosine)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 0)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0)."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the adapter gradient norm (0: off) (default: 1.0)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Truncate training examples to this many tokens (default: 256)."),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", "-t", help="Regex on layer names, repeatable (default: per variant, q_proj/v_proj)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Decoder layers to adapt: 0,1,5 or 0-3 or all (default: all)."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank r (default: per variant, 8)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Scale numerator, s = alpha / r (default: per variant, 16)."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="A variant knob, knob=value, repeatable (e.g. --set block=8)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Model and adapter dtype: float32, bfloat16, float16 [default: float32]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Model and adapter dtype: float32, bfloat16, float16 (default: float32)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit (nf4) or 8bit."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order/generation and adapter init [default: 0]."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder [default: lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order/generation and adapter init (default: 0)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint folder (written on Ctrl-C) with its settings."),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on the first N held-out items, 0 to skip evaluation [default: 100]."),
-    eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Prompts per generation batch [default: 50]."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget per answer [default: 32]."),
-    calibration: Optional[int] = typer.Option(None, "--calibration-batches", help="Training micro-batches given to data-initialised variants at attach [default: per variant]."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto [default: cpu]."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch [default: torch's, one per core]; 1 is faster on a machine busy with other work."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on the first N held-out items, 0 to skip evaluation (default: 100)."),
+    eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Prompts per generation batch (default: 50)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget per answer (default: 32)."),
+    calibration: Optional[int] = typer.Option(None, "--calibration-batches", help="Training micro-batches given to data-initialised variants at attach (default: per variant)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: cpu)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core not busy with other work, from the load average)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
 ):
     """Fine-tune an adapter and measure it: base and adapted accuracy on held-out problems.
@@ -187,6 +187,7 @@ def train_command(
         training.build_config(settings)  # a bad knob or value fails before anything loads
         resolve(settings.model)           # so does a missing model
         settings.device = training.pick_device(settings.device)
+        settings.threads = training.set_threads(settings.threads)  # recorded: what the run used
         d = training.init_distributed(settings.device)
         settings.device = training.pick_device(settings.device, d)
         out = err_console if as_json else console
@@ -196,7 +197,7 @@ def train_command(
                           f"data {settings.train_data}, {settings.steps} steps x batch "
                           f"{settings.batch_size}{f' x {settings.grad_accum}' if settings.grad_accum > 1 else ''}, "
                           f"lr {settings.lr:g} ({settings.schedule}), r {settings.rank}, "
-                          f"targets {' '.join(settings.targets)}"
+                          f"targets {' '.join(settings.targets)}, {settings.threads} thread(s)"
                           f"{f', {d.world_size} processes' if d.world_size > 1 else ''}",
                           highlight=False, soft_wrap=True)
         result = training.run(settings, reporter, resume_state, d)
