@@ -98,6 +98,37 @@ def test_adapter_loads_onto_a_fresh_base(base_run, tiny_dir):
     assert b.abs().max() > 0
 
 
+def test_grad_accum_and_jsonl_data(tiny_dir, tmp_path):
+    """Batch 4 == batch 2 x 2 accumulated micro-batches: the step loss is the mean over every
+    supervised token of the step, however it is split. Local JSONL train and eval data."""
+    from lora_lite_cli import data
+    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    data.write_jsonl(data.generate(12, seed=7), str(train_file))
+    data.write_jsonl(data.generate(3, split="test"), str(eval_file))
+    common = ["--variant", "lora", "--model", tiny_dir, "--steps", "3", "--train-data",
+              str(train_file), "--eval-data", str(eval_file), "--max-new-tokens", "4"]
+    train(*common, "--batch-size", "4", "--output", str(tmp_path / "b4"))
+    train(*common, "--batch-size", "2", "--grad-accum", "2", "--output", str(tmp_path / "b2x2"))
+    one = json.loads((tmp_path / "b4" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "b2x2" / "metrics.json").read_text())
+    assert one["data"]["train"]["kind"] == "jsonl" and one["data"]["eval"]["n"] == 3
+    assert one["data"]["train"]["sha256"] == two["data"]["train"]["sha256"]
+    assert two["train"]["losses"] == pytest.approx(one["train"]["losses"], rel=1e-5)
+    a, b = adapter_tensors(tmp_path / "b4" / "adapter.safetensors"), adapter_tensors(tmp_path / "b2x2" / "adapter.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_data_initialised_variant_gets_training_batches(tiny_dir, tmp_path):
+    if "eva" not in ll.variants():
+        pytest.skip("the eva plugin is not installed")
+    train("--variant", "eva", "--model", tiny_dir, "--steps", "2", "--batch-size", "2",
+          "--eval-limit", "0", "--output", str(tmp_path))
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["adapter"]["calibration_batches"] == 4
+    assert m["sanity"]["ok"] and m["sanity"]["reload_err"] < 1e-5
+
+
 def test_defaults_table_and_settings():
     s = training.resolve_settings("lora", {})
     assert (s.steps, s.batch_size, s.lr, s.rank, s.alpha) == (80, 8, 2e-3, 8, 16.0)
