@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import click
-import pytest
 import typer
 import typer.main
 from typer.testing import CliRunner
