@@ -160,7 +160,7 @@ def cost_report_command(
         try:
             import peft  # noqa: F401
         except ImportError:
-            raise CLIError("--compare peft needs PEFT: pip install peft", 2) from None
+            raise CLIError("--compare peft needs PEFT: pip install 'lora-lite-cli[peft]'", 2) from None
     for name, value in (("--seq-len", seq_len), ("--batch", batch), ("--repeats", repeats)):
         if value < 1:
             raise CLIError(f"{name} must be at least 1, got {value}", 2)
