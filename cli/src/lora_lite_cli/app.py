@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 
 import typer
 from rich.console import Console
@@ -108,6 +109,20 @@ def _version(value: bool):
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Show the version and exit.")):
     """lora-lite: LoRA-family adapters attached with forward hooks."""
+    _fit_consoles()
+
+
+def _fit_consoles():
+    """Size output for where it goes *now*: the terminal's width, $COLUMNS if set, and a wide
+    page when piped or captured (tables are not cut at rich's 80-column default)."""
+    columns = os.environ.get("COLUMNS", "")
+    for con in (console, err_console):
+        if columns.isdigit():
+            con.width = int(columns)
+        elif con.is_terminal:
+            con.width = shutil.get_terminal_size().columns
+        else:
+            con.width = 200
 
 
 # -- plugins' commands -------------------------------------------------------------------------
