@@ -129,6 +129,19 @@ def test_data_initialised_variant_gets_training_batches(tiny_dir, tmp_path):
     assert m["sanity"]["ok"] and m["sanity"]["reload_err"] < 1e-5
 
 
+def test_threads_follow_the_free_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    for busy, threads in [(0.1, 2), (0.9, 1), (1.6, 1), (3.0, 1)]:
+        monkeypatch.setattr(training, "busy_cores", lambda busy=busy: busy)
+        assert training.auto_threads() == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(training, "busy_cores", lambda: 2.0)
+    assert training.auto_threads() == 2  # the user's OMP_NUM_THREADS wins
+    assert training.busy_cores(0.05) is None or training.busy_cores(0.05) >= 0
+
+
 def test_defaults_table_and_settings():
     s = training.resolve_settings("lora", {})
     assert (s.steps, s.batch_size, s.lr, s.rank, s.alpha) == (80, 8, 2e-3, 8, 16.0)

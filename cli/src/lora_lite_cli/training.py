@@ -318,21 +318,43 @@ def pick_device(device: str | None, d: Dist | None = None) -> str:
 
 # -- threads -----------------------------------------------------------------------------------
 
+def busy_cores(interval: float = 0.5) -> float | None:
+    """How many cores other work keeps busy now: the busy share of all CPU time in /proc/stat
+    over ``interval`` seconds, times the core count (Linux; None elsewhere)."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def auto_threads() -> int:
-    """Torch threads for this run: one per core that is not busy with other work (cores minus
-    the 1-minute load average, at least 1). A busy core makes a 2-thread matmul wait for the
-    descheduled thread: measured here, with one of two cores busy, a 50 x 32-token generation
-    took 43 s on 2 threads and 16 s on 1, a training step 6-18 s and 3.3-3.7 s. OMP_NUM_THREADS,
-    when set, wins."""
+    """Torch threads for this run: one per core that other work does not keep busy (at least
+    1). A busy core makes a 2-thread matmul wait for its descheduled thread: measured here with
+    one of two cores busy, a 50 x 32-token generation took 43 s on 2 threads and 16 s on 1, a
+    training step 6-18 s and 3.3-3.7 s. OMP_NUM_THREADS, when set, wins."""
     current = torch.get_num_threads()
     if os.environ.get("OMP_NUM_THREADS"):
         return current
     try:
         cores = len(os.sched_getaffinity(0))
-        load = os.getloadavg()[0]
     except (AttributeError, OSError):
-        return current
-    return max(1, min(current, cores - int(round(load))))
+        cores = os.cpu_count() or 1
+    busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return current
+    return max(1, min(current, cores - int(round(busy))))
 
 
 def set_threads(threads: int | None) -> int:
