@@ -127,6 +127,7 @@ def test_jsonl_training_order_is_seeded_and_cycles(tmp_path):
                        [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(5)])
     a = data.train_data(path, 12, seed=0).examples
     assert len(a) == 12 and {e.question for e in a[:5]} == {f"q{i}" for i in range(5)}
+    assert data.train_data(path, 12, seed=0).fingerprint()["distinct"] == 5  # 12 = 2.4 epochs
     assert a == data.train_data(path, 12, seed=0).examples
     assert a != data.train_data(path, 12, seed=1).examples
 

@@ -264,7 +264,8 @@ class DataSource:
             digest.update(b"\x01")
         first = self.examples[0].question if self.examples else ""
         return {"source": self.spec, "kind": self.kind, "split": self.split,
-                "n": len(self.examples), "sha256": digest.hexdigest()[:16],
+                "n": len(self.examples), "distinct": len({ex.question for ex in self.examples}),
+                "sha256": digest.hexdigest()[:16],
                 "first_question_sha1": hashlib.sha1(first.encode()).hexdigest()[:12]}
 
 
