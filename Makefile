@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-VARIANT ?= lora
+VARIANT ?= hra
 # every distribution in the repo: core, the CLI, each plugin, the third-party example
 DISTS := core $(wildcard cli) $(patsubst %/pyproject.toml,%,$(sort $(wildcard plugins/*/pyproject.toml)))
 ALL_DISTS := $(DISTS) $(wildcard third_party_example)
@@ -31,10 +31,11 @@ wheels: install
 	$(VENV)/bin/twine check --strict dist/wheels/*.whl
 
 test: wheels
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 -q -m "not serial"
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m serial
 
 train: install
-	$(PY) examples/train_tiny.py --variant $(VARIANT)
+	$(VENV)/bin/lora-lite train --variant $(VARIANT)
 
 clean:
 	rm -rf $(VENV) dist build
