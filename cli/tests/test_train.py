@@ -338,6 +338,7 @@ def test_console_script_ctrl_c_checkpoint_then_resume(tiny_dir, tmp_path):
 
 
 @pytest.mark.serial  # run alone (make test): gloo under heavy CPU contention has aborted here
+@pytest.mark.serial  # two training processes: run in the single-process pytest pass
 def test_torchrun_two_processes_match_one(base_run, tiny_dir, tmp_path):
     ref_out, ref, _ = base_run
     out = tmp_path / "ddp"

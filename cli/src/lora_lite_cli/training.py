@@ -600,7 +600,7 @@ def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] 
     def run_eval(label):
         if eval_src is None:
             return None
-        reporter.start_eval(label, len(eval_src.examples))
+        reporter.start_eval(label, len(range(d.rank, len(eval_src.examples), d.world_size)))
         t = time.perf_counter()
         result = eval_mod.evaluate(model, tokenizer, eval_src.examples, s.eval_batch_size,
                                    s.max_new_tokens, reporter.eval_advance, d.rank, d.world_size)
