@@ -49,8 +49,8 @@ VARIANT_DEFAULTS: dict[str, dict] = {
     "delora": dict(lr=1e-3),
     "eva": dict(calibration=4),          # EVA initialises A from activations of 4 batches
     "hra": {},
-    "road": {},
-    "vera": dict(lr=1e-2),               # only the scaling vectors train
+    "road": dict(lr=5e-3),               # measured: 62% at 2e-3, 66% at 5e-3 (loss 0.18 vs 0.11)
+    "vera": dict(lr=3e-2),               # only the scaling vectors train; 50% at 1e-2, 72% at 3e-2
     "lora_xs": dict(lr=1e-2),            # only an r x r core trains
     "ia3": dict(lr=2e-2, targets=(r"(k_proj|v_proj)$",)),
     "ia3_ff": dict(lr=2e-2, targets=(r"down_proj$",)),
@@ -532,6 +532,7 @@ def settings_for_resume(path: str, given: dict) -> tuple[Settings, str, dict]:
     if saved.get("layers") is not None:
         saved["layers"] = tuple(saved["layers"])
     s = Settings(**saved)
+    s.threads = None  # chosen afresh for this machine's load unless given
     for key, value in given.items():
         if value is None or key == "knobs" and not value:
             continue
