@@ -153,7 +153,8 @@ def test_defaults_table_and_settings():
     assert row["targets"] == (r"(k_proj|v_proj)$",) and row["lr"] > 2e-3
     assert training.variant_defaults("ia3_ff")["targets"] == (r"down_proj$",)
     assert training.variant_defaults("pissa")["alpha"] == "r"
-    assert training.variant_defaults("antipasto_rot")["lr"] == 5e-3
+    assert training.variant_defaults("antipasto_rot")["lr"] == 1.5e-2
+    assert training.variant_defaults("antipasto_corda")["calibration"] > 0
     if "antipasto" in ll.variants():  # the config's own rank, alpha = r
         row = training.variant_defaults("antipasto")
         assert row["rank"] == ll.variants()["antipasto"].config.r and row["alpha"] == "r"

@@ -54,9 +54,12 @@ VARIANT_DEFAULTS: dict[str, dict] = {
     "lora_xs": dict(lr=1e-2),            # only an r x r core trains
     "ia3": dict(lr=2e-2, targets=(r"(k_proj|v_proj)$",)),
     "ia3_ff": dict(lr=2e-2, targets=(r"down_proj$",)),
-    "antipasto": dict(alpha="r", lr=5e-3),
-    "antipasto_rot": dict(alpha="r", lr=5e-3),
-    "antipasto_arrow": dict(alpha="r", lr=5e-3),
+    # antipasto family: the config's r (128), alpha = r. Upstream ran 5000 steps at lr 5e-3; for
+    # these 80 steps 1.5e-2 measured better: antipasto 58% -> 70%, rot 59% -> 71%, arrow 66% ->
+    # 67% (loss 0.14 -> 0.09). The members not measured here keep upstream's 5e-3.
+    "antipasto": dict(alpha="r", lr=1.5e-2),
+    "antipasto_rot": dict(alpha="r", lr=1.5e-2),
+    "antipasto_arrow": dict(alpha="r", lr=1.5e-2),
     "antipasto_dplr": dict(alpha="r", lr=5e-3),
     "antipasto_ablate": dict(alpha="r", lr=5e-3),
     "antipasto_corda": dict(alpha="r", lr=5e-3, calibration=16),
