@@ -14,6 +14,7 @@ from torch import nn
 
 from .adapter_file import load, save
 from .attach import attach, detach, trainable_parameters
+from .quantize import quantize_model as quantize  # noqa: F401  (kept for plugin tests)
 from .weights import guard_training
 
 
@@ -26,37 +27,6 @@ def tiny_llama(seed=0, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=12
                          vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=False)
     config._name_or_path = f"tiny-random-llama-seed{seed}"
     return LlamaForCausalLM(config).eval()
-
-
-def quantize(model, kind: str, skip=("lm_head",)):
-    """Replace the nn.Linear layers of ``model`` (in place) with bitsandbytes ones.
-
-    kind: "4bit" (nf4, fp32 compute), "fp4" or "8bit" (LLM.int8, threshold 0). Quantization
-    happens on the CPU, as bitsandbytes 0.50 supports.
-    """
-    import bitsandbytes as bnb
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is not nn.Linear or any(s in full for s in skip):
-                continue
-            w = child.weight.data.clone()
-            has_bias = child.bias is not None
-            if kind in ("4bit", "nf4", "fp4"):
-                qtype = "fp4" if kind == "fp4" else "nf4"
-                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
-                                        compute_dtype=torch.float32, quant_type=qtype)
-                new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=qtype)
-            elif kind == "8bit":
-                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
-                                          has_fp16_weights=False, threshold=0.0)
-                new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
-            else:
-                raise ValueError(f"kind must be '4bit', 'fp4' or '8bit', not {kind!r}")
-            if has_bias:
-                new.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-            setattr(module, child_name, new.to(child.weight.device))
-    return model.eval()
 
 
 def make_batch(vocab=128, batch=2, seq=12, seed=0, pad_first=3):
