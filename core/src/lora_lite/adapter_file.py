@@ -1,4 +1,4 @@
-"""The adapter file: one safetensors file, no pickle (design.md section 5).
+"""The adapter file: one safetensors file, no pickle.
 
 Tensors are named ``<module path>.<tensor name>``; only persistent adapter tensors are stored,
 never base weights (variants that rewrite a weight rebuild it at load from stored factors).
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from .attach import STATE_ATTR, attach, attached, detach
 from .config import AdapterConfig
 from .errors import AdapterFileError, AttachError, LoraLiteError
-from .plugins import KNOWN_DISTRIBUTIONS, _version, get_variant, variant_origin
+from .plugins import _version, get_variant, origin_mismatch, variant_origin
 from .targets import find_targets
 
 FORMAT = "lora-lite"
@@ -107,12 +107,12 @@ def load(model, path) -> None:
     metadata, shapes = read_header(path)
     variant_name = metadata.get("variant", "")
     try:
-        variant = get_variant(variant_name)
-    except KeyError:
-        dist = metadata.get("plugin") or KNOWN_DISTRIBUTIONS.get(variant_name, f"lora-lite-{variant_name}")
-        raise AdapterFileError(
-            f"{path}: this adapter needs variant {variant_name!r}, which is not installed: "
-            f"pip install {dist}") from None
+        variant = get_variant(variant_name, distribution=metadata.get("plugin") or None)
+    except KeyError as e:
+        raise AdapterFileError(f"{path}: cannot load this adapter: {e}") from None
+    mismatch = origin_mismatch(variant_name, metadata.get("plugin"))
+    if mismatch is not None:
+        raise AdapterFileError(f"{path}: refused: {mismatch}")
     try:
         cfg = AdapterConfig.from_json(metadata["config"])
         stored_targets = json.loads(metadata["targets"])

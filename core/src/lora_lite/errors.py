@@ -26,4 +26,4 @@ class AdapterFileError(LoraLiteError, ValueError):
 
 
 class VariantContractError(LoraLiteError, TypeError):
-    """A plugin's variant breaks the variant contract (design.md section 3)."""
+    """A plugin's variant breaks the variant contract (docs/plugin-contract.md)."""
