@@ -1,5 +1,5 @@
 """AntiPaSTO — bounded diagonal gain on the frozen top-r SVD basis.
-Paper: https://arxiv.org/abs/2601.07473 (code: github.com/wassname/AntiPaSTO); variants.md 4.10.
+Paper: https://arxiv.org/abs/2601.07473 (code: github.com/wassname/AntiPaSTO).
 
     W = W_res + U diag(S) Vh   (SVD crop, see basis.py)
     y' = x W_resᵀ + b + ((x Vhᵀ) ⊙ S ⊙ φ(coeff · g̃)) Uᵀ,   φ(z) = 1 + ELU(z),

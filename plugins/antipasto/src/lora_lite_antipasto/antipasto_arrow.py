@@ -1,6 +1,6 @@
 """AntiPaSTO-arrow — "arrowhead" core on the frozen top-r SVD basis: a dense b×b block on the
 first b kept directions, the bounded diagonal gain of antipasto on the other r − b.
-Paper: https://arxiv.org/abs/2601.07473 (AntiPaSTO family); variants.md 4.15.
+Paper: https://arxiv.org/abs/2601.07473 (AntiPaSTO family).
 
     y' = x W_resᵀ + b + x (U C diag(S) Vh)ᵀ,   C = blockdiag(I_b + coeff · M, diag(φ(coeff · g̃)))
     φ(z) = 1 + ELU(z),   M (b, b) and g (r − b) trainable, init 0  =>  C = I at init.

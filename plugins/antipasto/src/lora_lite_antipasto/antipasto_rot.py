@@ -1,5 +1,5 @@
 """AntiPaSTO-rot — singular-value deltas plus a block-Cayley rotation of the frozen top-r SVD
-basis (the original AntiPaSTO adapter). Paper: https://arxiv.org/abs/2601.07473; variants.md 4.11.
+basis (the original AntiPaSTO adapter). Paper: https://arxiv.org/abs/2601.07473.
 
     y' = x W_resᵀ + b + ((x Vh_effᵀ) ⊙ (S + δ)) U_effᵀ,
     Vh_eff = R_bd Vh (rotate_basis V),  U_eff = U R_bdᵀ (U),  both (two rotations),  none,
