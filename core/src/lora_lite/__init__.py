@@ -13,7 +13,7 @@ from .adapter_file import load, read_header, save
 from .attach import adapter_tensors, attach, attached, detach, trainable_parameters
 from .calibration import call_model, stream_inputs
 from .config import AdapterConfig, check, config
-from .errors import (AdapterFileError, AttachError, ConfigError, LoraLiteError,
+from .errors import (AdapterFileError, AdapterSaveError, AttachError, ConfigError, LoraLiteError,
                      VariantContractError, VariantNotInstalled)
 from .hookspecs import hookimpl
 from .plugins import get_plugin_manager, get_variant, installed_plugins, problems, variants
@@ -24,7 +24,7 @@ from .weights import base_dense_weight, dense_weight, set_dense_weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "AttachError", "ConfigError", "LoraLiteError",
+    "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "ConfigError", "LoraLiteError",
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
     "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
     "config", "dense_weight", "detach", "find_targets", "get_plugin_manager", "get_variant",

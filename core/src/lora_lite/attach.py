@@ -40,8 +40,12 @@ def needs_calibration(variant) -> bool:
     return bool(getattr(variant, "needs_calibration", False))
 
 
-def attach(model, cfg, calibration_data=None, *, _skip_group_init=False) -> AttachState:
-    """Attach the adapter described by ``cfg`` to ``model`` (in place). Returns its state."""
+def attach(model, cfg, calibration_data=None, *, _skip_group_init=False,
+           _targets=None) -> AttachState:
+    """Attach the adapter described by ``cfg`` to ``model`` (in place). Returns its state.
+
+    ``_targets`` (for ``ll.load``): the already resolved target list; ``cfg``'s selection
+    regexes are then not run."""
     if attached(model) is not None:
         raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
                           "attached; call ll.detach(model) first")
@@ -58,7 +62,7 @@ def attach(model, cfg, calibration_data=None, *, _skip_group_init=False) -> Atta
             f"variant {cfg.variant!r} initialises from data: pass calibration_data=[batch, ...] "
             "to ll.attach (batches as the model takes them, e.g. dicts with input_ids and "
             "attention_mask); the model was not changed")
-    targets = find_targets(model, cfg)
+    targets = find_targets(model, cfg) if _targets is None else list(_targets)
     state = AttachState(cfg, variant, targets)
     setattr(model, STATE_ATTR, state)
     try:

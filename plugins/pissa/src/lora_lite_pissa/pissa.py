@@ -43,6 +43,8 @@ class PiSSAConfig(ll.AdapterConfig):
                  "an integer in [0, 20]")
         ll.check(isinstance(self.rewrite_base, bool), "rewrite_base", self.rewrite_base,
                  "True or False")
+        ll.check(self.alpha > 0, "alpha", self.alpha,
+                 "a number > 0: the factors are sqrt(S / s) with s = alpha / r")
 
 
 def principal_factors(W, cfg):
