@@ -20,6 +20,7 @@ from .attach import STATE_ATTR, attach, attached, detach
 from .config import AdapterConfig
 from .errors import AdapterFileError, AttachError, LoraLiteError
 from .plugins import KNOWN_DISTRIBUTIONS, _version, get_variant, variant_origin
+from .layer_kinds import features, is_linear_like
 from .targets import find_targets
 
 FORMAT = "lora-lite"
@@ -127,10 +128,11 @@ def load(model, path) -> None:
         if layer is None:
             raise AdapterFileError(f"{path}: target layer {name!r} does not exist in this model; "
                                    f"the adapter was made for {metadata.get('base_model') or 'another model'}")
-        if (int(layer.in_features), int(layer.out_features)) != (d_in, d_out):
+        shape = features(layer) if is_linear_like(layer) else None
+        if shape != (d_in, d_out):
             raise AdapterFileError(
                 f"{path}: shape mismatch at {name!r}: the adapter expects {d_in}->{d_out}, this "
-                f"model has {layer.in_features}->{layer.out_features}; "
+                f"model has {'%d->%d' % shape if shape else 'no linear-like layer'} there; "
                 f"the adapter was made for {metadata.get('base_model') or 'another model'}")
     try:
         found = [t.name for t in find_targets(model, cfg)]
