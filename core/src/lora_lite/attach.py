@@ -102,10 +102,11 @@ def _attach(model, state, calibration_data, skip_group_init):
         layer._lora_probe = _dtype_probe(specs)
         if callable(getattr(variant, "init", None)):
             variant.init(layer, cfg)
+    kind = hook_kind(variant)
     for t in state.targets:
-        if hook_kind(variant) == "input":
+        if "input" in kind:
             state.handles.append(t.layer.register_forward_pre_hook(_input_hook))
-        else:
+        if "output" in kind:
             state.handles.append(t.layer.register_forward_hook(_output_hook))
     if callable(getattr(variant, "group_init", None)) and not skip_group_init:
         variant.group_init(model, state.targets, cfg, calibration_data)
