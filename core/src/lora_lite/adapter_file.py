@@ -103,7 +103,11 @@ def read_header(path) -> tuple[dict, dict]:
 
 def load(model, path) -> None:
     """Attach the adapter stored at ``path`` to ``model`` (a fresh base). Everything is checked
-    before the model is touched; on any failure the model is left as it was."""
+    before the model is touched; on any failure the model is left as it was. ``path`` may also be
+    a PEFT adapter folder (or hub id): see ``lora_lite.peft_import``."""
+    from .peft_import import is_peft_source, load_peft
+    if is_peft_source(path):
+        return load_peft(model, path)
     metadata, shapes = read_header(path)
     variant_name = metadata.get("variant", "")
     try:
@@ -141,7 +145,7 @@ def load(model, path) -> None:
                                "this model than on the one it was saved from")
     expected = {}
     for name, _, d_in, d_out in stored_targets:
-        for tname, spec in variant.param_specs(d_in, d_out, cfg).items():
+        for tname, spec in variant.param_specs(d_in, d_out, cfg.for_target(name)).items():
             if spec.trainable or spec.persistent:
                 expected[f"{name}.{tname}"] = tuple(spec.shape)
     missing = sorted(set(expected) - set(shapes))
@@ -165,7 +169,7 @@ def load(model, path) -> None:
                     if key in stored:
                         getattr(t.layer, tname).copy_(stored[key])
                 if callable(getattr(variant, "after_load", None)):
-                    variant.after_load(t.layer, cfg)
+                    variant.after_load(t.layer, t.layer._lora_cfg)
     except BaseException:
         detach(model)
         raise
