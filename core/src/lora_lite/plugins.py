@@ -221,8 +221,8 @@ def variant_problem(cls):
     if not callable(getattr(cls, "param_specs", None)):
         return f"variant {name!r} has no param_specs(d_in, d_out, cfg)"
     fwd = [m for m in ("forward", "forward_input") if callable(getattr(cls, m, None))]
-    if len(fwd) != 1:
-        return f"variant {name!r} must define exactly one of forward(layer, x, y) or forward_input(layer, x); it has {fwd or 'none'}"
+    if not fwd:
+        return f"variant {name!r} must define forward(layer, x, y) or forward_input(layer, x) (or both); it has none"
     return None
 
 
