@@ -124,3 +124,75 @@ def test_cell(arch, variant, layers):
     assert m["float64"] < 1e-4, m                   # fp32 -> fp64: rounding of the fp32 run
     assert m["bfloat16"] < 0.2, m                   # bf16 keeps ~3 digits; finite and close
     assert m["detach_bitexact"] and m["detach_exact_outputs"], m
+
+
+# -- PEFT parity on GPT-2 (Conv1D: PEFT's fan_in_fan_out=True) and Qwen2 (tied head) ----------------
+def _lora_peft(cfg, names):
+    return {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": 0.0,
+            "target_modules": names}
+
+
+def _ia3_peft(feedforward):
+    def peft_config(cfg, names):
+        return {"peft_type": "IA3", "target_modules": names,
+                "feedforward_modules": names if feedforward else []}
+    return peft_config
+
+
+# What the variants' own peft_config/peft_state give, for the two that must match even where the
+# interop helpers are absent (names: PEFT's, relative to the layer, without the adapter name).
+FALLBACK = {
+    "lora": (_lora_peft, lambda layer, cfg: {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}),
+    "ia3": (_ia3_peft(False), lambda layer, cfg: {"ia3_l": layer.lora_g.reshape(-1, 1)}),
+    "ia3_ff": (_ia3_peft(True), lambda layer, cfg: {"ia3_l": layer.lora_g.reshape(1, -1)}),
+}
+
+
+def peft_hooks(variant):
+    cls = ll.get_variant(variant)
+    if callable(getattr(cls, "peft_config", None)) and callable(getattr(cls, "peft_state", None)):
+        return cls.peft_config, cls.peft_state
+    return FALLBACK.get(variant)
+
+
+PARITY = [(a, v) for a in ("gpt2", "qwen2") for v in VARIANTS if peft_hooks(v) is not None]
+
+
+def peft_twin(arch, model, variant):
+    """PEFT's model of the same base, with our adapter's values copied in."""
+    import peft
+    cfg, targets = ll.attached(model).cfg, ll.attached(model).targets
+    make_config, state_of = peft_hooks(variant)
+    names = [t.name for t in targets]
+    spec = make_config(cfg, names)
+    if spec is None:
+        pytest.skip(f"PEFT has no {variant}")
+    if spec["peft_type"] == "LORA" and any(type(t.layer).__name__ == "Conv1D" for t in targets):
+        spec = {**spec, "fan_in_fan_out": True}                 # GPT-2's (d_in, d_out) storage
+    twin = peft.get_peft_model(ARCHS[arch].build(), peft.get_peft_config(dict(spec))).eval()
+    own = twin.state_dict()
+    values = {}
+    for t in targets:
+        for key, tensor in state_of(t.layer, cfg).items():
+            head, _, rest = key.partition(".")
+            full = f"base_model.model.{t.name}.{head}.default" + (f".{rest}" if rest else "")
+            assert full in own, (full, [k for k in own if t.name in k][:6])
+            values[full] = tensor.detach().reshape(own[full].shape)
+    twin.load_state_dict(values, strict=False)
+    return twin
+
+
+@pytest.mark.parametrize("arch,variant", PARITY)
+def test_matches_peft(arch, variant):
+    a = ARCHS[arch]
+    pristine, batch, ref = base(arch)
+    model = copy.deepcopy(pristine)
+    ll.attach(model, default_config(arch, variant, model, None), calibration_data=calibration(variant, batch))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # move every trainable tensor off its init so the check means something
+        for p in ll.trainable_parameters(model):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ours = a.outputs(model, batch)
+    theirs = a.outputs(peft_twin(arch, model, variant), batch)
+    assert (ours - ref).abs().max() > 1e-3                     # the adapter is not a no-op
+    assert (ours - theirs).abs().max().item() < 1e-5
