@@ -40,8 +40,12 @@ def needs_calibration(variant) -> bool:
     return bool(getattr(variant, "needs_calibration", False))
 
 
-def attach(model, cfg, calibration_data=None, *, _skip_group_init=False) -> AttachState:
-    """Attach the adapter described by ``cfg`` to ``model`` (in place). Returns its state."""
+def attach(model, cfg, calibration_data=None, *, _skip_group_init=False,
+           _targets=None) -> AttachState:
+    """Attach the adapter described by ``cfg`` to ``model`` (in place). Returns its state.
+
+    ``_targets`` (for ``ll.load``): the already resolved target list; ``cfg``'s selection
+    regexes are then not run."""
     if attached(model) is not None:
         raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
                           "attached; call ll.detach(model) first")
@@ -58,7 +62,7 @@ def attach(model, cfg, calibration_data=None, *, _skip_group_init=False) -> Atta
             f"variant {cfg.variant!r} initialises from data: pass calibration_data=[batch, ...] "
             "to ll.attach (batches as the model takes them, e.g. dicts with input_ids and "
             "attention_mask); the model was not changed")
-    targets = find_targets(model, cfg)
+    targets = find_targets(model, cfg) if _targets is None else list(_targets)
     state = AttachState(cfg, variant, targets)
     setattr(model, STATE_ATTR, state)
     try:
@@ -77,7 +81,7 @@ def _attach(model, state, calibration_data, skip_group_init):
     state.undo_guard = guard_training(model)
     generator = torch.Generator().manual_seed(cfg.seed)
     for t in state.targets:
-        layer, names = t.layer, []
+        layer, names, cfg = t.layer, [], state.cfg.for_target(t.name)  # per-target overrides
         state.tensor_names[t.name] = names
         specs = variant.param_specs(t.d_in, t.d_out, cfg)
         device = _device_of(layer)
@@ -98,13 +102,14 @@ def _attach(model, state, calibration_data, skip_group_init):
         layer._lora_probe = _dtype_probe(specs)
         if callable(getattr(variant, "init", None)):
             variant.init(layer, cfg)
+    kind = hook_kind(variant)
     for t in state.targets:
-        if hook_kind(variant) == "input":
+        if "input" in kind:
             state.handles.append(t.layer.register_forward_pre_hook(_input_hook))
-        else:
+        if "output" in kind:
             state.handles.append(t.layer.register_forward_hook(_output_hook))
     if callable(getattr(variant, "group_init", None)) and not skip_group_init:
-        variant.group_init(model, state.targets, cfg, calibration_data)
+        variant.group_init(model, state.targets, state.cfg, calibration_data)
 
 
 def _device_of(layer):
