@@ -28,7 +28,8 @@ from .attach import STATE_ATTR, attach, attached, detach
 from .config import ROLES, AdapterConfig
 from .errors import AdapterFileError, AdapterSaveError, AttachError, LoraLiteError
 from .plugins import KNOWN_DISTRIBUTIONS, _version, get_variant, variant_origin
-from .targets import Target, is_linear_like
+from .layer_kinds import features, is_linear_like
+from .targets import Target
 
 FORMAT = "lora-lite"
 FORMAT_VERSION = "1"
@@ -324,10 +325,11 @@ def _resolve_targets(model, path, metadata, stored_targets) -> list[Target]:
         if not is_linear_like(layer):
             raise AdapterFileError(f"{path}: target {_short(name)!r} is a {type(layer).__name__}, "
                                    f"not a linear layer; the adapter was made for {made_for}")
-        if (int(layer.in_features), int(layer.out_features)) != (d_in, d_out):
+        have_in, have_out = features(layer)
+        if (have_in, have_out) != (d_in, d_out):
             raise AdapterFileError(
                 f"{path}: shape mismatch at {_short(name)!r}: the adapter expects {d_in}->{d_out}, "
-                f"this model has {layer.in_features}->{layer.out_features}; "
+                f"this model has {have_in}->{have_out}; "
                 f"the adapter was made for {made_for}")
         out.append(Target(name, layer, role, d_in, d_out))
     return out

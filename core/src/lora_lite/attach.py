@@ -18,7 +18,7 @@ from .variant import hook_kind, make_tensor
 from .weights import guard_training, restore_base_weight
 
 STATE_ATTR = "_lora_lite_state"
-_SCRATCH = ("_lora_cfg", "_lora_variant", "_lora_role", "_lora_name")
+_SCRATCH = ("_lora_cfg", "_lora_variant", "_lora_role", "_lora_name", "_lora_probe")
 
 
 @dataclass
@@ -99,12 +99,14 @@ def _attach(model, state, calibration_data, skip_group_init):
             names.append(name)
         layer._lora_cfg, layer._lora_variant = cfg, variant
         layer._lora_role, layer._lora_name = t.role, t.name
+        layer._lora_probe = _dtype_probe(specs)
         if callable(getattr(variant, "init", None)):
             variant.init(layer, cfg)
+    kind = hook_kind(variant)
     for t in state.targets:
-        if hook_kind(variant) == "input":
+        if "input" in kind:
             state.handles.append(t.layer.register_forward_pre_hook(_input_hook))
-        else:
+        if "output" in kind:
             state.handles.append(t.layer.register_forward_hook(_output_hook))
     if callable(getattr(variant, "group_init", None)) and not skip_group_init:
         variant.group_init(model, state.targets, cfg, calibration_data)
@@ -116,15 +118,28 @@ def _device_of(layer):
     return torch.device("cpu")
 
 
+def _dtype_probe(specs):
+    """The adapter tensor whose dtype the hook's math runs in (a trainable one if any)."""
+    names = [n for n, s in specs.items() if s.trainable] or list(specs)
+    return names[0] if names else None
+
+
+def adapter_dtype(layer):
+    """The dtype the adapter's tensors have *now*: cfg.dtype at attach, then whatever
+    ``model.to(dtype)`` / ``.half()`` / ``.bfloat16()`` made of them (they follow the model)."""
+    probe = getattr(layer, layer._lora_probe, None) if layer._lora_probe else None
+    return probe.dtype if isinstance(probe, torch.Tensor) else layer._lora_cfg.dtype
+
+
 def _output_hook(layer, args, y):
-    cfg = layer._lora_cfg
-    y_new = layer._lora_variant.forward(layer, args[0].to(cfg.dtype), y)
+    # x in the adapter's current dtype; the result back in the base output's dtype
+    y_new = layer._lora_variant.forward(layer, args[0].to(adapter_dtype(layer)), y)
     return y_new.to(y.dtype)
 
 
 def _input_hook(layer, args):
     x = args[0]
-    x_new = layer._lora_variant.forward_input(layer, x.to(layer._lora_cfg.dtype))
+    x_new = layer._lora_variant.forward_input(layer, x.to(adapter_dtype(layer)))
     return (x_new.to(x.dtype), *args[1:])
 
 

@@ -31,10 +31,12 @@ class AdapterConfig:
     r: int = 8                      # rank (variants that have none ignore it)
     alpha: float = 16.0             # LoRA scale s = alpha / r, where the variant uses one
     dtype: torch.dtype = torch.float32  # dtype of adapter tensors and of the hook's math
-    target_roles: tuple = ("reader", "writer")  # () = any role
-    target_names: tuple = ()        # regexes (re.search) on module names; () = any name
-    exclude_names: tuple = ("lm_head", "embed_tokens")
-    layers: tuple | None = None     # decoder layer indices to adapt; None = all
+    target_roles: tuple = ()        # opt-in filter: subset of ROLES; () = any role
+    target_names: tuple = ()        # regexes (re.search) on module names; () = the variant's
+                                    # default_target_names, else every linear-like layer but
+                                    # the output head ("all-linear", see lora_lite.targets)
+    exclude_names: tuple = ()       # regexes of layers never to adapt
+    layers: tuple | None = None     # transformer block indices to adapt; None = all
     seed: int = 0                   # seeds the random init of adapter tensors
 
     uses_rank: ClassVar[bool] = True
