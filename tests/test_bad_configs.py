@@ -28,12 +28,13 @@ BASE_BAD = {
 KIND_BAD = {
     bool: [1, 0, "yes", None],
     int: [True, 2.5, "3", None, -1, NAN],
-    float: [NAN, INF, -INF, 1e300, -1e300, True, "1.0", None],
+    float: [NAN, INF, -INF, 1e300, -1e300, True, False, "1.0", None],
     str: [5, None, "no-such-choice"],
 }
 # knobs whose valid range is narrower than their kind's
 DOMAIN_BAD = {
     ("pissa", "alpha"): [0, -16, 0.0],  # s = alpha / r enters sqrt(S / s)
+    ("dora", "alpha"): [8 * 2e19, -8 * 2e19],  # the factored row norm takes s² in float32
 }
 
 
@@ -109,7 +110,8 @@ def test_the_most_extreme_accepted_alpha_gives_a_finite_model(variant, batch):
     """alpha up to float32's max is accepted (so the scale stays finite in the hook, no inf * 0);
     on every variant the model it gives at init is finite."""
     from lora_lite.config import FLOAT32_MAX
-    for alpha in (FLOAT32_MAX, -FLOAT32_MAX, 1e-38):
+    top = 2 * 1.8e19 if variant == "dora" else FLOAT32_MAX  # dora: |s| <= sqrt(FLOAT32_MAX)
+    for alpha in (top, -top, 1e-38):
         kw = {**QV, "r": 2, "alpha": alpha, **TINY_KNOBS.get(variant, {})}
         if variant == "pissa" and alpha < 0:
             continue  # refused above

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
+from lora_lite.config import FLOAT32_MAX
 
 
 @dataclass
@@ -43,6 +44,8 @@ class DoRAConfig(ll.AdapterConfig):
         ll.check(not (self.factored_norm and self.cache_weight), "cache_weight", self.cache_weight,
                  "False with factored_norm=True (the factored norm keeps no dense copy of W); "
                  "set factored_norm=False to use the cache")
+        ll.check(abs(self.scale) <= FLOAT32_MAX ** 0.5, "alpha", self.alpha,
+                 "a number with |alpha / r| <= 1.8e19 (the row norm squares the scale in float32)")
 
 
 def dense_base(layer):
