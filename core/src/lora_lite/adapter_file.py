@@ -229,7 +229,11 @@ def _check_entry(path, name, info) -> tuple[str, tuple, int]:
 
 def load(model, path) -> None:
     """Attach the adapter stored at ``path`` to ``model`` (a fresh base). Everything is checked
-    before the model is touched; on any failure the model is left as it was."""
+    before the model is touched; on any failure the model is left as it was. ``path`` may also be
+    a PEFT adapter folder (or hub id): see ``lora_lite.peft_import``."""
+    from .peft_import import is_peft_source, load_peft
+    if is_peft_source(path):
+        return load_peft(model, path)
     path = os.fspath(path)
     metadata, shapes = read_header(path)
     variant, cfg, stored_targets = _stored_adapter(path, metadata)
@@ -249,7 +253,7 @@ def load(model, path) -> None:
                     if key in stored:
                         getattr(t.layer, tname).copy_(stored[key])
                 if callable(getattr(variant, "after_load", None)):
-                    variant.after_load(t.layer, cfg)
+                    variant.after_load(t.layer, t.layer._lora_cfg)
     except BaseException:
         detach(model)
         raise
@@ -339,7 +343,7 @@ def _expected_tensors(path, variant, cfg, stored_targets, shapes) -> dict:
     """{key: shape} the variant stores on these targets, checked against the file's tensors."""
     expected = {}
     for name, _, d_in, d_out in stored_targets:
-        for tname, spec in variant.param_specs(d_in, d_out, cfg).items():
+        for tname, spec in variant.param_specs(d_in, d_out, cfg.for_target(name)).items():
             if spec.trainable or spec.persistent:
                 expected[f"{name}.{tname}"] = tuple(spec.shape)
     missing = sorted(set(expected) - set(shapes))

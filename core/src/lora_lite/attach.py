@@ -81,7 +81,7 @@ def _attach(model, state, calibration_data, skip_group_init):
     state.undo_guard = guard_training(model)
     generator = torch.Generator().manual_seed(cfg.seed)
     for t in state.targets:
-        layer, names = t.layer, []
+        layer, names, cfg = t.layer, [], state.cfg.for_target(t.name)  # per-target overrides
         state.tensor_names[t.name] = names
         specs = variant.param_specs(t.d_in, t.d_out, cfg)
         device = _device_of(layer)
@@ -109,7 +109,7 @@ def _attach(model, state, calibration_data, skip_group_init):
         if "output" in kind:
             state.handles.append(t.layer.register_forward_hook(_output_hook))
     if callable(getattr(variant, "group_init", None)) and not skip_group_init:
-        variant.group_init(model, state.targets, cfg, calibration_data)
+        variant.group_init(model, state.targets, state.cfg, calibration_data)
 
 
 def _device_of(layer):

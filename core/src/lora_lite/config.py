@@ -17,6 +17,8 @@ import torch
 from .errors import ConfigError
 
 ROLES = ("reader", "writer", "inner")
+_NOT_OVERRIDABLE = ("variant", "overrides", "dtype", "target_roles", "target_names",
+                    "exclude_names", "layers")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -38,6 +40,7 @@ class AdapterConfig:
     exclude_names: tuple = ()       # regexes of layers never to adapt
     layers: tuple | None = None     # transformer block indices to adapt; None = all
     seed: int = 0                   # seeds the random init of adapter tensors
+    overrides: tuple = ()           # ((regex on module name, {field: value}), ...): per target
 
     uses_rank: ClassVar[bool] = True
 
@@ -71,6 +74,33 @@ class AdapterConfig:
                    self.layers, "a list of non-negative layer indices, or None for all")
         _check(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", self.seed,
                "an integer in [0, 2**64 - 1] (the range of torch.Generator seeds)")
+        self._check_overrides()
+
+    def _check_overrides(self):
+        self.overrides = tuple(tuple(pair) if isinstance(pair, (list, tuple)) else pair
+                               for pair in self.overrides)
+        allowed = {f.name for f in fields(self)} - set(_NOT_OVERRIDABLE)
+        for pair in self.overrides:
+            _check(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], dict),
+                   "overrides", pair, "(regex on module name, {field: value}) pairs")
+            pattern, values = pair
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"overrides: {pattern!r} is not a valid regex ({e})") from None
+            bad = sorted(set(values) - allowed)
+            _check(not bad, f"overrides[{pattern!r}]", bad,
+                   f"per-target fields among {sorted(allowed)}")
+
+    def for_target(self, name: str) -> "AdapterConfig":
+        """This config as it applies to the layer ``name``: for each field, the first
+        ``overrides`` pair whose regex is found in the name sets it (as PEFT's rank_pattern and
+        alpha_pattern do). Without a match, ``self``."""
+        merged = {}
+        for pattern, values in self.overrides:
+            if re.search(pattern, name):
+                merged.update({k: v for k, v in values.items() if k not in merged})
+        return dataclasses.replace(self, overrides=(), **merged) if merged else self
 
     @property
     def scale(self) -> float:

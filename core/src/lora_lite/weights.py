@@ -14,6 +14,7 @@ from .layer_kinds import DenseKind, features, kind_of
 
 _SNAPSHOT = "_lora_lite_base_snapshot"
 DenseBackend = DenseKind  # the former name
+_STATE_HOOK = "_lora_lite_state_dict_hook"
 
 
 def backend_for(layer):
@@ -43,6 +44,7 @@ def set_dense_weight(layer, dense: torch.Tensor) -> None:
         raise ValueError(f"new weight has shape {tuple(dense.shape)}, layer needs {(d_out, d_in)}")
     if not hasattr(layer, _SNAPSHOT):
         setattr(layer, _SNAPSHOT, (backend, backend.snapshot(layer), backend.read(layer)))
+        setattr(layer, _STATE_HOOK, layer._register_state_dict_hook(_show_original_weight))
     backend.write(layer, dense)
 
 
@@ -62,7 +64,35 @@ def restore_base_weight(layer) -> None:
     if snap is not None:
         backend, saved, _ = snap
         backend.restore(layer, saved)
+        forget_base_weight(layer)
+
+
+def forget_base_weight(layer) -> None:
+    """Drop the snapshot (and its state-dict hook): the current weight becomes the base (merge)."""
+    if hasattr(layer, _STATE_HOOK):
+        getattr(layer, _STATE_HOOK).remove()
+        delattr(layer, _STATE_HOOK)
+    if hasattr(layer, _SNAPSHOT):
         delattr(layer, _SNAPSHOT)
+
+
+def _show_original_weight(layer, state_dict, prefix, local_metadata):
+    """State-dict hook of a rewritten layer: its base entries (weight and, on bitsandbytes, the
+    quantization state) are those of the original weight, so ``state_dict()`` and
+    ``save_pretrained`` never carry a rewritten base. Adapter (``lora_*``) entries are kept."""
+    backend, saved, _ = getattr(layer, _SNAPSHOT)
+    current = backend.snapshot(layer)
+    backend.restore(layer, saved)
+    try:
+        original = {}
+        layer._save_to_state_dict(original, prefix, keep_vars=False)
+    finally:
+        backend.restore(layer, current)
+    for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+        if not key[len(prefix):].startswith("lora_") and key not in original:
+            del state_dict[key]
+    state_dict.update({k: v for k, v in original.items() if not k[len(prefix):].startswith("lora_")})
+    return state_dict
 
 
 def guard_training(model):
