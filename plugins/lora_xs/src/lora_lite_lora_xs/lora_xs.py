@@ -39,7 +39,7 @@ class LoRAXS(ll.Variant):
     name = "lora_xs"
     config = LoRAXSConfig
     paper = "https://arxiv.org/abs/2405.17604"
-    train_defaults = {"lr": 5e-3, "alpha": "r"}
+    train_defaults = {"lr": 1e-2, "alpha": "r"}
     cost_note = "the r×r core adds r² MACs/token between the two thin matmuls"
 
     @staticmethod
