@@ -22,7 +22,13 @@ does); at init B = 0 makes both B terms exactly 0, so g = 1 exactly on every bas
 once at attach into ``lora_weight_cache`` (a non-persistent buffer: never saved, not in the
 state_dict, d_out·d_in numbers per target in cfg.dtype), or, with ``cache_weight=False``, through
 ll.dense_weight on every forward (never mutating the layer; safe on 8bit layers that have run).
+
+Interop: merges to W' = g ⊙_row (W + s·B A) (bias unchanged); exports to / imports from PEFT's
+LoraConfig(use_dora=True) (lora_magnitude_vector = m; rank_pattern / alpha_pattern become
+per-target ``overrides``; ``use_rslora`` scales by alpha / √r).
 """
+import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +41,7 @@ class DoRAConfig(ll.AdapterConfig):
     variant: str = "dora"
     factored_norm: bool = True  # the row norm from ‖W‖_row, the base kernel on A, and r × r work
     cache_weight: bool = False  # (factored_norm=False) keep a dense copy of W instead of re-reading
+    use_rslora: bool = False    # scale alpha / sqrt(r) (rsLoRA) instead of alpha / r
 
     def validate(self):
         super().validate()
@@ -43,6 +50,34 @@ class DoRAConfig(ll.AdapterConfig):
         ll.check(not (self.factored_norm and self.cache_weight), "cache_weight", self.cache_weight,
                  "False with factored_norm=True (the factored norm keeps no dense copy of W); "
                  "set factored_norm=False to use the cache")
+        ll.check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+UNSUPPORTED_FIELDS = ("lora_bias", "layer_replication", "target_parameters", "fan_in_fan_out",
+                      "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
+                      "arrow_config", "megatron_config")
+
+
+def dora_fields(peft_config: dict) -> dict:
+    """lora-lite fields of a PEFT LoraConfig(use_dora=True); refuses what DoRA here lacks."""
+    for name in UNSUPPORTED_FIELDS:
+        if peft_config.get(name):
+            raise ll.ConfigError(f"{name}={peft_config[name]!r}: lora-lite imports DoRA adapters "
+                                 "made of A, B and m on linear layers only")
+    init = str(peft_config.get("init_lora_weights", True)).lower()
+    if init.startswith(("pissa", "olora", "corda", "loftq")):
+        raise ll.ConfigError(f"init_lora_weights={peft_config['init_lora_weights']!r}: this adapter "
+                             "is relative to a rewritten base, which lora-lite does not import")
+    overrides = [(rf"(^|\.)(?:{p})$", {"r": int(r)})               # PEFT's pattern match
+                 for p, r in (peft_config.get("rank_pattern") or {}).items()]
+    overrides += [(rf"(^|\.)(?:{p})$", {"alpha": float(a)})
+                  for p, a in (peft_config.get("alpha_pattern") or {}).items()]
+    return {"r": int(peft_config.get("r", 8)), "alpha": float(peft_config.get("lora_alpha", 8)),
+            "use_rslora": bool(peft_config.get("use_rslora", False)), "overrides": tuple(overrides)}
 
 
 def dense_base(layer):
@@ -120,3 +155,35 @@ class DoRA(ll.Variant):
         base = (y if bias is None else y - bias).to(x.dtype)          # x Wᵀ, (..., d_out)
         lora = (x @ layer.lora_A.T) @ layer.lora_B.T                   # (..., d_out)
         return y + ((g - 1) * base + g * layer._lora_cfg.scale * lora).to(y.dtype)
+
+    @staticmethod
+    def merged_weight(layer, cfg):
+        V = ll.dense_weight(layer) + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
+        g = layer.lora_m.float() / torch.linalg.norm(V, dim=1)       # (d_out,)
+        return g[:, None] * V, None                                  # bias passes unscaled
+
+    @staticmethod
+    def peft_config(cfg, target_names):
+        ranks = {re.escape(n): cfg.for_target(n).r for n in target_names if cfg.for_target(n).r != cfg.r}
+        alphas = {re.escape(n): cfg.for_target(n).alpha for n in target_names
+                  if cfg.for_target(n).alpha != cfg.alpha}
+        return {"peft_type": "LORA", "use_dora": True, "r": cfg.r, "lora_alpha": cfg.alpha,
+                "use_rslora": cfg.use_rslora, "bias": "none", "init_lora_weights": True,
+                "lora_dropout": 0.0, "rank_pattern": ranks, "alpha_pattern": alphas}
+
+    @staticmethod
+    def peft_state(layer, cfg):
+        return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B,
+                "lora_magnitude_vector": layer.lora_m}
+
+    @staticmethod
+    def from_peft(peft_config):
+        if peft_config.get("peft_type") != "LORA" or not peft_config.get("use_dora"):
+            return None
+        return dora_fields(peft_config)
+
+    @staticmethod
+    def load_peft_state(layer, cfg, tensors):
+        layer.lora_A.copy_(ll.peft_tensor(tensors, "lora_A.weight", layer.lora_A.shape))
+        layer.lora_B.copy_(ll.peft_tensor(tensors, "lora_B.weight", layer.lora_B.shape))
+        layer.lora_m.copy_(ll.peft_tensor(tensors, "lora_magnitude_vector", layer.lora_m.shape))
