@@ -45,6 +45,17 @@ def test_merge_is_exact_and_final(name):
     assert state_equal(snapshot_state(model), merged)
 
 
+@pytest.mark.parametrize("name", ["pissa", "antipasto_rot"])
+def test_merge_of_an_opt_in_base_rewrite_is_exact(name):
+    if name not in installed():
+        pytest.skip(f"{name} not installed")
+    model, _ = adapted_model(name, rewrite_base=True)
+    adapted = logits(model, BATCH)
+    ll.merge(model)
+    assert rel_err(logits(model, BATCH), adapted) <= 1e-5
+    assert not any(m._state_dict_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("kind", ["4bit", "8bit"])
 @pytest.mark.parametrize("name", installed())
 def test_merge_on_quantized_bases_reports_the_requantization_error(name, kind):

@@ -94,7 +94,7 @@ def peft_parity_err():
 
 def test_registered_through_entry_point():
     v = ll.variants()["dora"]
-    assert v.config.__name__ == "DoRAConfig" and v.config.knobs() == {"cache_weight": True}
+    assert v.config.__name__ == "DoRAConfig" and v.config.knobs() == {"cache_weight": True, "use_rslora": False}
     assert v.paper.endswith("2402.09353") and not v.rewrites_weight
 
 
