@@ -332,24 +332,48 @@ def test_console_script_ctrl_c_checkpoint_then_resume(tiny_dir, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
-@pytest.mark.serial  # run alone (make test): gloo under heavy CPU contention has aborted here
-@pytest.mark.serial  # two training processes: run in the single-process pytest pass
-def test_torchrun_two_processes_match_one(base_run, tiny_dir, tmp_path):
+def adapter_distance(out, ref_out) -> float:
+    got, want = adapter_tensors(out / "adapter.safetensors"), adapter_tensors(ref_out / "adapter.safetensors")
+    assert got.keys() == want.keys()
+    return sum(float((got[k].double() - want[k].double()).norm()) for k in want)
+
+
+def launch_command(launcher, port):
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", lora_lite_script()]
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    # --multi_gpu is accelerate's name for "several processes on this machine": on a machine
+    # without CUDA the Accelerator uses gloo on the CPU
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+            lora_lite_script()]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_match_one(base_run, tiny_dir, tmp_path, launcher):
+    """2 processes, the same global batch: the single-process adapter, within 1e-3 of how far
+    the adapter moved (Adam turns rounding differences of near-zero gradients into steps of
+    order lr)."""
+    import socket
     ref_out, ref, _ = base_run
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           lora_lite_script(), "train", "--variant", "lora", "--model", tiny_dir, *SMALL,
-           "--rank", "4", "--output", str(out)]
+    with socket.socket() as sock:  # a free port for accelerate's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = launch_command(launcher, port) + [
+        "train", "--variant", "lora", "--model", tiny_dir, *SMALL, "--rank", "4",
+        "--output", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "completed" and m["world_size"] == 2
+    assert m["distributed"] == "MULTI_CPU"
     assert proc.stdout.count("accuracy, adapted") == 1  # only rank 0 prints
-    # each process took half of every batch; the summed gradients give the same training
+    # each process took half of every batch; the averaged gradients give the same training
     assert m["train"]["losses"] == pytest.approx(ref["train"]["losses"], rel=1e-5)
-    got, want = adapter_tensors(out / "adapter.safetensors"), adapter_tensors(ref_out / "adapter.safetensors")
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert adapter_distance(out, ref_out) <= 1e-3 * ref["sanity"]["adapter_delta"]
     assert m["sanity"]["base_grad_leaks"] == 0 and m["sanity"]["ok"] is True
     assert m["eval"]["adapted"]["n"] == 4  # the ranks' shares were gathered

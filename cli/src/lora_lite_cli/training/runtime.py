@@ -84,7 +84,6 @@ def make_accelerator(s: Settings):
     """The Accelerator of this run. fp16 autocast needs an accelerator device: on CPU it is
     refused up front (bf16 works there)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
     on_cpu = not s.device.startswith("cuda")
     if s.mixed_precision == "fp16" and on_cpu:
         raise TrainError("--mixed-precision fp16 needs a CUDA device (autocast to fp16 with a "
@@ -98,11 +97,11 @@ def make_accelerator(s: Settings):
         from accelerate.state import AcceleratorState, GradientState
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    # every adapter tensor is used in every forward: DDP needs no unused-parameter search
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
+    # the scheduler steps once per optimizer step whatever the number of processes (the
+    # global batch does not grow with them)
     return Accelerator(cpu=on_cpu, mixed_precision=s.mixed_precision,
                        dynamo_backend="inductor" if s.compile else "no",
-                       step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
+                       step_scheduler_with_optimizer=False)
 
 
 def finish(accelerator) -> None:
