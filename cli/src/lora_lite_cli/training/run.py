@@ -50,14 +50,14 @@ class Run:
         s, acc = self.s, self.acc
         self.cfg = build_config(s)  # fails fast on a bad variant / knob, before loading anything
         self.variant = ll.get_variant(s.variant)
+        self.reporter.status("reading data ...")  # a bad file fails before the model loads
+        n_train = s.steps * s.grad_accum * s.batch_size
+        self.train_src = data_mod.train_data(s.train_data, n_train, s.seed)
+        self.eval_src = data_mod.eval_data(s.eval_data, s.eval_limit) if s.eval_limit else None
         self.reporter.status(f"loading model {s.model} ...")
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_model(s.model, s.dtype, s.quantize, str(acc.device))
         self.times["load_model_s"] = time.perf_counter() - t0
-        self.reporter.status("preparing data ...")
-        n_train = s.steps * s.grad_accum * s.batch_size
-        self.train_src = data_mod.train_data(s.train_data, n_train, s.seed)
-        self.eval_src = data_mod.eval_data(s.eval_data, s.eval_limit) if s.eval_limit else None
         encoded, skipped = encode(self.tokenizer, self.train_src.examples, s.seq_len)
         device = next(self.model.parameters()).device
         self.batches = Batches(encoded, s.batch_size, self.tokenizer.pad_token_id, device,
