@@ -180,15 +180,27 @@ def lora_lite_script():
     return path
 
 
+LONG = ["--steps", "40", "--batch-size", "2", "--eval-limit", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def long_reference(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("long_ref") / "run"
+    result = runner.invoke(get_app(), ["train", "--variant", "lora", "--model", tiny_dir, *LONG,
+                                       "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)])
-def test_console_script_signals_checkpoint_without_traceback(tiny_dir, tmp_path, signals):
+def test_console_script_signals_checkpoint_without_traceback(tiny_dir, long_reference, tmp_path,
+                                                             monkeypatch, signals):
     """A real process: SIGTERM behaves like Ctrl-C; a second Ctrl-C stops at once, quietly.
     Either way the checkpoint resumes (from another directory) to the uninterrupted adapter."""
     out = tmp_path / "run"
-    args = ["train", "--variant", "lora", "--model", tiny_dir, "--steps", "40", "--batch-size",
-            "2", "--eval-limit", "0", "--threads", "1", "--output", str(out), "--json"]
-    proc = subprocess.Popen([lora_lite_script(), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([lora_lite_script(), "train", "--variant", "lora", "--model", tiny_dir,
+                             *LONG, "--output", str(out), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = []
     for line in proc.stderr:  # with --json, progress lines go to stderr
@@ -205,17 +217,12 @@ def test_console_script_signals_checkpoint_without_traceback(tiny_dir, tmp_path,
     assert f"{name}: stopping after this step" in err
     state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)
     assert 1 <= state["step"] < 40 and len(state["losses"]) == state["step"]
-    ref = tmp_path / "ref"
-    done = subprocess.run([lora_lite_script(), *args[:-3], "--output", str(ref)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    resumed = subprocess.run([lora_lite_script(), "train", "--resume", str(out / "checkpoint")],
-                             capture_output=True, text=True, cwd=elsewhere,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert_bit_identical(out, ref)
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(get_app(), ["train", "--resume", str(out / "checkpoint")])
+    assert result.exit_code == 0, result.output
+    assert_bit_identical(out, long_reference)
 
 
 @dataclass

@@ -130,6 +130,7 @@ class Run:
                                        num_training_steps=s.steps)
         self.probe = self.batches.whole(0)
         self.wrapped, self.optimizer = self.acc.prepare(self.model, optimizer)
+        self.metrics["trained_as"] = type(self.wrapped).__name__  # DDP, OptimizedModule, ...
         if self.resume is None:
             state = TrainState()
             state.capture_rng()

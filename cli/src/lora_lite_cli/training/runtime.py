@@ -17,6 +17,11 @@ import torch
 from .settings import Settings, TrainError
 
 
+# torch.compile backend for --compile (tests swap in "eager": dynamo's graph capture without
+# inductor's code generation, seconds instead of minutes on a busy CPU)
+COMPILE_BACKEND = "inductor"
+
+
 def pick_device(device: str | None) -> str:
     """'auto'/None -> cuda when present, else cpu; anything else as given."""
     if device in (None, "", "auto"):
@@ -100,7 +105,7 @@ def make_accelerator(s: Settings):
     # the scheduler steps once per optimizer step whatever the number of processes (the
     # global batch does not grow with them)
     return Accelerator(cpu=on_cpu, mixed_precision=s.mixed_precision,
-                       dynamo_backend="inductor" if s.compile else "no",
+                       dynamo_backend=COMPILE_BACKEND if s.compile else "no",
                        step_scheduler_with_optimizer=False)
 
 
