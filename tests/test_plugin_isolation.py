@@ -114,7 +114,7 @@ class WrongDefaultVariant(Scale):
 
 
 @pytest.mark.parametrize("culprit, expected", [
-    (NoForward, "must define exactly one of forward(layer, x, y) or forward_input(layer, x)"),
+    (NoForward, "must define forward(layer, x, y) or forward_input(layer, x) (or both)"),
     (PlainConfigVariant, ".config must be a dataclass subclassing lora_lite.AdapterConfig"),
     (WrongDefaultVariant, "its config's `variant` field must default to 'iso_wrongdefault'"),
 ])

@@ -6,6 +6,8 @@
     ll.save(model, "a.safetensors")   # small file: adapter tensors + metadata
     ll.detach(model)                  # the model is back, bit for bit
     ll.load(model, "a.safetensors")   # fresh base + file -> the adapted model
+    ll.merge(model)                   # fold the adapter into the base: a plain model again
+    ll.export_peft(model, "folder")   # a PEFT adapter folder (ll.load reads those too)
 
 Variants come from plugins (entry-point group ``lora_lite``); core ships none.
 """
@@ -13,9 +15,12 @@ from .adapter_file import load, read_header, save
 from .attach import adapter_tensors, attach, attached, detach, trainable_parameters
 from .calibration import call_model, stream_inputs
 from .config import AdapterConfig, check, config
-from .errors import (AdapterFileError, AttachError, ConfigError, LoraLiteError,
+from .errors import (AdapterFileError, AdapterSaveError, AttachError, ConfigError, LoraLiteError,
                      VariantContractError, VariantNotInstalled)
 from .hookspecs import hookimpl
+from .merge import merge
+from .peft_export import export_peft
+from .peft_import import peft_tensor
 from .plugins import get_plugin_manager, get_variant, installed_plugins, problems, variants
 from .targets import Target, find_targets
 from .variant import ParamSpec, Variant, hook_kind
@@ -24,10 +29,10 @@ from .weights import base_dense_weight, dense_weight, set_dense_weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "AttachError", "ConfigError", "LoraLiteError",
+    "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "ConfigError", "LoraLiteError",
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
     "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
-    "config", "dense_weight", "detach", "find_targets", "get_plugin_manager", "get_variant",
-    "hook_kind", "hookimpl", "installed_plugins", "load", "problems", "read_header", "save",
+    "config", "dense_weight", "detach", "export_peft", "find_targets", "get_plugin_manager", "get_variant",
+    "hook_kind", "hookimpl", "installed_plugins", "load", "merge", "peft_tensor", "problems", "read_header", "save",
     "set_dense_weight", "stream_inputs", "trainable_parameters", "variants",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -16,8 +17,11 @@ import torch
 from .errors import ConfigError
 
 ROLES = ("reader", "writer", "inner")
+_NOT_OVERRIDABLE = ("variant", "overrides", "dtype", "target_roles", "target_names",
+                    "exclude_names", "layers")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (negatives wrap: refused)
 
 
 @dataclass
@@ -28,25 +32,26 @@ class AdapterConfig:
     r: int = 8                      # rank (variants that have none ignore it)
     alpha: float = 16.0             # LoRA scale s = alpha / r, where the variant uses one
     dtype: torch.dtype = torch.float32  # dtype of adapter tensors and of the hook's math
-    target_roles: tuple = ("reader", "writer")  # () = any role
-    target_names: tuple = ()        # regexes (re.search) on module names; () = any name
-    exclude_names: tuple = ("lm_head", "embed_tokens")
-    layers: tuple | None = None     # decoder layer indices to adapt; None = all
+    target_roles: tuple = ()        # opt-in filter: subset of ROLES; () = any role
+    target_names: tuple = ()        # regexes (re.search) on module names; () = the variant's
+                                    # default_target_names, else every linear-like layer but
+                                    # the output head ("all-linear", see lora_lite.targets)
+    exclude_names: tuple = ()       # regexes of layers never to adapt
+    layers: tuple | None = None     # transformer block indices to adapt; None = all
     seed: int = 0                   # seeds the random init of adapter tensors
+    overrides: tuple = ()           # ((regex on module name, {field: value}), ...): per target
 
     uses_rank: ClassVar[bool] = True
 
     def __post_init__(self):
         self.dtype = _as_dtype(self.dtype)
         for name in ("target_roles", "target_names", "exclude_names"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            setattr(self, name, tuple(value))
+            setattr(self, name, _as_tuple(name, getattr(self, name), "a list of strings"))
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = (self.layers,)
-            self.layers = tuple(self.layers)
+            self.layers = _as_tuple("layers", self.layers,
+                                    "a list of non-negative layer indices, or None for all")
         self.validate()
 
     def validate(self):
@@ -56,21 +61,44 @@ class AdapterConfig:
         if self.uses_rank:
             _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
                    "r", self.r, "a positive integer")
-        _check(isinstance(self.alpha, (int, float)) and self.alpha == self.alpha, "alpha",
-               self.alpha, "a number")
+        _check(is_finite_number(self.alpha), "alpha", self.alpha, "a finite number")
         _check(self.dtype.is_floating_point, "dtype", self.dtype, "a floating dtype")
         bad = [r for r in self.target_roles if r not in ROLES]
         _check(not bad, "target_roles", self.target_roles, f"a subset of {ROLES}")
         for name in ("target_names", "exclude_names"):
-            for pattern in getattr(self, name):
-                try:
-                    re.compile(pattern)
-                except (re.error, TypeError) as e:
-                    raise ConfigError(f"{name}: {pattern!r} is not a valid regex ({e})") from None
+            _check_patterns(name, getattr(self, name))
         if self.layers is not None:
-            _check(all(isinstance(i, int) and i >= 0 for i in self.layers), "layers",
+            _check(all(_is_int(i) and i >= 0 for i in self.layers), "layers",
                    self.layers, "a list of non-negative layer indices, or None for all")
-        _check(isinstance(self.seed, int), "seed", self.seed, "an integer")
+        _check(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", self.seed,
+               "an integer in [0, 2**64 - 1] (the range of torch.Generator seeds)")
+        self._check_overrides()
+
+    def _check_overrides(self):
+        self.overrides = tuple(tuple(pair) if isinstance(pair, (list, tuple)) else pair
+                               for pair in self.overrides)
+        allowed = {f.name for f in fields(self)} - set(_NOT_OVERRIDABLE)
+        for pair in self.overrides:
+            _check(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], dict),
+                   "overrides", pair, "(regex on module name, {field: value}) pairs")
+            pattern, values = pair
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"overrides: {pattern!r} is not a valid regex ({e})") from None
+            bad = sorted(set(values) - allowed)
+            _check(not bad, f"overrides[{pattern!r}]", bad,
+                   f"per-target fields among {sorted(allowed)}")
+
+    def for_target(self, name: str) -> "AdapterConfig":
+        """This config as it applies to the layer ``name``: for each field, the first
+        ``overrides`` pair whose regex is found in the name sets it (as PEFT's rank_pattern and
+        alpha_pattern do). Without a match, ``self``."""
+        merged = {}
+        for pattern, values in self.overrides:
+            if re.search(pattern, name):
+                merged.update({k: v for k, v in values.items() if k not in merged})
+        return dataclasses.replace(self, overrides=(), **merged) if merged else self
 
     @property
     def scale(self) -> float:
@@ -130,6 +158,34 @@ def _as_dtype(value):
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]
     raise ConfigError(f"dtype: {value!r} is not one of {sorted(_DTYPES)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A real number (bool excluded) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_tuple(field_name, value, expected) -> tuple:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(f"{field_name}: got {value!r}, expected {expected}") from None
+
+
+def _check_patterns(field_name, patterns):
+    """Every entry is a string that compiles as a regex."""
+    for pattern in patterns:
+        _check(isinstance(pattern, str), field_name, patterns, "a list of regexes (strings)")
+        try:
+            re.compile(pattern)
+        except (re.error, OverflowError, RecursionError) as e:
+            raise ConfigError(f"{field_name}: {pattern!r} is not a valid regex ({e})") from None
 
 
 def _check(ok, field_name, value, expected):

@@ -1,8 +1,9 @@
 """The variant contract: ``ParamSpec`` (one adapter tensor) and an optional ``Variant`` base class.
 
 A variant is any class with ``name``, ``config`` (an AdapterConfig subclass), ``param_specs``
-and exactly one of ``forward(layer, x, y) -> y_new`` (output hook) or
-``forward_input(layer, x) -> x_new`` (input pre-hook). Optional: ``init(layer, cfg)``,
+and ``forward(layer, x, y) -> y_new`` (output hook) or ``forward_input(layer, x) -> x_new``
+(input pre-hook), or both (the pre-hook changes x, the output hook then sees the changed x and
+post-processes y: e.g. a rotation of the input followed by a per-output scale). Optional: ``init(layer, cfg)``,
 ``group_init(model, targets, cfg, calibration_data)``, ``after_load(layer, cfg)`` (rebuild what
 ``init`` derived from the base weight using the loaded tensors) and the class attributes below.
 """
@@ -69,4 +70,9 @@ class Variant:
 
 
 def hook_kind(variant) -> str:
-    return "input" if callable(getattr(variant, "forward_input", None)) else "output"
+    """"input", "output", or "input+output" (both hooks)."""
+    has_input = callable(getattr(variant, "forward_input", None))
+    has_output = callable(getattr(variant, "forward", None))
+    if has_input and has_output:
+        return "input+output"
+    return "input" if has_input else "output"

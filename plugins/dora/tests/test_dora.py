@@ -94,14 +94,14 @@ def peft_parity_err():
 
 def test_registered_through_entry_point():
     v = ll.variants()["dora"]
-    assert v.config.__name__ == "DoRAConfig" and v.config.knobs() == {"cache_weight": True}
+    assert v.config.__name__ == "DoRAConfig" and v.config.knobs() == {"factored_norm": True, "cache_weight": False, "use_rslora": False}
     assert v.paper.endswith("2402.09353") and not v.rewrites_weight
 
 
 @pytest.mark.parametrize("kind,cache", [("fp32", True), ("4bit", True), ("8bit", True),
                                         ("4bit", False), ("8bit", False)])
 def test_invariants(kind, cache):
-    out = invariants(kind, cache_weight=cache)
+    out = invariants(kind, factored_norm=False, cache_weight=cache)  # the factored default: test_dora_factored.py
     # m is computed by the same function as the forward's norm, so g = m/n is exactly 1 and
     # B = 0: the added term (g − 1)(y − b) + g·s·x Aᵀ Bᵀ is exactly 0 on every base
     assert out["identity_err"] == 0.0
@@ -150,7 +150,7 @@ def test_peft_parity_gradients():
 @pytest.mark.parametrize("kind", ["fp32+bias", "4bit+bias", "8bit+bias"])
 def test_formula_and_unscaled_bias(kind):
     model = MAKERS[kind]()
-    ll.attach(model, make_cfg())
+    ll.attach(model, make_cfg(factored_norm=False))  # the dense norm; factored: test_dora_factored.py
     train(model)
     layer = ll.attached(model).targets[0].layer
     x = torch.randn(5, layer.in_features)
@@ -169,7 +169,7 @@ def test_formula_and_unscaled_bias(kind):
 
 def test_cached_weight_is_not_reread(monkeypatch):
     model = MAKERS["4bit"]()
-    ll.attach(model, make_cfg())
+    ll.attach(model, make_cfg(factored_norm=False, cache_weight=True))
     for t in ll.attached(model).targets:
         assert torch.equal(t.layer.lora_weight_cache, ll.dense_weight(t.layer))
         assert "lora_weight_cache" not in t.layer.state_dict()
@@ -190,7 +190,7 @@ def test_uncached_equals_cached(kind):
     for cache in (True, False):
         model = MAKERS[kind]()
         logits(model, batch)  # run the quantized layers first (8bit moves its scales on forward)
-        ll.attach(model, make_cfg(cache_weight=cache))
+        ll.attach(model, make_cfg(factored_norm=False, cache_weight=cache))
         train(model)          # every forward of the uncached adapter re-reads the weight
         out[cache] = [logits(model, batch) for _ in range(2)]
     assert torch.equal(out[False][0], out[False][1])  # the layers still work after the reads

@@ -12,6 +12,12 @@ here each shape gets its own pair (so adding a target never changes the others' 
 
 Files store λ_d, λ_b and a 4-number fingerprint of A and B, so a load on a machine whose random
 stream differs fails loudly instead of silently giving other outputs.
+
+Interop: merges to W + diag(λ_b) B diag(λ_d) A; exports to PEFT's VeraConfig with
+save_projection=True (vera_lambda_b/d per layer, the pair as base_model.vera_A / vera_B; PEFT
+shares one pair, so all targets must have one shape). Imports PEFT folders that saved their
+projections: ``store_projections=True`` then keeps A and B as saved per-layer buffers (in the
+file) instead of regenerating them from the seed.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ class VeRAConfig(ll.AdapterConfig):
     r: int = 256                  # VeRA wants larger ranks than LoRA: only λ_d grows with r
     projection_seed: int = 0      # regenerates the frozen A and B (PEFT: projection_prng_key)
     d_initial: float = 0.1        # initial value of every λ_d entry (PEFT's default)
+    store_projections: bool = False  # save A and B in the file (imported PEFT projections)
 
     def validate(self):
         super().validate()
@@ -75,8 +82,10 @@ class VeRA(ll.Variant):
     def param_specs(d_in, d_out, cfg):
         return {
             # frozen and not saved: filled from the seed by init() on every attach and load
-            "lora_vera_A": ll.ParamSpec((cfg.r, d_in), trainable=False, persistent=False),
-            "lora_vera_B": ll.ParamSpec((d_out, cfg.r), trainable=False, persistent=False),
+            "lora_vera_A": ll.ParamSpec((cfg.r, d_in), trainable=False,
+                                        persistent=cfg.store_projections),
+            "lora_vera_B": ll.ParamSpec((d_out, cfg.r), trainable=False,
+                                        persistent=cfg.store_projections),
             "lora_lambda_d": ll.ParamSpec((cfg.r,), init=lambda t, g: t.fill_(cfg.d_initial)),
             "lora_lambda_b": ll.ParamSpec((d_out,), init="zeros"),
             # saved, checked at load: the regenerated A and B are the ones it was trained with
@@ -88,6 +97,13 @@ class VeRA(ll.Variant):
         # Swap the placeholders for the pair every layer of this shape shares.
         r, d_in = layer.lora_vera_A.shape
         d_out = layer.lora_vera_B.shape[0]
+        if cfg.store_projections:  # this layer's own saved copies (filled by load)
+            A, B = projections(cfg.projection_seed, r, d_in, d_out)
+            with torch.no_grad():
+                layer.lora_vera_A.copy_(A)
+                layer.lora_vera_B.copy_(B)
+                layer.lora_vera_fingerprint.copy_(_fingerprint(A, B))
+            return
         dtype, device = layer.lora_vera_A.dtype, layer.lora_vera_A.device
         key = (cfg.projection_seed, r, d_in, d_out, dtype, device)
         A, B = _shared.get(key + ("A",)), _shared.get(key + ("B",))
@@ -118,3 +134,45 @@ class VeRA(ll.Variant):
         h = layer.lora_lambda_d * (x @ layer.lora_vera_A.T)        # (..., r)
         delta = layer.lora_lambda_b * (h @ layer.lora_vera_B.T)    # (..., d_out)
         return y + delta.to(y.dtype)
+
+    @staticmethod
+    def merged_weight(layer, cfg):
+        B_scaled = layer.lora_vera_B.float() * layer.lora_lambda_d.float()   # (d_out, r)
+        delta = layer.lora_lambda_b.float()[:, None] * (B_scaled @ layer.lora_vera_A.float())
+        return ll.dense_weight(layer) + delta, None
+
+    @staticmethod
+    def peft_config(cfg, target_names):
+        return {"peft_type": "VERA", "r": cfg.r, "d_initial": cfg.d_initial,
+                "projection_prng_key": cfg.projection_seed % 2**31, "save_projection": True,
+                "vera_dropout": 0.0, "bias": "none", "init_weights": True}
+
+    @staticmethod
+    def peft_state(layer, cfg):
+        return {"vera_lambda_b": layer.lora_lambda_b, "vera_lambda_d": layer.lora_lambda_d,
+                "base_model.vera_A": layer.lora_vera_A, "base_model.vera_B": layer.lora_vera_B}
+
+    @staticmethod
+    def from_peft(peft_config):
+        if peft_config.get("peft_type") != "VERA":
+            return None
+        if not peft_config.get("save_projection", True):
+            raise ll.ConfigError("save_projection=False: the folder lacks PEFT's projections "
+                                 "vera_A / vera_B, which only PEFT's own generator can rebuild")
+        return {"r": int(peft_config.get("r", 256)),
+                "d_initial": float(peft_config.get("d_initial", 0.1)), "store_projections": True}
+
+    @staticmethod
+    def load_peft_state(layer, cfg, tensors):
+        r, d_in = layer.lora_vera_A.shape
+        d_out = layer.lora_vera_B.shape[0]
+        for key in ("base_model.vera_A", "base_model.vera_B"):
+            if key not in tensors:
+                raise ValueError(f"missing tensor {key!r} (PEFT's shared projections)")
+        A = tensors["base_model.vera_A"][:, :d_in]            # PEFT slices its shared pair
+        B = tensors["base_model.vera_B"][:d_out, :]
+        layer.lora_vera_A.copy_(ll.peft_tensor({"A": A}, "A", (r, d_in)))
+        layer.lora_vera_B.copy_(ll.peft_tensor({"B": B}, "B", (d_out, r)))
+        layer.lora_vera_fingerprint.copy_(_fingerprint(layer.lora_vera_A, layer.lora_vera_B))
+        layer.lora_lambda_b.copy_(ll.peft_tensor(tensors, "vera_lambda_b", layer.lora_lambda_b.shape))
+        layer.lora_lambda_d.copy_(ll.peft_tensor(tensors, "vera_lambda_d", layer.lora_lambda_d.shape))

@@ -7,7 +7,7 @@ Paper: https://arxiv.org/abs/2601.07473 (code: github.com/wassname/AntiPaSTO); v
 
 φ is e^z for z ≤ 0 (attenuation, bounded in (0, 1]) and 1 + z above (linear amplification), C¹ at
 0 with φ(0) = 1: at g = 0 (or coeff = 0) the layer computes W exactly, up to rounding.
-With rewrite_base=False: y' = y + ((x Vhᵀ) ⊙ S ⊙ (φ − 1)) Uᵀ on the untouched base (bit-exact at 0).
+With rewrite_base=False (default): y' = y + ((x Vhᵀ) ⊙ S ⊙ (φ − 1)) Uᵀ on the untouched base (bit-exact at 0).
 """
 from dataclasses import dataclass
 

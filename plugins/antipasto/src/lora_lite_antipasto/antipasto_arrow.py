@@ -5,7 +5,7 @@ Paper: https://arxiv.org/abs/2601.07473 (AntiPaSTO family); variants.md 4.15.
     y' = x W_resᵀ + b + x (U C diag(S) Vh)ᵀ,   C = blockdiag(I_b + coeff · M, diag(φ(coeff · g̃)))
     φ(z) = 1 + ELU(z),   M (b, b) and g (r − b) trainable, init 0  =>  C = I at init.
 
-With rewrite_base=False the hook adds only U (C − I) diag(S) Vh on the untouched base.
+With rewrite_base=False (the default) the hook adds only U (C − I) diag(S) Vh on the untouched base.
 The block sits on S-scaled coordinates and is not bounded (a step in M moves W by O(S)). After
 group_init the block covers the b largest-S of the *selected* directions (they are stored in
 descending-S order), not the b best-scoring ones.

@@ -11,7 +11,7 @@ computes W exactly (up to rounding). Upstream started δ at 4e-4 + N(0, 4e-4) to
 symmetry", which made init only near-identity; no symmetry needs breaking here: at 0 the
 gradients of δ and of the rotation are both non-zero (tested). R_bd is applied block-wise to the
 r coordinates, never materialised as r×r; each R_k is exactly orthogonal with det +1.
-With rewrite_base=False the hook adds U_eff diag(S + δ) Vh_eff − U diag(S) Vh on the untouched base.
+With rewrite_base=False (the default) the hook adds U_eff diag(S + δ) Vh_eff − U diag(S) Vh on the untouched base.
 """
 import math
 from dataclasses import dataclass

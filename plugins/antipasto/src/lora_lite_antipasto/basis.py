@@ -12,9 +12,15 @@ layer plus an adapter at its neutral point reproduces W up to fp32 rounding (and
 bitsandbytes base, up to the requantization of W_res: see ``residual_error``). The adapter file
 holds the factors only; ``after_load`` rebuilds W_res from the fresh base and the loaded factors.
 
-``rewrite_base=False`` skips the rewrite: the base weight stays as it is and the hook adds only
-the change U (C - I) diag(S) Vh (C the variant's core, I at init). Same function, but the identity
-at init is bit-exact on every base and a quantized base is never requantized.
+``rewrite_base=False`` (the default) skips the rewrite: the base weight stays as it is and the
+hook adds only the change U (C - I) diag(S) Vh (C the variant's core, I at init). Same function,
+but the identity at init is bit-exact on every base, a quantized base is never requantized and
+``model.state_dict()`` / ``save_pretrained`` carry the untouched base. ``rewrite_base=True`` is
+upstream's form (opt-in; the state dict still shows the original weight).
+
+Interop: every family member is linear in x, so it merges exactly: W' = W_stored + Δᵀ with Δ the
+hook's additive term probed on the identity (Δ = f(I), one d_in × d_in forward). PEFT has no
+AntiPaSTO: export only with ``as_lora_rank`` (truncated SVD of W' − W).
 
 Direction re-selection (``group_init`` with calibration data; a no-op without): take the full
 SVD of the original W, stream every target's non-padding input rows x through it batch by batch,
@@ -43,7 +49,8 @@ class SVDBasisConfig(ll.AdapterConfig):
     variant: str = "antipasto_basis"
     r: int = 128             # upstream's 256 exceeds the kv-projection width of small models
     act_pool: str = "rms"     # how group_init pools a direction's activations over tokens
-    rewrite_base: bool = True  # False: keep the base weight, the hook adds only the change
+    rewrite_base: bool = False  # True: write W_res into the base (opt-in); False: the hook adds
+                                # only the change, the base weight stays as it is
 
     def validate(self):
         super().validate()
@@ -194,6 +201,22 @@ class SVDBasisVariant(ll.Variant):
     def after_load(layer, cfg):
         # The loaded factors may be re-selected directions, not the plain top-r that init cropped.
         write_residual(layer, cfg)
+
+    @classmethod
+    def merged_weight(cls, layer, cfg):
+        d_in, d_out = layer.lora_Vh.shape[1], layer.lora_U.shape[0]
+        eye = torch.eye(d_in, dtype=cfg.dtype, device=layer.lora_Vh.device)
+        zeros = torch.zeros(d_in, d_out, dtype=cfg.dtype, device=layer.lora_Vh.device)
+        delta_t = cls.forward(layer, eye, zeros).float()            # (d_in, d_out) = Δᵀ
+        return ll.dense_weight(layer) + delta_t.T, None
+
+    @staticmethod
+    def peft_config(cfg, target_names):
+        return None  # PEFT has no AntiPaSTO: export_peft(..., as_lora_rank=K)
+
+    @staticmethod
+    def from_peft(peft_config):
+        return None
 
 
 def project(layer, x):

@@ -21,6 +21,9 @@ learning rate 10-100x LoRA's). Upstream's benchmark used 0.1 only to dodge the f
 fixed above; since λ moves by about one learning-rate step per Adam step, a small λ0 keeps the
 adapter's reach tiny for many steps. λ0 must be > 0: at λ = 0 every gradient is zero.
 λ has shape () here (PEFT: (1,)).
+
+Interop: merges to W + B̂ diag(λ/r) Â diag(w); exports to / imports from PEFT's DeloraConfig
+(delora_A, delora_B, delora_lambda, delora_w_norm; an imported w_norm is kept as stored).
 """
 import math
 from dataclasses import dataclass
@@ -74,3 +77,39 @@ class DeLoRA(ll.Variant):
         h = (x * layer.lora_wnorm) @ A_unit.T                            # (..., r)
         delta = (h * (layer.lora_lambda / r)) @ B_unit.T                 # (..., d_out)
         return y + delta.to(y.dtype)
+
+    @staticmethod
+    def merged_weight(layer, cfg):
+        A, B = layer.lora_A.float(), layer.lora_B.float()
+        A_unit = A / A.norm(dim=1, keepdim=True).clamp_min(NORM_FLOOR)  # (r, d_in)
+        B_unit = B / B.norm(dim=0, keepdim=True).clamp_min(NORM_FLOOR)  # (d_out, r)
+        delta = (B_unit * (layer.lora_lambda.float() / cfg.r)) @ A_unit * layer.lora_wnorm.float()
+        return ll.dense_weight(layer) + delta, None
+
+    @staticmethod
+    def peft_config(cfg, target_names):
+        return {"peft_type": "DELORA", "r": cfg.r, "delora_lambda": cfg.lambda0, "bias": "none",
+                "init_weights": True, "module_dropout": 0.0}
+
+    @staticmethod
+    def peft_state(layer, cfg):
+        return {"delora_A": layer.lora_A, "delora_B": layer.lora_B,
+                "delora_lambda": layer.lora_lambda.reshape(1), "delora_w_norm": layer.lora_wnorm}
+
+    @staticmethod
+    def from_peft(peft_config):
+        if peft_config.get("peft_type") != "DELORA":
+            return None
+        if peft_config.get("rank_pattern") or peft_config.get("lambda_pattern"):
+            raise ll.ConfigError("rank_pattern / lambda_pattern: lora-lite's DeLoRA has one rank "
+                                 "and one lambda0 for every target")
+        return {"r": int(peft_config.get("r", 8)),
+                "lambda0": float(peft_config.get("delora_lambda", 15.0))}
+
+    @staticmethod
+    def load_peft_state(layer, cfg, tensors):
+        layer.lora_A.copy_(ll.peft_tensor(tensors, "delora_A", layer.lora_A.shape))
+        layer.lora_B.copy_(ll.peft_tensor(tensors, "delora_B", layer.lora_B.shape))
+        layer.lora_lambda.copy_(ll.peft_tensor(tensors, "delora_lambda", layer.lora_lambda.shape))
+        if "delora_w_norm" in tensors:
+            layer.lora_wnorm.copy_(ll.peft_tensor(tensors, "delora_w_norm", layer.lora_wnorm.shape))

@@ -24,6 +24,10 @@ default init agrees to 0.996 in mean cos² of the principal angles; made exact, 
 and a full SVD, its A equals ours to 3e-7). lora-lite gives every target the same rank r
 (PEFT's rho=1), with no whitening.
 Rows of A are sign-normalised (largest |entry| positive) so the init is deterministic.
+
+Interop: after init EVA is a LoRA (the base is never rewritten): merges to W + s·B A and
+exports to PEFT as a plain LoRA folder (init_lora_weights=True: it loads onto the unmodified
+base). ``peft_init`` runs PEFT's own EVA init on a PEFT model (for comparisons).
 """
 from dataclasses import dataclass
 
@@ -56,6 +60,9 @@ class Moments:
         self.sum += rows.sum(dim=0).to(self.sum.dtype)
         self.count += rows.shape[0]
 
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.xtx).all() and torch.isfinite(self.sum).all())
+
     def top_directions(self, r, center):
         c = self.xtx
         if center:
@@ -64,6 +71,16 @@ class Moments:
         top = vectors[:, -r:].flip(-1).T              # (r, d_in), orthonormal rows
         peak = top.abs().argmax(dim=1, keepdim=True)
         return top * top.gather(1, peak).sign()
+
+
+def check_finite(stats, targets):
+    """Refuse (before any tensor is set) calibration inputs holding NaN or Inf."""
+    bad = [t.name for t in targets if not stats[t.name].finite()]
+    if bad:
+        raise ll.AttachError(
+            f"eva: the calibration inputs of {bad[0]} ({len(bad)} of {len(targets)} targets) hold "
+            "NaN or Inf values, so no directions can be found; check the base model and the "
+            "calibration batches (e.g. run in float32). The model was not changed")
 
 
 class EVA(ll.Variant):
@@ -113,6 +130,7 @@ class EVA(ll.Variant):
             if seen < cfg.r:
                 raise ValueError(f"{t.name} saw {seen} non-padding input rows in the calibration "
                                  f"data, EVA needs at least r={cfg.r}: pass more (or longer) batches")
+        check_finite(stats, targets)
         for t in targets:
             top = stats.pop(t.name).top_directions(cfg.r, cfg.center)
             with torch.no_grad():
@@ -123,3 +141,32 @@ class EVA(ll.Variant):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) base output
         delta = (x @ layer.lora_A.T) @ layer.lora_B.T  # (..., d_out)
         return y + layer._lora_cfg.scale * delta.to(y.dtype)
+
+    @staticmethod
+    def merged_weight(layer, cfg):
+        W = ll.dense_weight(layer)                                   # (d_out, d_in) fp32
+        return W + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float()), None
+
+    @staticmethod
+    def peft_config(cfg, target_names):
+        return {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "bias": "none",
+                "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+                "lora_dropout": 0.0}
+
+    @staticmethod
+    def peft_state(layer, cfg):
+        return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
+
+    @staticmethod
+    def from_peft(peft_config):
+        return None  # PEFT's EVA adapters are LoRA weights: the lora variant imports them
+
+    @staticmethod
+    def peft_init(peft_model, calibration_data):
+        """PEFT's EVA init (rho = 1: every target keeps rank r) on a PEFT LoRA model."""
+        from peft import EvaConfig
+        from peft.tuners.lora import initialize_lora_eva_weights
+        config = peft_model.peft_config[peft_model.active_adapter]
+        config.init_lora_weights = "eva"
+        config.eva_config = config.eva_config or EvaConfig(rho=1.0)
+        initialize_lora_eva_weights(peft_model, dataloader=calibration_data)

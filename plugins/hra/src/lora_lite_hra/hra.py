@@ -15,6 +15,9 @@ copies of x. (K is the compact-WY form of the product of reflections.)
 
 Init (PEFT's symmetric init): r/2 kaiming-uniform vectors, each used twice, u_{2k} = u_{2k+1},
 so H_{2k} H_{2k+1} = I: the identity in exact arithmetic, ~1e-7 relative in fp32. r must be even.
+
+Interop: merges to W' = W Mᵀ with M = I − Vᵀ K V the product of reflections (bias unchanged);
+exports to / imports from PEFT's HRAConfig (hra_u = lora_Uᵀ; apply_GS=False only).
 """
 import math
 from dataclasses import dataclass
@@ -73,3 +76,34 @@ class HRA(ll.Variant):
         V = V.to(x.dtype)
         coeffs = (x @ V.T) @ K                     # (..., r)
         return x - coeffs @ V                       # (..., d_in)
+
+    @staticmethod
+    def merged_weight(layer, cfg):
+        eye = torch.eye(layer.lora_U.shape[1], dtype=layer.lora_U.dtype, device=layer.lora_U.device)
+        M = HRA.forward_input(layer, eye).float()                    # (d_in, d_in): rows e_i M
+        return ll.dense_weight(layer) @ M.T, None
+
+    @staticmethod
+    def peft_config(cfg, target_names):
+        return {"peft_type": "HRA", "r": cfg.r, "apply_GS": False, "bias": "none",
+                "init_weights": True}
+
+    @staticmethod
+    def peft_state(layer, cfg):
+        return {"hra_u": layer.lora_U.T.contiguous()}               # (d_in, r)
+
+    @staticmethod
+    def from_peft(peft_config):
+        if peft_config.get("peft_type") != "HRA":
+            return None
+        if peft_config.get("apply_GS"):
+            raise ll.ConfigError("apply_GS=True: lora-lite's HRA applies the plain reflections, "
+                                 "not their Gram-Schmidt orthogonalisation")
+        if peft_config.get("rank_pattern"):
+            raise ll.ConfigError("rank_pattern: lora-lite's HRA has one r for every target")
+        return {"r": int(peft_config.get("r", 8))}
+
+    @staticmethod
+    def load_peft_state(layer, cfg, tensors):
+        U = ll.peft_tensor(tensors, "hra_u", layer.lora_U.T.shape)   # (d_in, r)
+        layer.lora_U.copy_(U.T)

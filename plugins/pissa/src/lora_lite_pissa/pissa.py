@@ -14,10 +14,17 @@ https://arxiv.org/abs/2310.08659): B A ← top-r SVD of (W − Q(W_res)) / s, th
 is requantized, k times, ending on a refit. Each refit is the best rank-r correction for the residual actually stored. When the write
 is exact (an fp32 base) nothing is refit: A, B and W_res are plain PiSSA.
 
-``rewrite_base=False`` leaves the base weight alone and keeps the residual implicit instead:
-y' = y + s·(x Aᵀ) Bᵀ − s·(x A0ᵀ) B0ᵀ, with A0, B0 the init factors as frozen, unsaved buffers.
-That is PiSSA with an unquantized residual: exactly the identity at init on any base, for two
-more rank-r products per token and a frozen copy of A0, B0.
+``rewrite_base=False`` (the default) leaves the base weight alone and keeps the residual
+implicit instead: y' = y + s·(x Aᵀ) Bᵀ − s·(x A0ᵀ) B0ᵀ, with A0, B0 the init factors as frozen,
+unsaved buffers. That is PiSSA with an unquantized residual: exactly the identity at init on any
+base, ``model.state_dict()`` / ``save_pretrained`` carry the untouched base weight, for one more
+rank-r product per token and a frozen copy of A0, B0. ``rewrite_base=True`` is the paper's form
+(W_res stored as the base; the state dict still shows the original weight).
+
+Interop: merges to W' = W_stored + s·(B A − B0 A0); exports to PEFT relative to the *original*
+base as a plain LoRA of rank 2r, [A; A0] and [B, −B0] with lora_alpha = 2·alpha (exact; PEFT's
+own PiSSA conversion). PEFT's unconverted PiSSA folders are refused at import (their base is a
+rewritten one).
 
 Load re-runs this init on the fresh base (a deterministic function of W), which rebuilds the
 residual; the file holds only A and B. Detach restores the original weight bit for bit (core
@@ -34,7 +41,7 @@ import lora_lite as ll
 class PiSSAConfig(ll.AdapterConfig):
     variant: str = "pissa"
     quant_iters: int = 1        # refits of A, B to a requantized residual (0 = plain PiSSA)
-    rewrite_base: bool = True   # False: keep W, subtract s·B0 A0 in the hook (exact identity)
+    rewrite_base: bool = False  # True: write W_res into the base (opt-in; see the docstring)
 
     def validate(self):
         super().validate()
@@ -43,6 +50,8 @@ class PiSSAConfig(ll.AdapterConfig):
                  "an integer in [0, 20]")
         ll.check(isinstance(self.rewrite_base, bool), "rewrite_base", self.rewrite_base,
                  "True or False")
+        ll.check(self.alpha > 0, "alpha", self.alpha,
+                 "a number > 0: the factors are sqrt(S / s) with s = alpha / r")
 
 
 def principal_factors(W, cfg):
@@ -109,3 +118,29 @@ class PiSSA(ll.Variant):
         if hasattr(layer, "lora_A0"):                     # implicit residual: remove s·B0 A0
             delta = delta - (x @ layer.lora_A0.T) @ layer.lora_B0.T
         return y + layer._lora_cfg.scale * delta.to(y.dtype)
+
+    @staticmethod
+    def merged_weight(layer, cfg):
+        W = ll.dense_weight(layer) + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
+        if hasattr(layer, "lora_A0"):
+            W = W - cfg.scale * (layer.lora_B0.float() @ layer.lora_A0.float())
+        return W, None
+
+    @staticmethod
+    def peft_config(cfg, target_names):
+        return {"peft_type": "LORA", "r": 2 * cfg.r, "lora_alpha": 2 * cfg.alpha, "bias": "none",
+                "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+                "lora_dropout": 0.0}
+
+    @staticmethod
+    def peft_state(layer, cfg):
+        if hasattr(layer, "lora_A0"):
+            A0, B0 = layer.lora_A0, layer.lora_B0
+        else:  # rewrite_base=True: the init factors from the original weight (exact on fp32)
+            A0, B0 = principal_factors(ll.base_dense_weight(layer), cfg)
+        return {"lora_A.weight": torch.cat([layer.lora_A, A0.to(layer.lora_A.dtype)], dim=0),
+                "lora_B.weight": torch.cat([layer.lora_B, -B0.to(layer.lora_B.dtype)], dim=1)}
+
+    @staticmethod
+    def from_peft(peft_config):
+        return None  # converted PiSSA folders are plain LoRA (the lora variant imports them)

@@ -13,6 +13,10 @@ PEFT's road_theta/road_alpha as they are):
   road_2: d_out each, one per channel;
   road_4: 2·d_out each; per group, the first g give c (α cos θ), the next g give s (α sin θ).
 r and alpha (the config's) are unused.
+
+Interop: y' is linear in y, so the layer merges to W'ᵀ = Wᵀ P and b' = b P (the bias is rotated
+too: ``as_lora_rank`` export refuses layers with a bias); exports to / imports from PEFT's
+RoadConfig (road_theta, road_alpha, variant, group_size).
 """
 from dataclasses import dataclass
 from typing import ClassVar
@@ -83,3 +87,34 @@ class RoAd(ll.Variant):
         c, s = coefficients(layer.lora_road_theta, layer.lora_road_alpha, cfg.road_variant,
                             cfg.group_size)
         return y * c + rotate_half(y, cfg.group_size) * s
+
+    @staticmethod
+    def merged_weight(layer, cfg):
+        W_t = ll.dense_weight(layer).T.to(layer.lora_road_theta.dtype)  # (d_in, d_out): rows are y's
+        merged = RoAd.forward(layer, None, W_t).float().T
+        bias = getattr(layer, "bias", None)
+        if bias is None:
+            return merged, None
+        return merged, RoAd.forward(layer, None, bias.detach().to(W_t.dtype)[None]).float()[0]
+
+    @staticmethod
+    def peft_config(cfg, target_names):
+        return {"peft_type": "ROAD", "variant": cfg.road_variant, "group_size": cfg.group_size,
+                "init_weights": True}
+
+    @staticmethod
+    def peft_state(layer, cfg):
+        return {"road_theta": layer.lora_road_theta, "road_alpha": layer.lora_road_alpha}
+
+    @staticmethod
+    def from_peft(peft_config):
+        if peft_config.get("peft_type") != "ROAD":
+            return None
+        return {"road_variant": peft_config.get("variant", "road_1"),
+                "group_size": int(peft_config.get("group_size", 64))}
+
+    @staticmethod
+    def load_peft_state(layer, cfg, tensors):
+        for name in ("road_theta", "road_alpha"):
+            dst = getattr(layer, f"lora_{name}")
+            dst.copy_(ll.peft_tensor(tensors, name, dst.shape))

@@ -1,0 +1,93 @@
+"""merge: fold the attached adapter into the base weights; the model becomes a plain model.
+
+Each variant gives the math (``merged_weight(layer, cfg) -> (W', b')``, fp32, such that the
+adapted layer computes x W'ᵀ + b'); core writes it through the layer's weight backend
+(requantized on bitsandbytes layers, or, with ``dense=True``, as a new full-precision nn.Linear).
+Every merged weight is computed before anything is written, so a refusal or a failing variant
+leaves the model attached and untouched. Afterwards there is no hook, no ``lora_*`` tensor and
+no snapshot of the old base: merge is final (``ll.attached(model)`` is None).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attach import attached, detach
+from .errors import AttachError
+from .weights import backend_for, dense_weight, forget_base_weight
+
+
+def merged_weights(model) -> dict:
+    """{target name: (W', b' or None)} of the attached adapter, fp32; nothing is changed."""
+    state = attached(model)
+    if state is None:
+        raise AttachError("nothing to merge: no lora-lite adapter is attached to this model")
+    variant = state.variant
+    if not getattr(variant, "mergeable", True):
+        raise AttachError(f"variant {state.cfg.variant!r} cannot be merged: "
+                          f"{getattr(variant, 'merge_refusal', '') or 'it says so'}; the model was not changed")
+    if not callable(getattr(variant, "merged_weight", None)):
+        raise AttachError(f"variant {state.cfg.variant!r} has no merged_weight (its plugin does not "
+                          "implement merging); the model was not changed")
+    out = {}
+    with torch.no_grad():
+        for t in state.targets:
+            weight, bias = variant.merged_weight(t.layer, t.layer._lora_cfg)
+            weight = weight.detach().float()
+            if tuple(weight.shape) != (t.d_out, t.d_in):
+                raise AttachError(f"{t.name}: merged_weight gave shape {tuple(weight.shape)}, the "
+                                  f"layer needs {(t.d_out, t.d_in)}; the model was not changed")
+            if bias is not None and getattr(t.layer, "bias", None) is None:
+                raise AttachError(f"{t.name}: the merged layer has a bias but the base layer has "
+                                  "none; the model was not changed")
+            out[t.name] = (weight, None if bias is None else bias.detach().float())
+    return out
+
+
+def merge(model, dense: bool = False) -> dict:
+    """Fold the adapter into the base and remove it. Returns a report:
+    {"variant", "dense", "layers": {name: {"backend", "write_error"}}, "max_write_error"}, where
+    write_error = max|W_stored − W'| / max|W'| (0 on fp32, the requantization error on bnb, the
+    cast error on bf16/fp16). ``dense=True`` replaces quantized layers by plain nn.Linear layers
+    (fp32, or the layer's compute dtype) holding W' exactly."""
+    state = attached(model)
+    merged = merged_weights(model)
+    variant_name = state.cfg.variant
+    targets = list(state.targets)
+    detach(model)  # hooks, tensors, scratch and snapshots gone; base weights as they were
+    modules = dict(model.named_modules())
+    layers = {}
+    with torch.no_grad():
+        for t in targets:
+            weight, bias = merged[t.name]
+            layer = modules[t.name]
+            if dense and backend_for(layer).name != "dense":
+                layer = _replace_by_linear(model, t.name, layer)
+            backend, trainable = backend_for(layer), layer.weight.requires_grad
+            backend.write(layer, weight)
+            forget_base_weight(layer)
+            if layer.weight.is_floating_point():
+                layer.weight.requires_grad_(trainable)  # as the base had it
+            if bias is not None:
+                layer.bias.copy_(bias.to(layer.bias.dtype))
+            stored = dense_weight(layer)
+            err = ((stored - weight).abs().max() / weight.abs().max().clamp_min(1e-30)).item()
+            layers[t.name] = {"backend": backend.name, "write_error": err}
+    return {"variant": variant_name, "dense": dense, "layers": layers,
+            "max_write_error": max(v["write_error"] for v in layers.values())}
+
+
+def _replace_by_linear(model, name, layer):
+    """A plain nn.Linear in place of a quantized layer (same bias), for a dense merge."""
+    dtype = getattr(layer, "compute_dtype", None) or torch.float32
+    bias = getattr(layer, "bias", None)
+    device = layer.weight.device
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
+                       dtype=dtype, device=device)
+    linear.weight.requires_grad_(False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, linear)
+    return linear

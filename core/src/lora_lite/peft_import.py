@@ -1,0 +1,180 @@
+"""PEFT import: ``ll.load(model, folder)`` for a PEFT adapter folder (or a hub adapter id).
+
+The folder holds adapter_config.json and adapter_model.safetensors. Core knows no PEFT method:
+each installed variant's ``from_peft(peft_config)`` says whether the config is its own (returning
+lora-lite config fields) and ``load_peft_state(layer, cfg, tensors)`` copies that layer's tensors
+(PEFT naming, relative to the module; model-level ``base_model.*`` tensors are passed to every
+layer too). Refused before the model is touched, with the field named: a missing config, a
+pickle (.bin) weights file, ``modules_to_save``, ``bias`` other than "none", a rank of 0,
+targets that are not linear layers (Embedding, Conv2d), a peft_type no variant maps.
+Targets are the modules the weights file names, matched exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from safetensors import safe_open
+
+from .attach import attach, attached, detach
+from .config import config as make_config
+from .errors import AdapterFileError, AttachError, LoraLiteError
+from .peft_export import CONFIG_FILE, MODULE_PREFIX, WEIGHTS_FILE
+from .plugins import get_variant, variants
+from .targets import find_targets, is_linear_like
+
+PICKLE_FILE = "adapter_model.bin"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_peft_source(path) -> bool:
+    """A folder, or something that looks like a hub id (org/name) and is no local path."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return True
+    return (not os.path.exists(path) and bool(_HUB_ID.match(path))
+            and not path.endswith((".safetensors", ".bin", ".pt", ".json")))
+
+
+def resolve_folder(path) -> str:
+    """A local folder as is; a hub id downloaded (config + safetensors only) by huggingface_hub."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE])
+    except Exception as e:  # no network, no such repo, no huggingface_hub
+        raise AdapterFileError(f"{path}: no such folder, and not a reachable hub adapter id "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def read_peft_folder(folder) -> tuple[dict, str]:
+    """(adapter_config.json content, weights path), refusing what lora-lite will not read."""
+    config_path = os.path.join(folder, CONFIG_FILE)
+    weights = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.isfile(config_path):
+        raise AdapterFileError(f"{folder}: no {CONFIG_FILE}: not a PEFT adapter folder (a lora-lite "
+                               "adapter is one .safetensors file)")
+    if not os.path.isfile(weights):
+        if os.path.isfile(os.path.join(folder, PICKLE_FILE)):
+            raise AdapterFileError(
+                f"{folder}: the weights are a pickle file ({PICKLE_FILE}), which lora-lite never "
+                "loads (it can run code); re-save it with PEFT as safetensors: "
+                "PeftModel.from_pretrained(base, folder).save_pretrained(out)")
+        raise AdapterFileError(f"{folder}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_path}: expected a JSON object")
+    check_generic_fields(config, config_path)
+    return config, weights
+
+
+def check_generic_fields(config, where):
+    if config.get("modules_to_save"):
+        raise AdapterFileError(f"{where}: modules_to_save={config['modules_to_save']}: the adapter "
+                               "carries full copies of whole modules, which lora-lite does not attach")
+    if config.get("bias") not in (None, "none"):
+        raise AdapterFileError(f"{where}: bias={config['bias']!r}: the adapter trains bias terms, "
+                               "which lora-lite does not attach (only bias='none' is supported)")
+    if "r" in config and config["r"] == 0 or 0 in (config.get("rank_pattern") or {}).values():
+        raise AdapterFileError(f"{where}: r=0 (rank 0): an adapter of rank 0 is no adapter")
+    if not config.get("peft_type"):
+        raise AdapterFileError(f"{where}: no peft_type: not a PEFT adapter config")
+
+
+def variant_for(config, where) -> tuple[str, dict]:
+    """(variant name, lora-lite config fields) from the first installed variant that maps it."""
+    for name in variants():
+        from_peft = getattr(get_variant(name), "from_peft", None)
+        if not callable(from_peft):
+            continue
+        try:
+            fields = from_peft(dict(config))
+        except LoraLiteError as e:
+            raise AdapterFileError(f"{where}: {e}") from None
+        if fields is not None:
+            return name, fields
+    raise AdapterFileError(f"{where}: peft_type={config.get('peft_type')!r} (with these settings) is "
+                           "not mapped by any installed lora-lite variant")
+
+
+def tensors_by_module(model, weights) -> dict[str, dict]:
+    """{module name: {tensor key relative to the module: tensor}}; model-level tensors (keys
+    starting with base_model. but not base_model.model.) go to every module."""
+    modules = dict(model.named_modules())
+    per_module, shared = {}, {}
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise AdapterFileError(f"{weights}: unreadable safetensors file ({e})") from None
+    for key, tensor in stored.items():
+        if not key.startswith(MODULE_PREFIX):
+            shared[key] = tensor
+            continue
+        parts = key[len(MODULE_PREFIX):].split(".")
+        cut = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
+        if cut is None:
+            raise AdapterFileError(f"{weights}: tensor {key!r} names a module this model lacks; the "
+                                   "adapter was made for another model")
+        per_module.setdefault(".".join(parts[:cut]), {})[".".join(parts[cut:])] = tensor
+    for name, module in (( n, modules[n]) for n in per_module):
+        if not is_linear_like(module) or type(module).__name__ in ("Embedding", "Conv1d", "Conv2d", "Conv3d"):
+            raise AdapterFileError(f"{weights}: target_modules includes {name!r}, a "
+                                   f"{type(module).__name__}: lora-lite adapts linear layers only")
+    for tensors in per_module.values():
+        tensors.update(shared)
+    return per_module
+
+
+def load_peft(model, path) -> dict:
+    """Attach the PEFT adapter at ``path`` (folder or hub id) to ``model``; returns
+    {"variant", "peft_type", "targets"}. On any failure the model is left as it was."""
+    folder = resolve_folder(path)
+    config, weights = read_peft_folder(folder)
+    name, fields = variant_for(config, os.path.join(folder, CONFIG_FILE))
+    if attached(model) is not None:
+        raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
+                          "attached; call ll.detach(model) first")
+    per_module = tensors_by_module(model, weights)
+    names = sorted(per_module)
+    try:
+        cfg = make_config(name, **fields, target_names=tuple(f"^{re.escape(n)}$" for n in names),
+                          target_roles=(), exclude_names=())
+        found = sorted(t.name for t in find_targets(model, cfg))
+    except LoraLiteError as e:
+        raise AdapterFileError(f"{folder}: {e}") from None
+    if found != names:
+        raise AdapterFileError(f"{folder}: the adapter's modules {names[:3]} do not all resolve to "
+                               "linear layers of this model")
+    variant = get_variant(name)
+    attach(model, cfg, _skip_group_init=True)
+    try:
+        with torch.no_grad():
+            for t in attached(model).targets:
+                variant.load_peft_state(t.layer, t.layer._lora_cfg, per_module[t.name])
+    except BaseException as e:
+        detach(model)
+        if isinstance(e, (LoraLiteError, RuntimeError, ValueError, KeyError)):
+            raise AdapterFileError(f"{folder}: the tensors do not fit variant {name!r}: "
+                                   f"{type(e).__name__}: {e}") from None
+        raise
+    return {"variant": name, "peft_type": config["peft_type"], "targets": len(names)}
+
+
+def peft_tensor(tensors: dict, key: str, shape) -> torch.Tensor:
+    """For variants' load_peft_state: tensors[key] reshaped to ``shape``; a missing key or a
+    different number of elements raises ValueError naming the key."""
+    if key not in tensors:
+        raise ValueError(f"missing tensor {key!r} (the layer has {sorted(tensors)[:4]})")
+    value = tensors[key]
+    if value.numel() != torch.Size(shape).numel():
+        raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    return value.reshape(shape)
