@@ -61,7 +61,7 @@ def test_variants_json_lists_lora_with_its_facts():
     assert lora["hook"] == "output"
     assert (lora["rewrites_weight"], lora["needs_calibration"], lora["supports_quantized"]) == \
         (False, False, True)
-    assert (lora["r"], lora["alpha"], lora["knobs"]) == (8, 16.0, {})
+    assert (lora["r"], lora["alpha"], lora["knobs"]) == (8, 16.0, {"use_rslora": False})
     assert lora["paper"].startswith("https://arxiv.org/")
     assert isinstance(data["problems"], list)
     # training defaults as `train` resolves them; `source` lists what the variant said itself

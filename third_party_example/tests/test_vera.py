@@ -28,7 +28,8 @@ def vera_module():
 def test_config_defaults_and_knobs():
     cfg = ll.config("vera")
     assert (cfg.variant, cfg.r, cfg.projection_seed, cfg.d_initial) == ("vera", 256, 0, 0.1)
-    assert ll.get_variant("vera").config.knobs() == {"projection_seed": 0, "d_initial": 0.1}
+    assert ll.get_variant("vera").config.knobs() == {"projection_seed": 0, "d_initial": 0.1,
+                                                     "store_projections": False}
 
 
 @pytest.mark.parametrize("field, value", [

@@ -21,6 +21,7 @@ _NOT_OVERRIDABLE = ("variant", "overrides", "dtype", "target_roles", "target_nam
                     "exclude_names", "layers")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (negatives wrap: refused)
 
 
@@ -61,7 +62,8 @@ class AdapterConfig:
         if self.uses_rank:
             _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
                    "r", self.r, "a positive integer")
-        _check(is_finite_number(self.alpha), "alpha", self.alpha, "a finite number")
+        scale_ok = is_finite_number(self.alpha) and (not self.uses_rank or is_finite_number(self.scale))
+        _check(scale_ok, "alpha", self.alpha, "a finite number (alpha / r must fit in float32)")
         _check(self.dtype.is_floating_point, "dtype", self.dtype, "a floating dtype")
         bad = [r for r in self.target_roles if r not in ROLES]
         _check(not bad, "target_roles", self.target_roles, f"a subset of {ROLES}")
@@ -180,8 +182,10 @@ def _is_int(value) -> bool:
 
 
 def is_finite_number(value) -> bool:
-    """A real number (bool excluded) that is neither NaN nor infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number (bool excluded) that stays finite in float32: not NaN, not infinite, and
+    |value| <= float32's max (a larger one becomes inf in the hook and inf * 0 = NaN)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and abs(value) <= FLOAT32_MAX)
 
 
 def _as_tuple(field_name, value, expected) -> tuple:

@@ -28,7 +28,8 @@ IDENTITY_TOL = {"fp32": 1e-5, "4bit": 0.05, "8bit": 0.01}
 
 
 def make_cfg(**kw):
-    return ll.config("pissa", **{"r": 4, "alpha": 8, "target_names": TARGETS, **kw})
+    """The paper's form (rewrite_base=True) unless a test says otherwise; the default is False."""
+    return ll.config("pissa", **{"r": 4, "alpha": 8, "target_names": TARGETS, "rewrite_base": True, **kw})
 
 
 def invariants(kind, **kw):
@@ -121,7 +122,7 @@ def residual_error(kind, **kw):
 def test_registered_through_entry_point():
     v = ll.variants()["pissa"]
     assert v.config.__name__ == "PiSSAConfig"
-    assert v.config.knobs() == {"quant_iters": 1, "rewrite_base": True}
+    assert v.config.knobs() == {"quant_iters": 1, "rewrite_base": False}
     assert v.paper.endswith("2404.02948") and v.rewrites_weight
 
 

@@ -32,12 +32,12 @@ tensors are reset to their init afterwards (upstream kept stale values).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 import lora_lite as ll
+from lora_lite.config import is_finite_number
 
 ACT_POOLS = ("rms", "mean_abs")
 
@@ -59,8 +59,7 @@ class SVDBasisConfig(ll.AdapterConfig):
 
 
 def check_number(value, field_name):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ll.check(ok, field_name, value, "a finite number")
+    ll.check(is_finite_number(value), field_name, value, "a finite number (that fits in float32)")
 
 
 def check_rank_fits(cfg, d_in, d_out):

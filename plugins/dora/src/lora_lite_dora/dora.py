@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
+from lora_lite.config import FLOAT32_MAX
 
 
 @dataclass
@@ -51,6 +52,9 @@ class DoRAConfig(ll.AdapterConfig):
                  "False with factored_norm=True (the factored norm keeps no dense copy of W); "
                  "set factored_norm=False to use the cache")
         ll.check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
+        ll.check(abs(self.scale) <= FLOAT32_MAX ** 0.5, "alpha", self.alpha,
+                 "a number whose scale (alpha / r, or alpha / sqrt(r) with use_rslora) is at "
+                 "most 1.8e19 in size: the row norm squares it in float32")
 
     @property
     def scale(self) -> float:
