@@ -92,9 +92,9 @@ def test_cost_report_against_peft(tiny_dir):
     for row in rows:
         assert row["error"] is None
         assert row["fwd_ms"] > 0 and row["step_ms"] > 0
-        assert row["peak_mb"] is not None and row["peak_mb"] >= 0  # Linux: peak RSS delta
+        assert row["peak_mb"] is not None  # Linux: peak RSS delta (its values: the memory test)
     for row in rows[1:]:
-        assert row["init_ms"] >= 0
+        assert row["init_ms"] > 0          # attach was timed (a clock reading, never 0)
     # the unknown variant gets the generic rule: no 2-D tensor, no matmul, 0 = 0
     assert gain["trainable"] == 2 * (64 + 32) and gain["macs_per_token"] == 0
     assert gain["flops_per_token"] == 0 and gain["flop_ratio"] is None
