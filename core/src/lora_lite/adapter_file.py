@@ -13,6 +13,7 @@ can make loading slow. Tensors must be floating point and finite. Every refusal 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .attach import STATE_ATTR, attach, attached, detach
-from .config import ROLES, AdapterConfig
+from .config import _NOT_OVERRIDABLE, ROLES, AdapterConfig, with_resolved_targets
 from .errors import AdapterFileError, AdapterSaveError, AttachError, LoraLiteError
 from .plugins import KNOWN_DISTRIBUTIONS, _version, get_variant, variant_origin
 from .layer_kinds import features, is_linear_like
@@ -76,7 +77,21 @@ def save(model, path) -> None:
         "targets": json.dumps([[t.name, t.role, t.d_in, t.d_out] for t in state.targets]),
         "base_model": str(getattr(config_, "_name_or_path", "") or ""),
     }
+    if state.cfg.overrides:
+        metadata["target_overrides"] = json.dumps(_resolved_overrides(state), sort_keys=True)
     _write_atomically(os.fspath(path), tensors, metadata)
+
+
+def _resolved_overrides(state) -> dict:
+    """{target name: {field: value}} where a target's config differs from the adapter's: its
+    ``overrides`` as resolved at attach, read from the layers (no regex is run)."""
+    common, out = state.cfg.to_dict(), {}
+    for t in state.targets:
+        own = t.layer._lora_cfg.to_dict()
+        diff = {k: v for k, v in own.items() if k != "overrides" and common.get(k) != v}
+        if diff:
+            out[t.name] = diff
+    return out
 
 
 def _write_atomically(path, tensors, metadata):
@@ -237,6 +252,7 @@ def load(model, path) -> None:
     path = os.fspath(path)
     metadata, shapes = read_header(path)
     variant, cfg, stored_targets = _stored_adapter(path, metadata)
+    cfg = with_resolved_targets(cfg, _target_configs(path, metadata, cfg, stored_targets))
     if attached(model) is not None:
         raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
                           "attached; call ll.detach(model) first")
@@ -296,6 +312,37 @@ def _stored_json(path, metadata, key, kind):
         raise AdapterFileError(f"{path}: the stored {key} is a {type(value).__name__}, not a JSON "
                                f"{'object' if kind is dict else 'list'}; the file is corrupt")
     return value
+
+
+def _target_configs(path, metadata, cfg, stored_targets) -> dict:
+    """{target name: its config} from the file's resolved ``target_overrides``: the stored
+    ``overrides`` regexes are never run over module names."""
+    text = metadata.get("target_overrides")
+    if text is None and cfg.overrides:
+        raise AdapterFileError(f"{path}: the config has per-target overrides but the file does not "
+                               "list them resolved (target_overrides); save it again with this lora-lite")
+    resolved = {} if text is None else _stored_json(path, metadata, "target_overrides", dict)
+    if resolved and not cfg.overrides:
+        raise AdapterFileError(f"{path}: target_overrides without overrides in the config; "
+                               "the file was edited or is corrupt")
+    names = [t[0] for t in stored_targets]
+    unknown = sorted(set(resolved) - set(names))
+    if unknown:
+        raise AdapterFileError(f"{path}: target_overrides names {_short(unknown[0])!r}, which is not "
+                               "a stored target; the file is corrupt")
+    allowed = {f.name for f in dataclasses.fields(cfg)} - set(_NOT_OVERRIDABLE)
+    out = {}
+    for name in names:
+        values = resolved.get(name, {})
+        if not (isinstance(values, dict) and set(values) <= allowed):
+            raise AdapterFileError(f"{path}: target_overrides of {_short(name)!r} is {_short(values)}, "
+                                   f"expected {{field: value}} with fields among {sorted(allowed)}")
+        try:
+            out[name] = dataclasses.replace(cfg, overrides=(), **values) if values else cfg
+        except (LoraLiteError, ValueError, TypeError) as e:
+            raise AdapterFileError(f"{path}: the override of {_short(name)!r} is not valid: "
+                                   f"{_short(str(e), 200)}") from None
+    return out
 
 
 def _check_targets(path, targets) -> list:
