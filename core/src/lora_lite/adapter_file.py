@@ -3,7 +3,9 @@
 Tensors are named ``<module path>.<tensor name>``; only persistent adapter tensors are stored,
 never base weights (variants that rewrite a weight rebuild it at load from stored factors).
 Metadata (all strings): format, format_version, variant, plugin, plugin_version,
-lora_lite_version, config (JSON), targets (JSON list of [name, role, d_in, d_out]), base_model.
+lora_lite_version, config (JSON), targets (JSON list of [name, role, d_in, d_out]), base_model,
+and, when the config has per-target ``overrides``, target_overrides (JSON {target name:
+{field: value}}: the overrides as resolved on this model).
 
 A file is untrusted input. ``read_header`` checks its structure and bounds what it may hold
 (``MAX_*`` below); ``load`` attaches to the stored, resolved target list and never re-runs the
