@@ -128,8 +128,7 @@ class AdapterConfig:
         """Rebuild a config; on the base class, the subclass is found from ``d['variant']``."""
         target = cls
         if cls is AdapterConfig:
-            from .plugins import get_variant
-            target = get_variant(d.get("variant", "")).config
+            target = _variant_class(d.get("variant", "")).config
         known = {f.name: f for f in fields(target)}
         unknown = sorted(set(d) - set(known))
         if unknown:
@@ -147,6 +146,22 @@ class AdapterConfig:
         """The fields this variant adds to AdapterConfig, with their defaults."""
         base = {f.name for f in fields(AdapterConfig)}
         return {f.name: _default(f) for f in fields(cls) if f.name not in base}
+
+
+# name -> variant class. The registry (lora_lite.plugins, which imports this module) installs it,
+# so this module never imports the registry: config <- plugins, one way only.
+_lookup_variant = None
+
+
+def set_variant_lookup(lookup):
+    global _lookup_variant
+    _lookup_variant = lookup
+
+
+def _variant_class(name):
+    if _lookup_variant is None:
+        raise RuntimeError("lora_lite.plugins is not loaded: import lora_lite first")
+    return _lookup_variant(name)
 
 
 def _default(f):
@@ -225,8 +240,7 @@ def check(ok, field_name, value, expected):
 
 def config(name: str, **fields_) -> AdapterConfig:
     """Build the typed config of variant ``name``: ``ll.config("lora", r=8, target_names=[...])``."""
-    from .plugins import get_variant
-    cls = get_variant(name).config
+    cls = _variant_class(name).config
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(fields_) - known)
     if unknown:

@@ -28,7 +28,7 @@ pool each direction's projection |x·v_i| over tokens (``rms`` = sqrt(mean (x·v
 ``mean_abs``), score S_i · pool_i, and keep the r best-scoring directions (stored in descending-S
 order). Only per-direction sums are accumulated, never the activations. Memory: the full SVD of
 every target is held during the pass (about twice the targets' weights, fp32). The trainable
-tensors are reset to their init afterwards (upstream kept stale values, variants.md section 9).
+tensors are reset to their init afterwards (upstream kept stale values).
 """
 from __future__ import annotations
 

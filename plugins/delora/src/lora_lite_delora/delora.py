@@ -50,6 +50,12 @@ class DeLoRA(ll.Variant):
     name = "delora"
     config = DeLoRAConfig
     paper = "https://arxiv.org/abs/2503.18225"
+    train_defaults = {"lr": 1e-3}
+    peft_cost_note = "PEFT's DeLoRA forward"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        return cfg.r * (target.d_in + target.d_out), 0
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -124,6 +124,15 @@ class DoRA(ll.Variant):
     name = "dora"
     config = DoRAConfig
     paper = "https://arxiv.org/abs/2402.09353"
+    train_defaults = {"lr": 2e-3}
+    cost_note = ("B·A (d_out·r·d_in) once per call, spread over the batch's tokens; "
+                 "the row norms are elementwise")
+    peft_cost_note = "PEFT's DoRA also forms B·A (and W + s·B·A) once per call"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        # the LoRA path per token, and B·A once per call for the norm of W + s·B·A
+        return cfg.r * (target.d_in + target.d_out), target.d_out * cfg.r * target.d_in
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -23,7 +23,6 @@ of x (O(d_in·b) per token); no d_in × d_in matrix is built.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -107,14 +106,6 @@ def peft_target_modules(target_names):
     return sorted(target_names)
 
 
-def targets_from_peft(target_modules):
-    if isinstance(target_modules, str):
-        return (target_modules,)
-    if target_modules:
-        return tuple(rf"(^|\.){re.escape(name)}$" for name in sorted(target_modules))
-    return None
-
-
 class OFT(ll.Variant):
     name = "oft"
     config = OFTConfig
@@ -171,15 +162,12 @@ class OFT(ll.Variant):
         if peft_config.get("fan_in_fan_out") or peft_config.get("bias", "none") != "none":
             raise ValueError("oft: only PEFT OFT adapters with fan_in_fan_out=False and bias='none' "
                              "can be imported")
-        out = {"variant": "oft", "block_size": int(peft_config.get("oft_block_size", 0) or 0),
+        out = {"block_size": int(peft_config.get("oft_block_size", 0) or 0),
                "blocks": int(peft_config.get("r", 0) or 0)}
         for key in ("module_dropout", "coft", "eps", "block_share", "use_cayley_neumann",
                     "num_cayley_neumann_terms"):
             if key in peft_config:
                 out[key] = peft_config[key]
-        targets = targets_from_peft(peft_config.get("target_modules"))
-        if targets:
-            out["target_names"] = targets
         return out
 
     @staticmethod
