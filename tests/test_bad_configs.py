@@ -107,7 +107,8 @@ def test_finite_positive_pissa_alpha_gives_a_finite_model(alpha, model, batch):
 # what the tiny model needs besides alpha (antipasto: r directions of 64x32 layers, road: a
 # group size dividing d_out = 32); other variants take r=2 and their defaults
 TINY_KNOBS = {"antipasto": {"r": 8}, "antipasto_rot": {"r": 8},
-              "antipasto_arrow": {"r": 8, "block": 2}, "road": {"group_size": 16}}
+              "antipasto_arrow": {"r": 8, "block": 2}, "antipasto_dplr": {"r": 8, "lora_rank": 2},
+              "road": {"group_size": 16}}
 
 
 @pytest.mark.parametrize("variant", sorted(ll.variants()))
