@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora_lite as ll
-import lora_lite.adapter_file as adapter_file
+import lora_lite.file_checks as file_checks
 from lora_lite.testing import logits, snapshot_state, tiny_llama
 
 from lltest import assert_untouched, lora_cfg
@@ -293,7 +293,7 @@ def test_hostile_override_list_is_refused_cleanly(override_file, tmp_path, batch
     ("MAX_HEADER_BYTES", 1000, "header of .* bytes, more than the 1000"),
 ])
 def test_what_a_file_may_hold_is_bounded(good_file, batch, monkeypatch, limit, value, message):
-    monkeypatch.setattr(adapter_file, limit, value)
+    monkeypatch.setattr(file_checks, limit, value)
     model = tiny_llama()
     before, ref = snapshot_state(model), logits(model, batch)
     with pytest.raises(ll.AdapterFileError, match=message):
@@ -303,6 +303,6 @@ def test_what_a_file_may_hold_is_bounded(good_file, batch, monkeypatch, limit, v
 
 def test_default_bounds_fit_a_large_real_adapter():
     """80 layers x 7 projections with long names fit comfortably under the defaults."""
-    assert adapter_file.MAX_TARGETS >= 80 * 7 * 4
-    assert adapter_file.MAX_TENSORS >= 80 * 7 * 8
-    assert adapter_file.MAX_METADATA_CHARS >= 80 * 7 * 120
+    assert file_checks.MAX_TARGETS >= 80 * 7 * 4
+    assert file_checks.MAX_TENSORS >= 80 * 7 * 8
+    assert file_checks.MAX_METADATA_CHARS >= 80 * 7 * 120
