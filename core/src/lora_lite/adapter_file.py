@@ -1,4 +1,4 @@
-"""The adapter file: one safetensors file, no pickle (design.md section 5).
+"""The adapter file: one safetensors file, no pickle.
 
 Tensors are named ``<module path>.<tensor name>``; only persistent adapter tensors are stored,
 never base weights (variants that rewrite a weight rebuild it at load from stored factors).
@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from .attach import STATE_ATTR, attach, attached, detach
 from .config import ROLES, AdapterConfig
 from .errors import AdapterFileError, AdapterSaveError, AttachError, LoraLiteError
-from .plugins import KNOWN_DISTRIBUTIONS, _version, get_variant, variant_origin
+from .plugins import _version, get_variant, origin_mismatch, variant_origin
 from .layer_kinds import features, is_linear_like
 from .targets import Target
 
@@ -264,13 +264,14 @@ def _stored_adapter(path, metadata) -> tuple[type, AdapterConfig, list]:
     variant_name = metadata.get("variant", "")
     if not variant_name:
         raise AdapterFileError(f"{path}: the file names no variant; it was not written by ll.save")
+    plugin = metadata.get("plugin") if isinstance(metadata.get("plugin"), str) else None
     try:
-        variant = get_variant(variant_name)
-    except KeyError:
-        dist = metadata.get("plugin") or KNOWN_DISTRIBUTIONS.get(variant_name, f"lora-lite-{variant_name}")
-        raise AdapterFileError(
-            f"{path}: this adapter needs variant {_short(variant_name)!r}, which is not installed: "
-            f"pip install {_short(dist)}") from None
+        variant = get_variant(variant_name, distribution=_short(plugin) if plugin else None)
+    except KeyError as e:
+        raise AdapterFileError(f"{path}: cannot load this adapter: {e}") from None
+    mismatch = origin_mismatch(variant_name, plugin)
+    if mismatch is not None:  # another distribution took the name: do not run it on this file
+        raise AdapterFileError(f"{path}: refused: {_short(mismatch, 400)}")
     fields = _stored_json(path, metadata, "config", dict)
     if fields.get("variant") != variant_name:
         raise AdapterFileError(
