@@ -31,17 +31,11 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-<<<<<<< HEAD
+from lora_lite.config import is_finite_number
 from lora_lite.layer_kinds import features
 
-from .oft import peft_target_modules, peft_type_of, targets_from_peft
-from .rotations import at_least_fp32, rotate_blocks
-=======
-from lora_lite.config import is_finite_number
-
 from .oft import peft_target_modules, peft_type_of
-from .rotations import rotate_blocks
->>>>>>> main
+from .rotations import at_least_fp32, rotate_blocks
 
 
 @dataclass
