@@ -341,7 +341,9 @@ def build_config(variant: str, *, targets=None, rank=None, alpha=None, layers=No
         values["target_names"] = tuple(targets)
     else:
         own = fields["target_names"].default if "target_names" in fields else ()
-        values["target_names"] = tuple(own) if own else DEFAULT_TARGETS
+        # a variant with per-architecture defaults (ia3) resolves them itself at attach
+        per_arch = callable(getattr(ll.get_variant(variant), "default_target_names", None))
+        values["target_names"] = tuple(own) if own or per_arch else DEFAULT_TARGETS
     values["target_roles"] = ()
     if rank is not None:
         values["r"] = rank

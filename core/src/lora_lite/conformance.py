@@ -191,9 +191,11 @@ def _peft_parity(cls, cfg, ours, ours_out, base, batch, tol) -> float | None:
     import peft
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     state = attached(ours)
-    spec = cls.peft_config(cfg, [t.name for t in state.targets])
+    names = [t.name for t in state.targets]
+    spec = cls.peft_config(cfg, names)
     if spec is None:
         return None  # PEFT has no counterpart
+    spec = {**spec, "target_modules": names}  # as export_peft writes it (not PEFT's own defaults)
     theirs = peft.get_peft_model(base, peft.get_peft_config(copy.deepcopy(spec)))
     tensors = {}
     for t in state.targets:

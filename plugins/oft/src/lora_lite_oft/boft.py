@@ -32,9 +32,10 @@ import torch
 
 import lora_lite as ll
 from lora_lite.config import is_finite_number
+from lora_lite.layer_kinds import features
 
 from .oft import peft_target_modules, peft_type_of
-from .rotations import rotate_blocks
+from .rotations import at_least_fp32, rotate_blocks
 
 
 @dataclass
@@ -155,7 +156,7 @@ class BOFT(ll.Variant):
     @staticmethod
     def forward_input(layer, x):
         # x: (..., d_in) in cfg.dtype
-        blocks = cayley_blocks(layer.lora_R)                  # (m, D, b, b)
+        blocks = cayley_blocks(at_least_fp32(layer.lora_R))   # (m, D, b, b); no bf16 solve
         if layer.training and layer._lora_cfg.dropout > 0:
             blocks = butterfly_dropout(blocks, layer._lora_cfg.dropout)
         return apply_butterfly(x, blocks.to(x.dtype))
@@ -178,7 +179,7 @@ class BOFT(ll.Variant):
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)                            # (d_out, d_in) fp32
         with torch.no_grad():
-            eye = torch.eye(layer.in_features, dtype=torch.float32, device=layer.lora_R.device)
+            eye = torch.eye(features(layer)[0], dtype=torch.float32, device=layer.lora_R.device)
             M = apply_butterfly(eye, cayley_blocks(layer.lora_R.float()))
         return layer.lora_s.detach().float()[:, None] * (W @ M.T), None
 

@@ -29,9 +29,10 @@ import torch
 
 import lora_lite as ll
 from lora_lite.config import is_finite_number
+from lora_lite.layer_kinds import features
 
-from .rotations import (cayley_exact, cayley_neumann, coft_project, identity_dropout,
-                        rotate_blocks, skew_from_packed)
+from .rotations import (at_least_fp32, cayley_exact, cayley_neumann, coft_project,
+                        identity_dropout, rotate_blocks, skew_from_packed)
 
 
 @dataclass
@@ -79,11 +80,11 @@ def block_layout(d_in: int, cfg) -> tuple[int, int]:
 
 def rotation_blocks(layer, cfg) -> torch.Tensor:
     """The orthogonal blocks (D or 1, b, b) from ``lora_R`` (projected first when coft)."""
-    _, b = block_layout(layer.in_features, cfg)
+    _, b = block_layout(features(layer)[0], cfg)
     if cfg.coft:
         with torch.no_grad():
             layer.lora_R.copy_(coft_project(layer.lora_R, b, cfg.eps))
-    q = skew_from_packed(layer.lora_R, b)
+    q = skew_from_packed(at_least_fp32(layer.lora_R), b)   # solve has no bf16/fp16 CPU kernel
     if cfg.use_cayley_neumann:
         return cayley_neumann(q, cfg.num_cayley_neumann_terms)
     return cayley_exact(q)
@@ -91,7 +92,7 @@ def rotation_blocks(layer, cfg) -> torch.Tensor:
 
 def merged_rotation(layer, cfg) -> torch.Tensor:
     """R (d_in, d_in) with x' = x R, built by rotating the identity's rows (merge only)."""
-    eye = torch.eye(layer.in_features, dtype=torch.float32, device=layer.lora_R.device)
+    eye = torch.eye(features(layer)[0], dtype=torch.float32, device=layer.lora_R.device)
     with torch.no_grad():
         blocks = rotation_blocks(layer, cfg).float()
     return rotate_blocks(eye, blocks)

@@ -48,6 +48,11 @@ def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
     return r
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for half-precision tensors (after model.half() / .bfloat16()), else as is."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def cayley_exact(q: torch.Tensor) -> torch.Tensor:
     """(I − Q)(I + Q)⁻¹ per block: the X with X (I + Q) = I − Q (PEFT's solve(..., left=False))."""
     n, b, _ = q.shape
