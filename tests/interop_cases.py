@@ -22,6 +22,13 @@ ROWS = {
     "antipasto": {"r": 8, "target_names": QV},
     "antipasto_rot": {"r": 8, "block_size": 4, "rotate_basis": "both", "target_names": QV},
     "antipasto_arrow": {"r": 8, "block": 2, "target_names": QV},
+    "antipasto_corda": {"r": 8, "target_names": QV},
+    "antipasto_asvd": {"r": 8, "target_names": QV},
+    "antipasto_dplr": {"r": 8, "lora_rank": 2, "target_names": QV},
+    # alpha well inside (0, 1) so that perturb() cannot switch a layer's ablation off
+    "antipasto_ablate": {"r": 8, "k": 2, "init_alpha": 0.5, "target_names": QV},
+    "oft": {"block_size": 16, "target_names": QV},
+    "boft": {"block_size": 4, "n_butterfly_factor": 2, "target_names": QV},
 }
 # the variants PEFT has (native export must load in PEFT within 1e-5)
 PEFT_SHARED = ("lora", "pissa", "dora", "delora", "eva", "ia3", "ia3_ff", "hra", "road", "vera")

@@ -56,9 +56,12 @@ def test_save_is_atomic(trained_file, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(adapter_file, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    path.chmod(0o600)
+    with pytest.raises(OSError, match="disk full") as info:
         ll.save(model, path)
-    assert path.read_bytes() == good
+    assert isinstance(info.value, ll.LoraLiteError)               # the CLI exits 2 on it
+    assert str(info.value).startswith(f"{path}: cannot save") and ".lora-lite-" not in str(info.value)
+    assert path.read_bytes() == good and (path.stat().st_mode & 0o777) == 0o600
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
 
 
@@ -168,3 +171,47 @@ def test_saved_file_gets_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o444])
+def test_resaving_keeps_the_files_permissions(tmp_path, mode):
+    model = tiny_llama()
+    ll.attach(model, lora_cfg())
+    path = tmp_path / "a.safetensors"
+    ll.save(model, path)
+    path.chmod(mode)
+    with torch.no_grad():
+        ll.trainable_parameters(model)[0].add_(1.0)
+    ll.save(model, path)
+    assert (path.stat().st_mode & 0o777) == mode
+    fresh = tiny_llama()
+    ll.load(fresh, path)  # the new content is there
+    assert torch.equal(ll.trainable_parameters(fresh)[0], ll.trainable_parameters(model)[0])
+
+
+def test_resaving_through_a_symlink_keeps_the_link(tmp_path):
+    model = tiny_llama()
+    ll.attach(model, lora_cfg())
+    real, link = tmp_path / "real.safetensors", tmp_path / "link.safetensors"
+    ll.save(model, real)
+    link.symlink_to(real)
+    ll.save(model, link)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "real.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["missing_folder", "a_directory"])
+def test_save_errors_name_the_target_not_the_temp_file(tmp_path, where):
+    model = tiny_llama()
+    ll.attach(model, lora_cfg())
+    path = tmp_path / "missing" / "a.safetensors"
+    if where == "a_directory":
+        path = tmp_path / "adir.safetensors"
+        path.mkdir()
+    with pytest.raises(ll.AdapterSaveError) as info:
+        ll.save(model, path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot save the adapter (") and "\n" not in message
+    assert ".lora-lite-" not in message and ".tmp" not in message
+    assert isinstance(info.value, OSError)
+    assert [p.name for p in tmp_path.iterdir()] == ([] if where == "missing_folder" else [path.name])

@@ -36,8 +36,9 @@ def test_core_works_with_zero_plugins(only_plugins, model, batch):
     only_plugins("")
     assert ll.variants() == {}
     assert [p.name for p in ll.installed_plugins()] == ["bnb_backend"]  # core's own backend
-    with pytest.raises(ll.VariantNotInstalled, match="pip install lora-lite-lora"):
+    with pytest.raises(ll.VariantNotInstalled, match="LORA_LITE_PLUGINS=''") as err:
         ll.config("lora")
+    assert "pip install" not in str(err.value)  # no package is known to provide it here
 
 
 def test_loading_is_lazy():
@@ -96,7 +97,7 @@ def test_broken_plugins_are_reported_and_skipped():
             problems = {p.distribution: str(p) for p in ll.problems()}
             assert "register_variants raised RuntimeError: plugin bug" in problems["lora-lite-crashing"]
             assert "uninstall lora-lite-crashing" in problems["lora-lite-crashing"]
-            assert "must default to 'noforward'" in problems["mixed"] or "exactly one of forward" in problems["mixed"]
+            assert "must default to 'noforward'" in problems["mixed"] or "must define forward" in problems["mixed"]
         finally:
             plugins.unregister_plugin("crashing")
     assert not [p for p in ll.problems() if p.distribution in ("lora-lite-crashing", "mixed")]

@@ -18,7 +18,7 @@ from .variant import hook_kind, make_tensor
 from .weights import guard_training, restore_base_weight
 
 STATE_ATTR = "_lora_lite_state"
-_SCRATCH = ("_lora_cfg", "_lora_variant", "_lora_role", "_lora_name")
+_SCRATCH = ("_lora_cfg", "_lora_variant", "_lora_role", "_lora_name", "_lora_probe")
 
 
 @dataclass
@@ -40,8 +40,12 @@ def needs_calibration(variant) -> bool:
     return bool(getattr(variant, "needs_calibration", False))
 
 
-def attach(model, cfg, calibration_data=None, *, _skip_group_init=False) -> AttachState:
-    """Attach the adapter described by ``cfg`` to ``model`` (in place). Returns its state."""
+def attach(model, cfg, calibration_data=None, *, _skip_group_init=False,
+           _targets=None) -> AttachState:
+    """Attach the adapter described by ``cfg`` to ``model`` (in place). Returns its state.
+
+    ``_targets`` (for ``ll.load``): the already resolved target list; ``cfg``'s selection
+    regexes are then not run."""
     if attached(model) is not None:
         raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
                           "attached; call ll.detach(model) first")
@@ -58,7 +62,7 @@ def attach(model, cfg, calibration_data=None, *, _skip_group_init=False) -> Atta
             f"variant {cfg.variant!r} initialises from data: pass calibration_data=[batch, ...] "
             "to ll.attach (batches as the model takes them, e.g. dicts with input_ids and "
             "attention_mask); the model was not changed")
-    targets = find_targets(model, cfg)
+    targets = find_targets(model, cfg) if _targets is None else list(_targets)
     state = AttachState(cfg, variant, targets)
     setattr(model, STATE_ATTR, state)
     try:
@@ -95,12 +99,14 @@ def _attach(model, state, calibration_data, skip_group_init):
             names.append(name)
         layer._lora_cfg, layer._lora_variant = cfg, variant
         layer._lora_role, layer._lora_name = t.role, t.name
+        layer._lora_probe = _dtype_probe(specs)
         if callable(getattr(variant, "init", None)):
             variant.init(layer, cfg)
+    kind = hook_kind(variant)
     for t in state.targets:
-        if hook_kind(variant) == "input":
+        if "input" in kind:
             state.handles.append(t.layer.register_forward_pre_hook(_input_hook))
-        else:
+        if "output" in kind:
             state.handles.append(t.layer.register_forward_hook(_output_hook))
     if callable(getattr(variant, "group_init", None)) and not skip_group_init:
         variant.group_init(model, state.targets, state.cfg, calibration_data)
@@ -112,15 +118,28 @@ def _device_of(layer):
     return torch.device("cpu")
 
 
+def _dtype_probe(specs):
+    """The adapter tensor whose dtype the hook's math runs in (a trainable one if any)."""
+    names = [n for n, s in specs.items() if s.trainable] or list(specs)
+    return names[0] if names else None
+
+
+def adapter_dtype(layer):
+    """The dtype the adapter's tensors have *now*: cfg.dtype at attach, then whatever
+    ``model.to(dtype)`` / ``.half()`` / ``.bfloat16()`` made of them (they follow the model)."""
+    probe = getattr(layer, layer._lora_probe, None) if layer._lora_probe else None
+    return probe.dtype if isinstance(probe, torch.Tensor) else layer._lora_cfg.dtype
+
+
 def _output_hook(layer, args, y):
-    cfg = layer._lora_cfg
-    y_new = layer._lora_variant.forward(layer, args[0].to(cfg.dtype), y)
+    # x in the adapter's current dtype; the result back in the base output's dtype
+    y_new = layer._lora_variant.forward(layer, args[0].to(adapter_dtype(layer)), y)
     return y_new.to(y.dtype)
 
 
 def _input_hook(layer, args):
     x = args[0]
-    x_new = layer._lora_variant.forward_input(layer, x.to(layer._lora_cfg.dtype))
+    x_new = layer._lora_variant.forward_input(layer, x.to(adapter_dtype(layer)))
     return (x_new.to(x.dtype), *args[1:])
 
 

@@ -23,14 +23,19 @@ def stream_inputs(model, targets, calibration_data, on_rows):
 
     rows: fp32 tensor (N, d_in), on the layer's device. Inputs are captured before any adapter
     pre-hook runs. The model runs in eval mode under no_grad; its training mode is restored.
+    Padding is dropped with the mask of the sequence a layer reads: on encoder-decoder models
+    (``config.is_encoder_decoder``) decoder layers use ``decoder_attention_mask`` (all positions
+    when the batch has none), encoder layers and the decoder's cross-attention projections that
+    read the encoder output use ``attention_mask``.
     """
-    current_mask = {}
+    masks = {}
+    sides = _Sides(model)
 
     def capture(target):
         def hook(layer, args):
             x = args[0].detach()
             rows = x.reshape(-1, x.shape[-1]).float()
-            mask = current_mask.get("mask")
+            mask = masks.get(sides.side_of(target.layer, x))
             if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
                 rows = rows[mask.reshape(-1).to(rows.device).bool()]
             if rows.shape[0]:
@@ -38,19 +43,51 @@ def stream_inputs(model, targets, calibration_data, on_rows):
         return hook
 
     handles = [t.layer.register_forward_pre_hook(capture(t), prepend=True) for t in targets]
+    handles += sides.hooks()
     was_training = model.training
     batches = 0
     try:
         model.eval()
         with torch.no_grad():
             for batch in calibration_data:
-                current_mask["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                is_dict = isinstance(batch, dict)
+                masks["encoder"] = batch.get("attention_mask") if is_dict else None
+                masks["decoder"] = batch.get("decoder_attention_mask") if is_dict else None
                 call_model(model, batch)
                 batches += 1
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+        sides.encoder_output = None
     if batches == 0:
         raise ValueError("calibration_data is empty: pass at least one batch")
     return batches
+
+
+class _Sides:
+    """Which sequence a layer reads: "encoder" (the only side of other models) or "decoder"."""
+
+    def __init__(self, model):
+        self.encoder = self.decoder = self.encoder_output = None
+        config = getattr(model, "config", None)
+        if getattr(config, "is_encoder_decoder", False) and callable(getattr(model, "get_decoder", None)):
+            self.encoder, self.decoder = model.get_encoder(), model.get_decoder()
+        self.decoder_modules = {id(m) for m in self.decoder.modules()} if self.decoder else set()
+
+    def hooks(self):
+        if self.encoder is None:
+            return []
+
+        def keep_output(module, args, out):
+            hidden = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
+            self.encoder_output = hidden if isinstance(hidden, torch.Tensor) else None
+        return [self.encoder.register_forward_hook(keep_output)]
+
+    def side_of(self, layer, x):
+        if id(layer) not in self.decoder_modules:
+            return "encoder"
+        enc = self.encoder_output
+        if enc is not None and x.shape == enc.shape and x.data_ptr() == enc.data_ptr():
+            return "encoder"  # cross-attention key/value projection: reads the encoder output
+        return "decoder"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -20,6 +21,8 @@ _NOT_OVERRIDABLE = ("variant", "overrides", "dtype", "target_roles", "target_nam
                     "exclude_names", "layers")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (negatives wrap: refused)
 
 
 @dataclass
@@ -30,10 +33,12 @@ class AdapterConfig:
     r: int = 8                      # rank (variants that have none ignore it)
     alpha: float = 16.0             # LoRA scale s = alpha / r, where the variant uses one
     dtype: torch.dtype = torch.float32  # dtype of adapter tensors and of the hook's math
-    target_roles: tuple = ("reader", "writer")  # () = any role
-    target_names: tuple = ()        # regexes (re.search) on module names; () = any name
-    exclude_names: tuple = ("lm_head", "embed_tokens")
-    layers: tuple | None = None     # decoder layer indices to adapt; None = all
+    target_roles: tuple = ()        # opt-in filter: subset of ROLES; () = any role
+    target_names: tuple = ()        # regexes (re.search) on module names; () = the variant's
+                                    # default_target_names, else every linear-like layer but
+                                    # the output head ("all-linear", see lora_lite.targets)
+    exclude_names: tuple = ()       # regexes of layers never to adapt
+    layers: tuple | None = None     # transformer block indices to adapt; None = all
     seed: int = 0                   # seeds the random init of adapter tensors
     overrides: tuple = ()           # ((regex on module name, {field: value}), ...): per target
 
@@ -42,14 +47,12 @@ class AdapterConfig:
     def __post_init__(self):
         self.dtype = _as_dtype(self.dtype)
         for name in ("target_roles", "target_names", "exclude_names"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            setattr(self, name, tuple(value))
+            setattr(self, name, _as_tuple(name, getattr(self, name), "a list of strings"))
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = (self.layers,)
-            self.layers = tuple(self.layers)
+            self.layers = _as_tuple("layers", self.layers,
+                                    "a list of non-negative layer indices, or None for all")
         self.validate()
 
     def validate(self):
@@ -59,21 +62,18 @@ class AdapterConfig:
         if self.uses_rank:
             _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
                    "r", self.r, "a positive integer")
-        _check(isinstance(self.alpha, (int, float)) and self.alpha == self.alpha, "alpha",
-               self.alpha, "a number")
+        scale_ok = is_finite_number(self.alpha) and (not self.uses_rank or is_finite_number(self.scale))
+        _check(scale_ok, "alpha", self.alpha, "a finite number (alpha / r must fit in float32)")
         _check(self.dtype.is_floating_point, "dtype", self.dtype, "a floating dtype")
         bad = [r for r in self.target_roles if r not in ROLES]
         _check(not bad, "target_roles", self.target_roles, f"a subset of {ROLES}")
         for name in ("target_names", "exclude_names"):
-            for pattern in getattr(self, name):
-                try:
-                    re.compile(pattern)
-                except (re.error, TypeError) as e:
-                    raise ConfigError(f"{name}: {pattern!r} is not a valid regex ({e})") from None
+            _check_patterns(name, getattr(self, name))
         if self.layers is not None:
-            _check(all(isinstance(i, int) and i >= 0 for i in self.layers), "layers",
+            _check(all(_is_int(i) and i >= 0 for i in self.layers), "layers",
                    self.layers, "a list of non-negative layer indices, or None for all")
-        _check(isinstance(self.seed, int), "seed", self.seed, "an integer")
+        _check(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", self.seed,
+               "an integer in [0, 2**64 - 1] (the range of torch.Generator seeds)")
         self._check_overrides()
 
     def _check_overrides(self):
@@ -125,8 +125,7 @@ class AdapterConfig:
         """Rebuild a config; on the base class, the subclass is found from ``d['variant']``."""
         target = cls
         if cls is AdapterConfig:
-            from .plugins import get_variant
-            target = get_variant(d.get("variant", "")).config
+            target = _variant_class(d.get("variant", "")).config
         known = {f.name: f for f in fields(target)}
         unknown = sorted(set(d) - set(known))
         if unknown:
@@ -146,6 +145,22 @@ class AdapterConfig:
         return {f.name: _default(f) for f in fields(cls) if f.name not in base}
 
 
+# name -> variant class. The registry (lora_lite.plugins, which imports this module) installs it,
+# so this module never imports the registry: config <- plugins, one way only.
+_lookup_variant = None
+
+
+def set_variant_lookup(lookup):
+    global _lookup_variant
+    _lookup_variant = lookup
+
+
+def _variant_class(name):
+    if _lookup_variant is None:
+        raise RuntimeError("lora_lite.plugins is not loaded: import lora_lite first")
+    return _lookup_variant(name)
+
+
 def _default(f):
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -162,6 +177,36 @@ def _as_dtype(value):
     raise ConfigError(f"dtype: {value!r} is not one of {sorted(_DTYPES)}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A real number (bool excluded) that stays finite in float32: not NaN, not infinite, and
+    |value| <= float32's max (a larger one becomes inf in the hook and inf * 0 = NaN)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and abs(value) <= FLOAT32_MAX)
+
+
+def _as_tuple(field_name, value, expected) -> tuple:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(f"{field_name}: got {value!r}, expected {expected}") from None
+
+
+def _check_patterns(field_name, patterns):
+    """Every entry is a string that compiles as a regex."""
+    for pattern in patterns:
+        _check(isinstance(pattern, str), field_name, patterns, "a list of regexes (strings)")
+        try:
+            re.compile(pattern)
+        except (re.error, OverflowError, RecursionError) as e:
+            raise ConfigError(f"{field_name}: {pattern!r} is not a valid regex ({e})") from None
+
+
 def _check(ok, field_name, value, expected):
     if not ok:
         raise ConfigError(f"{field_name}: got {value!r}, expected {expected}")
@@ -174,8 +219,7 @@ def check(ok, field_name, value, expected):
 
 def config(name: str, **fields_) -> AdapterConfig:
     """Build the typed config of variant ``name``: ``ll.config("lora", r=8, target_names=[...])``."""
-    from .plugins import get_variant
-    cls = get_variant(name).config
+    cls = _variant_class(name).config
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(fields_) - known)
     if unknown:

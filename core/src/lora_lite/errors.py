@@ -25,5 +25,13 @@ class AdapterFileError(LoraLiteError, ValueError):
     """An adapter file cannot be loaded onto this model; the model was not touched."""
 
 
+class AdapterSaveError(LoraLiteError, OSError):
+    """``ll.save`` could not write the adapter file; any previous file at that path is intact.
+    The message names the path asked for (never the temporary file)."""
+
+    def __str__(self):  # OSError would prefix "[Errno N]"
+        return str(self.strerror if self.strerror is not None else super().__str__())
+
+
 class VariantContractError(LoraLiteError, TypeError):
-    """A plugin's variant breaks the variant contract (design.md section 3)."""
+    """A plugin's variant breaks the variant contract (docs/plugin-contract.md)."""

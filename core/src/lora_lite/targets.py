@@ -1,9 +1,26 @@
 """Target discovery: which linear-like layers of a model get an adapter, and in which role.
 
-Roles, relative to the model width d_model: ``reader`` (d_in == d_model, reads the residual
-stream), ``writer`` (d_out == d_model, writes it), ``inner`` (neither). Square layers are named
-by convention (q/k/v_proj read, o/out/down_proj write). Name, exclude and layer filters apply
-first, so an ambiguous square layer that is not targeted never breaks attach (upstream bug).
+Selection, in order:
+
+1. Candidates: every module some layer kind handles (``lora_lite.layer_kinds``: nn.Linear,
+   transformers' Conv1D, bitsandbytes 4bit/8bit, plugin kinds), minus ``exclude_names`` and the
+   projections inside ``nn.MultiheadAttention`` (it reads their weights directly, so hooks on
+   them would never run).
+2. Names: ``target_names`` regexes (``re.search``). When empty, the variant's own
+   ``default_target_names(model)`` if it has one (ia3: the k/v projections of this
+   architecture); otherwise *every* candidate except the output head: PEFT's "all-linear". The
+   head is ``model.get_output_embeddings()`` plus any layer whose weight is tied to an input
+   embedding (the tied lm_head of GPT-2, T5, Qwen2...); BERT's ``cls.predictions.decoder`` is one.
+3. ``layers``: transformer blocks by block index, the first ``<container>.<N>`` in the module
+   path with container one of ``layers``, ``layer``, ``h``, ``block``, ``blocks`` (so
+   ``model.layers.3``, ``transformer.h.3``, ``gpt_neox.layers.3``, ``encoder.layer.3``,
+   ``encoder.block.3``/``decoder.block.3``, ``model.decoder.layers.3``; never T5's sub-layer
+   index ``block.1.layer.0``).
+4. Roles, an opt-in filter (``target_roles``, empty by default). Relative to the model width
+   d_model: ``reader`` (d_in == d_model, reads the residual stream), ``writer`` (d_out ==
+   d_model), ``inner`` (neither). A square layer is named by convention (q/k/v read; o, out,
+   down, dense, c_proj write); one whose name does not tell gets role ``square`` and is an error
+   only when ``target_roles`` asks for roles.
 """
 from __future__ import annotations
 
@@ -12,11 +29,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import AttachError
+from .errors import AttachError, VariantNotInstalled
+from .layer_kinds import features, is_linear_like
 
-_LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
-_WRITER_NAMES = ("o_proj", "out_proj", "down_proj", "dense_4h_to_h", "c_proj", "wo", "w2")
-_READER_NAMES = ("q_proj", "k_proj", "v_proj", "kq_proj", "qkv_proj", "query", "key", "value")
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
+_WRITER_NAMES = ("o_proj", "out_proj", "down_proj", "dense_4h_to_h", "c_proj", "wo", "w2",
+                 "fc2", "dense", "o", "out_lin")
+_READER_NAMES = ("q_proj", "k_proj", "v_proj", "kq_proj", "qkv_proj", "query", "key", "value",
+                 "q", "k", "v", "c_attn", "query_key_value", "q_lin", "k_lin", "v_lin")
 
 
 @dataclass
@@ -28,11 +48,6 @@ class Target:
     d_out: int
 
 
-def is_linear_like(module) -> bool:
-    return (hasattr(module, "in_features") and hasattr(module, "out_features")
-            and hasattr(module, "weight") and callable(module))
-
-
 def model_width(model) -> int:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
@@ -40,15 +55,16 @@ def model_width(model) -> int:
     width = getattr(config, "hidden_size", None)
     if isinstance(width, int):
         return width
-    widths = [m.in_features for m in model.modules() if is_linear_like(m)]
-    if not widths:
-        raise AttachError("this model has no linear-like layers (modules with in_features, "
-                          "out_features and weight) to adapt")
-    return max(widths)
+    sizes = [d for m in model.modules() if is_linear_like(m) for d in features(m)]
+    if not sizes:
+        raise AttachError("this model has no linear-like layers (nn.Linear, transformers' "
+                          "Conv1D, bitsandbytes Linear4bit/8bit) to adapt")
+    return max(set(sizes), key=lambda d: (sizes.count(d), d))  # the residual width recurs most
 
 
 def layer_index(name):
-    m = _LAYER_INDEX.search(f".{name}.")
+    """The transformer block index of a module path (see the module docstring), or None."""
+    m = _BLOCK_INDEX.search(name)
     return int(m.group(1)) if m else None
 
 
@@ -59,27 +75,79 @@ def classify(name, d_in, d_out, d_model):
         return "writer"
     if d_in == d_out == d_model:
         leaf = name.rsplit(".", 1)[-1]
-        if any(k in leaf for k in _WRITER_NAMES):
+        if leaf in _WRITER_NAMES or any(k in leaf for k in _WRITER_NAMES if len(k) > 4):
             return "writer"
-        if any(k in leaf for k in _READER_NAMES):
+        if leaf in _READER_NAMES or any(k in leaf for k in _READER_NAMES if len(k) > 4):
             return "reader"
         return None  # ambiguous
     return "inner"
 
 
+def output_head_ids(model) -> set[int]:
+    """ids of the output head modules: get_output_embeddings() and layers tied to an embedding."""
+    heads = set()
+    get_head = getattr(model, "get_output_embeddings", None)
+    if callable(get_head):
+        try:
+            head = get_head()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if isinstance(head, nn.Module):
+            heads.add(id(head))
+    embedding_weights = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    tied = {id(w) for w in embedding_weights} | {w.data_ptr() for w in embedding_weights}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Embedding) or weight is None or not hasattr(weight, "data_ptr"):
+            continue
+        if id(weight) in tied or (weight.numel() and weight.data_ptr() in tied):
+            heads.add(id(module))
+    return heads
+
+
+def linear_layers(model) -> list[tuple[str, nn.Module]]:
+    """Every (name, module) lora-lite could adapt, in model order (MultiheadAttention's skipped)."""
+    hidden = {id(m.out_proj) for m in model.modules()
+              if isinstance(m, nn.MultiheadAttention) and hasattr(m, "out_proj")}
+    return [(n, m) for n, m in model.named_modules()
+            if n and id(m) not in hidden and is_linear_like(m)]
+
+
+def describe_candidates(model, limit=16) -> str:
+    """'leaf (d_in->d_out), ...' over the distinct leaf names of the linear-like layers."""
+    seen = {}
+    for name, module in linear_layers(model):
+        leaf = re.sub(r"(?:^|\.)\d+(?=\.|$)", ".N", name).lstrip(".")
+        seen.setdefault(leaf, "%d->%d" % features(module))
+    items = [f"{k} ({v})" for k, v in seen.items()]
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def variant_default_names(model, cfg) -> tuple:
+    """The variant's own per-architecture target names, or () for "all-linear"."""
+    from .plugins import get_variant
+    try:
+        variant = get_variant(cfg.variant)
+    except VariantNotInstalled:
+        return ()
+    pick = getattr(variant, "default_target_names", None)
+    return tuple(pick(model)) if callable(pick) else ()
+
+
 def find_targets(model, cfg) -> list[Target]:
     d_model = model_width(model)
+    names = tuple(cfg.target_names) or variant_default_names(model, cfg)
+    heads = output_head_ids(model) if not names else set()
     found = []
-    for name, module in model.named_modules():
-        if not name or not is_linear_like(module):
+    for name, module in linear_layers(model):
+        if id(module) in heads or any(re.search(p, name) for p in cfg.exclude_names):
             continue
-        if any(re.search(p, name) for p in cfg.exclude_names):
-            continue
-        if cfg.target_names and not any(re.search(p, name) for p in cfg.target_names):
+        if names and not any(re.search(p, name) for p in names):
             continue
         if cfg.layers is not None and layer_index(name) not in cfg.layers:
             continue
-        d_in, d_out = int(module.in_features), int(module.out_features)
+        d_in, d_out = features(module)
         role = classify(name, d_in, d_out, d_model)
         if role is None:
             if cfg.target_roles:
@@ -92,9 +160,15 @@ def find_targets(model, cfg) -> list[Target]:
             continue
         found.append(Target(name, module, role, d_in, d_out))
     if not found:
-        raise AttachError(
-            f"no layer matched: target_names={list(cfg.target_names)}, "
-            f"target_roles={list(cfg.target_roles)}, layers={cfg.layers}, "
-            f"exclude_names={list(cfg.exclude_names)}. Check the names with "
-            "[n for n, _ in model.named_modules()]")
+        raise AttachError(no_match_message(model, cfg, names))
     return found
+
+
+def no_match_message(model, cfg, names):
+    hint = ""
+    if cfg.layers is not None and not any(layer_index(n) is not None for n, _ in linear_layers(model)):
+        hint = (" This model has no transformer blocks under layers/layer/h/block/blocks.N, "
+                "so layers= selects nothing; use layers=None.")
+    return (f"no layer matched: target_names={list(names)}, target_roles={list(cfg.target_roles)}, "
+            f"layers={cfg.layers}, exclude_names={list(cfg.exclude_names)}.{hint} Linear-like "
+            f"layers of this model: {describe_candidates(model)}")

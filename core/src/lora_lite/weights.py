@@ -1,59 +1,31 @@
-"""Dense-weight access for any supported layer type: read the fp32 weight, write a new one back.
+"""Dense-weight access for any supported layer kind: read the fp32 weight, write a new one back.
 
-Plain nn.Linear-like layers are handled here; quantized layer types come from weight backends
-registered through the ``register_weight_backends`` hook (lora-lite's own bitsandbytes backend is
-one of them). The first write to a layer keeps a snapshot of the original storage so that
+``dense_weight`` is always fp32 (d_out, d_in) and ``set_dense_weight`` takes that shape, whatever
+the layer stores: nn.Linear, transformers' Conv1D (stored transposed), bitsandbytes 4bit/8bit
+(dequantized / requantized), or a kind a plugin registers (see ``lora_lite.layer_kinds``).
+The first write to a layer keeps a snapshot of the original storage so that
 ``restore_base_weight`` (called by ``detach``) puts it back bit for bit.
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .plugins import weight_backends
+from .layer_kinds import DenseKind, features, kind_of
 
 _SNAPSHOT = "_lora_lite_base_snapshot"
+DenseBackend = DenseKind  # the former name
 _STATE_HOOK = "_lora_lite_state_dict_hook"
 
 
-class DenseBackend:
-    """Layers whose ``.weight`` is an ordinary floating (d_out, d_in) tensor (nn.Linear & co)."""
-
-    name = "dense"
-
-    @staticmethod
-    def handles(layer):
-        w = getattr(layer, "weight", None)
-        return isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2
-
-    @staticmethod
-    def read(layer):
-        return layer.weight.detach().float()
-
-    @staticmethod
-    def write(layer, dense):
-        old = layer.weight
-        layer.weight = nn.Parameter(dense.detach().to(old.dtype, copy=True), requires_grad=False)
-
-    @staticmethod
-    def snapshot(layer):
-        return layer.weight  # write() replaces the Parameter, so the original object is intact
-
-    @staticmethod
-    def restore(layer, snap):
-        layer.weight = snap
-
-
 def backend_for(layer):
-    for backend in weight_backends():
-        if backend.handles(layer):
-            return backend
-    if DenseBackend.handles(layer):
-        return DenseBackend
-    raise TypeError(
-        f"lora-lite cannot read the weight of {type(layer).__module__}.{type(layer).__name__}: "
-        "no weight backend handles this layer type. Supported: nn.Linear, bitsandbytes Linear4bit "
-        "and Linear8bitLt; plugins can add others through the register_weight_backends hook.")
+    kind = kind_of(layer)
+    if kind is None:
+        raise TypeError(
+            f"lora-lite cannot read the weight of {type(layer).__module__}.{type(layer).__name__}: "
+            "no layer kind handles this layer type. Supported: nn.Linear, transformers' Conv1D, "
+            "bitsandbytes Linear4bit and Linear8bitLt; plugins can add others through the "
+            "register_weight_backends hook (see lora_lite.layer_kinds).")
+    return kind
 
 
 def dense_weight(layer) -> torch.Tensor:
@@ -67,7 +39,7 @@ def set_dense_weight(layer, dense: torch.Tensor) -> None:
     The original storage is kept so that ``detach`` restores it bit for bit.
     """
     backend = backend_for(layer)
-    d_out, d_in = layer.out_features, layer.in_features
+    d_in, d_out = features(layer, backend)
     if tuple(dense.shape) != (d_out, d_in):
         raise ValueError(f"new weight has shape {tuple(dense.shape)}, layer needs {(d_out, d_in)}")
     if not hasattr(layer, _SNAPSHOT):
@@ -125,6 +97,7 @@ def _show_original_weight(layer, state_dict, prefix, local_metadata):
 
 def guard_training(model):
     """Let each backend make its layers safe to train adapters through; returns an undo function."""
+    from .plugins import weight_backends
     undos = [b.guard_training(model) for b in weight_backends() if hasattr(b, "guard_training")]
 
     def undo():

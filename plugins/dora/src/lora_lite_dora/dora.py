@@ -7,12 +7,21 @@ A (r, d_in) kaiming-uniform, B (d_out, r) zeros, m (d_out) = ‖W‖_row (the L2
 row over d_in). At init B = 0 and m is computed by the same function as the norm in the forward,
 so g = 1 exactly and the output is bit for bit the base's. The norm is detached (paper §4.3).
 
-W is the dense weight (dequantized on bitsandbytes 4bit/8bit bases). The base is frozen, so it is
-read once at attach into ``lora_weight_cache``, a non-persistent buffer: it follows the model
-across devices, is never saved, is not in the state_dict (detach stays bit-exact) and spares a
-dequantization per forward. ``cache_weight=False`` trades that memory (d_out·d_in per target, in
-cfg.dtype) for a read through ll.dense_weight on every forward, which never mutates the layer
-(safe on 8bit layers that have already run).
+The norm without a dense copy of W (``factored_norm=True``, the default): per output row i,
+
+    ‖W_i + s·(B A)_i‖² = ‖W_i‖² + 2s·Σ_k B_ik (A Wᵀ)_ki + s²·(B G B)_ii,   G = A Aᵀ (r × r)
+
+‖W‖²_row is read once at attach (``lora_w_norm2``, d_out numbers, a non-persistent buffer); A Wᵀ
+is what the base layer computes when fed A's r rows as inputs, so it runs through the layer's
+own kernel (bitsandbytes 4bit/8bit included; the bias is subtracted) and W is never
+materialised; the last term is r × r work. Adapter memory is LoRA's plus 2·d_out numbers. On an
+8bit base the cross term carries the int8 kernel's activation rounding (as the base output
+does); at init B = 0 makes both B terms exactly 0, so g = 1 exactly on every base.
+
+``factored_norm=False`` computes ‖W + s·B A‖_row from the dense weight instead. W is then read
+once at attach into ``lora_weight_cache`` (a non-persistent buffer: never saved, not in the
+state_dict, d_out·d_in numbers per target in cfg.dtype), or, with ``cache_weight=False``, through
+ll.dense_weight on every forward (never mutating the layer; safe on 8bit layers that have run).
 
 Interop: merges to W' = g ⊙_row (W + s·B A) (bias unchanged); exports to / imports from PEFT's
 LoraConfig(use_dora=True) (lora_magnitude_vector = m; rank_pattern / alpha_pattern become
@@ -25,19 +34,27 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
+from lora_lite.config import FLOAT32_MAX
 
 
 @dataclass
 class DoRAConfig(ll.AdapterConfig):
     variant: str = "dora"
-    cache_weight: bool = True   # keep the dense base weight (cfg.dtype) instead of re-reading it
+    factored_norm: bool = True  # the row norm from ‖W‖_row, the base kernel on A, and r × r work
+    cache_weight: bool = False  # (factored_norm=False) keep a dense copy of W instead of re-reading
     use_rslora: bool = False    # scale alpha / sqrt(r) (rsLoRA) instead of alpha / r
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.cache_weight, bool), "cache_weight", self.cache_weight,
-                 "True or False")
+        for name in ("factored_norm", "cache_weight"):
+            ll.check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        ll.check(not (self.factored_norm and self.cache_weight), "cache_weight", self.cache_weight,
+                 "False with factored_norm=True (the factored norm keeps no dense copy of W); "
+                 "set factored_norm=False to use the cache")
         ll.check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
+        ll.check(abs(self.scale) <= FLOAT32_MAX ** 0.5, "alpha", self.alpha,
+                 "a number whose scale (alpha / r, or alpha / sqrt(r) with use_rslora) is at "
+                 "most 1.8e19 in size: the row norm squares it in float32")
 
     @property
     def scale(self) -> float:
@@ -74,10 +91,31 @@ def dense_base(layer):
     return ll.dense_weight(layer).to(layer._lora_cfg.dtype)
 
 
-def row_norm(layer):
+def base_times_A(layer, like):
+    """A Wᵀ as (d_out, r) fp32: the base layer's own forward (no hooks) fed A's rows, minus b."""
+    out = layer.forward(layer.lora_A.to(like.dtype)).float()      # (r, d_out)
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        out = out - bias.float()
+    return out.T
+
+
+def factored_norm2(layer, AWt):
+    """‖W + s·B A‖²_row (d_out,) from ‖W‖²_row, AWt = (A Wᵀ)ᵀ (d_out, r) and G = A Aᵀ."""
+    s = layer._lora_cfg.scale
+    A, B = layer.lora_A.float(), layer.lora_B.float()
+    cross = (B * AWt).sum(dim=1)                                      # (d_out,)
+    ba2 = ((B @ (A @ A.T)) * B).sum(dim=1)                            # (d_out,)
+    return layer.lora_w_norm2 + 2.0 * s * cross + (s * s) * ba2
+
+
+def row_norm(layer, like=None):
     """sg(‖W + s·B A‖_row), (d_out,): computed in fp32, returned in the dtype of m."""
     with torch.no_grad():
-        BA = layer.lora_B.float() @ layer.lora_A.float()             # (d_out, d_in)
+        if layer._lora_cfg.factored_norm:
+            AWt = base_times_A(layer, layer.lora_A if like is None else like)
+            return factored_norm2(layer, AWt).clamp_min(0).sqrt().to(layer.lora_m.dtype)
+        BA = layer.lora_B.float() @ layer.lora_A.float()              # (d_out, d_in)
         V = dense_base(layer).float() + layer._lora_cfg.scale * BA
         return torch.linalg.norm(V, dim=1).to(layer.lora_m.dtype)
 
@@ -86,6 +124,15 @@ class DoRA(ll.Variant):
     name = "dora"
     config = DoRAConfig
     paper = "https://arxiv.org/abs/2402.09353"
+    train_defaults = {"lr": 2e-3}
+    cost_note = ("B·A (d_out·r·d_in) once per call, spread over the batch's tokens; "
+                 "the row norms are elementwise")
+    peft_cost_note = "PEFT's DoRA also forms B·A (and W + s·B·A) once per call"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        # the LoRA path per token, and B·A once per call for the norm of W + s·B·A
+        return cfg.r * (target.d_in + target.d_out), target.d_out * cfg.r * target.d_in
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -94,7 +141,9 @@ class DoRA(ll.Variant):
             "lora_B": ll.ParamSpec((d_out, cfg.r), init="zeros"),
             "lora_m": ll.ParamSpec((d_out,), init="ones"),   # set to ‖W‖_row by init
         }
-        if cfg.cache_weight:
+        if cfg.factored_norm:
+            specs["lora_w_norm2"] = ll.ParamSpec((d_out,), trainable=False, persistent=False)
+        elif cfg.cache_weight:
             specs["lora_weight_cache"] = ll.ParamSpec((d_out, d_in), trainable=False,
                                                       persistent=False)
         return specs
@@ -102,6 +151,11 @@ class DoRA(ll.Variant):
     @staticmethod
     def init(layer, cfg):
         with torch.no_grad():
+            if cfg.factored_norm:
+                # ‖W‖²_row; with B = 0 the forward's norm is sqrt(this + 0 + 0): the same number
+                layer.lora_w_norm2.copy_(ll.dense_weight(layer).pow(2).sum(dim=1))
+                layer.lora_m.copy_(layer.lora_w_norm2.clamp_min(0).sqrt())
+                return
             if cfg.cache_weight:
                 layer.lora_weight_cache.copy_(ll.dense_weight(layer))
             layer.lora_m.copy_(row_norm(layer))   # B = 0 here, so this is ‖W‖_row
@@ -109,7 +163,7 @@ class DoRA(ll.Variant):
     @staticmethod
     def forward(layer, x, y):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) base output in the layer's dtype
-        g = layer.lora_m / row_norm(layer)                            # (d_out,), grad to m only
+        g = layer.lora_m / row_norm(layer, like=y)                    # (d_out,), grad to m only
         bias = getattr(layer, "bias", None)
         base = (y if bias is None else y - bias).to(x.dtype)          # x Wᵀ, (..., d_out)
         lora = (x @ layer.lora_A.T) @ layer.lora_B.T                   # (..., d_out)

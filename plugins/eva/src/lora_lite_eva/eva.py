@@ -60,6 +60,9 @@ class Moments:
         self.sum += rows.sum(dim=0).to(self.sum.dtype)
         self.count += rows.shape[0]
 
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.xtx).all() and torch.isfinite(self.sum).all())
+
     def top_directions(self, r, center):
         c = self.xtx
         if center:
@@ -70,11 +73,26 @@ class Moments:
         return top * top.gather(1, peak).sign()
 
 
+def check_finite(stats, targets):
+    """Refuse (before any tensor is set) calibration inputs holding NaN or Inf."""
+    bad = [t.name for t in targets if not stats[t.name].finite()]
+    if bad:
+        raise ll.AttachError(
+            f"eva: the calibration inputs of {bad[0]} ({len(bad)} of {len(targets)} targets) hold "
+            "NaN or Inf values, so no directions can be found; check the base model and the "
+            "calibration batches (e.g. run in float32). The model was not changed")
+
+
 class EVA(ll.Variant):
     name = "eva"
     config = EVAConfig
     needs_calibration = True
     paper = "https://arxiv.org/abs/2410.07170"
+    train_defaults = {"calibration": 4}   # A from the activations of 4 batches
+
+    @staticmethod
+    def added_macs(target, cfg):
+        return cfg.r * (target.d_in + target.d_out), 0
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -117,6 +135,7 @@ class EVA(ll.Variant):
             if seen < cfg.r:
                 raise ValueError(f"{t.name} saw {seen} non-padding input rows in the calibration "
                                  f"data, EVA needs at least r={cfg.r}: pass more (or longer) batches")
+        check_finite(stats, targets)
         for t in targets:
             top = stats.pop(t.name).top_directions(cfg.r, cfg.center)
             with torch.no_grad():

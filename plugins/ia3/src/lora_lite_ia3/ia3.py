@@ -4,7 +4,8 @@
 
 The bias is scaled too, as in PEFT's IA3 on a non-feed-forward layer (IA3Config without
 feedforward_modules; PEFT's ia3_l (d_out, 1) = g). g = 1 makes init exactly the identity.
-r and alpha are unused. Default targets: k_proj and v_proj (the paper's placement).
+r and alpha are unused. Default targets: the key and value projections of the architecture
+(placement.py; the paper's placement).
 
 Interop: merges to W' = diag(g) W and b' = g ⊙ b (a changed bias: ``as_lora_rank`` export refuses
 layers with a bias); exports to / imports from PEFT's IA3Config (ia3_l (d_out, 1)), layers not in
@@ -15,11 +16,12 @@ from typing import ClassVar
 
 import lora_lite as ll
 
+from .placement import key_value_names
+
 
 @dataclass
 class IA3Config(ll.AdapterConfig):
     variant: str = "ia3"
-    target_names: tuple = (r"k_proj$", r"v_proj$")
 
     uses_rank: ClassVar[bool] = False
 
@@ -28,6 +30,18 @@ class IA3(ll.Variant):
     name = "ia3"
     config = IA3Config
     paper = "https://arxiv.org/abs/2205.05638"
+    train_defaults = {"lr": 2e-2, "targets": (r"(k_proj|v_proj)$",)}
+    cost_note = "elementwise gain only (d_out mults/token): no matmul, nothing to count"
+    peft_cost_note = "elementwise gain only"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        return 0, 0
+
+    @staticmethod
+    def default_target_names(model):
+        """Per-architecture default targets (see placement.py); used when target_names=()."""
+        return key_value_names(model)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -3,8 +3,9 @@
     x' = x ⊙ g,   y' = (x ⊙ g) Wᵀ + b,   g (d_in) = 1 at init      (an input pre-hook)
 
 The bias is not scaled, as in PEFT's IA3 on a layer listed in feedforward_modules (PEFT's ia3_l
-(1, d_in) = g). g = 1 makes init exactly the identity. r and alpha are unused. Intended target:
-down_proj, whose input is act(gate)·up (the default target_names).
+(1, d_in) = g). g = 1 makes init exactly the identity. r and alpha are unused. Default target: the
+feed-forward down projection of the architecture (down_proj, fc2, dense_4h_to_h...: placement.py),
+whose input is act(gate)·up.
 
 Interop: merges to W' = W diag(g) (bias unchanged); exports to / imports from PEFT's IA3Config
 with every target in feedforward_modules (ia3_l (1, d_in)). PEFT folders that mix feed-forward
@@ -15,11 +16,12 @@ from typing import ClassVar
 
 import lora_lite as ll
 
+from .placement import down_names
+
 
 @dataclass
 class IA3FFConfig(ll.AdapterConfig):
     variant: str = "ia3_ff"
-    target_names: tuple = (r"down_proj$",)
 
     uses_rank: ClassVar[bool] = False
 
@@ -28,6 +30,18 @@ class IA3FF(ll.Variant):
     name = "ia3_ff"
     config = IA3FFConfig
     paper = "https://arxiv.org/abs/2205.05638"
+    train_defaults = {"lr": 2e-2, "targets": (r"down_proj$",)}
+    cost_note = "elementwise gain only (d_in mults/token): no matmul"
+    peft_cost_note = "elementwise gain only"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        return 0, 0
+
+    @staticmethod
+    def default_target_names(model):
+        """Per-architecture default targets (see placement.py); used when target_names=()."""
+        return down_names(model)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -50,6 +50,8 @@ class PiSSAConfig(ll.AdapterConfig):
                  "an integer in [0, 20]")
         ll.check(isinstance(self.rewrite_base, bool), "rewrite_base", self.rewrite_base,
                  "True or False")
+        ll.check(self.alpha > 0, "alpha", self.alpha,
+                 "a number > 0: the factors are sqrt(S / s) with s = alpha / r")
 
 
 def principal_factors(W, cfg):
@@ -80,6 +82,12 @@ class PiSSA(ll.Variant):
     name = "pissa"
     config = PiSSAConfig
     paper = "https://arxiv.org/abs/2404.02948"
+    train_defaults = {"alpha": "r"}   # scale 1: the factors carry W's top-r part
+
+    @staticmethod
+    def added_macs(target, cfg):
+        # rewrite_base=False keeps W and subtracts s·B0 A0 x in the hook: twice
+        return cfg.r * (target.d_in + target.d_out) * (1 if getattr(cfg, "rewrite_base", True) else 2), 0
     rewrites_weight = True
 
     @staticmethod

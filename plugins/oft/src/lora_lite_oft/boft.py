@@ -1,0 +1,219 @@
+"""BOFT, Butterfly Orthogonal Finetuning — Liu et al. 2024, https://arxiv.org/abs/2311.06243
+(PEFT's BOFT)
+
+    x' = x M,  M = M_{m−1} ⋯ M_1 M_0,  M_i = P_i B_i P_iᵀ,   y' = s ⊙ (x' Wᵀ) + b
+
+B_i = blockdiag of D Cayley blocks (I − S)(I + S)⁻¹, S = (R − Rᵀ)/2 (b × b each, d_in = D·b), P_i
+the i-th butterfly permutation (P_0 = I), s a per-output scale. The rotation runs in an input
+pre-hook (W is never read: bitsandbytes 4bit/8bit bases work as they are) and s in an output
+hook, which sees y already computed from x'. x M is applied factor by factor, M_{m−1} first:
+x ↦ x[..., P_i⁻¹] ↦ block matmuls ↦ x[..., P_i] — gathers and D small matmuls, O(m·d_in·b) per
+token. PEFT instead builds the d_in × d_in M (two d_in³ bmm per factor) and x M on every call.
+
+- ``lora_R`` (m, D, b, b), zeros (PEFT's ``boft_R``, same layout); ``lora_s`` (d_out,), ones
+  (PEFT's ``boft_s`` is (d_out, 1)). The bias passes unscaled: y' = s ⊙ (y − b) + b.
+- Knobs as PEFT: ``block_size`` b (``boft_block_size``) or ``block_num`` D (``boft_block_num``),
+  exactly one non-zero; ``n_butterfly_factor`` m (``boft_n_butterfly_factor``; m > 1 needs b and
+  D even, and D a multiple of 2^(m−1)); ``dropout`` (``boft_dropout``: in training, int(p·D)
+  blocks of one random factor become I).
+- Identity at init: R = 0 gives B_i = I exactly, permutations move values without rounding and
+  s = 1: bit for bit the base.
+- PEFT caveat: without its CUDA extension (CPU, or no ninja) PEFT silently runs m = 1 whatever
+  ``boft_n_butterfly_factor`` says, so a PEFT adapter trained there has m = 1 tensors (lora-lite
+  reads m from the tensor shape on import).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+import lora_lite as ll
+from lora_lite.config import is_finite_number
+
+from .oft import peft_target_modules, peft_type_of
+from .rotations import rotate_blocks
+
+
+@dataclass
+class BOFTConfig(ll.AdapterConfig):
+    variant: str = "boft"
+    block_size: int = 4            # b (PEFT boft_block_size); 0 -> given by block_num
+    block_num: int = 0             # D (PEFT boft_block_num); 0 -> D = d_in / block_size
+    n_butterfly_factor: int = 1    # m
+    dropout: float = 0.0
+
+    uses_rank = False
+
+    def validate(self):
+        super().validate()
+        for name in ("block_size", "block_num", "n_butterfly_factor"):
+            value = getattr(self, name)
+            ll.check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                     name, value, "a non-negative integer")
+        ll.check((self.block_size > 0) != (self.block_num > 0), "block_size", self.block_size,
+                 f"exactly one of block_size and block_num non-zero (block_num={self.block_num})")
+        ll.check(self.n_butterfly_factor >= 1, "n_butterfly_factor", self.n_butterfly_factor,
+                 "a positive integer (1 = plain block-diagonal OFT)")
+        ll.check(is_finite_number(self.dropout) and 0 <= self.dropout < 1, "dropout",
+                 self.dropout, "a probability in [0, 1)")
+
+
+def butterfly_layout(d_in: int, cfg) -> tuple[int, int, int]:
+    """(m, D, b); ValueError naming the constraint PEFT enforces if the layer does not fit."""
+    m = cfg.n_butterfly_factor
+    b = cfg.block_size or (d_in // cfg.block_num if d_in % cfg.block_num == 0 else 0)
+    if not b or d_in % b:
+        raise ValueError(f"boft: d_in={d_in} does not split into blocks (block_size="
+                         f"{cfg.block_size}, block_num={cfg.block_num}); pick a divisor of {d_in}")
+    n_blocks = d_in // b
+    if m > 1 and (b % 2 or n_blocks % 2 or n_blocks % 2 ** (m - 1)
+                  or m - 1 > int(math.log2(n_blocks))):
+        raise ValueError(f"boft: n_butterfly_factor={m} needs an even block size and block count "
+                         f"with block_num a multiple of {2 ** (m - 1)}; this layer has d_in="
+                         f"{d_in}, block_size={b}, block_num={n_blocks}")
+    return m, n_blocks, b
+
+
+def butterfly_perm(n: int, blocks: int, half: int, factors_minus_one: int) -> torch.Tensor:
+    """PEFT's ``block_butterfly_perm(n, b=blocks, r=half, n_butterfly_factor)``: indices p with
+    P[j, p[j]] = 1."""
+    if factors_minus_one == 0:
+        return torch.arange(n)
+    size = n // blocks
+    step = size / half
+    order = torch.empty(size, dtype=torch.long)
+    seq = torch.cat((torch.arange(0, step, 2), torch.arange(1, step, 2)))
+    for i, pos in enumerate(seq):
+        order[int(i * half):int(i * half + half)] = torch.arange(size)[int(pos * half):int(pos * half + half)]
+    indices = torch.arange(n)
+    for start in range(0, n, size):
+        indices[start:start + size] = indices[start:start + size][order]
+    return indices
+
+
+@functools.lru_cache(maxsize=256)
+def factor_gathers(d_in: int, n_blocks: int, b: int, m: int, device_str: str):
+    """Per factor i: (pre, post) index tensors with x P_i = x[..., pre], x P_iᵀ = x[..., post]."""
+    out = []
+    for i in range(m):
+        perm = butterfly_perm(d_in, n_blocks // 2 ** i, b // 2, m - 1)
+        out.append((torch.argsort(perm).to(device_str), perm.to(device_str)))
+    return tuple(out)
+
+
+def cayley_blocks(R: torch.Tensor) -> torch.Tensor:
+    """(m, D, b, b) free blocks -> orthogonal (I − S)(I + S)⁻¹, S = (R − Rᵀ)/2 (PEFT's order)."""
+    m, n_blocks, b, _ = R.shape
+    flat = R.reshape(m * n_blocks, b, b)
+    skew = 0.5 * (flat - flat.transpose(1, 2))
+    eye = torch.eye(b, device=R.device, dtype=R.dtype).unsqueeze(0).expand(m * n_blocks, b, b)
+    return torch.linalg.solve(eye + skew, eye - skew, left=False).reshape(m, n_blocks, b, b)
+
+
+def butterfly_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
+    """PEFT's multiplicative dropout: in one random factor, int(p·D) blocks become I."""
+    m, n_blocks, b, _ = blocks.shape
+    n_drop = int(p * n_blocks)
+    if n_drop == 0:
+        return blocks
+    mask = torch.zeros(m, n_blocks, 1, 1, device=blocks.device, dtype=blocks.dtype)
+    mask[torch.randint(0, m, (1,)).item(), torch.randperm(n_blocks)[:n_drop]] = 1.0
+    return (1 - mask) * blocks + mask * torch.eye(b, device=blocks.device, dtype=blocks.dtype)
+
+
+def apply_butterfly(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x (..., d_in) ↦ x M_{m−1} ⋯ M_0 for orthogonal blocks (m, D, b, b)."""
+    m, n_blocks, b, _ = blocks.shape
+    gathers = factor_gathers(x.shape[-1], n_blocks, b, m, str(x.device))
+    for i in reversed(range(m)):                              # M_{m−1} acts first
+        pre, post = gathers[i]
+        x = rotate_blocks(x if i == 0 else x[..., pre], blocks[i])   # P_0 = I: no gather
+        x = x if i == 0 else x[..., post]
+    return x
+
+
+class BOFT(ll.Variant):
+    name = "boft"
+    config = BOFTConfig
+    paper = "https://arxiv.org/abs/2311.06243"
+    train_defaults = {"lr": 2e-3, "knobs": {"block_size": 4, "n_butterfly_factor": 2}}
+    cost_note = ("m·D Cayley solves (b×b) once per call, not counted as matmuls; the butterfly "
+                 "is m gathers and D small matmuls per factor, m·d_in·b MACs/token, plus d_out "
+                 "for the scale")
+    peft_cost_note = ("PEFT builds the d_in×d_in butterfly matrix on every call (2 d_in³ bmm per "
+                      "factor, with dense permutation matrices) and then x M, d_in² MACs/token")
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        m, n_blocks, b = butterfly_layout(d_in, cfg)
+        return {"lora_R": ll.ParamSpec((m, n_blocks, b, b), init="zeros"),
+                "lora_s": ll.ParamSpec((d_out,), init="ones")}
+
+    @staticmethod
+    def forward_input(layer, x):
+        # x: (..., d_in) in cfg.dtype
+        blocks = cayley_blocks(layer.lora_R)                  # (m, D, b, b)
+        if layer.training and layer._lora_cfg.dropout > 0:
+            blocks = butterfly_dropout(blocks, layer._lora_cfg.dropout)
+        return apply_butterfly(x, blocks.to(x.dtype))
+
+    @staticmethod
+    def forward(layer, x, y):
+        # y: (..., d_out), computed by the base from the rotated x; the bias passes unscaled
+        bias = getattr(layer, "bias", None)
+        s = layer.lora_s.to(y.dtype)
+        if bias is None:
+            return y * s
+        return (y - bias) * s + bias
+
+    @staticmethod
+    def added_macs(target, cfg):
+        m, n_blocks, b = butterfly_layout(target.d_in, cfg)
+        return m * target.d_in * b + target.d_out, 2 * m * n_blocks * b ** 3
+
+    @staticmethod
+    def merged_weight(layer, cfg):
+        W = ll.dense_weight(layer)                            # (d_out, d_in) fp32
+        with torch.no_grad():
+            eye = torch.eye(layer.in_features, dtype=torch.float32, device=layer.lora_R.device)
+            M = apply_butterfly(eye, cayley_blocks(layer.lora_R.float()))
+        return layer.lora_s.detach().float()[:, None] * (W @ M.T), None
+
+    @staticmethod
+    def peft_config(cfg, target_names):
+        return {"peft_type": "BOFT", "boft_block_size": cfg.block_size,
+                "boft_block_num": cfg.block_num, "boft_n_butterfly_factor": cfg.n_butterfly_factor,
+                "boft_dropout": cfg.dropout, "target_modules": peft_target_modules(target_names),
+                "bias": "none", "init_weights": True, "fan_in_fan_out": False}
+
+    @staticmethod
+    def peft_state(layer, cfg):
+        return {"boft_R": layer.lora_R.detach().clone(),
+                "boft_s": layer.lora_s.detach().clone()[:, None]}
+
+    @staticmethod
+    def from_peft(peft_config):
+        if peft_type_of(peft_config) != "BOFT":
+            return None
+        if peft_config.get("fan_in_fan_out") or peft_config.get("bias", "none") != "none":
+            raise ValueError("boft: only PEFT BOFT adapters with fan_in_fan_out=False and "
+                             "bias='none' can be imported")
+        out = {"block_size": int(peft_config.get("boft_block_size", 0) or 0),
+               "block_num": int(peft_config.get("boft_block_num", 0) or 0),
+               "n_butterfly_factor": int(peft_config.get("boft_n_butterfly_factor", 1) or 1),
+               "dropout": float(peft_config.get("boft_dropout", 0.0) or 0.0)}
+        return out
+
+    @staticmethod
+    def load_peft_state(layer, cfg, tensors):
+        R, s = tensors["boft_R"], tensors["boft_s"]
+        if tuple(R.shape) != tuple(layer.lora_R.shape):
+            raise ValueError(f"boft: PEFT's boft_R has shape {tuple(R.shape)}, this layer needs "
+                             f"{tuple(layer.lora_R.shape)} (PEFT without its CUDA extension "
+                             "trains n_butterfly_factor=1: import with n_butterfly_factor=1)")
+        with torch.no_grad():
+            layer.lora_R.copy_(R)
+            layer.lora_s.copy_(s.reshape(-1))
