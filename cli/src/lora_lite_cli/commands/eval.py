@@ -38,7 +38,8 @@ def eval_command(
     from .. import data as data_mod
     from .. import evaluate as eval_mod
     from ..models import load_model
-    from ..training import pick_device, set_threads, write_predictions
+    from ..training import pick_device, set_threads
+    from ..training.reporting import write_predictions
 
     if quantize not in (None, "4bit", "8bit"):
         raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
