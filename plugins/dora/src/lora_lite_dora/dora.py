@@ -180,7 +180,7 @@ class DoRA(ll.Variant):
         ranks = {re.escape(n): cfg.for_target(n).r for n in target_names if cfg.for_target(n).r != cfg.r}
         alphas = {re.escape(n): cfg.for_target(n).alpha for n in target_names
                   if cfg.for_target(n).alpha != cfg.alpha}
-        return {"peft_type": "LORA", "use_dora": True, "r": cfg.r, "lora_alpha": cfg.alpha,
+        return {"peft_type": "LORA", "target_modules": list(target_names), "use_dora": True, "r": cfg.r, "lora_alpha": cfg.alpha,
                 "use_rslora": cfg.use_rslora, "bias": "none", "init_lora_weights": True,
                 "lora_dropout": 0.0, "rank_pattern": ranks, "alpha_pattern": alphas}
 

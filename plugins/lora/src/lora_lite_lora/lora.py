@@ -65,7 +65,8 @@ def lora_peft_config(cfg, target_names) -> dict:
             ranks[re.escape(name)] = own.r
         if own.alpha != cfg.alpha:
             alphas[re.escape(name)] = own.alpha
-    return {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "bias": "none",
+    return {"peft_type": "LORA", "target_modules": list(target_names), "r": cfg.r,
+            "lora_alpha": cfg.alpha, "bias": "none",
             "use_rslora": cfg.use_rslora, "use_dora": False, "init_lora_weights": True,
             "lora_dropout": 0.0, "rank_pattern": ranks, "alpha_pattern": alphas}
 
