@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tinymodel import save_tiny_model
 import lora_lite as ll
 from lora_lite_cli import models
 from tinymodel import save_tiny_model
