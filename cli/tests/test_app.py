@@ -107,12 +107,11 @@ def _one_error_line(result):
     return lines[0]
 
 
-def test_unknown_variant_names_the_package():
-    result = runner.invoke(get_app(), ["attach", "--variant", "no_such_variant"])
+def test_unknown_variant_suggests_installed_names_never_a_guessed_package():
+    result = runner.invoke(get_app(), ["attach", "--variant", "lorra"])
     assert result.exit_code == 2
     line = _one_error_line(result)
-    # no guessed (squattable) package name: the installed variants are listed instead
-    assert "no installed plugin provides it" in line and "pip install" not in line and "lora" in line
+    assert "did you mean 'lora'" in line and "pip install" not in line
 
 
 def test_missing_default_model_says_the_pip_command(monkeypatch):

@@ -92,9 +92,9 @@ def test_cost_report_against_peft(tiny_dir):
     for row in rows:
         assert row["error"] is None
         assert row["fwd_ms"] > 0 and row["step_ms"] > 0
-        assert row["peak_mb"] is not None and row["peak_mb"] >= 0  # Linux: peak RSS delta
+        assert row["peak_mb"] is not None  # Linux: peak RSS delta (its values: the memory test)
     for row in rows[1:]:
-        assert row["init_ms"] >= 0
+        assert row["init_ms"] > 0          # attach was timed (a clock reading, never 0)
     # the unknown variant gets the generic rule: no 2-D tensor, no matmul, 0 = 0
     assert gain["trainable"] == 2 * (64 + 32) and gain["macs_per_token"] == 0
     assert gain["flops_per_token"] == 0 and gain["flop_ratio"] is None
@@ -125,7 +125,7 @@ def test_cost_report_markdown_and_table(tiny_dir):
 def test_cost_report_errors(tiny_dir):
     app = get_app()
     result = runner.invoke(app, ["cost-report", "-m", tiny_dir, "--variants", "nope"])
-    assert result.exit_code == 2 and "no installed plugin provides it" in result.stderr
+    assert result.exit_code == 2 and "'nope': no installed plugin provides it" in result.stderr
     result = runner.invoke(app, ["cost-report", "-m", tiny_dir, "--compare", "other"])
     assert result.exit_code == 2 and "--compare" in result.stderr
     result = runner.invoke(app, ["cost-report", "-m", tiny_dir, "--set", "nonknob=1"])

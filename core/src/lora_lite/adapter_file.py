@@ -184,7 +184,7 @@ def _stored_adapter(path, metadata) -> tuple[type, AdapterConfig, list]:
     try:
         variant = get_variant(variant_name, distribution=short(plugin) if plugin else None)
     except KeyError as e:
-        raise AdapterFileError(f"{path}: cannot load this adapter: {e}") from None
+        raise AdapterFileError(f"{path}: {e}") from None
     mismatch = origin_mismatch(variant_name, plugin)
     if mismatch is not None:  # another distribution took the name: do not run it on this file
         raise AdapterFileError(f"{path}: refused: {short(mismatch, 400)}")

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import logits, make_batch, measure_invariants, quantize, tiny_llama
+from lora_lite.testing import BASES, check_variant, logits, make_batch, model_maker, tiny_llama
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
 TARGETS = [r"q_proj$", r"v_proj$"]
 R = 8
-MAKERS = {"fp32": tiny_llama, "4bit": lambda: quantize(tiny_llama(), "4bit"),
-          "8bit": lambda: quantize(tiny_llama(), "8bit")}
+MAKERS = {base: model_maker(base) for base in BASES}
 # (knobs, calibrated, trainable numbers per target)
 VARIANTS = {
     "antipasto_corda": ({}, True, R),
@@ -45,13 +44,22 @@ def randomize(model, scale=0.3, seed=0):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_invariants(name, kind):
     knobs, calibrated, per_target = VARIANTS[name]
-    out = measure_invariants(MAKERS[kind], make_cfg(name), make_batch(),
-                             calibration_data=calibration() if calibrated else None)
-    assert out["identity_err"] == 0.0               # rewrite_base=False: the hook adds exactly 0
+    # rewrite_base=False: the hook adds exactly 0; ablate's default init_alpha = 0.05 moves the
+    # output on purpose (measured 9.3e-3 on fp32), so that c gets a gradient from the first step
+    cfg, tol = make_cfg(name), 0.0
+    if name == "antipasto_ablate":
+        cfg, tol = make_cfg(name, init_alpha=0.05), 0.02
+    out = check_variant(name, cfg, bases=[kind], identity_tol=tol, reload_tol=0.0,
+                        calibration_data=calibration() if calibrated else None)["bases"][kind]
     assert out["trainable"] == 4 * per_target
-    assert out["base_grad_leaks"] == 0 and out["base_changed"] is False
-    assert out["trained_delta"] > 1e-3 and out["reload_err"] == 0.0
-    assert out["detach_bitexact"] is True and out["detach_logits_err"] == 0.0
+    assert out["trained_delta"] > 1e-3 and out["detach_logits_err"] == 0.0
+
+
+@pytest.mark.xfail(strict=True, reason="found by check_variant: from init_alpha = 0 the first "
+                   "AdamW step can push alpha below 0, where clamp(alpha, 0, 1) passes no "
+                   "gradient, so alpha and c never train")
+def test_ablate_from_init_alpha_0_keeps_every_tensor_training():
+    check_variant("antipasto_ablate", make_cfg("antipasto_ablate"), identity_tol=0.0)
 
 
 @pytest.mark.parametrize("name", ["antipasto_corda", "antipasto_asvd"])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import logits, make_batch, measure_invariants, quantize, tiny_llama
+from lora_lite.testing import (BASES, check_variant, logits, make_batch, model_maker, quantize,
+                               tiny_llama)
 from lora_lite_dora.dora import row_norm
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
@@ -17,19 +18,7 @@ warnings.filterwarnings("ignore", message="MatMul8bitLt")
 TARGETS = [r"q_proj$", r"v_proj$"]
 
 
-def with_bias(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    for name, module in model.named_modules():
-        if name.endswith(("q_proj", "v_proj")):
-            module.bias = torch.nn.Parameter(0.1 * torch.randn(module.out_features, generator=g))
-    return model
-
-
-MAKERS = {
-    "fp32+bias": lambda: with_bias(tiny_llama()),
-    "4bit+bias": lambda: quantize(with_bias(tiny_llama()), "4bit"),
-    "8bit+bias": lambda: quantize(with_bias(tiny_llama()), "8bit"),
-}
+MAKERS = {f"{base}+bias": model_maker(base, bias=True) for base in BASES}  # biased projections
 
 
 def cfg_of(variant="dora", **kw):
@@ -69,13 +58,12 @@ def test_default_is_factored_and_refuses_a_cache():
 
 @pytest.mark.parametrize("kind", list(MAKERS))
 def test_invariants_exact_identity(kind):
-    out = measure_invariants(MAKERS[kind], cfg_of(), make_batch())
-    assert out["identity_err"] == 0.0          # B = 0: both factored terms are exactly 0
-    assert out["zero_grad_adapters"] == 0 and out["base_grad_leaks"] == 0
-    assert out["base_changed"] is False and out["trained_delta"] > 1e-3
-    assert out["reload_err"] == 0.0
+    # B = 0: both factored terms are exactly 0
+    base = kind.split("+")[0]
+    out = check_variant("dora", cfg_of(), bases=[base], bias=True, identity_tol=0.0,
+                        reload_tol=0.0)["bases"][base]
+    assert out["trained_delta"] > 1e-3 and out["detach_logits_err"] == 0.0
     assert {k.rsplit(".", 1)[1] for k in out["file_keys"]} == {"lora_A", "lora_B", "lora_m"}
-    assert out["detach_bitexact"] is True and out["detach_logits_err"] == 0.0
 
 
 def test_adapter_memory_on_4bit_within_1_5x_lora():

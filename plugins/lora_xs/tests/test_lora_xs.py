@@ -6,13 +6,12 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import make_batch, measure_invariants, quantize, tiny_llama
+from lora_lite.testing import BASES, check_variant, model_maker, tiny_llama
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
 TARGETS = [r"q_proj$", r"v_proj$"]
-MAKERS = {"fp32": tiny_llama, "4bit": lambda: quantize(tiny_llama(), "4bit"),
-          "8bit": lambda: quantize(tiny_llama(), "8bit")}
+MAKERS = {base: model_maker(base) for base in BASES}
 
 
 def make_cfg(**kw):
@@ -21,14 +20,12 @@ def make_cfg(**kw):
 
 @pytest.mark.parametrize("kind", list(MAKERS))
 def test_invariants(kind):
-    out = measure_invariants(MAKERS[kind], make_cfg(), make_batch())
-    assert out["identity_err"] == 0.0                  # R = 0
+    # R = 0: exact identity; R learns from R = 0 (the kit checks every adapter gets a gradient)
+    out = check_variant("lora_xs", make_cfg(), bases=[kind], identity_tol=0.0,
+                        reload_tol=0.0)["bases"][kind]
     assert out["trainable"] == 4 * 4 * 4               # r² on each of 4 targets
-    assert out["zero_grad_adapters"] == 0 and out["grad_norm_first"] > 0  # R learns from R = 0
-    assert out["base_grad_leaks"] == 0 and out["base_changed"] is False
-    assert out["trained_delta"] > 1e-3 and out["reload_err"] == 0.0
+    assert out["trained_delta"] > 1e-3 and out["detach_logits_err"] == 0.0
     assert {k.rsplit(".", 1)[1] for k in out["file_keys"]} == {"lora_A", "lora_B", "lora_R"}
-    assert out["detach_bitexact"] is True and out["detach_logits_err"] == 0.0
 
 
 def test_factors_are_the_svd_and_formula_holds():
