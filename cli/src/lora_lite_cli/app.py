@@ -131,6 +131,20 @@ def expand_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _multi_value_command_class():
+    from typer.core import TyperCommand
+
+    class MultiValueCommand(TyperCommand):
+        """A command whose MULTI_VALUE_OPTIONS take space-separated values."""
+
+        def parse_args(self, ctx, args):
+            return super().parse_args(ctx, expand_multi_values(list(args)))
+    return MultiValueCommand
+
+
+MultiValueCommand = _multi_value_command_class()
+
+
 def _version(value: bool):
     if value:
         import lora_lite
@@ -230,7 +244,7 @@ def main():
     cli = get_app()
     report_command_problems()
     try:
-        cli(args=expand_multi_values(sys.argv[1:]), prog_name="lora-lite")
+        cli(args=sys.argv[1:], prog_name="lora-lite")
     except KeyboardInterrupt:  # Ctrl-C outside a command body (option parsing, plugin loading)
         _ignore_further_interrupts()
         err_console.print("[red]error:[/] interrupted", highlight=False)
@@ -238,14 +252,14 @@ def main():
 
 
 # -- loading the base model ------------------------------------------------------------------
-def load_base_model(name: str, dtype="float32", quantize=None):
+def load_base_model(name: str, dtype="float32", quantize=None, device="cpu"):
     """(model, tokenizer) through ``models.load_model``, with a clear error for a local path
     that does not exist (transformers would call it an invalid hub repo id)."""
     from .models import load_model
     if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
         raise CLIError(f"model {name!r} not found: no such folder or file", 2)
     return load_model(os.path.expanduser(name) if name.startswith("~") else name,
-                      dtype=dtype, quantize=quantize)
+                      dtype=dtype, quantize=quantize, device=device)
 
 
 # -- building an adapter config from the command line ------------------------------------------
