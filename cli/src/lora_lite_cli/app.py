@@ -251,6 +251,51 @@ def main():
         raise SystemExit(130) from None
 
 
+# -- options shared by several commands (declared once, the same spelling everywhere) ---------
+def variant_option(default=None):
+    return typer.Option(default, "--variant", "-v", help="Adapter variant (see `lora-lite variants`).")
+
+
+def model_option(default=None, help_extra=""):
+    return typer.Option(default, "--model", "-m", help="'smollm2' (embedded default), a local "
+                        "model folder, a .gguf file or a hub id" + help_extra + ".")
+
+
+def targets_option():
+    return typer.Option(None, "--targets", "-t", help="Regex on layer names, repeatable "
+                        "(default: the variant's own targets).")
+
+
+def rank_option():
+    return typer.Option(None, "--rank", "-r", help="Rank r (default: the variant's).")
+
+
+def layers_option():
+    return typer.Option(None, "--layers", help="Blocks to adapt: 0,1,5 or 0-3 or all (default: all).")
+
+
+def sets_option(example="--set block=8"):
+    return typer.Option(None, "--set", help=f"A variant knob, knob=value, repeatable (e.g. {example}).")
+
+
+def dtype_option(default="float32"):
+    return typer.Option(default, "--dtype", help="Storage dtype of the base model: float32, "
+                        "bfloat16, float16 (adapter tensors stay float32 in train).")
+
+
+def quantize_option():
+    return typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit (nf4) or 8bit.")
+
+
+def threads_option():
+    return typer.Option(None, "--threads", help="CPU threads for torch (default: one per core "
+                        "not busy with other work).")
+
+
+def json_option(what="the results"):
+    return typer.Option(False, "--json", help=f"Print {what} as JSON on stdout.")
+
+
 # -- loading the base model ------------------------------------------------------------------
 def load_base_model(name: str, dtype="float32", quantize=None, device="cpu"):
     """(model, tokenizer) through ``models.load_model``, with a clear error for a local path

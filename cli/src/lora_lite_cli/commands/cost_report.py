@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ..app import (CLIError, MultiValueCommand, app, build_config, console, err_console, handle_errors,
+from ..app import (CLIError, MultiValueCommand, app, dtype_option, layers_option, quantize_option,
+                   rank_option, build_config, console, err_console, handle_errors,
                    jsonable, load_base_model, one_line, parse_layers, parse_sets, print_json, warn)
 from ..models import DEFAULT_MODEL
 
@@ -151,16 +152,16 @@ def cost_report_command(
         None, "--variants", help="Variants to measure: --variants lora hra, --variants lora,hra or the option repeated (default: every installed one)."),
     targets: Optional[List[str]] = typer.Option(
         None, "--targets", "-t", help="Regex on layer names, repeatable (default: each variant's own, else q_proj$ and v_proj$)."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank r for every variant (default: each variant's)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Decoder layers to adapt: 0,1,5 or 0-3 or all."),
+    rank: Optional[int] = rank_option(),
+    layers: Optional[str] = layers_option(),
     sets: Optional[List[str]] = typer.Option(
         None, "--set", help="variant.knob=value (one variant) or knob=value (every variant that has it); repeatable."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence of the random input."),
     batch: int = typer.Option(2, "--batch", help="Sequences per batch."),
     repeats: int = typer.Option(5, "--repeats", help="Timed runs per measurement (the median is shown)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed runs before timing."),
-    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the base: float32, bfloat16, float16."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes (QLoRA): 4bit (nf4) or 8bit; PEFT's rows use the same quantized base."),
+    dtype: str = dtype_option(),
+    quantize: Optional[str] = quantize_option(),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     compare: Optional[str] = typer.Option(
         None, "--compare", help="'peft': add PEFT's row for every variant PEFT also has, measured interleaved in the same run."),
