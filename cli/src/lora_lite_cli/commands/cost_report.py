@@ -173,17 +173,46 @@ def cost_report_command(
 
     Trainable parameters, added MACs per token (analytic, checked against torch's FlopCounterMode: FLOPs = 2 x MACs), forward and training-step time (medians), peak memory and init time. A base row (full fine-tuning) comes first.
     """
-    import torch
-    import lora_lite as ll
     from .. import cost
 
+    device = _check_options(compare, quantize, seq_len, batch, repeats, warmup, device)
+    names, configs = _configs(variants, targets, rank, layers, sets, dtype)
+    with err_console.status(f"loading {model} ..."):
+        base, _ = load_base_model(model, dtype=dtype, quantize=quantize, device=device)
+    settings = cost.Settings(model=model, batch=batch, seq_len=seq_len, repeats=repeats,
+                             warmup=warmup, device=device, compare_peft=compare == "peft",
+                             quantize=quantize)
+    report = _measure(cost, base, settings, names, configs)
+    if out is not None:
+        out.write_text(json.dumps(jsonable(report.to_dict()), indent=2))
+    if as_json:
+        print_json(report.to_dict())
+    elif as_markdown:
+        typer.echo(markdown(report))
+    else:
+        show(report)
+
+
+def _need_module(module, why):
+    import importlib
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise CLIError(why, 2) from None
+
+
+def _check_options(compare, quantize, seq_len, batch, repeats, warmup, device) -> str:
+    """Every option checked before anything loads; returns the device to use."""
+    import torch
     if compare not in (None, "peft"):
         raise CLIError(f"--compare {compare!r}: the only comparison is 'peft'", 2)
     if compare == "peft":
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise CLIError("--compare peft needs PEFT: pip install 'lora-lite-cli[peft]'", 2) from None
+        _need_module("peft", "--compare peft needs PEFT: pip install 'lora-lite-cli[peft]'")
+    if quantize not in (None, "4bit", "8bit"):
+        raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
+    if quantize:
+        _need_module("bitsandbytes",
+                     "--quantize needs bitsandbytes: pip install 'lora-lite-cli[quantize]'")
     for name, value in (("--seq-len", seq_len), ("--batch", batch), ("--repeats", repeats)):
         if value < 1:
             raise CLIError(f"{name} must be at least 1, got {value}", 2)
@@ -195,14 +224,19 @@ def cost_report_command(
         raise CLIError(f"--device {device!r}: expected auto, cpu or cuda", 2)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available", 2)
+    return device
 
+
+def _configs(variants, targets, rank, layers, sets, dtype):
+    """(names, {name: config}); every config is checked before the model is loaded."""
+    import lora_lite as ll
     names = _split(variants) or sorted(ll.variants())
     if not names:
         raise CLIError("no adapter variant is installed: lora-lite install lora-lite-lora", 2)
     knob_sets = parse_sets(sets)
     layer_ids = parse_layers(layers)
     configs = {}
-    for name in names:  # every config is checked before the model is loaded
+    for name in names:
         own = {k.split(".", 1)[1]: v for k, v in knob_sets.items() if k.startswith(name + ".")}
         fields = set(ll.get_variant(name).config.__dataclass_fields__)
         shared = {k: v for k, v in knob_sets.items() if "." not in k and k in fields}
@@ -212,19 +246,10 @@ def cost_report_command(
               not any(k in ll.get_variant(n).config.__dataclass_fields__ for n in names)]
     if unused:
         raise CLIError(f"--set {unused[0]}: no selected variant has a knob {unused[0]!r}", 2)
+    return names, configs
 
-    if quantize not in (None, "4bit", "8bit"):
-        raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
-    if quantize:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise CLIError("--quantize needs bitsandbytes: pip install 'lora-lite-cli[quantize]'", 2) from None
-    with err_console.status(f"loading {model} ..."):
-        base, _ = load_base_model(model, dtype=dtype, quantize=quantize, device=device)
-    settings = cost.Settings(model=model, batch=batch, seq_len=seq_len, repeats=repeats,
-                             warmup=warmup, device=device, compare_peft=compare == "peft",
-                             quantize=quantize)
+
+def _measure(cost, base, settings, names, configs):
     with err_console.status("measuring ...") as status:
         def progress(message):  # a spinner on a terminal, one line per step in a log
             if err_console.is_terminal:
@@ -240,12 +265,4 @@ def cost_report_command(
             except Exception as e:
                 runner.failed_row(name, "lora-lite", f"{type(e).__name__}: {e}")
                 warn(f"{name}: {type(e).__name__}: {e}")
-    report = runner.report
-    if out is not None:
-        out.write_text(json.dumps(jsonable(report.to_dict()), indent=2))
-    if as_json:
-        print_json(report.to_dict())
-    elif as_markdown:
-        typer.echo(markdown(report))
-    else:
-        show(report)
+    return runner.report
