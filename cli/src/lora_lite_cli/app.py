@@ -209,7 +209,9 @@ def get_app() -> typer.Typer:
         scratch = typer.Typer()
         try:
             impl.function(app=scratch)
-        except Exception as e:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # sys.exit() in a plugin's hook must not end lora-lite
             command_problems.append(f"plugin {dist!r} failed to add commands: "
                                     f"{type(e).__name__}: {e} (fix or uninstall {dist})")
             continue

@@ -83,7 +83,7 @@ def check_generic_fields(config, where):
     if config.get("bias") not in (None, "none"):
         raise AdapterFileError(f"{where}: bias={config['bias']!r}: the adapter trains bias terms, "
                                "which lora-lite does not attach (only bias='none' is supported)")
-    if "r" in config and config["r"] == 0 or 0 in (config.get("rank_pattern") or {}).values():
+    if 0 in (config.get("rank_pattern") or {}).values():
         raise AdapterFileError(f"{where}: r=0 (rank 0): an adapter of rank 0 is no adapter")
     if not config.get("peft_type"):
         raise AdapterFileError(f"{where}: no peft_type: not a PEFT adapter config")
@@ -101,6 +101,8 @@ def variant_for(config, where) -> tuple[str, dict]:
             raise AdapterFileError(f"{where}: {e}") from None
         if fields is not None:
             return name, fields
+    if config.get("r") == 0:  # (r=0 is a mapped method's business: PEFT's OFT sizes by block)
+        raise AdapterFileError(f"{where}: r=0 (rank 0): an adapter of rank 0 is no adapter")
     raise AdapterFileError(f"{where}: peft_type={config.get('peft_type')!r} (with these settings) is "
                            "not mapped by any installed lora-lite variant")
 

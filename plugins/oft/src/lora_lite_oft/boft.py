@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
+from lora_lite.config import is_finite_number
 
-from .oft import peft_target_modules, peft_type_of, targets_from_peft
+from .oft import peft_target_modules, peft_type_of
 from .rotations import rotate_blocks
 
 
@@ -56,7 +57,7 @@ class BOFTConfig(ll.AdapterConfig):
                  f"exactly one of block_size and block_num non-zero (block_num={self.block_num})")
         ll.check(self.n_butterfly_factor >= 1, "n_butterfly_factor", self.n_butterfly_factor,
                  "a positive integer (1 = plain block-diagonal OFT)")
-        ll.check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout",
+        ll.check(is_finite_number(self.dropout) and 0 <= self.dropout < 1, "dropout",
                  self.dropout, "a probability in [0, 1)")
 
 
@@ -200,13 +201,10 @@ class BOFT(ll.Variant):
         if peft_config.get("fan_in_fan_out") or peft_config.get("bias", "none") != "none":
             raise ValueError("boft: only PEFT BOFT adapters with fan_in_fan_out=False and "
                              "bias='none' can be imported")
-        out = {"variant": "boft", "block_size": int(peft_config.get("boft_block_size", 0) or 0),
+        out = {"block_size": int(peft_config.get("boft_block_size", 0) or 0),
                "block_num": int(peft_config.get("boft_block_num", 0) or 0),
                "n_butterfly_factor": int(peft_config.get("boft_n_butterfly_factor", 1) or 1),
                "dropout": float(peft_config.get("boft_dropout", 0.0) or 0.0)}
-        targets = targets_from_peft(peft_config.get("target_modules"))
-        if targets:
-            out["target_names"] = targets
         return out
 
     @staticmethod

@@ -23,12 +23,12 @@ of x (O(d_in·b) per token); no d_in × d_in matrix is built.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 import lora_lite as ll
+from lora_lite.config import is_finite_number
 
 from .rotations import (cayley_exact, cayley_neumann, coft_project, identity_dropout,
                         rotate_blocks, skew_from_packed)
@@ -58,8 +58,8 @@ class OFTConfig(ll.AdapterConfig):
                  f"exactly one of block_size and blocks non-zero (blocks={self.blocks})")
         for name in ("use_cayley_neumann", "coft", "block_share"):
             ll.check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
-        ll.check(isinstance(self.eps, (int, float)) and self.eps > 0, "eps", self.eps, "a positive number")
-        ll.check(isinstance(self.module_dropout, (int, float)) and 0 <= self.module_dropout < 1,
+        ll.check(is_finite_number(self.eps) and self.eps > 0, "eps", self.eps, "a finite number > 0")
+        ll.check(is_finite_number(self.module_dropout) and 0 <= self.module_dropout < 1,
                  "module_dropout", self.module_dropout, "a probability in [0, 1)")
 
 
@@ -104,14 +104,6 @@ def peft_type_of(peft_config) -> str:
 
 def peft_target_modules(target_names):
     return sorted(target_names)
-
-
-def targets_from_peft(target_modules):
-    if isinstance(target_modules, str):
-        return (target_modules,)
-    if target_modules:
-        return tuple(rf"(^|\.){re.escape(name)}$" for name in sorted(target_modules))
-    return None
 
 
 class OFT(ll.Variant):
@@ -170,15 +162,12 @@ class OFT(ll.Variant):
         if peft_config.get("fan_in_fan_out") or peft_config.get("bias", "none") != "none":
             raise ValueError("oft: only PEFT OFT adapters with fan_in_fan_out=False and bias='none' "
                              "can be imported")
-        out = {"variant": "oft", "block_size": int(peft_config.get("oft_block_size", 0) or 0),
+        out = {"block_size": int(peft_config.get("oft_block_size", 0) or 0),
                "blocks": int(peft_config.get("r", 0) or 0)}
         for key in ("module_dropout", "coft", "eps", "block_share", "use_cayley_neumann",
                     "num_cayley_neumann_terms"):
             if key in peft_config:
                 out[key] = peft_config[key]
-        targets = targets_from_peft(peft_config.get("target_modules"))
-        if targets:
-            out["target_names"] = targets
         return out
 
     @staticmethod
