@@ -162,6 +162,9 @@ def analytic_macs(variant: str, targets, cfg, tokens_per_call: int) -> tuple[flo
     """(added MACs per token over all targets, rule used). Per-call work is divided by the
     tokens of one forward call."""
     rule = ANALYTIC.get(variant)
+    if rule is None:   # the variant's own count (the shared contract's added_macs)
+        import lora_lite as ll
+        rule = getattr(ll.variants().get(variant), "added_macs", None)
     if rule is None:
         return None, "generic"
     per_token = per_call = 0
@@ -391,9 +394,33 @@ def _agreement(row: Row, n_tokens):
         row.flop_ratio = row.flops_per_token / (2 * row.macs_per_token)
 
 
+def _own_note(row: Row) -> str:
+    """The variant's own cost_note (lora-lite) / peft_cost_note (peft), if it states one."""
+    import lora_lite as ll
+    cls = ll.variants().get(row.variant)
+    return getattr(cls, "cost_note" if row.impl == "lora-lite" else "peft_cost_note", "") or ""
+
+
+def peft_equivalent(variant: str, cfg):
+    """(PEFT config builder, optional init) from the table, else from the variant's own
+    peft_config (+ peft_init); None where PEFT has no such method (peft_config gives None)."""
+    if variant in PEFT_EQUIVALENT:
+        return PEFT_EQUIVALENT[variant]
+    import lora_lite as ll
+    cls = ll.variants().get(variant)
+    own = getattr(cls, "peft_config", None)
+    if not callable(own) or own(cfg, []) is None:
+        return None
+
+    def make(cfg, names):
+        import peft
+        return peft.get_peft_config(own(cfg, names))
+    return make, getattr(cls, "peft_init", None)
+
+
 def _explain(row: Row):
     """The note: why measured and analytic differ (or nothing when they agree)."""
-    known = NOTES.get((row.impl, row.variant), "")
+    known = NOTES.get((row.impl, row.variant), "") or _own_note(row)
     if row.flops_per_token is None:
         return "FlopCounterMode failed on this model" + (f"; {known}" if known else "")
     if row.macs_per_token is None:
@@ -474,7 +501,7 @@ class CostReport:
     def variant_rows(self, variant: str, cfg):
         import lora_lite as ll
         targets = ll.find_targets(self.model, cfg)
-        peft_spec = PEFT_EQUIVALENT.get(variant) if self.s.compare_peft else None
+        peft_spec = peft_equivalent(variant, cfg) if self.s.compare_peft else None
         calib = self.calibration if getattr(ll.get_variant(variant), "needs_calibration", False) \
             else None
         runners = {}
