@@ -22,6 +22,9 @@ TINY_KNOBS = {
     "antipasto_rot": dict(block_size=2),
     "antipasto_arrow": dict(block=2),
     "road": dict(group_size=4),
+    "antipasto_dplr": dict(lora_rank=2),
+    "antipasto_ablate": dict(init_alpha=0.0),   # its default (0.05) is not the identity, by design
+    "oft": dict(block_size=4),
 }
 VARIANTS = sorted(ll.variants())
 _BASES = {}

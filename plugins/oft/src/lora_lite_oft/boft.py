@@ -106,10 +106,12 @@ def factor_gathers(d_in: int, n_blocks: int, b: int, m: int, device_str: str):
 def cayley_blocks(R: torch.Tensor) -> torch.Tensor:
     """(m, D, b, b) free blocks -> orthogonal (I − S)(I + S)⁻¹, S = (R − Rᵀ)/2 (PEFT's order)."""
     m, n_blocks, b, _ = R.shape
-    flat = R.reshape(m * n_blocks, b, b)
+    work = R if R.dtype in (torch.float32, torch.float64) else R.float()   # no half/bf16 LU
+    flat = work.reshape(m * n_blocks, b, b)
     skew = 0.5 * (flat - flat.transpose(1, 2))
-    eye = torch.eye(b, device=R.device, dtype=R.dtype).unsqueeze(0).expand(m * n_blocks, b, b)
-    return torch.linalg.solve(eye + skew, eye - skew, left=False).reshape(m, n_blocks, b, b)
+    eye = torch.eye(b, device=R.device, dtype=work.dtype).unsqueeze(0).expand(m * n_blocks, b, b)
+    out = torch.linalg.solve(eye + skew, eye - skew, left=False).reshape(m, n_blocks, b, b)
+    return out.to(R.dtype)
 
 
 def butterfly_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
