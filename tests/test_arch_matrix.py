@@ -23,7 +23,9 @@ TINY_KNOBS = {
     "antipasto_arrow": dict(block=2),
     "road": dict(group_size=4),
     "antipasto_dplr": dict(lora_rank=2),
-    "antipasto_ablate": dict(init_alpha=0.0),   # its default (0.05) is not the identity, by design
+    # its default init_alpha (0.05) is not the identity, by design; at 0 a direction whose first
+    # step pushes alpha below 0 stays off (clamp), so several directions per target
+    "antipasto_ablate": dict(init_alpha=0.0, k=4),
     "oft": dict(block_size=4),
 }
 VARIANTS = sorted(ll.variants())
