@@ -1,9 +1,15 @@
 """One row per variant for the interop tests (merge, PEFT export, checkpoints): the knobs that fit
 the tiny Llama (hidden 64, kv width 32, MLP 128). A variant installed without a row gets the
-default row (r=4 on q/v), so every installed variant runs the whole suite."""
+default row (r=4 on q/v), so every installed variant runs the whole suite. The third-party
+example (VeRA) runs too: registered in-process from its source when it is not installed."""
+import os
+import sys
+
+import pytest
 import torch
 
 import lora_lite as ll
+import lora_lite.plugins as plugins
 from lora_lite.testing import make_batch, tiny_llama
 
 QV = (r"q_proj$", r"v_proj$")
@@ -25,11 +31,36 @@ ROWS = {
     "boft": {"block_size": 4, "n_butterfly_factor": 2, "target_names": QV},
 }
 # the variants PEFT has (native export must load in PEFT within 1e-5)
-PEFT_SHARED = ("lora", "pissa", "dora", "delora", "eva", "ia3", "ia3_ff", "hra", "road", "vera")
+PEFT_SHARED = ("lora", "pissa", "dora", "delora", "eva", "ia3", "ia3_ff", "hra", "road", "vera",
+               "oft", "boft")
+
+
+THIRD_PARTY_SRC = os.path.join(os.path.dirname(__file__), "..", "third_party_example", "src")
+THIRD_PARTY = "vera"
 
 
 def installed():
-    return sorted(ll.variants())
+    """Every installed variant, plus the third-party example's (see ``third_party_variant``)."""
+    names = set(ll.variants())
+    if os.path.isdir(THIRD_PARTY_SRC):
+        names.add(THIRD_PARTY)
+    return sorted(names)
+
+
+@pytest.fixture(scope="module", autouse=False)
+def third_party_variant():
+    """Register the third-party VeRA from its source for this module if it is not installed."""
+    if THIRD_PARTY in ll.variants() or not os.path.isdir(THIRD_PARTY_SRC):
+        yield
+        return
+    sys.path.insert(0, os.path.abspath(THIRD_PARTY_SRC))
+    from lora_lite_vera import plugin
+    plugins.register_plugin(plugin, name="interop-vera", distribution="lora-lite-vera (source)")
+    try:
+        yield
+    finally:
+        plugins.unregister_plugin("interop-vera")
+        sys.path.remove(os.path.abspath(THIRD_PARTY_SRC))
 
 
 def make_config(name, **extra):

@@ -10,10 +10,12 @@ from torch import nn
 import lora_lite as ll
 from lora_lite.testing import (logits, make_batch, quantize, same_kernel_logits, snapshot_state,
                                state_equal, tiny_llama)
+from interop_cases import third_party_variant  # noqa: F401  (fixture)
 from interop_cases import adapted_model, biased_llama, installed, perturb, rel_err
 from lltest import QV, hooks_count, registered
 
 BATCH = make_batch()
+pytestmark = pytest.mark.usefixtures("third_party_variant")
 
 
 def assert_plain(model, base_keys):
@@ -41,6 +43,17 @@ def test_merge_is_exact_and_final(name):
     ll.attach(model, ll.config("lora", r=2, **QV))
     ll.detach(model)   # detach after a later adapter: the merged weights stay (no resurrection)
     assert state_equal(snapshot_state(model), merged)
+
+
+@pytest.mark.parametrize("name", ["pissa", "antipasto_rot"])
+def test_merge_of_an_opt_in_base_rewrite_is_exact(name):
+    if name not in installed():
+        pytest.skip(f"{name} not installed")
+    model, _ = adapted_model(name, rewrite_base=True)
+    adapted = logits(model, BATCH)
+    ll.merge(model)
+    assert rel_err(logits(model, BATCH), adapted) <= 1e-5
+    assert not any(m._state_dict_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("kind", ["4bit", "8bit"])

@@ -36,8 +36,9 @@ def test_core_works_with_zero_plugins(only_plugins, model, batch):
     only_plugins("")
     assert ll.variants() == {}
     assert [p.name for p in ll.installed_plugins()] == ["bnb_backend"]  # core's own backend
-    with pytest.raises(ll.VariantNotInstalled, match="pip install lora-lite-lora"):
+    with pytest.raises(ll.VariantNotInstalled, match="LORA_LITE_PLUGINS=''") as err:
         ll.config("lora")
+    assert "pip install" not in str(err.value)  # no package is known to provide it here
 
 
 def test_loading_is_lazy():

@@ -55,12 +55,14 @@ def test_untargeted_ambiguous_square_does_not_break_attach():
     ll.detach(model)
 
 
-def test_targeted_ambiguous_square_is_a_clear_error():
+def test_ambiguous_square_is_an_error_only_when_roles_are_asked():
     model = WithAmbiguousSquare()
-    with pytest.raises(ll.AttachError, match="mixer.*target_roles=\\(\\)"):
-        find_targets(model, ll.config("lora", r=2, target_names=[r"mixer"]))
-    found = find_targets(model, ll.config("lora", r=2, target_names=[r"mixer"], target_roles=()))
+    # default (no roles asked): attached with role "square", never an error
+    found = find_targets(model, ll.config("lora", r=2, target_names=[r"mixer"]))
     assert [(t.name, t.role) for t in found] == [("mixer", "square")]
+    assert "mixer" in [t.name for t in find_targets(model, ll.config("lora", r=2))]
+    with pytest.raises(ll.AttachError, match="mixer.*target_roles=\\(\\)"):
+        find_targets(model, ll.config("lora", r=2, target_names=[r"mixer"], target_roles=["reader"]))
 
 
 def test_no_match_is_a_clear_error(model):
@@ -74,3 +76,123 @@ def test_bnb_layers_are_linear_like():
     q = quantize(tiny_llama(), "4bit")
     names = [t.name for t in find_targets(q, lora_cfg())]
     assert len(names) == 4 and type(q.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
+# -- default targets ("all-linear" minus the head), layers=, roles on 13 architectures --------------
+from lora_lite.targets import layer_index, output_head_ids  # noqa: E402
+from lora_lite.tiny_models import ARCHS  # noqa: E402
+
+TRANSFORMERS_ARCHS = sorted(a for a in ARCHS if a != "mlp")
+
+
+def default_names(model, **kw):
+    return [t.name for t in find_targets(model, ll.config("lora", r=2, **kw))]
+
+
+@pytest.mark.parametrize("arch", TRANSFORMERS_ARCHS)
+def test_default_targets_are_peft_all_linear(arch):
+    """With no target_names: every nn.Linear / Conv1D but the output head, as PEFT's 'all-linear'."""
+    from peft import LoraConfig, get_peft_model
+    ours = default_names(ARCHS[arch].build())
+    twin = get_peft_model(ARCHS[arch].build(), LoraConfig(r=2, target_modules="all-linear"))
+    theirs = [n.removeprefix("base_model.model.") for n, m in twin.named_modules()
+              if hasattr(m, "lora_A") and not n.endswith(("lora_A", "lora_B"))]
+    assert sorted(ours) == sorted(theirs) and len(ours) >= 8
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_default_attach_works_and_excludes_the_head(arch):
+    model = ARCHS[arch].build()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    ll.attach(model, ll.config("lora", r=2))
+    names = [t.name for t in ll.attached(model).targets]
+    modules = dict(model.named_modules())
+    assert head is None or all(modules[n] is not head for n in names)
+    assert not any(isinstance(modules[n], nn.Embedding) for n in names)
+    ll.detach(model)
+
+
+def test_bert_vocabulary_head_is_not_a_default_target():
+    names = default_names(ARCHS["bert"].build())
+    assert "cls.predictions.decoder" not in names and "cls.predictions.transform.dense" in names
+
+
+class TiedToy(nn.Module):
+    """No get_output_embeddings: the head is found by its weight tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.mix = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.out(self.mix(self.embed(ids)))
+
+
+def test_tied_head_found_by_weight_not_name():
+    model = TiedToy()
+    assert output_head_ids(model) == {id(model.out)}
+    assert default_names(model) == ["mix"]
+    assert default_names(model, target_names=[r"^out$"]) == ["out"]  # named: the user's choice
+
+
+def test_multihead_attention_projection_is_never_a_target():
+    """nn.MultiheadAttention reads out_proj.weight itself: a hook there would never run."""
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.ff = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.ff(self.attn(x, x, x)[0])
+    model = WithMHA()
+    calls = []
+    handle = model.attn.out_proj.register_forward_hook(lambda *a: calls.append(1))
+    model(torch.randn(1, 3, 8))
+    handle.remove()
+    assert calls == []                                   # the reason for the rule
+    assert default_names(model) == ["ff"]
+
+
+LAYER0 = {  # a block-0 target of each, and a name that must NOT be picked by layers=[0]
+    "t5": ("encoder.block.0.layer.0.SelfAttention.q", "encoder.block.1.layer.0.SelfAttention.q"),
+    "gpt2": ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"),
+    "falcon": ("transformer.h.0.self_attention.query_key_value", "transformer.h.1.mlp.dense_4h_to_h"),
+    "gpt_neox": ("gpt_neox.layers.0.attention.query_key_value", "gpt_neox.layers.1.attention.dense"),
+    "bert": ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense"),
+    "opt": ("model.decoder.layers.0.fc1", "model.decoder.layers.1.fc1"),
+    "llama": ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(LAYER0))
+def test_layers_selects_transformer_blocks(arch):
+    model = ARCHS[arch].build()
+    names = default_names(model, layers=[0])
+    keep, drop = LAYER0[arch]
+    assert keep in names and drop not in names
+    assert all(layer_index(n) == 0 for n in names)
+    every = default_names(model)
+    assert len(names) == sum(1 for n in every if layer_index(n) == 0)  # block 0 complete
+
+
+def test_layer_index_takes_the_block_not_the_sub_layer():
+    assert layer_index("decoder.block.1.layer.0.SelfAttention.q") == 1
+    assert layer_index("model.layers.3.block_sparse_moe.experts.5.w1") == 3
+    assert layer_index("transformer.h.2.mlp.c_fc") == 2
+    assert layer_index("cls.predictions.transform.dense") is None
+
+
+def test_layers_on_a_model_without_blocks_says_so():
+    with pytest.raises(ll.AttachError, match="no transformer blocks"):
+        find_targets(WithAmbiguousSquare(), ll.config("lora", r=2, layers=[0]))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_role_filter_never_breaks_on_any_architecture(arch):
+    model = ARCHS[arch].build()
+    writers = find_targets(model, ll.config("lora", r=2, target_roles=["writer"]))
+    assert writers and all(t.role == "writer" for t in writers)

@@ -111,3 +111,103 @@ def test_4bit_model_evaluated_between_steps_keeps_adapter_gradients(batch):
     ll.detach(model)
     assert state_equal(snapshot_state(model), before)
     assert four_bit and [m.support_avx512bf16_for_cpu for m in four_bit] == flags  # restored
+
+
+# -- layer kinds: transformers' Conv1D (weight stored (d_in, d_out)) and plugin-registered kinds ----
+def conv1d(d_in=6, d_out=4, seed=0):
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(seed)
+    layer = Conv1D(d_out, d_in)                       # Conv1D(nf=d_out, nx=d_in)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    return layer
+
+
+def test_conv1d_reads_as_d_out_by_d_in_and_writes_its_own_layout():
+    from lora_lite.layer_kinds import features, kind_of
+    from lora_lite.weights import restore_base_weight
+    layer = conv1d()
+    assert kind_of(layer).name == "conv1d" and features(layer) == (6, 4)
+    w = ll.dense_weight(layer)
+    assert w.shape == (4, 6) and torch.equal(w, layer.weight.detach().T)
+    x = torch.randn(3, 6)
+    assert torch.allclose(layer(x), x @ w.T + layer.bias, atol=1e-6)  # y = x Wᵀ + b, W (d_out, d_in)
+    original = layer.weight
+    new = torch.randn(4, 6)
+    ll.set_dense_weight(layer, new)
+    assert layer.weight.shape == (6, 4) and torch.equal(ll.dense_weight(layer), new)
+    assert torch.allclose(layer(x), x @ new.T + layer.bias, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        ll.set_dense_weight(layer, new.T)             # (d_in, d_out) is the storage, not the API
+    restore_base_weight(layer)
+    assert layer.weight is original
+
+
+class Transposed(nn.Module):
+    """A layer type no built-in kind knows: weight stored (d_in, d_out) under another name."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out))
+        self.size = (d_in, d_out)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+class TransposedKind:
+    name = "transposed-test"
+    handles = staticmethod(lambda layer: isinstance(layer, Transposed))
+    features = staticmethod(lambda layer: layer.size)
+    read = staticmethod(lambda layer: layer.weight.detach().float().T.contiguous())
+    snapshot = staticmethod(lambda layer: layer.weight)
+
+    @staticmethod
+    def write(layer, dense):
+        layer.weight = nn.Parameter(dense.T.contiguous(), requires_grad=False)
+
+    @staticmethod
+    def restore(layer, snap):
+        layer.weight = snap
+
+
+def test_a_plugin_kind_makes_a_new_layer_type_adaptable():
+    import lora_lite.plugins as plugins
+
+    class KindPlugin:
+        @staticmethod
+        @ll.hookimpl
+        def register_weight_backends(register):
+            register(TransposedKind)
+    model = nn.Sequential(Transposed(6, 5), nn.ReLU(), Transposed(5, 6))
+    with pytest.raises(ll.AttachError, match="no linear-like layers|no layer matched"):
+        ll.attach(model, ll.config("lora", r=2))      # unknown type: not a candidate
+    plugins.register_plugin(KindPlugin, name="kind-test")
+    try:
+        x = torch.randn(2, 6)
+        ref = model(x)
+        ll.attach(model, ll.config("lora", r=2))
+        assert [t.name for t in ll.attached(model).targets] == ["0", "2"]
+        assert model[0].lora_A.shape == (2, 6) and model[0].lora_B.shape == (5, 2)
+        assert torch.equal(model(x), ref)
+        ll.detach(model)
+    finally:
+        plugins.unregister_plugin("kind-test")
+
+
+def test_gpt2_weight_reading_variants_see_the_dense_layout():
+    """pissa / dora / delora read W: on GPT-2 they must get (d_out, d_in), not Conv1D's storage."""
+    from lora_lite.tiny_models import ARCHS
+    model = ARCHS["gpt2"].build()
+    layer = model.transformer.h[0].mlp.c_fc           # Conv1D 32 -> 128, stored (32, 128)
+    W = layer.weight.detach().T
+    ll.attach(model, ll.config("dora", r=2, target_names=[r"mlp\.c_fc$"]))
+    assert layer.lora_m.shape == (128,)               # ‖W‖ per output row
+    assert torch.allclose(layer.lora_m, torch.linalg.norm(W, dim=1), rtol=1e-6)
+    ll.detach(model)
+    ll.attach(model, ll.config("pissa", r=2, target_names=[r"mlp\.c_fc$"]))
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    assert torch.allclose(layer.lora_B @ layer.lora_A * ll.attached(model).cfg.scale,
+                          (U[:, :2] * S[:2]) @ Vh[:2], atol=1e-5)
+    ll.detach(model)

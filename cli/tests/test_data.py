@@ -8,7 +8,7 @@ import pytest
 from lora_lite_cli import data
 
 
-# -- answer extraction (variants.md section 7) -------------------------------------------------
+# -- answer extraction -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, expected", [
     ("#### 42", "42"),

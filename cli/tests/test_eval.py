@@ -6,6 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tinymodel import save_tiny_model
 import lora_lite as ll
 from lora_lite_cli import evaluate, models
 from lora_lite_cli.app import get_app
@@ -16,7 +17,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return models.save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture(scope="module")

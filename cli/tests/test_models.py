@@ -5,12 +5,13 @@ import os
 import pytest
 import torch
 
+from tinymodel import save_tiny_model
 from lora_lite_cli import models
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return models.save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def test_embedded_default_resolves_to_the_wheels_gguf():

@@ -14,9 +14,12 @@ import sysconfig
 import zipfile
 from types import SimpleNamespace
 
+import pytest
 from typer.testing import CliRunner
 
 import lora_lite_cli.commands.plugins as plugins_module
+import lora_lite as ll
+from lora_lite.plugins import register_plugin, unregister_plugin
 from lora_lite_cli.app import get_app
 
 runner = CliRunner()
@@ -163,5 +166,83 @@ def test_install_errors(monkeypatch):
     assert result.exit_code == 1 and "pip install failed" in result.stderr
     result = runner.invoke(app, ["install"])
     assert result.exit_code == 2 and "name at least one package" in result.stderr
-    result = runner.invoke(app, ["uninstall", "lora_lite"])
-    assert result.exit_code == 2 and "refusing to uninstall lora-lite" in result.stderr
+    for name in ("lora_lite", "lora.lite", "Lora--Lite", "lora-lite==0.1.0", "LORA_LITE.CLI"):
+        result = runner.invoke(app, ["uninstall", "lora-lite-hra", name])
+        assert result.exit_code == 2 and "refusing to uninstall lora-lite" in result.stderr, name
+
+
+# -- commands keep working with a broken plugin of any kind; `plugins` reports it --------------
+
+def _exits(register):
+    raise SystemExit(5)
+
+
+def _raises(register):
+    raise RuntimeError("plugin bug")
+
+
+def _junk(register):
+    register(object)          # a malformed variant: no name, no config
+
+
+def _clash(register):
+    register(type("Impostor", (ll.get_variant("lora"),), {}))  # the name 'lora' again
+
+
+def _exits_in_commands(app):
+    raise SystemExit(6)
+
+
+BROKEN_HOOKS = {
+    "sys.exit in register_variants": ("register_variants", _exits, "register_variants raised SystemExit: 5"),
+    "raising register_variants": ("register_variants", _raises, "register_variants raised RuntimeError"),
+    "malformed variant": ("register_variants", _junk, "has no valid .name"),
+    "name clash": ("register_variants", _clash, "variant name 'lora' is also registered by lora-lite-lora"),
+    "sys.exit in register_commands": ("register_commands", _exits_in_commands,
+                                      "failed to add commands: SystemExit: 6"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_HOOKS))
+def test_commands_keep_working_and_plugins_reports_a_broken_plugin(kind):
+    hook_name, body, expected = BROKEN_HOOKS[kind]
+    plugin = SimpleNamespace(**{hook_name: ll.hookimpl(body)})
+    # "zz" sorts after lora-lite-lora, so on a clash the built-in keeps its name
+    register_plugin(plugin, "zz-broken", distribution="zz-broken")
+    try:
+        app = get_app()
+        listing = runner.invoke(app, ["plugins", "--json"])
+        variants = runner.invoke(app, ["variants", "--json"])
+        attach = runner.invoke(app, ["check", "lora", "--json"])
+    finally:
+        unregister_plugin("zz-broken")
+    assert listing.exit_code == variants.exit_code == 0, listing.output + variants.output
+    problems = json.loads(listing.stdout)["problems"]
+    assert any(expected in p["error"] for p in problems), problems
+    assert "lora" in {v["name"] for v in json.loads(variants.stdout)["variants"]}
+    assert attach.exit_code == 0, attach.output
+    assert json.loads(attach.stdout)["variants"][0]["bases"]["fp32"]["identity_err"] == 0.0
+
+
+def test_a_plugin_that_fails_or_exits_at_import_is_reported_by_plugins(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    for dist, module, source in (("zz-missing", "zz_missing_nowhere", None),
+                                 ("zz-exits", "zz_exits_plugin", "import sys\nsys.exit(7)\n")):
+        info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[lora_lite]\n{dist} = {module}\n")
+        if source:
+            (site / f"{module}.py").write_text(source)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site),
+                                                                    os.environ.get("PYTHONPATH")]))}
+    env.pop("LORA_LITE_PLUGINS", None)
+    code = "from lora_lite_cli.app import main; main()"
+    out = subprocess.run([sys.executable, "-c", code, "plugins", "--json"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    problems = {p["distribution"]: p["error"] for p in json.loads(out.stdout)["problems"]}
+    assert "ModuleNotFoundError" in problems["zz-missing"]
+    assert "SystemExit: 7" in problems["zz-exits"]
+    assert "lora-lite-lora" in {p["distribution"] for p in json.loads(out.stdout)["plugins"]}

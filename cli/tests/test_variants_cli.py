@@ -61,9 +61,53 @@ def test_variants_json_lists_lora_with_its_facts():
     assert lora["hook"] == "output"
     assert (lora["rewrites_weight"], lora["needs_calibration"], lora["supports_quantized"]) == \
         (False, False, True)
-    assert (lora["r"], lora["alpha"], lora["knobs"]) == (8, 16.0, {})
+    assert (lora["r"], lora["alpha"], lora["knobs"]) == (8, 16.0, {"use_rslora": False})
     assert lora["paper"].startswith("https://arxiv.org/")
     assert isinstance(data["problems"], list)
+    # training defaults as `train` resolves them; `source` lists what the variant said itself
+    by_name = {v["name"]: v["train_defaults"] for v in data["variants"]}
+    assert by_name["lora"]["lr"] == 2e-3 and by_name["lora"]["source"] == ["lr"]
+    assert by_name["ia3"]["targets"] == ["(k_proj|v_proj)$"] and by_name["ia3"]["lr"] == 2e-2
+
+
+class Generic(Knobby):
+    """Declares no train_defaults: the generic row, and nothing in `source`."""
+    name = "cli_generic"
+    config = type("GenericConfig", (KnobbyConfig,), {"__annotations__": {"variant": str},
+                                                     "variant": "cli_generic"})
+
+
+class BadDefaults(Knobby):
+    """train_defaults of the wrong type: reported, the listing goes on."""
+    name = "cli_bad_defaults"
+    config = type("BadDefaultsConfig", (KnobbyConfig,), {"__annotations__": {"variant": str},
+                                                         "variant": "cli_bad_defaults"})
+    train_defaults = ["lr", 1]
+
+
+def test_variants_json_generic_defaults_and_a_malformed_train_defaults():
+    from dataclasses import dataclass as dc
+    Generic.config, BadDefaults.config = dc(Generic.config), dc(BadDefaults.config)
+
+    class Plugin:
+        @staticmethod
+        @ll.hookimpl
+        def register_variants(register):
+            register(Generic)
+            register(BadDefaults)
+    register_plugin(Plugin, "cli_defaults", distribution="cli-defaults")
+    try:
+        result = runner.invoke(get_app(), ["variants", "--json"])
+    finally:
+        unregister_plugin("cli_defaults")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    generic = next(v for v in data["variants"] if v["name"] == "cli_generic")["train_defaults"]
+    assert generic["lr"] == 2e-3 and generic["source"] == []
+    assert "lora" in {v["name"] for v in data["variants"]}
+    assert not any(v["name"] == "cli_bad_defaults" for v in data["variants"])
+    [problem] = [p for p in data["problems"] if p["distribution"] == "cli-defaults"]
+    assert "'cli_bad_defaults' cannot be described: TypeError" in problem["error"]
 
 
 def test_variants_shows_knobs_and_broken_plugins():

@@ -9,8 +9,10 @@ Also here, for every command: ``handle_errors`` (expected errors -> one red line
 code scripts can trust) and the option helpers that build an adapter config from the command
 line (``build_config``: ``--targets``, ``--rank``, ``--set knob=value``).
 
-Exit codes: 0 ok; 1 the run failed; 2 bad input (usage, unknown variant, bad knob, model or
-file not found, adapter file refused); 130 interrupted.
+Exit codes (``EXIT_CODES``, also in ``lora-lite --help``): 0 ok; 1 failed; 2 bad input
+(usage, unknown variant, bad knob or number, model or file not found, adapter file or
+checkpoint refused); 3 non-finite training (NaN/inf loss or update: the last good adapter is
+kept); 130 interrupted (Ctrl-C or SIGTERM; ``train`` saves a checkpoint).
 """
 from __future__ import annotations
 
@@ -27,7 +29,13 @@ from rich.markup import escape
 
 from . import __version__
 
-APP_HELP = "LoRA-family adapters attached with forward hooks: list, attach, train, evaluate, cost."
+EXIT_CODES = ("0 ok; 1 failed; 2 bad input (usage, unknown variant, bad number, missing model or "
+              "file, refused adapter file or checkpoint); 3 non-finite training (the last good "
+              "adapter is kept); 130 interrupted (Ctrl-C or SIGTERM)")
+APP_HELP = ("LoRA-family adapters attached with forward hooks: list, attach, train, evaluate, "
+            f"cost.\n\nExit codes: {EXIT_CODES}.")
+# options that take several values: `--variants a b` is read as `--variants a --variants b`
+MULTI_VALUE_OPTIONS = ("--variants",)
 DEFAULT_TARGETS = (r"q_proj$", r"v_proj$")
 DEBUG_ENV = "LORA_LITE_DEBUG"
 
@@ -87,6 +95,7 @@ def handle_errors(fn):
         except (LoraLiteError, ModelNotFound, FileNotFoundError) as e:
             fail(e, 2)
         except KeyboardInterrupt:
+            _ignore_further_interrupts()
             fail("interrupted", 130)
         except OSError as e:  # e.g. transformers: a model name that is neither a folder nor reachable
             fail(e, 2)
@@ -95,6 +104,31 @@ def handle_errors(fn):
                 raise
             fail(f"{type(e).__name__}: {e} (set {DEBUG_ENV}=1 to see the traceback)", 1)
     return wrapper
+
+
+def _ignore_further_interrupts():
+    """A second Ctrl-C while the process winds down must not print a traceback (interpreter
+    shutdown, thread joins): from here on SIGINT and SIGTERM are ignored."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def expand_multi_values(argv: list[str]) -> list[str]:
+    """['--variants', 'a', 'b', '--json'] -> ['--variants', 'a', '--variants', 'b', '--json']:
+    the README's space-separated spelling; 'a,b' and repeating the option also work."""
+    out, current = [], None
+    for arg in argv:
+        if arg == "--":
+            current = None
+        elif arg.startswith("-"):
+            current = arg if arg in MULTI_VALUE_OPTIONS else None
+        elif current is not None and out and out[-1] != current:
+            out.append(current)
+        out.append(arg)
+    return out
 
 
 def _version(value: bool):
@@ -161,7 +195,9 @@ def get_app() -> typer.Typer:
         scratch = typer.Typer()
         try:
             impl.function(app=scratch)
-        except Exception as e:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # sys.exit() in a plugin's hook must not end lora-lite
             command_problems.append(f"plugin {dist!r} failed to add commands: "
                                     f"{type(e).__name__}: {e} (fix or uninstall {dist})")
             continue
@@ -192,9 +228,15 @@ def report_command_problems():
 
 
 def main():
+    import sys
     cli = get_app()
     report_command_problems()
-    cli(prog_name="lora-lite")
+    try:
+        cli(args=expand_multi_values(sys.argv[1:]), prog_name="lora-lite")
+    except KeyboardInterrupt:  # Ctrl-C outside a command body (option parsing, plugin loading)
+        _ignore_further_interrupts()
+        err_console.print("[red]error:[/] interrupted", highlight=False)
+        raise SystemExit(130) from None
 
 
 # -- loading the base model ------------------------------------------------------------------

@@ -173,6 +173,10 @@ def examples_from_records(records, source: str) -> list[Example]:
     records = list(records)
     if not records:
         raise DataError(f"{source}: no records")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"{source}: record {i} is a {type(rec).__name__}, not an object with "
+                            "question/answer fields")
     keys = set(records[0])
     for q_key, a_key in FIELD_PAIRS:
         if q_key in keys and a_key in keys:
@@ -190,18 +194,28 @@ def examples_from_records(records, source: str) -> list[Example]:
 
 
 def read_jsonl(path: str) -> list[Example]:
+    """Examples of a .jsonl file (one JSON object a line) or a .json file (a list of objects,
+    or {"data": [...]}); a DataError naming the file and line for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     records = []
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            data = json.load(f)
-            records = data if isinstance(data, list) else data.get("data", [])
-        else:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+        records = data if isinstance(data, list) else (
+            data.get("data", []) if isinstance(data, dict) else [data])
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
     return examples_from_records(records, path)
 
 

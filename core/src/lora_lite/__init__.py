@@ -9,7 +9,8 @@
     ll.merge(model)                   # fold the adapter into the base: a plain model again
     ll.export_peft(model, "folder")   # a PEFT adapter folder (ll.load reads those too)
 
-Variants come from plugins (entry-point group ``lora_lite``); core ships none.
+Variants come from plugins (entry-point group ``lora_lite``); core ships none. The installed
+plugins' config classes are attributes too, as in upstream lora-lite: ``ll.LoRAConfig(r=8)``.
 """
 from .adapter_file import load, read_header, save
 from .attach import adapter_tensors, attach, attached, detach, trainable_parameters
@@ -36,3 +37,27 @@ __all__ = [
     "hook_kind", "hookimpl", "installed_plugins", "load", "merge", "peft_tensor", "problems", "read_header", "save",
     "set_dense_weight", "stream_inputs", "trainable_parameters", "variants",
 ]
+
+
+def __getattr__(attr):
+    """``ll.LoRAConfig``, ``ll.HRAConfig``, ...: the config class of an installed variant, found
+    by its class name (upstream lora-lite exported them from the package)."""
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    configs = {getattr(cls.config, "__name__", None): cls.config for cls in variants().values()}
+    if attr in configs:
+        return configs[attr]
+    raise AttributeError(_missing_attribute(attr, sorted(c for c in configs if c)))
+
+
+def _missing_attribute(attr, config_names):
+    msg = f"module 'lora_lite' has no attribute {attr!r}"
+    if not attr.endswith("Config"):
+        return msg
+    wanted = attr[:-len("Config")].lower()
+    known = [p for p in problems() if p.variant and p.variant.replace("_", "") == wanted]
+    if known:
+        return f"{msg}: {known[0]}"
+    msg += (": no installed plugin provides a config class of that name; install the plugin of "
+            "that variant (lora-lite plugins lists what is installed)")
+    return msg + (f"; installed: {', '.join(config_names)}" if config_names else "")

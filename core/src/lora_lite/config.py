@@ -21,6 +21,7 @@ _NOT_OVERRIDABLE = ("variant", "overrides", "dtype", "target_roles", "target_nam
                     "exclude_names", "layers")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (negatives wrap: refused)
 
 
@@ -61,7 +62,8 @@ class AdapterConfig:
         if self.uses_rank:
             _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
                    "r", self.r, "a positive integer")
-        _check(is_finite_number(self.alpha), "alpha", self.alpha, "a finite number")
+        scale_ok = is_finite_number(self.alpha) and (not self.uses_rank or is_finite_number(self.scale))
+        _check(scale_ok, "alpha", self.alpha, "a finite number (alpha / r must fit in float32)")
         _check(self.dtype.is_floating_point, "dtype", self.dtype, "a floating dtype")
         bad = [r for r in self.target_roles if r not in ROLES]
         _check(not bad, "target_roles", self.target_roles, f"a subset of {ROLES}")
@@ -75,25 +77,28 @@ class AdapterConfig:
         self._check_overrides()
 
     def _check_overrides(self):
+        pairs = _as_tuple("overrides", self.overrides, "(regex on module name, {field: value}) pairs")
         self.overrides = tuple(tuple(pair) if isinstance(pair, (list, tuple)) else pair
-                               for pair in self.overrides)
+                               for pair in pairs)
         allowed = {f.name for f in fields(self)} - set(_NOT_OVERRIDABLE)
         for pair in self.overrides:
             _check(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], dict),
                    "overrides", pair, "(regex on module name, {field: value}) pairs")
             pattern, values = pair
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as e:
-                raise ConfigError(f"overrides: {pattern!r} is not a valid regex ({e})") from None
+            _check_patterns("overrides", (pattern,))
             bad = sorted(set(values) - allowed)
             _check(not bad, f"overrides[{pattern!r}]", bad,
                    f"per-target fields among {sorted(allowed)}")
+            _check_override_values(self, pattern, values)
 
     def for_target(self, name: str) -> "AdapterConfig":
         """This config as it applies to the layer ``name``: for each field, the first
         ``overrides`` pair whose regex is found in the name sets it (as PEFT's rank_pattern and
-        alpha_pattern do). Without a match, ``self``."""
+        alpha_pattern do). Without a match, ``self``. A config loaded from a file answers from
+        the file's resolved per-target list instead (``with_resolved_targets``): no regex runs."""
+        resolved = self.__dict__.get(_RESOLVED)
+        if resolved is not None and name in resolved:
+            return resolved[name]
         merged = {}
         for pattern, values in self.overrides:
             if re.search(pattern, name):
@@ -123,8 +128,7 @@ class AdapterConfig:
         """Rebuild a config; on the base class, the subclass is found from ``d['variant']``."""
         target = cls
         if cls is AdapterConfig:
-            from .plugins import get_variant
-            target = get_variant(d.get("variant", "")).config
+            target = _variant_class(d.get("variant", "")).config
         known = {f.name: f for f in fields(target)}
         unknown = sorted(set(d) - set(known))
         if unknown:
@@ -144,6 +148,22 @@ class AdapterConfig:
         return {f.name: _default(f) for f in fields(cls) if f.name not in base}
 
 
+# name -> variant class. The registry (lora_lite.plugins, which imports this module) installs it,
+# so this module never imports the registry: config <- plugins, one way only.
+_lookup_variant = None
+
+
+def set_variant_lookup(lookup):
+    global _lookup_variant
+    _lookup_variant = lookup
+
+
+def _variant_class(name):
+    if _lookup_variant is None:
+        raise RuntimeError("lora_lite.plugins is not loaded: import lora_lite first")
+    return _lookup_variant(name)
+
+
 def _default(f):
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -160,13 +180,33 @@ def _as_dtype(value):
     raise ConfigError(f"dtype: {value!r} is not one of {sorted(_DTYPES)}")
 
 
+_RESOLVED = "_resolved_targets"  # instance attribute, not a field: ignored by ==, to_dict, replace
+
+
+def with_resolved_targets(cfg, per_target: dict) -> "AdapterConfig":
+    """``cfg``, answering ``for_target(name)`` from ``per_target`` ({name: config}) for those
+    names, so that a file's stored override regexes are never run (see ll.load)."""
+    object.__setattr__(cfg, _RESOLVED, dict(per_target))
+    return cfg
+
+
+def _check_override_values(cfg, pattern, values):
+    """The config an override gives a target must itself be valid (checked now, not at attach)."""
+    try:
+        dataclasses.replace(cfg, overrides=(), **values)
+    except ConfigError as e:
+        raise ConfigError(f"overrides: {pattern!r} sets {e}") from None
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_finite_number(value) -> bool:
-    """A real number (bool excluded) that is neither NaN nor infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number (bool excluded) that stays finite in float32: not NaN, not infinite, and
+    |value| <= float32's max (a larger one becomes inf in the hook and inf * 0 = NaN)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and abs(value) <= FLOAT32_MAX)
 
 
 def _as_tuple(field_name, value, expected) -> tuple:
@@ -200,8 +240,7 @@ def check(ok, field_name, value, expected):
 
 def config(name: str, **fields_) -> AdapterConfig:
     """Build the typed config of variant ``name``: ``ll.config("lora", r=8, target_names=[...])``."""
-    from .plugins import get_variant
-    cls = get_variant(name).config
+    cls = _variant_class(name).config
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(fields_) - known)
     if unknown:

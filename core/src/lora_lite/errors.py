@@ -34,4 +34,4 @@ class AdapterSaveError(LoraLiteError, OSError):
 
 
 class VariantContractError(LoraLiteError, TypeError):
-    """A plugin's variant breaks the variant contract (design.md section 3)."""
+    """A plugin's variant breaks the variant contract (docs/plugin-contract.md)."""

@@ -2,38 +2,36 @@
 
 Everything a plugin provides is collected through the hooks in ``hookspecs``. lora-lite's own
 bitsandbytes backend is registered through the same hooks. Loading is lazy (first use). A plugin
-that fails to import or registers something malformed is recorded in ``problems()`` and skipped.
+that fails to import (any exception, ``sys.exit()`` included), registers something malformed or
+has a hook that raises is recorded in ``problems()`` and skipped; the others keep working.
+
+Two distributions registering one variant name: the one whose (normalised) distribution name
+sorts first keeps it, whatever the install or directory order, and the other is reported. A file
+records the distribution that wrote it; ``origin_mismatch`` tells when another one would load it.
 
 ``LORA_LITE_PLUGINS=a,b`` loads only the listed distributions (or entry-point names);
 ``LORA_LITE_PLUGINS=''`` loads none.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.metadata as md
 import os
 import re
-import traceback
 from dataclasses import dataclass, field
 
 import pluggy
 
+from . import config as config_module
 from . import hookspecs
-from .errors import VariantContractError, VariantNotInstalled
+from .config import AdapterConfig
+from .errors import VariantNotInstalled
 
 ENTRY_POINT_GROUP = "lora_lite"
 ALLOW_ENV = "LORA_LITE_PLUGINS"
 _NAME_RE = re.compile(r"^[a-z0-9_]+$")
 _CORE_PLUGINS = ("lora_lite.bnb_backend",)
-
-# Where the variants this project ships live, so "not installed" can name the package.
-KNOWN_DISTRIBUTIONS = {
-    "lora": "lora-lite-lora", "pissa": "lora-lite-pissa", "dora": "lora-lite-dora",
-    "delora": "lora-lite-delora", "eva": "lora-lite-eva", "ia3": "lora-lite-ia3",
-    "ia3_ff": "lora-lite-ia3", "hra": "lora-lite-hra", "road": "lora-lite-road",
-    "antipasto": "lora-lite-antipasto", "antipasto_rot": "lora-lite-antipasto",
-    "antipasto_arrow": "lora-lite-antipasto", "vera": "lora-lite-vera",
-    "oft": "lora-lite-oft", "boft": "lora-lite-oft", "lora_xs": "lora-lite-lora-xs",
-}
 
 
 @dataclass
@@ -53,7 +51,29 @@ class PluginInfo:
     distribution: str
     version: str
     hooks: list[str] = field(default_factory=list)
-    variants: list[str] = field(default_factory=list)
+    variants: list[str] = field(default_factory=list)  # what this plugin provides
+
+
+@dataclass
+class Collected:
+    """What the loaded plugins registered (rebuilt whenever a plugin is added or removed)."""
+
+    variants: dict = field(default_factory=dict)   # name -> variant class
+    origin: dict = field(default_factory=dict)     # name -> PluginInfo of the provider
+    backends: list = field(default_factory=list)   # weight backends, registration order
+    problems: list = field(default_factory=list)   # PluginProblem, from registering
+
+
+def _guarded(call, on_error):
+    """Run ``call()``; any failure but Ctrl-C (an exception, ``sys.exit()``) goes to
+    ``on_error(text)`` instead of taking the caller down."""
+    try:
+        return call()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a plugin calling sys.exit() must not end lora-lite
+        on_error(f"{type(e).__name__}: {e}")
+        return None
 
 
 class _Registry:
@@ -62,7 +82,7 @@ class _Registry:
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self.load_problems: list[PluginProblem] = []
-        self._collected = None  # (variants, variant_origin, backends, problems)
+        self._collected: Collected | None = None
 
     # -- loading -------------------------------------------------------------------------
     def load_entry_points(self):
@@ -71,7 +91,7 @@ class _Registry:
         for plugin_name in _CORE_PLUGINS:
             module = __import__(plugin_name, fromlist=["_"])
             self.add(module, plugin_name.split(".")[-1], "lora-lite", _version("lora-lite"))
-        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=_entry_point_key):
             dist = ep.dist.name if ep.dist is not None else ep.name
             version = ep.dist.version if ep.dist is not None else "?"
             if allowed is not None and _norm(dist) not in allowed and _norm(ep.name) not in allowed:
@@ -81,15 +101,17 @@ class _Registry:
                     dist, f"entry point name {ep.name!r} is already used by another plugin",
                     f"rename the entry point in {dist}'s pyproject.toml"))
                 continue
-            try:
-                module = ep.load()
-            except Exception as e:  # a broken plugin must not take the others down
+
+            def import_failed(error, _ep=ep, _dist=dist):
+                # the entry-point name is all it says of itself before import (by convention
+                # its variant or family name): a command asking for that name is told why
                 self.load_problems.append(PluginProblem(
-                    dist, f"failed to import {ep.value!r}: {type(e).__name__}: {e}",
-                    f"reinstall or fix it (pip install --force-reinstall {dist}), or exclude "
-                    f"it with {ALLOW_ENV}"))
-                continue
-            self.add(module, ep.name, dist, version)
+                    _dist, f"failed to import {_ep.value!r}: {error}",
+                    f"reinstall or fix it (pip install --force-reinstall {_dist}), or exclude "
+                    f"it with {ALLOW_ENV}", _ep.name))
+            module = _guarded(ep.load, import_failed)
+            if module is not None:
+                self.add(module, ep.name, dist, version)
 
     def add(self, plugin, name, distribution="?", version="?"):
         try:
@@ -110,59 +132,72 @@ class _Registry:
         self._collected = None
 
     # -- collecting what plugins register ---------------------------------------------------
-    def collected(self):
+    def collected(self) -> Collected:
         if self._collected is None:
             self._collected = self._collect()
         return self._collected
 
-    def _collect(self):
-        variants, origin, backends, problems = {}, {}, [], []
+    def _by_distribution(self, hook_caller):
+        """Hook implementations ordered by distribution name, then plugin name (deterministic:
+        neither install nor directory order decides who wins a clash)."""
+        return sorted(hook_caller.get_hookimpls(),
+                      key=lambda impl: (_norm(self.info[impl.plugin_name].distribution),
+                                        impl.plugin_name))
+
+    def _collect(self) -> Collected:
+        out = Collected()
         for info in self.info.values():
             info.variants = []
-        # registration order (get_hookimpls lists it; pluggy *calls* in reverse): the first
-        # plugin to register a name keeps it, as the clash report says
-        for impl in self.pm.hook.register_variants.get_hookimpls():
+        for impl in self._by_distribution(self.pm.hook.register_variants):
             info = self.info[impl.plugin_name]
-
-            def register(cls, _info=info):
-                problem = variant_problem(cls)
-                name = getattr(cls, "name", repr(cls))
-                hint = f"report it to the plugin's author or uninstall {_info.distribution}"
-                if problem is None and name in variants:
-                    problem = (f"variant name {name!r} is already registered by "
-                               f"{origin[name].distribution}; this one was skipped")
-                    hint = (f"uninstall one of the two (pip uninstall {_info.distribution}), or "
-                            f"load only one of them with {ALLOW_ENV}")
-                if problem is not None:
-                    problems.append(PluginProblem(
-                        _info.distribution, problem, hint,
-                        name if isinstance(name, str) else None))
-                    return
-                warning = tensor_name_problem(cls)
-                if warning is not None:
-                    problems.append(PluginProblem(_info.distribution, warning, hint, name))
-                variants[name] = cls
-                origin[name] = _info
-                _info.variants.append(name)
-
-            try:
-                impl.function(register=register)
-            except Exception as e:
-                problems.append(PluginProblem(
-                    info.distribution, f"register_variants raised {type(e).__name__}: {e}",
-                    f"fix or uninstall {info.distribution}"))
+            _guarded(lambda: impl.function(register=lambda cls: _register(out, info, cls)),
+                     lambda error, _info=info: out.problems.append(PluginProblem(
+                         _info.distribution, f"register_variants raised {error}",
+                         f"fix or uninstall {_info.distribution}")))
         for impl in self.pm.hook.register_weight_backends.get_hookimpls()[::-1]:
-            try:
-                impl.function(register=backends.append)
-            except Exception as e:
-                problems.append(PluginProblem(
-                    self.info[impl.plugin_name].distribution,
-                    f"register_weight_backends raised {type(e).__name__}: {e}", "fix the plugin"))
-        return variants, origin, backends, problems
+            dist = self.info[impl.plugin_name].distribution
+            _guarded(lambda: impl.function(register=out.backends.append),
+                     lambda error, _dist=dist: out.problems.append(PluginProblem(
+                         _dist, f"register_weight_backends raised {error}", "fix the plugin")))
+        return out
+
+
+def _register(out: Collected, info: PluginInfo, cls):
+    """One ``register(cls)`` call of ``info``'s plugin: checked, clash-resolved, recorded."""
+    name = getattr(cls, "name", None)
+    name = name if isinstance(name, str) else None
+    hint = f"report it to the plugin's author or uninstall {info.distribution}"
+    failed = []
+    problem = _guarded(lambda: variant_problem(cls), failed.append)
+    if failed:
+        problem = f"variant {cls!r} could not be checked: {failed[0]}"
+    if problem is None and name in out.variants:
+        winner = out.origin[name].distribution
+        problem = (f"variant name {name!r} is also registered by {winner}, which keeps it (on a "
+                   "clash the distribution first by name wins); this one was skipped")
+        hint = (f"uninstall one of the two (pip uninstall {info.distribution}), or load only "
+                f"one of them with {ALLOW_ENV}")
+    if problem is not None:
+        out.problems.append(PluginProblem(info.distribution, problem, hint, name))
+        return
+    warning = _guarded(lambda: tensor_name_problem(cls), lambda error: None)
+    if warning is not None:
+        out.problems.append(PluginProblem(info.distribution, warning, hint, name))
+    out.variants[name] = cls
+    out.origin[name] = info
+    info.variants.append(name)
+
+
+def _entry_point_key(ep):
+    return (_norm(ep.dist.name) if ep.dist is not None else "", ep.name)
 
 
 def _norm(name):
-    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+    """PEP 503 normalisation of a distribution name: runs of -_. become -, lower case."""
+    return re.sub(r"[-_.]+", "-", str(name).strip()).lower()
+
+
+normalize_distribution = _norm
 
 
 def _version(dist):
@@ -174,8 +209,6 @@ def _version(dist):
 
 def variant_problem(cls):
     """Why ``cls`` breaks the variant contract, or None if it meets it."""
-    from .config import AdapterConfig
-    import dataclasses
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not _NAME_RE.match(name):
         return f"variant {cls!r} has no valid .name (a string of [a-z0-9_]+)"
@@ -240,16 +273,16 @@ def unregister_plugin(name):
 
 def variants() -> dict:
     """name -> variant class, from every loaded plugin."""
-    return dict(registry().collected()[0])
+    return dict(registry().collected().variants)
 
 
 def weight_backends() -> list:
-    return list(registry().collected()[2])
+    return list(registry().collected().backends)
 
 
 def problems() -> list[PluginProblem]:
     reg = registry()
-    return list(reg.load_problems) + list(reg.collected()[3])
+    return list(reg.load_problems) + list(reg.collected().problems)
 
 
 def installed_plugins() -> list[PluginInfo]:
@@ -259,26 +292,57 @@ def installed_plugins() -> list[PluginInfo]:
 
 
 def variant_origin(name) -> PluginInfo:
-    return registry().collected()[1][name]
+    return registry().collected().origin[name]
 
 
-def get_variant(name):
+def origin_mismatch(variant: str, distribution: str | None) -> str | None:
+    """Why a file written by ``distribution``'s ``variant`` must not be run by the installed one
+    (another distribution provides that name here), or None when they agree or the file names
+    no distribution."""
+    if not distribution or variant not in variants():
+        return None
+    here = variant_origin(variant).distribution
+    if _norm(here) == _norm(distribution):
+        return None
+    return (f"it was written by variant {variant!r} of {distribution}, but {variant!r} is provided "
+            f"here by {here}: install {distribution} and select it with "
+            f"{ALLOW_ENV}={distribution} (or uninstall {here})")
+
+
+def get_variant(name, distribution: str | None = None):
+    """The variant class called ``name``. ``distribution``: the package known to provide it
+    (e.g. the one a file records), named in the error when it is missing."""
     found = variants()
     if name in found:
         return found[name]
-    dist = KNOWN_DISTRIBUTIONS.get(name) or f"lora-lite-{name.split('_')[0]}"
-    related = ([p for p in problems() if p.variant == name]
-               or [p for p in problems() if _norm(p.distribution) == _norm(dist)])
-    msg = f"unknown adapter variant {name!r}: it is not installed. Install its plugin: pip install {dist}"
+    raise VariantNotInstalled(not_installed_message(name, found, distribution))
+
+
+def not_installed_message(name, found: dict, distribution: str | None = None) -> str:
+    """Why ``name`` is not available and what to do, naming a package only when one is known to
+    provide it (a broken plugin that registers it, or ``distribution``); close installed names
+    are suggested, never a guessed package name."""
+    related = [p for p in problems() if p.variant == name]
+    if distribution:
+        related += [p for p in problems() if _norm(p.distribution) == _norm(distribution)]
     if related:
-        msg = f"variant {name!r} is unavailable because {related[0]}"
-    elif os.environ.get(ALLOW_ENV) is not None:
+        return f"variant {name!r} is unavailable because {related[0]}"
+    msg = f"unknown adapter variant {name!r}: no installed plugin provides it"
+    close = difflib.get_close_matches(str(name), sorted(found), n=3, cutoff=0.6)
+    if close:
+        msg += f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    if distribution:
+        msg += f". Install its plugin: pip install {distribution}"
+    if os.environ.get(ALLOW_ENV) is not None:
         msg += f" (note: {ALLOW_ENV}={os.environ[ALLOW_ENV]!r} limits which plugins load)"
     if found:
         msg += f". Installed variants: {', '.join(sorted(found))}"
-    raise VariantNotInstalled(msg)
+    return msg
 
 
 def hook():
     """The pluggy hook relay, e.g. ``hook().register_commands(app=app)``."""
     return registry().pm.hook
+
+
+config_module.set_variant_lookup(get_variant)

@@ -5,7 +5,9 @@ and ``forward(layer, x, y) -> y_new`` (output hook) or ``forward_input(layer, x)
 (input pre-hook), or both (the pre-hook changes x, the output hook then sees the changed x and
 post-processes y: e.g. a rotation of the input followed by a per-output scale). Optional: ``init(layer, cfg)``,
 ``group_init(model, targets, cfg, calibration_data)``, ``after_load(layer, cfg)`` (rebuild what
-``init`` derived from the base weight using the loaded tensors) and the class attributes below.
+``init`` derived from the base weight using the loaded tensors), the flags and report members
+of ``Variant`` below, and the interop members documented on it. docs/plugin-contract.md has the
+whole contract; ``lora_lite.testing.check_variant`` checks a variant against it.
 """
 from __future__ import annotations
 
@@ -55,7 +57,24 @@ def make_tensor(spec: ParamSpec, dtype, device, generator) -> torch.Tensor:
 
 
 class Variant:
-    """Optional base class; documents the contract and gives defaults for the descriptive flags."""
+    """Optional base class; documents the contract and gives defaults for the descriptive flags.
+
+    Optional callables (not defined here: core and the CLI test whether a variant has them and
+    use generic fallbacks when it has not):
+
+    * ``added_macs(target, cfg) -> (per_token, per_call)``: multiply-accumulates the adapter adds
+      on one target (``target.d_in``, ``target.d_out``, ``target.name``); the cost report checks
+      2 x this against torch's FLOP counter. Without it: every 2-D adapter tensor once per token.
+    * ``merged_weight(layer, cfg) -> (W', b')``: fp32 (d_out, d_in) weight and bias (None = the
+      layer's own) with adapted layer(x) == x W'ᵀ + b'; reads the base only through
+      ``dense_weight`` / ``base_dense_weight``.
+    * ``peft_config(cfg, target_names) -> dict | None``: PEFT's adapter_config.json content
+      (with ``peft_type``), None when PEFT has no counterpart; ``peft_state(layer, cfg) ->
+      {name: tensor}``: this layer's tensors in PEFT's naming (e.g. ``lora_A.weight``), relative
+      to the module, no adapter name. ``from_peft(peft_config) -> dict | None``,
+      ``load_peft_state(layer, cfg, tensors)``, ``peft_init(peft_model, calibration_data)``: the
+      way back, and a data-driven init on PEFT's side.
+    """
 
     name: str = ""
     config = None
@@ -63,6 +82,15 @@ class Variant:
     needs_calibration: bool = False   # attach() must get calibration_data
     supports_quantized: bool = True   # works on bitsandbytes 4bit/8bit bases
     paper: str = ""
+    # -- what lora-lite-cli's training and reports use (all optional) --------------------------
+    # train_defaults: {"lr": 2e-3, "targets": (regex, ...), "alpha": "r" (alpha = r) or a float,
+    #   "calibration": batches for a data-initialised variant, "knobs": {field: value}}; every
+    #   key optional, the rest generic (lora_lite_cli.defaults.variant_defaults resolves them).
+    train_defaults: dict | None = None
+    cost_note: str = ""               # why measured FLOPs may differ from 2 x added_macs
+    peft_cost_note: str = ""          # the same for PEFT's implementation of this method
+    mergeable: bool = True            # False: merging is refused up front, for merge_refusal
+    merge_refusal: str = ""
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg) -> dict:

@@ -1,6 +1,6 @@
 """lora-lite HRA vs PEFT HRA on the same model: time per training step and peak memory.
 
-A benchmark, not a test (design.md §7): both adapters sit on identical copies of one random
+A benchmark, not a test: both adapters sit on identical copies of one random
 Llama (fp32, CPU unless --device cuda), with the same Householder vectors, so they compute the
 same function (checked first). Then:
 

@@ -1,4 +1,4 @@
-"""hra: design.md §4 invariants on fp32, 4bit and 8bit bases, PEFT parity, an explicit dense
+"""hra: the conformance kit on fp32, 4bit and 8bit bases, PEFT parity, an explicit dense
 reference on quantized layers (where PEFT's HRA is wrong), no d_in × d_in matrix, config errors.
 
 Tolerances: the paired init cancels in exact arithmetic only (the Gram entry v·v of a unit row
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import logits, make_batch, measure_invariants, quantize, tiny_llama
+from lora_lite.testing import (bf16_figures, check_variant, logits, make_batch, model_maker,
+                               perturb, tiny_llama)
 from lora_lite.weights import guard_training
 
 KWARGS = dict(r=4, target_names=[r"q_proj$", r"v_proj$"])
@@ -24,32 +25,12 @@ IDENTITY_TOL = {"fp32": 1e-5, "4bit": 1e-5, "8bit": 1e-4}
 
 
 def make_model(base="fp32"):
-    model = tiny_llama()
-    return model if base == "fp32" else quantize(model, base)
-
-
-def biased_llama(seed=0):
-    """tiny_llama's shape with random biases on every projection."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, vocab_size=128,
-                         max_position_embeddings=128, tie_word_embeddings=False,
-                         attention_bias=True, mlp_bias=True)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.bias is not None:
-                m.bias.normal_(0.0, 0.1)
-    return model
+    return model_maker(base)()
 
 
 def randomize(model, seed=1):
     """Fresh random Householder vectors (no longer paired), so the adapter is far from identity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in ll.adapter_tensors(model).values():
-            t.copy_(torch.randn(t.shape, generator=g))
+    perturb(model, std=1.0, seed=seed, replace=True)
 
 
 def explicit_R(U):
@@ -62,7 +43,7 @@ def explicit_R(U):
     return R
 
 
-def peft_parity_error(model_fn=biased_llama):
+def peft_parity_error(model_fn=lambda: tiny_llama(bias=True)):
     """max |logits(lora-lite) - logits(PEFT HRA)| with the same Householder vectors (fp32)."""
     from peft import HRAConfig, get_peft_model
     batch = make_batch()
@@ -110,28 +91,19 @@ def quantized_reference_errors(base, seed=0):
 
 
 def test_discovered_through_entry_point():
-    assert "hra" in ll.variants()
     from lora_lite.plugins import variant_origin
     assert variant_origin("hra").distribution == "lora-lite-hra"
     assert ll.hook_kind(ll.variants()["hra"]) == "input"
 
 
 @pytest.mark.parametrize("base", ["fp32", "4bit", "8bit"])
-def test_invariants(base):
-    m = measure_invariants(lambda: make_model(base), ll.config("hra", **KWARGS), make_batch(),
-                           steps=3, lr=1e-2)
-    assert m["identity_err"] <= IDENTITY_TOL[base]
-    assert m["trainable"] == TRAINABLE
-    assert m["grad_norm_first"] > 0 and m["grad_norm_after_eval"] > 0
-    assert m["zero_grad_adapters"] == 0
-    assert m["base_grad_leaks"] == 0
-    assert m["base_changed"] is False
-    assert m["trained_delta"] > 1e-3
-    assert m["reload_err"] <= 1e-6
+def test_conformance(base):
+    m = check_variant("hra", ll.config("hra", **KWARGS), bases=[base],
+                      identity_tol=IDENTITY_TOL[base], reload_tol=1e-6)["bases"][base]
+    assert m["trainable"] == TRAINABLE and m["trained_delta"] > 1e-3
     assert m["file_keys"] == sorted(f"model.layers.{i}.self_attn.{n}.lora_U"
                                     for i in range(2) for n in TARGETS)
     assert m["file_bytes"] < 4096 + 4 * TRAINABLE
-    assert m["detach_bitexact"] is True
     assert m["detach_logits_err"] == 0.0
 
 
@@ -203,24 +175,6 @@ def test_never_builds_a_d_in_square_matrix():
         model(x).square().sum().backward()
     assert model[0].lora_U.grad is not None and model[0].lora_U.grad.abs().sum() > 0
     assert Largest.numel <= d_in * d_out  # the base weight's size; d_in² would be 8× more
-
-
-def bf16_figures(variant, model_dtype, **cfg_kwargs):
-    """bf16 adapter on a bf16 or fp32 tiny_llama: identity error, whether one backward reaches
-    every adapter tensor (bf16 grads), and how far one AdamW step (lr 1e-2) moves the logits."""
-    from lora_lite.testing import loss_of
-    model, batch = tiny_llama().to(model_dtype), make_batch()
-    ref = logits(model, batch)
-    ll.attach(model, ll.config(variant, dtype=torch.bfloat16, **cfg_kwargs))
-    identity = (logits(model, batch) - ref).abs().max().item()
-    params = ll.trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    model.train()
-    loss_of(model, batch).backward()
-    grads_ok = all(p.dtype == p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0 for p in params)
-    opt.step()
-    model.eval()
-    return identity, grads_ok, (logits(model, batch) - ref).abs().max().item()
 
 
 def test_bf16():

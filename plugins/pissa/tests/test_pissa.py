@@ -1,6 +1,6 @@
 """PiSSA plugin: invariants (fp32, 4bit, 8bit; rewritten and implicit residual), PEFT parity of the
 init (A, B, residual) and of the forward, the residual rebuilt at load, the requantization refit,
-config validation. figures.py reuses the helpers defined here."""
+config validation."""
 import copy
 import os
 import warnings
@@ -9,19 +9,15 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (logits, make_batch, measure_invariants, quantize, snapshot_state,
-                               state_equal, tiny_llama)
+from lora_lite.testing import (BASES, check_variant, logits, make_batch, model_maker,
+                               snapshot_state, state_equal, tiny_llama)
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
 TARGETS = [r"q_proj$", r"v_proj$"]
 # tiny_llama: q_proj 64->64, v_proj 64->32, two layers; per target r(d_in + d_out)
 TRAINABLE = 2 * (4 * (64 + 64) + 4 * (64 + 32))
-MAKERS = {
-    "fp32": tiny_llama,
-    "4bit": lambda: quantize(tiny_llama(), "4bit"),
-    "8bit": lambda: quantize(tiny_llama(), "8bit"),
-}
+MAKERS = {base: model_maker(base) for base in BASES}
 # Identity at init, max |logit error| on make_batch(), rewritten residual (the default):
 # fp32: W_res + s·B A == W up to fp32 rounding of the subtraction; measured 1.8e-7.
 # 4bit: the requantized residual's nf4 error (Q(W_res) − W_res, ~7% of the weight, partly refit
@@ -32,11 +28,13 @@ IDENTITY_TOL = {"fp32": 1e-5, "4bit": 0.05, "8bit": 0.01}
 
 
 def make_cfg(**kw):
-    return ll.config("pissa", **{"r": 4, "alpha": 8, "target_names": TARGETS, **kw})
+    """The paper's form (rewrite_base=True) unless a test says otherwise; the default is False."""
+    return ll.config("pissa", **{"r": 4, "alpha": 8, "target_names": TARGETS, "rewrite_base": True, **kw})
 
 
 def invariants(kind, **kw):
-    return measure_invariants(MAKERS[kind], make_cfg(**kw), make_batch())
+    return check_variant("pissa", make_cfg(**kw), bases=[kind], identity_tol=IDENTITY_TOL[kind],
+                         reload_tol=0.0)["bases"][kind]
 
 
 def peft_pissa(base, r=4, alpha=8):
@@ -124,7 +122,7 @@ def residual_error(kind, **kw):
 def test_registered_through_entry_point():
     v = ll.variants()["pissa"]
     assert v.config.__name__ == "PiSSAConfig"
-    assert v.config.knobs() == {"quant_iters": 1, "rewrite_base": True}
+    assert v.config.knobs() == {"quant_iters": 1, "rewrite_base": False}
     assert v.paper.endswith("2404.02948") and v.rewrites_weight
 
 
@@ -133,9 +131,6 @@ def test_invariants(kind):
     out = invariants(kind)
     assert out["identity_err"] < IDENTITY_TOL[kind]
     assert out["trainable"] == TRAINABLE
-    assert out["grad_norm_first"] > 0 and out["grad_norm_after_eval"] > 0
-    assert out["zero_grad_adapters"] == 0
-    assert out["base_grad_leaks"] == 0
     assert out["base_changed"] is None  # the residual was written (checked bit-exact at detach)
     assert out["trained_delta"] > 1e-3
     assert out["reload_err"] == 0.0     # init re-run on the fresh base rebuilds the same residual
@@ -143,7 +138,6 @@ def test_invariants(kind):
     assert {k.rsplit(".", 1)[1] for k in out["file_keys"]} == {"lora_A", "lora_B"}
     assert len(out["file_keys"]) == 2 * 4
     assert TRAINABLE * 4 < out["file_bytes"] < TRAINABLE * 4 + 4096
-    assert out["detach_bitexact"] is True
     assert out["detach_logits_err"] == 0.0
 
 
@@ -152,12 +146,10 @@ def test_invariants_implicit_residual(kind):
     out = invariants(kind, rewrite_base=False)
     assert out["identity_err"] == 0.0   # s·(B A − B0 A0) is exactly 0 at init; W is untouched
     assert out["trainable"] == TRAINABLE
-    assert out["grad_norm_first"] > 0 and out["zero_grad_adapters"] == 0
-    assert out["base_grad_leaks"] == 0 and out["base_changed"] is False
     assert out["trained_delta"] > 1e-3
     assert out["reload_err"] == 0.0
     assert {k.rsplit(".", 1)[1] for k in out["file_keys"]} == {"lora_A", "lora_B"}  # A0, B0 unsaved
-    assert out["detach_bitexact"] is True and out["detach_logits_err"] == 0.0
+    assert out["detach_logits_err"] == 0.0
 
 
 def test_peft_init_is_the_same():

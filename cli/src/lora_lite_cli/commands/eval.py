@@ -1,31 +1,20 @@
 """``lora-lite eval``: accuracy of a base model and of the same model with an adapter file."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ..adapters import check_adapter, model_of_adapter
 from ..app import CLIError, app, console, err_console, handle_errors, print_json
-from ..models import DEFAULT_MODEL
-
-
-def model_of_adapter(path: str) -> str:
-    """The base model recorded in an adapter file, if it can be loaded again, else the default."""
-    import lora_lite as ll
-    meta, _ = ll.read_header(path)
-    name = meta.get("base_model") or ""
-    if name and (os.path.exists(name) or not name.startswith(("/", "."))):
-        return name
-    return DEFAULT_MODEL
 
 
 @app.command("eval")
 @handle_errors
 def eval_command(
-    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter file (.safetensors written by lora-lite)."),
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter file (.safetensors written by lora-lite) or a PEFT adapter folder."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one recorded in the adapter file, else the embedded smollm2)."),
     eval_data: str = typer.Option("generated", "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
     limit: int = typer.Option(100, "--limit", "-n", help="Evaluate the first N items (0: all)."),
@@ -49,11 +38,12 @@ def eval_command(
     from .. import data as data_mod
     from .. import evaluate as eval_mod
     from ..models import load_model
-    from ..training import pick_device, set_threads, write_predictions
+    from ..training import pick_device, set_threads
+    from ..training.reporting import write_predictions
 
     if quantize not in (None, "4bit", "8bit"):
         raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
-    ll.read_header(adapter)  # a missing / foreign / truncated file fails before loading a model
+    check_adapter(adapter)  # a missing / foreign / truncated / refused adapter fails before loading a model
     name = model or model_of_adapter(str(adapter))
     out = err_console if as_json else console
     examples = data_mod.eval_data(eval_data, limit or None)
@@ -82,7 +72,7 @@ def eval_command(
     def summary(res):
         return None if res is None else {k: res[k] for k in ("accuracy", "correct", "n", "time_s")}
 
-    meta, _ = ll.read_header(adapter)
+    meta = {"variant": ll.attached(base_model).cfg.variant}
     result = {"adapter": str(adapter), "variant": meta.get("variant"), "model": name,
               "eval_data": examples.fingerprint(), "max_new_tokens": max_new_tokens,
               "base": summary(base_res), "adapted": summary(adapted_res),

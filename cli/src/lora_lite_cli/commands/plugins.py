@@ -153,8 +153,11 @@ def uninstall_command(
 
     Example: lora-lite uninstall lora-lite-hra
     """
+    from lora_lite.plugins import normalize_distribution
     protected = {"lora-lite", "lora-lite-cli"}
-    hit = sorted(protected & {p.lower().replace("_", "-") for p in packages})
+    # PEP 503: lora.lite, Lora_Lite and lora--lite all name lora-lite (pip would remove it)
+    hit = sorted(protected & {normalize_distribution(p.split("==")[0].split("[")[0])
+                              for p in packages})
     if hit:
         raise CLIError(f"refusing to uninstall {', '.join(hit)} with lora-lite itself; "
                        f"use {sys.executable} -m pip uninstall", 2)

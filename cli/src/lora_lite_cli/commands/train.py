@@ -123,18 +123,20 @@ def train_command(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: 80)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per micro-batch, over all processes (default: 8)."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (default: 1)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: per variant, see training.VARIANT_DEFAULTS)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the variant's own, see `lora-lite variants --json`)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="LR schedule: cosine, linear or constant (default: cosine)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 0)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0)."),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the adapter gradient norm (0: off) (default: 1.0)."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the adapter gradient norm, 0 for no clipping (default: 1.0)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Truncate training examples to this many tokens (default: 256)."),
     targets: Optional[List[str]] = typer.Option(None, "--targets", "-t", help="Regex on layer names, repeatable (default: per variant, q_proj/v_proj)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Decoder layers to adapt: 0,1,5 or 0-3 or all (default: all)."),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank r (default: per variant, 8)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Scale numerator, s = alpha / r (default: per variant, 16)."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="A variant knob, knob=value, repeatable (e.g. --set block=8)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Model and adapter dtype: float32, bfloat16, float16 (default: float32)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Storage dtype of the base model: float32, bfloat16, float16 (default: float32). The adapter's own tensors stay float32."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="Autocast the forward: no, bf16 or fp16 (fp16: CUDA only, with a loss scaler); the adapter's master weights stay float32 (default: no)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the adapted model for training."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit (nf4) or 8bit."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order/generation and adapter init (default: 0)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>)."),
@@ -151,13 +153,15 @@ def train_command(
 
     With no option but --variant it runs offline: the embedded SmolLM2-135M-Instruct and the
     built-in arithmetic word problems. Writes adapter.safetensors, metrics.json, predictions.jsonl
-    and loss.png to the run folder. Ctrl-C saves a checkpoint (continue with --resume); a NaN/inf
+    and loss.png to the run folder. Ctrl-C or SIGTERM saves a checkpoint (continue with --resume); a NaN/inf
     loss stops the run (exit code 3) and keeps the last good adapter. Under
-    `torchrun --nproc_per_node=N` the same command trains with DDP (gloo on CPU).
+    `torchrun --nproc_per_node N` or `accelerate launch --num_processes N` the same command
+    trains with DDP through accelerate (gloo on CPU, nccl on CUDA).
     """
     from .. import training
     from ..data import DataError
     from ..models import resolve
+    from ..training import runtime
 
     given = dict(model=model, train_data=train_data, eval_data=eval_data, steps=steps,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule,
@@ -165,49 +169,31 @@ def train_command(
                  targets=tuple(targets) if targets else None,
                  layers=parse_layers(layers) if layers is not None else None,
                  rank=rank, alpha=alpha, knobs=parse_sets(sets) if sets else None, dtype=dtype,
+                 mixed_precision=mixed_precision, compile=compile_model or None,
                  quantize=quantize, seed=seed, output=str(output) if output else None,
                  eval_limit=eval_limit, eval_batch_size=eval_batch_size,
                  max_new_tokens=max_new_tokens, calibration=calibration, device=device,
                  threads=threads)
-    if quantize not in (None, "4bit", "8bit"):
-        raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
+    accelerator = None
     try:
-        if resume is not None:
-            settings, folder, state = training.settings_for_resume(str(resume), given)
-            if variant and variant != settings.variant:
-                raise CLIError(f"--resume: the checkpoint trains {settings.variant!r}, not {variant!r}", 2)
-            resume_state = (folder, state)
-        else:
-            if not variant:
-                raise CLIError("missing option --variant (see `lora-lite variants`)", 2)
-            import lora_lite as ll
-            ll.get_variant(variant)  # unknown variant: one line naming the package to install
-            settings = training.resolve_settings(variant, given)
-            resume_state = None
+        settings, resume_state = _settings(training, variant, resume, given)
         training.build_config(settings)  # a bad knob or value fails before anything loads
         resolve(settings.model)           # so does a missing model
-        settings.device = training.pick_device(settings.device)
-        settings.threads = training.set_threads(settings.threads)  # recorded: what the run used
-        d = training.init_distributed(settings.device)
-        settings.device = training.pick_device(settings.device, d)
-        out = err_console if as_json else console
-        reporter = RichReporter(out, enabled=d.main)
-        if d.main and not as_json:
-            console.print(f"[bold]lora-lite train[/] {settings.variant}: model {settings.model}, "
-                          f"data {settings.train_data}, {settings.steps} steps x batch "
-                          f"{settings.batch_size}{f' x {settings.grad_accum}' if settings.grad_accum > 1 else ''}, "
-                          f"lr {settings.lr:g} ({settings.schedule}), r {settings.rank}, "
-                          f"targets {' '.join(settings.targets)}, {settings.threads} thread(s)"
-                          f"{f', {d.world_size} processes' if d.world_size > 1 else ''}",
-                          highlight=False, soft_wrap=True)
-        result = training.run(settings, reporter, resume_state, d)
+        settings.device = runtime.pick_device(settings.device)
+        settings.threads = runtime.set_threads(settings.threads)  # recorded: what the run used
+        accelerator = runtime.make_accelerator(settings)
+        main = accelerator.is_main_process
+        if main and not as_json:
+            _print_header(settings, accelerator.num_processes)
+        reporter = RichReporter(err_console if as_json else console, enabled=main)
+        result = training.run(settings, reporter, resume_state, accelerator)
     except training.TrainError as e:
-        raise CLIError(str(e), e.code if e.code != 1 else 2) from None
+        raise CLIError(str(e), e.code) from None
     except DataError as e:
         raise CLIError(str(e), 2) from None
     finally:
-        _finish_distributed()
-    if not d.main:
+        runtime.finish(accelerator)
+    if not main:
         return
     if result.status == "interrupted":
         raise CLIError(result.message, 130)
@@ -219,10 +205,26 @@ def train_command(
         raise CLIError(result.message + f"; adapter: {result.output}/adapter.safetensors", 3)
 
 
-def _finish_distributed():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
+def _settings(training, variant, resume, given):
+    """(settings, resume state or None) from the options, or from the checkpoint."""
+    if resume is not None:
+        settings, folder, state = training.settings_for_resume(str(resume), given)
+        if variant and variant != settings.variant:
+            raise CLIError(f"--resume: the checkpoint trains {settings.variant!r}, not {variant!r}", 2)
+        return settings, (folder, state)
+    if not variant:
+        raise CLIError("missing option --variant (see `lora-lite variants`)", 2)
+    import lora_lite as ll
+    ll.get_variant(variant)  # unknown variant: one line with close names
+    return training.resolve_settings(variant, given), None
+
+
+def _print_header(s, processes):
+    accum = f" x {s.grad_accum}" if s.grad_accum > 1 else ""
+    extra = "".join([f", {processes} processes" if processes > 1 else "",
+                     f", mixed precision {s.mixed_precision}" if s.mixed_precision != "no" else "",
+                     ", compiled" if s.compile else ""])
+    console.print(f"[bold]lora-lite train[/] {s.variant}: model {s.model}, data {s.train_data}, "
+                  f"{s.steps} steps x batch {s.batch_size}{accum}, lr {s.lr:g} ({s.schedule}), "
+                  f"r {s.rank}, targets {' '.join(s.targets)}, {s.threads} thread(s){extra}",
+                  highlight=False, soft_wrap=True)

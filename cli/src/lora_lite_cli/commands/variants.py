@@ -14,6 +14,7 @@ def variant_info(name, cls) -> dict:
     """What the CLI shows about one variant (plain data, also the --json record)."""
     import lora_lite as ll
     from lora_lite.plugins import variant_origin
+    from ..defaults import variant_defaults
     origin = variant_origin(name)
     defaults = {f.name: f.default for f in dataclasses.fields(cls.config)}
     uses_rank = bool(getattr(cls.config, "uses_rank", True))
@@ -30,7 +31,23 @@ def variant_info(name, cls) -> dict:
         "alpha": defaults.get("alpha") if uses_rank else None,
         "knobs": jsonable(cls.config.knobs()),
         "paper": getattr(cls, "paper", "") or "",
+        "train_defaults": jsonable(variant_defaults(name)),  # what `train` uses; `source`: its own keys
     }
+
+
+def safe_variant_info(name, cls, problems: list) -> dict | None:
+    """``variant_info``, or None with the reason appended to ``problems`` when the variant's
+    class misbehaves (a raising property, a malformed train_defaults, ...)."""
+    try:
+        return variant_info(name, cls)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a broken plugin must not take the listing down
+        from lora_lite.plugins import variant_origin
+        dist = variant_origin(name).distribution
+        problems.append({"distribution": dist, "error": f"variant {name!r} cannot be described: "
+                         f"{type(e).__name__}: {e}", "fix": f"fix or uninstall {dist}"})
+        return None
 
 
 def problem_info(problem) -> dict:
@@ -46,14 +63,16 @@ def _yes(flag: bool) -> str:
 def variants_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """List every installed adapter variant: plugin, hook kind, what it needs, its knobs.
+    """List every installed adapter variant: plugin, hook kind, what it needs, its knobs, and
+    (with --json) the training defaults `train` uses for it.
 
     Plugins that failed to load are listed as warnings naming the distribution and the fix.
     """
     import lora_lite as ll
     found = ll.variants()
-    rows = [variant_info(name, cls) for name, cls in sorted(found.items())]
     problems = [problem_info(p) for p in ll.problems()]
+    rows = [r for name, cls in sorted(found.items())
+            if (r := safe_variant_info(name, cls, problems)) is not None]
     if as_json:
         print_json({"variants": rows, "problems": problems})
         return

@@ -1,5 +1,5 @@
 """AntiPaSTO — bounded diagonal gain on the frozen top-r SVD basis.
-Paper: https://arxiv.org/abs/2601.07473 (code: github.com/wassname/AntiPaSTO); variants.md 4.10.
+Paper: https://arxiv.org/abs/2601.07473 (code: github.com/wassname/AntiPaSTO).
 
     W = W_res + U diag(S) Vh   (SVD crop, see basis.py)
     y' = x W_resᵀ + b + ((x Vhᵀ) ⊙ S ⊙ φ(coeff · g̃)) Uᵀ,   φ(z) = 1 + ELU(z),
@@ -40,6 +40,13 @@ def gain(g, cfg):
 class AntiPaSTO(SVDBasisVariant):
     name = "antipasto"
     config = AntiPaSTOConfig
+    # alpha = r. Upstream ran 5000 steps at lr 5e-3; for the 80-step default run 1.5e-2 measured
+    # better: antipasto 58% -> 70%, rot 59% -> 71%, arrow 66% -> 67% (loss 0.14 -> 0.09).
+    train_defaults = {"alpha": "r", "lr": 1.5e-2}
+
+    @staticmethod
+    def added_macs(target, cfg):
+        return cfg.r * (target.d_in + target.d_out), 0
 
     @staticmethod
     def trainable_specs(d_in, d_out, cfg):

@@ -1,6 +1,6 @@
 """AntiPaSTO-arrow — "arrowhead" core on the frozen top-r SVD basis: a dense b×b block on the
 first b kept directions, the bounded diagonal gain of antipasto on the other r − b.
-Paper: https://arxiv.org/abs/2601.07473 (AntiPaSTO family); variants.md 4.15.
+Paper: https://arxiv.org/abs/2601.07473 (AntiPaSTO family).
 
     y' = x W_resᵀ + b + x (U C diag(S) Vh)ᵀ,   C = blockdiag(I_b + coeff · M, diag(φ(coeff · g̃)))
     φ(z) = 1 + ELU(z),   M (b, b) and g (r − b) trainable, init 0  =>  C = I at init.
@@ -36,6 +36,13 @@ class AntiPaSTOArrowConfig(SVDBasisConfig):
 class AntiPaSTOArrow(SVDBasisVariant):
     name = "antipasto_arrow"
     config = AntiPaSTOArrowConfig
+    # alpha = r. Upstream ran 5000 steps at lr 5e-3; for the 80-step default run 1.5e-2 measured
+    # better: antipasto 58% -> 70%, rot 59% -> 71%, arrow 66% -> 67% (loss 0.14 -> 0.09).
+    train_defaults = {"alpha": "r", "lr": 1.5e-2}
+
+    @staticmethod
+    def added_macs(target, cfg):
+        return cfg.r * (target.d_in + target.d_out) + cfg.block ** 2, 0
 
     @staticmethod
     def trainable_specs(d_in, d_out, cfg):

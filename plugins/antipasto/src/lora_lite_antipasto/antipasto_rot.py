@@ -1,5 +1,5 @@
 """AntiPaSTO-rot — singular-value deltas plus a block-Cayley rotation of the frozen top-r SVD
-basis (the original AntiPaSTO adapter). Paper: https://arxiv.org/abs/2601.07473; variants.md 4.11.
+basis (the original AntiPaSTO adapter). Paper: https://arxiv.org/abs/2601.07473.
 
     y' = x W_resᵀ + b + ((x Vh_effᵀ) ⊙ (S + δ)) U_effᵀ,
     Vh_eff = R_bd Vh (rotate_basis V),  U_eff = U R_bdᵀ (U),  both (two rotations),  none,
@@ -73,6 +73,16 @@ def rotate_coords(h, blocks, transpose):
 class AntiPaSTORot(SVDBasisVariant):
     name = "antipasto_rot"
     config = AntiPaSTORotConfig
+    # alpha = r. Upstream ran 5000 steps at lr 5e-3; for the 80-step default run 1.5e-2 measured
+    # better: antipasto 58% -> 70%, rot 59% -> 71%, arrow 66% -> 67% (loss 0.14 -> 0.09).
+    train_defaults = {"alpha": "r", "lr": 1.5e-2}
+    cost_note = "the Cayley solves (once per call) are linear solves, not counted"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        sides = {"none": 0, "V": 1, "U": 1, "both": 2}.get(cfg.rotate_basis, 1)
+        # the low-rank path, plus block rotations on the r coordinates
+        return cfg.r * (target.d_in + target.d_out) + sides * cfg.r * cfg.block_size, 0
 
     @staticmethod
     def trainable_specs(d_in, d_out, cfg):

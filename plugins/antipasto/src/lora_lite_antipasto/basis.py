@@ -28,16 +28,16 @@ pool each direction's projection |x·v_i| over tokens (``rms`` = sqrt(mean (x·v
 ``mean_abs``), score S_i · pool_i, and keep the r best-scoring directions (stored in descending-S
 order). Only per-direction sums are accumulated, never the activations. Memory: the full SVD of
 every target is held during the pass (about twice the targets' weights, fp32). The trainable
-tensors are reset to their init afterwards (upstream kept stale values, variants.md section 9).
+tensors are reset to their init afterwards (upstream kept stale values).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 import lora_lite as ll
+from lora_lite.config import is_finite_number
 
 ACT_POOLS = ("rms", "mean_abs")
 
@@ -59,8 +59,7 @@ class SVDBasisConfig(ll.AdapterConfig):
 
 
 def check_number(value, field_name):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ll.check(ok, field_name, value, "a finite number")
+    ll.check(is_finite_number(value), field_name, value, "a finite number (that fits in float32)")
 
 
 def check_rank_fits(cfg, d_in, d_out):

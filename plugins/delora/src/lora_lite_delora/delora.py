@@ -25,12 +25,12 @@ adapter's reach tiny for many steps. λ0 must be > 0: at λ = 0 every gradient i
 Interop: merges to W + B̂ diag(λ/r) Â diag(w); exports to / imports from PEFT's DeloraConfig
 (delora_A, delora_B, delora_lambda, delora_w_norm; an imported w_norm is kept as stored).
 """
-import math
 from dataclasses import dataclass
 
 import torch
 
 import lora_lite as ll
+from lora_lite.config import is_finite_number
 
 NORM_FLOOR = 1e-4  # PEFT's clamp on ‖aᵢ‖ and ‖bᵢ‖
 
@@ -42,8 +42,7 @@ class DeLoRAConfig(ll.AdapterConfig):
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.lambda0, (int, float)) and not isinstance(self.lambda0, bool)
-                 and math.isfinite(self.lambda0) and self.lambda0 > 0, "lambda0", self.lambda0,
+        ll.check(is_finite_number(self.lambda0) and self.lambda0 > 0, "lambda0", self.lambda0,
                  "a finite number > 0 (at 0 the adapter gets no gradient; 10-15 is typical)")
 
 
@@ -51,6 +50,12 @@ class DeLoRA(ll.Variant):
     name = "delora"
     config = DeLoRAConfig
     paper = "https://arxiv.org/abs/2503.18225"
+    train_defaults = {"lr": 1e-3}
+    peft_cost_note = "PEFT's DeLoRA forward"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        return cfg.r * (target.d_in + target.d_out), 0
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
+from lora_lite.config import FLOAT32_MAX
 
 
 @dataclass
@@ -51,6 +52,9 @@ class DoRAConfig(ll.AdapterConfig):
                  "False with factored_norm=True (the factored norm keeps no dense copy of W); "
                  "set factored_norm=False to use the cache")
         ll.check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
+        ll.check(abs(self.scale) <= FLOAT32_MAX ** 0.5, "alpha", self.alpha,
+                 "a number whose scale (alpha / r, or alpha / sqrt(r) with use_rslora) is at "
+                 "most 1.8e19 in size: the row norm squares it in float32")
 
     @property
     def scale(self) -> float:
@@ -120,6 +124,15 @@ class DoRA(ll.Variant):
     name = "dora"
     config = DoRAConfig
     paper = "https://arxiv.org/abs/2402.09353"
+    train_defaults = {"lr": 2e-3}
+    cost_note = ("B·A (d_out·r·d_in) once per call, spread over the batch's tokens; "
+                 "the row norms are elementwise")
+    peft_cost_note = "PEFT's DoRA also forms B·A (and W + s·B·A) once per call"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        # the LoRA path per token, and B·A once per call for the norm of W + s·B·A
+        return cfg.r * (target.d_in + target.d_out), target.d_out * cfg.r * target.d_in
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -88,6 +88,11 @@ class EVA(ll.Variant):
     config = EVAConfig
     needs_calibration = True
     paper = "https://arxiv.org/abs/2410.07170"
+    train_defaults = {"calibration": 4}   # A from the activations of 4 batches
+
+    @staticmethod
+    def added_macs(target, cfg):
+        return cfg.r * (target.d_in + target.d_out), 0
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -62,6 +62,15 @@ class HRA(ll.Variant):
     name = "hra"
     config = HRAConfig
     paper = "https://arxiv.org/abs/2405.17484"
+    train_defaults = {"lr": 2e-3}
+    cost_note = ("computed in compact-WY form: (x Vᵀ) K adds r² MACs/token, and "
+                 "V Vᵀ (r²·d_in) and K (~r³) are built once per call")
+    peft_cost_note = "PEFT builds the d_in×d_in product of reflections and W·R on every call"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        # r reflections x <- x - 2 (x·v) v: a dot and an axpy of d_in each
+        return 2 * cfg.r * target.d_in, 0
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -30,6 +30,13 @@ class IA3(ll.Variant):
     name = "ia3"
     config = IA3Config
     paper = "https://arxiv.org/abs/2205.05638"
+    train_defaults = {"lr": 2e-2, "targets": (r"(k_proj|v_proj)$",)}
+    cost_note = "elementwise gain only (d_out mults/token): no matmul, nothing to count"
+    peft_cost_note = "elementwise gain only"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        return 0, 0
 
     @staticmethod
     def default_target_names(model):

@@ -30,6 +30,13 @@ class IA3FF(ll.Variant):
     name = "ia3_ff"
     config = IA3FFConfig
     paper = "https://arxiv.org/abs/2205.05638"
+    train_defaults = {"lr": 2e-2, "targets": (r"down_proj$",)}
+    cost_note = "elementwise gain only (d_in mults/token): no matmul"
+    peft_cost_note = "elementwise gain only"
+
+    @staticmethod
+    def added_macs(target, cfg):
+        return 0, 0
 
     @staticmethod
     def default_target_names(model):

@@ -74,6 +74,12 @@ class LoRA(ll.Variant):
     name = "lora"
     config = LoRAConfig
     paper = "https://arxiv.org/abs/2106.09685"
+    train_defaults = {"lr": 2e-3}
+
+    @staticmethod
+    def added_macs(target, cfg):
+        # x Aᵀ (r·d_in) then · Bᵀ (d_out·r), per token
+        return cfg.r * (target.d_in + target.d_out), 0
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

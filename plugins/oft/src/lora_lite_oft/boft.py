@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
+from lora_lite.config import is_finite_number
 
 from .oft import peft_target_modules, peft_type_of
 from .rotations import rotate_blocks
@@ -56,7 +57,7 @@ class BOFTConfig(ll.AdapterConfig):
                  f"exactly one of block_size and block_num non-zero (block_num={self.block_num})")
         ll.check(self.n_butterfly_factor >= 1, "n_butterfly_factor", self.n_butterfly_factor,
                  "a positive integer (1 = plain block-diagonal OFT)")
-        ll.check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout",
+        ll.check(is_finite_number(self.dropout) and 0 <= self.dropout < 1, "dropout",
                  self.dropout, "a probability in [0, 1)")
 
 

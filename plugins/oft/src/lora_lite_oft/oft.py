@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
+from lora_lite.config import is_finite_number
 
 from .rotations import (cayley_exact, cayley_neumann, coft_project, identity_dropout,
                         rotate_blocks, skew_from_packed)
@@ -57,8 +58,8 @@ class OFTConfig(ll.AdapterConfig):
                  f"exactly one of block_size and blocks non-zero (blocks={self.blocks})")
         for name in ("use_cayley_neumann", "coft", "block_share"):
             ll.check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
-        ll.check(isinstance(self.eps, (int, float)) and self.eps > 0, "eps", self.eps, "a positive number")
-        ll.check(isinstance(self.module_dropout, (int, float)) and 0 <= self.module_dropout < 1,
+        ll.check(is_finite_number(self.eps) and self.eps > 0, "eps", self.eps, "a finite number > 0")
+        ll.check(is_finite_number(self.module_dropout) and 0 <= self.module_dropout < 1,
                  "module_dropout", self.module_dropout, "a probability in [0, 1)")
 
 

@@ -82,6 +82,12 @@ class PiSSA(ll.Variant):
     name = "pissa"
     config = PiSSAConfig
     paper = "https://arxiv.org/abs/2404.02948"
+    train_defaults = {"alpha": "r"}   # scale 1: the factors carry W's top-r part
+
+    @staticmethod
+    def added_macs(target, cfg):
+        # rewrite_base=False keeps W and subtracts s·B0 A0 x in the hook: twice
+        return cfg.r * (target.d_in + target.d_out) * (1 if getattr(cfg, "rewrite_base", True) else 2), 0
     rewrites_weight = True
 
     @staticmethod

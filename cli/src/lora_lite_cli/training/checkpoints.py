@@ -1,0 +1,88 @@
+"""Checkpoints of an interrupted run: ``<run folder>/checkpoint/{adapter.safetensors, trainer.pt}``.
+
+A checkpoint holds the state at a step boundary only: the adapter and optimizer after step N,
+the scheduler and loss scaler after step N, and the RNG states taken at the *start* of step N+1
+(``loop.Committed``), so a run resumed from it computes step N+1 exactly as an uninterrupted run
+does. ``trainer.pt`` is written to a temporary file and renamed, so a checkpoint is never half
+written; the adapter file goes the same way through ``ll.save``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import torch
+
+import lora_lite as ll
+
+from .settings import RESUME_FREE, Settings, TrainError, check_settings
+
+CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE = "trainer.pt"
+ADAPTER_FILE = "adapter.safetensors"
+REQUIRED = ("step", "settings", "optimizer", "scheduler", "torch_rng", "python_rng", "losses",
+            "lrs", "sanity", "adapter_before", "probe_before")
+
+
+def save_checkpoint(folder: str, model, state: dict) -> None:
+    """Write the adapter of ``model`` and the trainer ``state`` (a dict with REQUIRED keys)."""
+    os.makedirs(folder, exist_ok=True)
+    ll.save(model, os.path.join(folder, ADAPTER_FILE))
+    tmp = os.path.join(folder, TRAINER_STATE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(folder, TRAINER_STATE))
+
+
+def checkpoint_folder(path: str) -> str:
+    """The checkpoint folder for a --resume value: the folder, its trainer.pt, or a run folder."""
+    if os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        return os.path.abspath(os.path.join(path, CHECKPOINT_DIR))
+    return os.path.abspath(path)
+
+
+def read_checkpoint(path: str) -> tuple[str, dict]:
+    """(checkpoint folder, trainer state); a TrainError (exit 2) for anything that is not a
+    complete, readable checkpoint."""
+    folder = checkpoint_folder(path)
+    state_file = os.path.join(folder, TRAINER_STATE)
+    if not os.path.isfile(state_file) or not os.path.isfile(os.path.join(folder, ADAPTER_FILE)):
+        raise TrainError(f"--resume {path!r}: not a checkpoint (expected {TRAINER_STATE} and "
+                         f"{ADAPTER_FILE} in it)")
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile, AttributeError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise TrainError(f"--resume {path!r}: {TRAINER_STATE} is not a readable checkpoint "
+                         f"({first}); start the run again without --resume") from None
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise TrainError(f"--resume {path!r}: {TRAINER_STATE} lacks {', '.join(missing)}; "
+                         "start the run again without --resume")
+    return folder, state
+
+
+def settings_for_resume(path: str, given: dict) -> tuple[Settings, str, dict]:
+    """(settings, checkpoint folder, state). The run continues in the folder that holds the
+    checkpoint (whatever the current directory) unless --output says otherwise; options that
+    change the training must equal the checkpoint's."""
+    folder, state = read_checkpoint(path)
+    s = Settings.from_dict(dict(state["settings"]))
+    s.threads = None  # chosen afresh for this machine's load unless given
+    s.output = os.path.dirname(folder)
+    for key, value in given.items():
+        if value is None or key == "knobs" and not value:
+            continue
+        current = getattr(s, key)
+        if isinstance(current, tuple):
+            value = tuple(value)
+        if key in RESUME_FREE:
+            setattr(s, key, os.path.abspath(value) if key == "output" else value)
+        elif value != current:
+            raise TrainError(f"--resume: {key} is {current!r} in the checkpoint, got {value!r}; "
+                             "a resumed run keeps its settings")
+    check_settings(s)
+    return s, folder, state

@@ -1,0 +1,267 @@
+"""One ``lora-lite train`` run, start to end.
+
+Load the model, evaluate the base model on the held-out split, attach the adapter (calibrating
+from the first training batches when the variant needs data), train the adapter tensors with
+AdamW (``loop.Trainer``), save the adapter, check that it reloads, evaluate the adapted model,
+and write ``adapter.safetensors``, ``metrics.json``, ``predictions.jsonl`` and ``loss.png``.
+Ctrl-C or SIGTERM writes a checkpoint instead (``checkpoints``); ``--resume`` continues it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+import lora_lite as ll
+
+from .. import data as data_mod
+from .. import evaluate as eval_mod
+from ..models import describe, load_model
+from . import runtime
+from .batching import Batches, count_supervised, encode, loss_sum, model_inputs
+from .checkpoints import CHECKPOINT_DIR, save_checkpoint
+from .loop import Outcome, Trainer, TrainState, adapter_snapshot
+from .reporting import Reporter, eval_summary, train_metrics, write_json, write_run_files
+from .settings import Settings, TrainError, build_config
+from .signals import StopRequest
+
+
+@dataclass
+class RunResult:
+    status: str                 # completed | nonfinite | interrupted
+    output: str
+    metrics: dict
+    message: str = ""
+
+
+class Run:
+    """The pieces of one run that its phases share."""
+
+    def __init__(self, s: Settings, reporter: Reporter, resume, accelerator):
+        self.s, self.reporter, self.resume, self.acc = s, reporter, resume, accelerator
+        self.times: dict = {}
+        self.t_start = time.perf_counter()
+
+    # -- setup ---------------------------------------------------------------------------
+    def load(self):
+        s, acc = self.s, self.acc
+        self.cfg = build_config(s)  # fails fast on a bad variant / knob, before loading anything
+        self.variant = ll.get_variant(s.variant)
+        self.reporter.status("reading data ...")  # a bad file fails before the model loads
+        n_train = s.steps * s.grad_accum * s.batch_size
+        self.train_src = data_mod.train_data(s.train_data, n_train, s.seed)
+        self.eval_src = data_mod.eval_data(s.eval_data, s.eval_limit) if s.eval_limit else None
+        self.reporter.status(f"loading model {s.model} ...")
+        t0 = time.perf_counter()
+        self.model, self.tokenizer = load_model(s.model, s.dtype, s.quantize, str(acc.device))
+        self.times["load_model_s"] = time.perf_counter() - t0
+        encoded, skipped = encode(self.tokenizer, self.train_src.examples, s.seq_len)
+        device = next(self.model.parameters()).device
+        self.batches = Batches(encoded, s.batch_size, self.tokenizer.pad_token_id, device,
+                               acc.process_index, acc.num_processes)
+        self.metrics = self._first_metrics(skipped, n_train)
+
+    def _first_metrics(self, skipped, n_train) -> dict:
+        s, origin = self.s, ll.plugins.variant_origin(self.s.variant)
+        return {
+            "status": "running", "variant": s.variant,
+            "plugin": {"distribution": origin.distribution, "version": origin.version},
+            "settings": s.to_dict(), "world_size": self.acc.num_processes,
+            "distributed": str(self.acc.distributed_type).split(".")[-1],
+            "model": {"name": s.model, "dtype": s.dtype, "quantize": s.quantize,
+                      **describe(self.model)},
+            "data": {"train": {**self.train_src.fingerprint(), "skipped_prompt_too_long": skipped,
+                               "examples_used": n_train},
+                     "eval": self.eval_src.fingerprint() if self.eval_src else None,
+                     "prompt": data_mod.PROMPT},
+            "versions": {"torch": torch.__version__, "lora_lite": ll.__version__},
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def evaluate(self, label):
+        if self.eval_src is None:
+            return None
+        acc = self.acc
+        n = len(range(acc.process_index, len(self.eval_src.examples), acc.num_processes))
+        self.reporter.start_eval(label, n)
+        t = time.perf_counter()
+        result = eval_mod.evaluate(self.model, self.tokenizer, self.eval_src.examples,
+                                   self.s.eval_batch_size, self.s.max_new_tokens,
+                                   self.reporter.eval_advance, acc.process_index,
+                                   acc.num_processes)
+        result["time_s"] = round(time.perf_counter() - t, 2)
+        self.reporter.end_eval()
+        return result
+
+    def attach(self):
+        s, model = self.s, self.model
+        t0 = time.perf_counter()
+        if self.resume is None:
+            calib = None
+            if s.calibration or getattr(self.variant, "needs_calibration", False):
+                calib = [model_inputs(self.batches.whole(j)) for j in range(max(s.calibration, 1))]
+            ll.attach(model, self.cfg, calibration_data=calib)
+        else:
+            ll.load(model, os.path.join(self.resume[0], "adapter.safetensors"))
+        self.times["attach_s"] = time.perf_counter() - t0
+        params = ll.trainable_parameters(model)
+        adapter = {id(t) for t in ll.adapter_tensors(model).values()}
+        stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter]
+        if stray or not params:
+            raise TrainError(f"only adapter tensors may be trainable: found "
+                             f"{stray[:3] or 'none trainable'}", 1)
+        self.metrics["adapter"] = {
+            "config": self.cfg.to_dict(), "targets": len(ll.attached(model).targets),
+            "trainable_params": sum(p.numel() for p in params),
+            "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
+            "calibration_batches": s.calibration if self.resume is None else None}
+        return params
+
+    def prepare(self, params) -> TrainState:
+        """AdamW + the schedule, through accelerate; the state fresh or from the checkpoint."""
+        from transformers import get_scheduler
+        s = self.s
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        kind = {"constant": "constant_with_warmup"}.get(s.schedule, s.schedule)
+        self.scheduler = get_scheduler(kind, optimizer, num_warmup_steps=s.warmup,
+                                       num_training_steps=s.steps)
+        self.probe = self.batches.whole(0)
+        self.wrapped, self.optimizer = self.acc.prepare(self.model, optimizer)
+        self.metrics["trained_as"] = type(self.wrapped).__name__  # DDP, OptimizedModule, ...
+        if self.resume is None:
+            state = TrainState()
+            state.capture_rng()
+            self.before = adapter_snapshot(self.model)
+            self.probe_before = self.probe_loss()
+            return state
+        saved = self.resume[1]
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.acc.scaler is not None and saved.get("scaler"):
+            self.acc.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["torch_rng"])
+        random.setstate(saved["python_rng"])
+        state = TrainState(saved["step"], list(saved["losses"]), list(saved["lrs"]),
+                           dict(saved["sanity"]), saved.get("train_s", 0.0),
+                           (saved["torch_rng"], saved["python_rng"]))
+        state.sanity.setdefault("skipped_steps", 0)
+        self.before, self.probe_before = saved["adapter_before"], saved["probe_before"]
+        return state
+
+    def probe_loss(self):
+        with torch.no_grad():
+            return loss_sum(self.model, self.probe)[0].item() / max(count_supervised(self.probe), 1)
+
+    # -- the two endings ------------------------------------------------------------------
+    def checkpoint(self, state: TrainState, base_eval) -> RunResult:
+        s, out_dir = self.s, self.s.output
+        folder = os.path.join(out_dir, CHECKPOINT_DIR)
+        if self.acc.is_main_process:
+            torch_rng, python_rng = state.rng
+            save_checkpoint(folder, self.model, {
+                "step": state.step, "settings": s.to_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+                "torch_rng": torch_rng, "python_rng": python_rng, "losses": state.losses,
+                "lrs": state.lrs, "sanity": state.sanity, "adapter_before": self.before,
+                "probe_before": self.probe_before, "base_eval": base_eval,
+                "train_s": state.train_s})
+            self.metrics.update(status="interrupted", checkpoint=folder, step=state.step)
+            self.metrics["train"] = {"losses": state.losses, "lrs": state.lrs,
+                                     "steps_done": state.step}
+            write_json(os.path.join(out_dir, "metrics.json"), self.metrics)
+        return RunResult("interrupted", out_dir, self.metrics,
+                         f"interrupted at step {state.step}/{s.steps}: checkpoint saved to "
+                         f"{folder}; resume with: lora-lite train --resume {folder}")
+
+    def finish(self, state: TrainState, outcome: Outcome, base_eval) -> RunResult:
+        s, acc, model = self.s, self.acc, self.model
+        model.eval()
+        self.times["train_s"] = state.train_s
+        sanity = state.sanity
+        after = adapter_snapshot(model)
+        sanity["adapter_delta"] = float(sum((after[k].double() - self.before[k].double()).norm()
+                                            .item() for k in after))
+        probe_after = self.probe_loss()
+        with torch.no_grad():
+            trained = model(**model_inputs(self.probe)).logits.float()
+        adapter_path = os.path.join(s.output, "adapter.safetensors")
+        if acc.is_main_process:
+            ll.save(model, adapter_path)
+        acc.wait_for_everyone()
+        ll.detach(model)  # the model is the base again, bit for bit; reload the file onto it
+        ll.load(model, adapter_path)
+        with torch.no_grad():
+            sanity["reload_err"] = (model(**model_inputs(self.probe)).logits.float()
+                                    - trained).abs().max().item()
+        sanity["ok"] = bool(outcome.status == "completed" and (sanity["first_grad_norm"] or 0) > 0
+                            and sanity["adapter_delta"] > 0 and sanity["base_grad_leaks"] == 0)
+        adapted_eval = self.evaluate("adapted model") if outcome.status == "completed" else None
+        return self._result(state, outcome, base_eval, adapted_eval, probe_after, adapter_path)
+
+    def _result(self, state, outcome, base_eval, adapted_eval, probe_after, adapter_path):
+        s, acc, m, times = self.s, self.acc, self.metrics, self.times
+        times["eval_adapted_s"] = adapted_eval["time_s"] if adapted_eval else 0.0
+        times["total_s"] = time.perf_counter() - self.t_start + times.get("train_s_before_resume", 0)
+        mem = runtime.peak_memory_mb(str(acc.device))
+        if acc.num_processes > 1:
+            rss = torch.tensor([mem["peak_rss_mb"]], dtype=torch.float64, device=acc.device)
+            mem["peak_rss_mb_max_rank"] = float(acc.gather(rss).max())
+        m.update(status=outcome.status)
+        if outcome.message:
+            m["message"] = outcome.message
+        m["train"] = train_metrics(state, outcome, self.probe_before, probe_after)
+        m["sanity"] = state.sanity
+        m["eval"] = {"base": eval_summary(base_eval), "adapted": eval_summary(adapted_eval),
+                     "max_new_tokens": s.max_new_tokens}
+        m["accuracy_before"] = base_eval["accuracy"] if base_eval else None
+        m["accuracy_after"] = adapted_eval["accuracy"] if adapted_eval else None
+        m["time"] = {k: round(v, 2) for k, v in times.items()}
+        m["memory"] = mem
+        m["files"] = {"adapter": adapter_path}
+        if acc.is_main_process:
+            write_run_files(s.output, s, m, state.losses, state.lrs, base_eval, adapted_eval)
+        return RunResult(outcome.status, s.output, m, outcome.message)
+
+
+def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] | None = None,
+        accelerator=None) -> RunResult:
+    """Train and evaluate as described by ``s``. Raises TrainError / lora-lite errors."""
+    acc = accelerator or runtime.make_accelerator(s)
+    try:
+        return _run(Run(s, reporter or Reporter(), resume, acc))
+    finally:
+        if accelerator is None:
+            runtime.finish(acc)
+
+
+def _run(r: Run) -> RunResult:
+    s = r.s
+    torch.manual_seed(s.seed)
+    random.seed(s.seed)
+    r.load()
+    base_eval = r.evaluate("base model") if r.resume is None else r.resume[1].get("base_eval")
+    r.times["eval_base_s"] = base_eval["time_s"] if base_eval else 0.0
+    if r.resume is not None:
+        r.times["train_s_before_resume"] = r.resume[1].get("train_s", 0.0)
+    params = r.attach()
+    state = r.prepare(params)
+    if r.acc.is_main_process:
+        os.makedirs(s.output, exist_ok=True)
+    trainer = Trainer(s, r.acc, r.wrapped, r.model, r.optimizer, r.scheduler, r.batches,
+                      r.reporter, state)
+    r.reporter.start_train(s.steps, state.step)
+    r.model.train()
+    with StopRequest() as stop:
+        try:
+            outcome = trainer.run(stop)
+        except KeyboardInterrupt:
+            stop.saving = True  # further signals wait for the checkpoint
+            r.reporter.end_train()
+            r.optimizer.zero_grad(set_to_none=True)
+            return r.checkpoint(state, base_eval)
+    r.reporter.end_train()
+    return r.finish(state, outcome, base_eval)

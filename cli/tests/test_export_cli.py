@@ -1,0 +1,109 @@
+"""`lora-lite export`: --format merged writes a folder plain transformers loads (checked in a
+process where lora_lite cannot be imported) with the adapted outputs; --format peft writes a
+folder PEFT loads; `eval --adapter` takes a PEFT folder; bad input is one line, exit code 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lora_lite as ll
+from lora_lite_cli import models
+from tinymodel import save_tiny_model
+from lora_lite_cli.app import get_app
+
+runner = CliRunner()
+IDS = torch.tensor([[5, 17, 33, 60, 2, 41, 9, 77]])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def adapter(tiny_dir, folder, variant="lora", **knobs):
+    """A saved adapter with random values, and the adapted model's logits on IDS."""
+    model, _ = models.load_model(tiny_dir)
+    ll.attach(model, ll.config(variant, target_names=[r"(q_proj|v_proj)$"], target_roles=(), **knobs))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in ll.trainable_parameters(model):
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    path = folder / "adapter.safetensors"
+    ll.save(model, path)
+    with torch.no_grad():
+        return path, model(IDS).logits
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+PLAIN_LOAD = """
+import sys, json, torch
+sys.modules["lora_lite"] = None          # no lora-lite in this process
+from transformers import AutoModelForCausalLM, AutoTokenizer
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+AutoTokenizer.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    print(json.dumps(m(torch.tensor(json.loads(sys.argv[2]))).logits.tolist()))
+"""
+
+
+def test_export_merged_loads_in_plain_transformers(tiny_dir, tmp_path):
+    path, adapted = adapter(tiny_dir, tmp_path, "dora", r=4)
+    out = tmp_path / "merged"
+    result = runner.invoke(get_app(), ["export", "--adapter", str(path), "--format", "merged",
+                                       "--output", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["variant"] == "dora" and report["model"] == tiny_dir and report["max_error"] == 0.0
+    proc = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), json.dumps(IDS.tolist())],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert rel(torch.tensor(json.loads(proc.stdout)), adapted) <= 1e-5
+
+
+def test_export_peft_loads_in_peft_and_evals(tiny_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    path, adapted = adapter(tiny_dir, tmp_path, "antipasto", r=8)
+    out = tmp_path / "peft"
+    refused = runner.invoke(get_app(), ["export", "--adapter", str(path), "--format", "peft",
+                                        "--output", str(out)])
+    assert refused.exit_code == 2 and "as_lora_rank" in refused.output
+    result = runner.invoke(get_app(), ["export", "--adapter", str(path), "--format", "peft",
+                                       "--as-lora-rank", "64", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    base, _ = models.load_model(tiny_dir)
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(base, str(out)).eval()(IDS).logits
+    assert rel(got, adapted) <= 1e-4
+    result = runner.invoke(get_app(), ["eval", "--adapter", str(out), "--limit", "1",
+                                       "--max-new-tokens", "2", "--no-base", "--json",
+                                       "--predictions", str(tmp_path / "p.jsonl")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["variant"] == "lora" and report["model"] == tiny_dir
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--format", "zip"], "--format"),
+    (["--format", "merged", "--as-lora-rank", "4"], "--as-lora-rank"),
+    (["--format", "peft", "--as-lora-rank", "0"], "--as-lora-rank"),
+])
+def test_bad_options_are_one_line(tiny_dir, tmp_path, args, needle):
+    path, _ = adapter(tiny_dir, tmp_path)
+    result = runner.invoke(get_app(), ["export", "--adapter", str(path), "--output",
+                                       str(tmp_path / "o"), *args])
+    assert result.exit_code == 2 and needle in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_folder_without_adapter_config_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(get_app(), ["export", "--adapter", str(tmp_path / "empty"), "--format",
+                                       "peft", "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "adapter_config.json" in result.output
+    assert len(result.output.strip().splitlines()) == 1

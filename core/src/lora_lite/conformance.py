@@ -1,0 +1,212 @@
+"""``check_variant``: run the variant contract's invariants on any variant, for plugin authors.
+
+Per base (fp32, bitsandbytes 4bit / 8bit): identity at init; gradients on every trainable
+adapter tensor and on nothing else; an optimizer step changes the output; the base is not
+changed by training; save -> load on a fresh base reproduces the output; the file holds only
+adapter tensors; detach restores the state_dict bit for bit. On fp32, when the variant declares
+them: PEFT parity (``peft_config`` + ``peft_state``) and merge exactness (``merged_weight``).
+The first failure raises ``VariantCheckFailed`` with a one-line reason; otherwise the measured
+figures are returned. An unregistered class is registered in-process for the duration.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from .attach import attach, attached
+from .config import config as make_config
+from .plugins import register_plugin, unregister_plugin, variant_problem, variants
+from .testbed import BASES, logits, make_batch, measure_invariants, model_maker, perturb
+
+DEFAULT_FIELDS = {"r": 4, "target_names": (r"q_proj$", r"v_proj$"), "target_roles": ()}
+_KIT_PLUGIN = "lora-lite-check-variant"
+_TRAIN_KEYS = {"lr", "targets", "alpha", "calibration", "knobs"}
+
+
+class VariantCheckFailed(AssertionError):
+    """A variant broke an invariant of the contract; the message says which, in one line."""
+
+
+def _fail(reason):
+    raise VariantCheckFailed(" ".join(str(reason).split()))
+
+
+def check_variant(variant, cfg=None, *, bases=("fp32",), calibration_data=None, batch=None,
+                  bias=False, steps=2, lr=1e-2, identity_tol=1e-5, reload_tol=1e-5,
+                  parity_tol=1e-5, merge_tol=1e-5, peft=True, merge=True, **cfg_fields) -> dict:
+    """Check ``variant`` (a class, registered or not, or a registered name) on tiny random Llamas.
+
+    cfg: a config of the variant, else ``ll.config(name, **{r: 4, q_proj/v_proj} | cfg_fields)``.
+    bases: any of "fp32", "4bit", "8bit"; bias: projections with random biases.
+    identity_tol / reload_tol: a float, or {base: float}; tolerances on max |logit difference|.
+    peft / merge: False skips those checks even when the variant declares them.
+    Returns {"variant", "trainable", "bases": {base: figures}, "peft_parity", "merge_err"}
+    (None where a check did not apply).
+    """
+    cls = variants().get(variant) if isinstance(variant, str) else variant
+    if cls is None:
+        _fail(f"variant {variant!r} is not registered; pass the class to check it unregistered")
+    problem = variant_problem(cls)
+    if problem is not None:
+        _fail(f"contract: {problem}")
+    with _registered(cls):
+        cfg = cfg if cfg is not None else make_config(cls.name, **{**_defaults(cls), **cfg_fields})
+        batch = batch if batch is not None else make_batch()
+        out = {"variant": cls.name, "bases": {}, "peft_parity": None, "merge_err": None}
+        for base in bases:
+            tol = lambda t: t[base] if isinstance(t, dict) else t  # noqa: E731
+            figures = _check_base(cls, cfg, base, batch, calibration_data, bias, steps, lr,
+                                  tol(identity_tol), tol(reload_tol))
+            out["bases"][base] = figures
+            out["trainable"] = figures["trainable"]
+        _check_declarations(cls, cfg)
+        if (peft and callable(getattr(cls, "peft_config", None))) or \
+                (merge and callable(getattr(cls, "merged_weight", None))):
+            out.update(_check_fp32_extras(cls, cfg, batch, calibration_data, bias, parity_tol,
+                                          merge_tol, peft, merge))
+    return out
+
+
+def _defaults(cls) -> dict:
+    fields = dict(DEFAULT_FIELDS)
+    if not getattr(cls.config, "uses_rank", True):
+        fields.pop("r")
+    if getattr(cls.config, "target_names", ()):
+        fields.pop("target_names")  # the variant's own default targets
+    return fields
+
+
+@contextlib.contextmanager
+def _registered(cls):
+    """Make ``cls`` the variant its name resolves to, for the duration (in-process plugin)."""
+    if variants().get(cls.name) is cls:
+        yield
+        return
+
+    class KitPlugin:  # its distribution name sorts before any real one, so it wins a clash
+        @staticmethod
+        def register_variants(register):
+            register(cls)
+    from .hookspecs import hookimpl
+    KitPlugin.register_variants = staticmethod(hookimpl(KitPlugin.register_variants))
+    register_plugin(KitPlugin, _KIT_PLUGIN, distribution="(check_variant)")
+    try:
+        if variants().get(cls.name) is not cls:
+            _fail(f"variant {cls.name!r} could not be registered for the check")
+        yield
+    finally:
+        unregister_plugin(_KIT_PLUGIN)
+
+
+def _check_base(cls, cfg, base, batch, calibration_data, bias, steps, lr, identity_tol,
+                reload_tol) -> dict:
+    if base not in BASES:
+        _fail(f"unknown base {base!r}; choose from {', '.join(BASES)}")
+    if base != "fp32" and not getattr(cls, "supports_quantized", True):
+        return {"skipped": "the variant says supports_quantized = False"}
+    m = measure_invariants(model_maker(base, bias=bias), cfg, batch,
+                           calibration_data=calibration_data, steps=steps, lr=lr)
+    on = f"on the {base} base"
+    if not m["identity_err"] <= identity_tol:
+        _fail(f"not the identity at init {on}: max |logit difference| {m['identity_err']:.3g} "
+              f"> {identity_tol:g}")
+    if m["trainable"] == 0:
+        _fail(f"no trainable adapter tensor {on}: param_specs has no trainable spec")
+    if m["base_grad_leaks"]:
+        _fail(f"gradient reached base parameter(s) {on}: {', '.join(m['leak_names'][:3])}")
+    if m["zero_grad_adapters"]:
+        _fail(f"adapter tensor(s) got no gradient after {steps} steps {on}: "
+              f"{', '.join(m['zero_grad_names'][:3])}")
+    if not m["trained_delta"] > 0:
+        _fail(f"an optimizer step did not change the output {on}")
+    if m["base_changed"]:
+        _fail(f"training changed a base tensor {on} (only adapter tensors may change)")
+    if not m["reload_err"] <= reload_tol:
+        _fail(f"save -> load does not reproduce the output {on}: max |logit difference| "
+              f"{m['reload_err']:.3g} > {reload_tol:g}")
+    stray = [k for k in m["file_keys"] if ".lora_" not in k]
+    if stray:
+        _fail(f"the adapter file holds non-adapter tensor(s) {on}: {', '.join(stray[:3])}")
+    if not m["detach_bitexact"]:
+        _fail(f"detach does not restore the state_dict bit for bit {on}")
+    return m
+
+
+def _check_declarations(cls, cfg):
+    """The optional report members, when declared, have the shapes the CLI expects."""
+    own = getattr(cls, "train_defaults", None)
+    if own is not None and not (isinstance(own, dict) and set(own) <= _TRAIN_KEYS):
+        _fail(f"train_defaults must be a dict with keys among {sorted(_TRAIN_KEYS)}, not {own!r}")
+    if callable(getattr(cls, "added_macs", None)):
+        from .targets import Target
+        target = Target("probe", torch.nn.Linear(64, 32), "reader", 64, 32)
+        macs = cls.added_macs(target, cfg)
+        if not (isinstance(macs, tuple) and len(macs) == 2
+                and all(isinstance(v, int) and v >= 0 for v in macs)):
+            _fail(f"added_macs must return (MACs per token, MACs per call) as ints >= 0, not {macs!r}")
+
+
+def _check_fp32_extras(cls, cfg, batch, calibration_data, bias, parity_tol, merge_tol, peft,
+                       merge) -> dict:
+    """PEFT parity and merge exactness, on one fp32 model whose adapter was moved off its init."""
+    base = model_maker("fp32", bias=bias)()
+    ours = copy.deepcopy(base)
+    attach(ours, cfg, calibration_data=calibration_data)
+    perturb(ours)
+    ours_out, base_out = logits(ours, batch), logits(base, batch)
+    if not (ours_out - base_out).abs().max().item() > 10 * parity_tol:
+        _fail("the perturbed adapter still computes the identity: parity would prove nothing")
+    out = {}
+    if merge and callable(getattr(cls, "merged_weight", None)):
+        out["merge_err"] = _merge_error(cls, ours, merge_tol)
+    if peft and callable(getattr(cls, "peft_config", None)):
+        out["peft_parity"] = _peft_parity(cls, cfg, ours, ours_out, base, batch, parity_tol)
+    return out
+
+
+def _merge_error(cls, model, tol) -> float:
+    """max over targets of |layer(x) - (x W'^T + b')| / max(1, |layer(x)|) on random x."""
+    worst = 0.0
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in attached(model).targets:
+            W, b = cls.merged_weight(t.layer, attached(model).cfg)
+            if tuple(W.shape) != (t.d_out, t.d_in):
+                _fail(f"merged_weight of {t.name} has shape {tuple(W.shape)}, expected "
+                      f"{(t.d_out, t.d_in)}")
+            b = t.layer.bias if b is None else b
+            x = torch.randn(3, t.d_in, generator=g)
+            y = t.layer(x).float()
+            merged = x @ W.float().T + (0 if b is None else b.float())
+            worst = max(worst, ((y - merged).abs().max() / y.abs().max().clamp(min=1)).item())
+    if not worst <= tol:
+        _fail(f"merged_weight is not the adapted layer: relative error {worst:.3g} > {tol:g}")
+    return worst
+
+
+def _peft_parity(cls, cfg, ours, ours_out, base, batch, tol) -> float | None:
+    """Build PEFT's model from ``peft_config``, copy ``peft_state`` in, compare the logits."""
+    import peft
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    state = attached(ours)
+    spec = cls.peft_config(cfg, [t.name for t in state.targets])
+    if spec is None:
+        return None  # PEFT has no counterpart
+    theirs = peft.get_peft_model(base, peft.get_peft_config(copy.deepcopy(spec)))
+    tensors = {}
+    for t in state.targets:
+        for key, value in cls.peft_state(t.layer, cfg).items():
+            tensors[f"base_model.model.{t.name}.{key}"] = value.detach().clone()
+    wanted = set(get_peft_model_state_dict(theirs, save_embedding_layers=False))
+    missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+    if missing or extra:
+        _fail(f"peft_state does not match PEFT's tensors: missing {missing[:2]}, unexpected "
+              f"{extra[:2]}")
+    set_peft_model_state_dict(theirs, tensors)
+    err = (ours_out - logits(theirs.eval(), batch)).abs().max().item()
+    if not err <= tol:
+        _fail(f"PEFT parity: max |logit difference| {err:.3g} > {tol:g} with the same adapter "
+              "values (peft_config / peft_state)")
+    return err
