@@ -172,3 +172,11 @@ def test_console_script_with_no_plugins_still_works():
     result = run_script("attach", "--variant", "lora", env={"LORA_LITE_PLUGINS": ""})
     assert result.returncode == 2
     assert "no installed plugin provides it" in result.stderr and "LORA_LITE_PLUGINS" in result.stderr
+
+
+def test_build_config_leaves_per_architecture_defaults_to_the_variant():
+    import lora_lite as ll
+    if "ia3" not in ll.variants():
+        return
+    cfg = build_config("ia3")
+    assert cfg.target_names == ()           # resolved at attach: k/v of the model's architecture

@@ -195,7 +195,7 @@ def _peft_parity(cls, cfg, ours, ours_out, base, batch, tol) -> float | None:
     spec = cls.peft_config(cfg, names)
     if spec is None:
         return None  # PEFT has no counterpart
-    spec = {"target_modules": names, **copy.deepcopy(spec)}
+    spec = {**copy.deepcopy(spec), "target_modules": names}  # as export_peft writes it
     theirs = peft.get_peft_model(base, peft.get_peft_config(spec))
     tensors = {}
     for t in state.targets:

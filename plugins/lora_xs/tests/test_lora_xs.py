@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import BASES, check_variant, model_maker, tiny_llama
+from lora_lite.testing import check_variant, quantize, tiny_llama
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
 TARGETS = [r"q_proj$", r"v_proj$"]
-MAKERS = {base: model_maker(base) for base in BASES}
+MAKERS = {"fp32": tiny_llama, "4bit": lambda: quantize(tiny_llama(), "4bit"),
+          "8bit": lambda: quantize(tiny_llama(), "8bit")}
 
 
 def make_cfg(**kw):
@@ -19,13 +20,15 @@ def make_cfg(**kw):
 
 
 @pytest.mark.parametrize("kind", list(MAKERS))
-def test_invariants(kind):
-    # R = 0: exact identity; R learns from R = 0 (the kit checks every adapter gets a gradient)
-    out = check_variant("lora_xs", make_cfg(), bases=[kind], identity_tol=0.0,
-                        reload_tol=0.0)["bases"][kind]
-    assert out["trainable"] == 4 * 4 * 4               # r² on each of 4 targets
-    assert out["trained_delta"] > 1e-3 and out["detach_logits_err"] == 0.0
-    assert {k.rsplit(".", 1)[1] for k in out["file_keys"]} == {"lora_A", "lora_B", "lora_R"}
+def test_conformance(kind):
+    out = check_variant("lora_xs", make_cfg(), bases=[kind], identity_tol=0.0, reload_tol=0.0,
+                        merge=kind == "fp32")
+    m = out["bases"][kind]
+    assert m["identity_err"] == 0.0                    # R = 0
+    assert m["trainable"] == 4 * 4 * 4                 # r² on each of 4 targets
+    assert m["grad_norm_first"] > 0                    # R learns from R = 0
+    assert {k.rsplit(".", 1)[1] for k in m["file_keys"]} == {"lora_A", "lora_B", "lora_R"}
+    assert out["peft_parity"] is None                  # PEFT has no LoRA-XS
 
 
 def test_factors_are_the_svd_and_formula_holds():
