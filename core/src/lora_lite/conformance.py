@@ -200,7 +200,8 @@ def _peft_parity(cls, cfg, ours, ours_out, base, batch, tol) -> float | None:
     tensors = {}
     for t in state.targets:
         for key, value in cls.peft_state(t.layer, cfg).items():
-            tensors[f"base_model.model.{t.name}.{key}"] = value.detach().clone()
+            shared = key.startswith("base_model.")  # model-level (VeRA's A, B), as export_peft
+            tensors[key if shared else f"base_model.model.{t.name}.{key}"] = value.detach().clone()
     wanted = set(get_peft_model_state_dict(theirs, save_embedding_layers=False))
     missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
     if missing or extra:
