@@ -152,7 +152,7 @@ class VeRA(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "VERA", "r": cfg.r, "d_initial": cfg.d_initial,
+        return {"peft_type": "VERA", "target_modules": list(target_names), "r": cfg.r, "d_initial": cfg.d_initial,
                 "projection_prng_key": cfg.projection_seed % 2**31, "save_projection": True,
                 "vera_dropout": 0.0, "bias": "none", "init_weights": True}
 

@@ -93,7 +93,7 @@ class DeLoRA(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "DELORA", "r": cfg.r, "delora_lambda": cfg.lambda0, "bias": "none",
+        return {"peft_type": "DELORA", "target_modules": list(target_names), "r": cfg.r, "delora_lambda": cfg.lambda0, "bias": "none",
                 "init_weights": True, "module_dropout": 0.0}
 
     @staticmethod

@@ -72,6 +72,9 @@ def dora_fields(peft_config: dict) -> dict:
         if peft_config.get(name):
             raise ll.ConfigError(f"{name}={peft_config[name]!r}: lora-lite imports DoRA adapters "
                                  "made of A, B and m on linear layers only")
+    if int(peft_config.get("r", 8)) < 1:
+        raise ll.ConfigError(f"r={peft_config['r']} (rank {peft_config['r']}): an adapter of rank "
+                             "0 is no adapter")
     init = str(peft_config.get("init_lora_weights", True)).lower()
     if init.startswith(("pissa", "olora", "corda", "loftq")):
         raise ll.ConfigError(f"init_lora_weights={peft_config['init_lora_weights']!r}: this adapter "
@@ -180,7 +183,7 @@ class DoRA(ll.Variant):
         ranks = {re.escape(n): cfg.for_target(n).r for n in target_names if cfg.for_target(n).r != cfg.r}
         alphas = {re.escape(n): cfg.for_target(n).alpha for n in target_names
                   if cfg.for_target(n).alpha != cfg.alpha}
-        return {"peft_type": "LORA", "use_dora": True, "r": cfg.r, "lora_alpha": cfg.alpha,
+        return {"peft_type": "LORA", "target_modules": list(target_names), "use_dora": True, "r": cfg.r, "lora_alpha": cfg.alpha,
                 "use_rslora": cfg.use_rslora, "bias": "none", "init_lora_weights": True,
                 "lora_dropout": 0.0, "rank_pattern": ranks, "alpha_pattern": alphas}
 

@@ -94,7 +94,7 @@ class HRA(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "HRA", "r": cfg.r, "apply_GS": False, "bias": "none",
+        return {"peft_type": "HRA", "target_modules": list(target_names), "r": cfg.r, "apply_GS": False, "bias": "none",
                 "init_weights": True}
 
     @staticmethod

@@ -61,7 +61,7 @@ class IA3(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "IA3", "feedforward_modules": [], "init_ia3_weights": True}
+        return {"peft_type": "IA3", "target_modules": list(target_names), "feedforward_modules": [], "init_ia3_weights": True}
 
     @staticmethod
     def peft_state(layer, cfg):

@@ -58,7 +58,8 @@ class IA3FF(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "IA3", "feedforward_modules": list(target_names),
+        return {"peft_type": "IA3", "target_modules": list(target_names),
+                "feedforward_modules": list(target_names),
                 "init_ia3_weights": True}
 
     @staticmethod

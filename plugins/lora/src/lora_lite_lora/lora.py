@@ -43,6 +43,9 @@ def lora_fields(peft_config: dict) -> dict:
         if peft_config.get(name):
             raise ll.ConfigError(f"{name}={peft_config[name]!r}: lora-lite imports LoRA adapters "
                                  "made of A and B on linear layers only")
+    if int(peft_config.get("r", 8)) < 1:
+        raise ll.ConfigError(f"r={peft_config['r']} (rank {peft_config['r']}): an adapter of rank "
+                             "0 is no adapter")
     init = str(peft_config.get("init_lora_weights", True)).lower()
     if init.startswith(BASE_REWRITING_INITS):
         raise ll.ConfigError(f"init_lora_weights={peft_config['init_lora_weights']!r}: this adapter "
@@ -65,7 +68,8 @@ def lora_peft_config(cfg, target_names) -> dict:
             ranks[re.escape(name)] = own.r
         if own.alpha != cfg.alpha:
             alphas[re.escape(name)] = own.alpha
-    return {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "bias": "none",
+    return {"peft_type": "LORA", "target_modules": list(target_names), "r": cfg.r,
+            "lora_alpha": cfg.alpha, "bias": "none",
             "use_rslora": cfg.use_rslora, "use_dora": False, "init_lora_weights": True,
             "lora_dropout": 0.0, "rank_pattern": ranks, "alpha_pattern": alphas}
 

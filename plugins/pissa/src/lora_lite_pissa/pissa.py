@@ -134,7 +134,7 @@ class PiSSA(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "LORA", "r": 2 * cfg.r, "lora_alpha": 2 * cfg.alpha, "bias": "none",
+        return {"peft_type": "LORA", "target_modules": list(target_names), "r": 2 * cfg.r, "lora_alpha": 2 * cfg.alpha, "bias": "none",
                 "init_lora_weights": True, "use_rslora": False, "use_dora": False,
                 "lora_dropout": 0.0}
 

@@ -107,7 +107,7 @@ class RoAd(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "ROAD", "variant": cfg.road_variant, "group_size": cfg.group_size,
+        return {"peft_type": "ROAD", "target_modules": list(target_names), "variant": cfg.road_variant, "group_size": cfg.group_size,
                 "init_weights": True}
 
     @staticmethod
