@@ -14,18 +14,8 @@ import torch
 import lora_lite as ll
 from lora_lite.arch_matrix import base, calibration, cell_problems, default_config, run_cell
 from lora_lite.tiny_models import ARCHS
+from tiny_knobs import NOT_IDENTITY_AT_INIT, TINY_KNOBS
 
-# knobs that fit width-32 models (a variant not listed gets r=4 and its own defaults)
-TINY_KNOBS = {
-    "antipasto_rot": dict(block_size=2),
-    "antipasto_arrow": dict(block=2),
-    "road": dict(group_size=4),
-    "oft": dict(block_size=4),
-    "boft": dict(block_size=2),
-    "antipasto_dplr": dict(lora_rank=2),
-}
-# documented as deliberately not the identity at init (so that every tensor gets a gradient)
-NOT_IDENTITY_AT_INIT = ("antipasto_ablate",)
 VARIANTS = sorted(ll.variants())
 
 

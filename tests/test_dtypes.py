@@ -6,12 +6,9 @@ import torch
 
 import lora_lite as ll
 from lora_lite.tiny_models import ARCHS
+from tiny_knobs import NOT_IDENTITY_AT_INIT, TINY_KNOBS
 
 ARCH = ARCHS["llama"]
-TINY_KNOBS = {"antipasto_rot": dict(block_size=2), "antipasto_arrow": dict(block=2),
-              "road": dict(group_size=4), "antipasto_dplr": dict(lora_rank=2),
-              # its default init_alpha is deliberately not the identity; at 0 it is
-              "antipasto_ablate": dict(init_alpha=0.0, k=2)}
 VARIANTS = sorted(ll.variants())
 
 
@@ -35,7 +32,8 @@ def test_half_precision_base_trains_fp32_adapter(variant, dtype):
     ref = ARCH.outputs(model, batch)
     attach(model, variant, batch)
     assert {t.dtype for t in ll.adapter_tensors(model).values() if t.is_floating_point()} == {torch.float32}
-    assert torch.equal(ARCH.outputs(model, batch), ref)          # identity, bit for bit
+    if variant not in NOT_IDENTITY_AT_INIT:
+        assert torch.equal(ARCH.outputs(model, batch), ref)      # identity, bit for bit
     params = ll.trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-3)                     # eps 1e-8 is fine in fp32
     model.train()
@@ -63,7 +61,8 @@ def test_adapter_follows_half_and_float_after_attach(variant):
 
 
 def rewriting_variants():
-    return [v for v in VARIANTS if "rewrite_base" in ll.get_variant(v).config.__dataclass_fields__]
+    return [v for v in VARIANTS if "rewrite_base" in ll.get_variant(v).config.__dataclass_fields__
+            and v not in NOT_IDENTITY_AT_INIT]
 
 
 @pytest.mark.parametrize("variant", rewriting_variants())

@@ -4,6 +4,10 @@ No module is replaced. ``attach`` freezes the base, creates the variant's ``lora
 each target, runs its per-layer ``init``, registers the hooks, then its ``group_init``. If any
 step fails, everything done so far is undone and the error re-raised: the model is as before.
 ``detach`` removes it all and restores any rewritten base weight bit for bit.
+
+Dtypes: adapter tensors are made in ``cfg.dtype`` (fp32 by default, also on fp16/bf16 bases) and
+then follow the model (``model.to(dtype)``, ``.half()``); the hooks run the variant's math in the
+adapter tensors' current dtype and cast the result to the base output's dtype.
 """
 from __future__ import annotations
 
