@@ -33,7 +33,8 @@ ROWS = {
     "boft": {"block_size": 4, "n_butterfly_factor": 1, "target_names": QV},
 }
 # the variants PEFT has (native export must load in PEFT within 1e-5)
-PEFT_SHARED = ("lora", "pissa", "dora", "delora", "eva", "ia3", "ia3_ff", "hra", "road", "vera")
+PEFT_SHARED = ("lora", "pissa", "dora", "delora", "eva", "ia3", "ia3_ff", "hra", "road", "vera",
+               "oft", "boft")
 
 
 THIRD_PARTY_SRC = os.path.join(os.path.dirname(__file__), "..", "third_party_example", "src")

@@ -141,7 +141,7 @@ def test_each_broken_variant_is_caught_with_a_one_line_reason(variant, reason):
 def test_a_contract_breach_is_refused_before_any_model_is_built():
     no_forward = broken("kit_no_forward")
     no_forward.forward = None
-    with pytest.raises(VariantCheckFailed, match=r"^contract: .*exactly one of forward"):
+    with pytest.raises(VariantCheckFailed, match=r"^contract: .*must define forward"):
         check_variant(no_forward)
 
 

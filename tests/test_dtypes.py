@@ -9,7 +9,9 @@ from lora_lite.tiny_models import ARCHS
 
 ARCH = ARCHS["llama"]
 TINY_KNOBS = {"antipasto_rot": dict(block_size=2), "antipasto_arrow": dict(block=2),
-              "road": dict(group_size=4)}
+              "road": dict(group_size=4), "antipasto_dplr": dict(lora_rank=2),
+              # its default init_alpha is deliberately not the identity; at 0 it is
+              "antipasto_ablate": dict(init_alpha=0.0, k=2)}
 VARIANTS = sorted(ll.variants())
 
 

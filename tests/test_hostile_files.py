@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora_lite as ll
-import lora_lite.adapter_file as adapter_file
+import lora_lite.file_checks as file_checks
 from lora_lite.testing import logits, snapshot_state, tiny_llama
 
 from lltest import assert_untouched, lora_cfg
@@ -20,6 +20,7 @@ from lltest import assert_untouched, lora_cfg
 # catastrophic backtracking on any name of >= ~30 [a-z_.0-9] characters (minutes per name);
 # the first alternative still selects the layers the adapter was trained on
 HANG = r"(q_proj|v_proj)$|^([a-z_.0-9]+)+!$"
+HANG_Q = r"q_proj$|^([a-z_.0-9]+)+!$"  # the same, selecting the q projections only
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,19 @@ def good_file(tmp_path_factory):
         for p in ll.trainable_parameters(model):
             p.normal_(0, 0.1)
     path = tmp_path_factory.mktemp("good") / "adapter.safetensors"
+    ll.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def override_file(tmp_path_factory):
+    """An adapter whose q projections have r=2 (a per-target override), the rest r=4."""
+    model = tiny_llama()
+    ll.attach(model, lora_cfg(overrides=[(r"q_proj$", {"r": 2})]))
+    with torch.no_grad():
+        for p in ll.trainable_parameters(model):
+            p.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("override") / "adapter.safetensors"
     ll.save(model, path)
     return path
 
@@ -188,19 +202,27 @@ def test_cli_exits_2_on_a_hostile_file(good_file, tmp_path):
     assert info.value.exit_code == 2
 
 
-def test_a_stored_regex_is_never_run_at_load(good_file, tmp_path, batch, monkeypatch):
-    """A file whose target_names would backtrack for hours loads at once: load matches the
-    stored resolved target list, it never runs the file's regexes over the module names."""
-    hostile = with_metadata(good_file, tmp_path / "hang.safetensors",
-                            config=stored_config(good_file, target_names=[HANG]))
+@pytest.mark.parametrize("fields", ["target_names", "overrides"])
+def test_a_stored_regex_is_never_run_at_load(good_file, override_file, tmp_path, batch,
+                                             monkeypatch, fields):
+    """A file whose target_names (or per-target overrides) would backtrack for hours loads at
+    once: load uses the stored resolved target list (and resolved overrides), it never runs the
+    file's regexes over the module names."""
+    if fields == "target_names":
+        good, hang = good_file, HANG
+        config = stored_config(good_file, target_names=[HANG])
+    else:
+        good, hang = override_file, HANG_Q
+        config = stored_config(override_file, overrides=[[HANG_Q, {"r": 2}]])
+    hostile = with_metadata(good, tmp_path / "hang.safetensors", config=config)
     ran = []
     for fn in ("search", "match", "fullmatch", "findall", "finditer"):
         real = getattr(re, fn)
 
-        def spy(pattern, *args, _real=real, **kw):
-            if getattr(pattern, "pattern", pattern) == HANG:
-                ran.append(fn)
-                raise AssertionError(f"ll.load ran the stored regex with re.{fn}")
+        def spy(pattern, *args, _real=real, _fn=fn, **kw):
+            if getattr(pattern, "pattern", pattern) == hang:
+                ran.append(_fn)
+                raise AssertionError(f"ll.load ran the stored regex with re.{_fn}")
             return _real(pattern, *args, **kw)
         monkeypatch.setattr(re, fn, spy)
     model = tiny_llama()
@@ -208,13 +230,60 @@ def test_a_stored_regex_is_never_run_at_load(good_file, tmp_path, batch, monkeyp
     assert ran == []
     monkeypatch.undo()                                   # the real re, against the wall clock
     reference = tiny_llama()
-    ll.load(reference, good_file)
+    ll.load(reference, good)
     fresh = tiny_llama()
     start = time.perf_counter()
     ll.load(fresh, hostile)
     assert time.perf_counter() - start < 10
     assert torch.equal(logits(fresh, batch), logits(reference, batch))
-    assert ll.attached(fresh).cfg.target_names == (HANG,)  # the config is kept as stored
+    stored = ll.attached(fresh).cfg                     # the config is kept as stored
+    assert hang in stored.target_names or stored.overrides[0][0] == hang
+    ranks = {t.name: t.layer.lora_A.shape[0] for t in ll.attached(fresh).targets}
+    assert ranks[Q] == (2 if fields == "overrides" else 4) and ranks[Q.replace("q_", "v_")] == 4
+    start = time.perf_counter()
+    ll.save(fresh, tmp_path / "again.safetensors")       # re-saving runs no stored regex either
+    assert time.perf_counter() - start < 10
+    assert split(tmp_path / "again.safetensors")[0]["__metadata__"].get("target_overrides") == \
+        split(hostile)[0]["__metadata__"].get("target_overrides")
+
+
+def without_key(key):
+    def edit(h):
+        del h["__metadata__"][key]
+        return h
+    return edit
+
+
+OVERRIDE_CASES = {
+    "unresolved": (lambda g, d: with_header(g, d, without_key("target_overrides")),
+                   "overrides but the file does not list them resolved"),
+    "not_json": (lambda g, d: with_metadata(g, d, target_overrides="{"), "target_overrides is not JSON"),
+    "a_list": (lambda g, d: with_metadata(g, d, target_overrides="[]"), "target_overrides is a list"),
+    "unknown_target": (lambda g, d: with_metadata(
+        g, d, target_overrides=json.dumps({"model.norm": {"r": 2}})), "names 'model.norm'"),
+    "not_overridable": (lambda g, d: with_metadata(
+        g, d, target_overrides=json.dumps({Q: {"variant": "dora"}})), "fields among"),
+    "bad_value": (lambda g, d: with_metadata(
+        g, d, target_overrides=json.dumps({Q: {"r": -1}})), "override of .* r: got -1"),
+    "not_a_dict": (lambda g, d: with_metadata(
+        g, d, target_overrides=json.dumps({Q: 2})), "expected \\{field: value\\}"),
+    "without_overrides": (lambda g, d: with_metadata(
+        g, d, config=stored_config(g, overrides=[])), "without overrides in the config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERRIDE_CASES))
+def test_hostile_override_list_is_refused_cleanly(override_file, tmp_path, batch, case):
+    make, message = OVERRIDE_CASES[case]
+    bad = make(override_file, tmp_path / f"{case}.safetensors")
+    content = bad.read_bytes()
+    model = tiny_llama()
+    before, ref = snapshot_state(model), logits(model, batch)
+    with pytest.raises(ll.AdapterFileError, match=message) as info:
+        ll.load(model, bad)
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(bad))
+    assert_untouched(model, before, ref, batch)
+    assert bad.read_bytes() == content
 
 
 @pytest.mark.parametrize("limit,value,message", [
@@ -224,7 +293,7 @@ def test_a_stored_regex_is_never_run_at_load(good_file, tmp_path, batch, monkeyp
     ("MAX_HEADER_BYTES", 1000, "header of .* bytes, more than the 1000"),
 ])
 def test_what_a_file_may_hold_is_bounded(good_file, batch, monkeypatch, limit, value, message):
-    monkeypatch.setattr(adapter_file, limit, value)
+    monkeypatch.setattr(file_checks, limit, value)
     model = tiny_llama()
     before, ref = snapshot_state(model), logits(model, batch)
     with pytest.raises(ll.AdapterFileError, match=message):
@@ -234,6 +303,6 @@ def test_what_a_file_may_hold_is_bounded(good_file, batch, monkeypatch, limit, v
 
 def test_default_bounds_fit_a_large_real_adapter():
     """80 layers x 7 projections with long names fit comfortably under the defaults."""
-    assert adapter_file.MAX_TARGETS >= 80 * 7 * 4
-    assert adapter_file.MAX_TENSORS >= 80 * 7 * 8
-    assert adapter_file.MAX_METADATA_CHARS >= 80 * 7 * 120
+    assert file_checks.MAX_TARGETS >= 80 * 7 * 4
+    assert file_checks.MAX_TENSORS >= 80 * 7 * 8
+    assert file_checks.MAX_METADATA_CHARS >= 80 * 7 * 120

@@ -107,11 +107,11 @@ def _one_error_line(result):
     return lines[0]
 
 
-def test_unknown_variant_names_the_package():
-    result = runner.invoke(get_app(), ["attach", "--variant", "no_such_variant"])
+def test_unknown_variant_suggests_installed_names_never_a_guessed_package():
+    result = runner.invoke(get_app(), ["attach", "--variant", "lorra"])
     assert result.exit_code == 2
     line = _one_error_line(result)
-    assert "pip install lora-lite-no" in line and "lora" in line
+    assert "did you mean 'lora'" in line and "pip install" not in line
 
 
 def test_missing_default_model_says_the_pip_command(monkeypatch):
@@ -171,4 +171,12 @@ def test_console_script_with_no_plugins_still_works():
     assert json.loads(result.stdout)["variants"] == []
     result = run_script("attach", "--variant", "lora", env={"LORA_LITE_PLUGINS": ""})
     assert result.returncode == 2
-    assert "pip install lora-lite-lora" in result.stderr and "LORA_LITE_PLUGINS" in result.stderr
+    assert "no installed plugin provides it" in result.stderr and "LORA_LITE_PLUGINS" in result.stderr
+
+
+def test_build_config_leaves_per_architecture_defaults_to_the_variant():
+    import lora_lite as ll
+    if "ia3" not in ll.variants():
+        return
+    cfg = build_config("ia3")
+    assert cfg.target_names == ()           # resolved at attach: k/v of the model's architecture

@@ -72,7 +72,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_dir):
 def test_eval_command_json_and_predictions(tiny_dir, adapter_file, tmp_path):
     preds = tmp_path / "preds.jsonl"
     result = runner.invoke(get_app(), ["eval", "--adapter", str(adapter_file), "--model", tiny_dir,
-                                       "--limit", "3", "--max-new-tokens", "5",
+                                       "--eval-limit", "3", "--max-new-tokens", "5",
                                        "--predictions", str(preds), "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from tinymodel import save_tiny_model
 import lora_lite as ll
 from lora_lite_cli import models
+from tinymodel import save_tiny_model
 from lora_lite_cli.app import get_app
 
 runner = CliRunner()

@@ -87,3 +87,41 @@ def test_unreachable_hub_model_is_one_clear_line(monkeypatch):
         models.load_model("nosuch-org/nosuch-model-xyz")
     msg = str(err.value)
     assert "nosuch-org/nosuch-model-xyz" in msg and "hub" in msg and "\n" not in msg
+
+
+def test_4bit_gradients_survive_an_evaluation_forward(tiny_dir):
+    """bitsandbytes repacks 4-bit CPU weights for inference on an eval no-grad forward, after
+    which training loses every gradient through them; the loader turns that off."""
+    pytest.importorskip("bitsandbytes")
+    import copy
+
+    import lora_lite as ll
+    from lora_lite_cli.models import keep_4bit_trainable_on_cpu
+    model, _ = models.load_model(tiny_dir, quantize="4bit")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+
+    def lora_grads(m, evaluate_first):
+        if evaluate_first:
+            with torch.no_grad():
+                m.eval()(input_ids=ids)
+        ll.attach(m, ll.config("lora", r=4, target_names=["q_proj$"], target_roles=(), seed=1))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(generator=torch.Generator().manual_seed(2))
+        m.train()(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    fresh = lora_grads(copy.deepcopy(model), False)
+    after_eval = lora_grads(copy.deepcopy(model), True)
+    for k in fresh:
+        torch.testing.assert_close(after_eval[k], fresh[k])
+    # the detector: with repacking left on, the same comparison fails (on CPUs that repack)
+    repacking = copy.deepcopy(model)
+    for m in repacking.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = True
+    broken = lora_grads(copy.deepcopy(repacking), True)
+    if broken.keys() == fresh.keys() and all(torch.equal(broken[k], fresh[k]) for k in fresh):
+        pytest.skip("this CPU does not repack 4-bit weights (no AVX512-BF16)")
+    assert keep_4bit_trainable_on_cpu(repacking) > 0

@@ -179,7 +179,7 @@ def test_loss_on_kept_logits_equals_the_full_loss(tiny_dir):
 
 
 @pytest.mark.parametrize("args, code, needle", [
-    (["--variant", "nosuchvariant"], 2, "pip install lora-lite-nosuchvariant"),
+    (["--variant", "nosuchvariant"], 2, "no installed plugin provides it"),
     (["--variant", "lora", "--set", "blok=8"], 2, "blok"),
     (["--variant", "lora", "--set", "r=abc"], 2, "r"),
     (["--variant", "lora", "--model", "./no/such/model"], 2, "not found"),
@@ -384,3 +384,12 @@ def test_compile_trains(tiny_dir, tmp_path, monkeypatch):
     assert m["status"] == "completed" and m["settings"]["compile"] is True and m["sanity"]["ok"]
     assert m["trained_as"] == "OptimizedModule"
     assert {t.dtype for t in adapter_tensors(tmp_path / "adapter.safetensors").values()} == {torch.float32}
+
+
+def test_sharded_engines_are_refused_up_front():
+    class Fake:
+        distributed_type = "DistributedType.FSDP"
+    with pytest.raises(training.TrainError, match="FSDP"):
+        runtime.refuse_unsupported(Fake())
+    Fake.distributed_type = "DistributedType.MULTI_CPU"
+    runtime.refuse_unsupported(Fake())  # DDP is fine

@@ -131,6 +131,20 @@ def expand_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _multi_value_command_class():
+    from typer.core import TyperCommand
+
+    class MultiValueCommand(TyperCommand):
+        """A command whose MULTI_VALUE_OPTIONS take space-separated values."""
+
+        def parse_args(self, ctx, args):
+            return super().parse_args(ctx, expand_multi_values(list(args)))
+    return MultiValueCommand
+
+
+MultiValueCommand = _multi_value_command_class()
+
+
 def _version(value: bool):
     if value:
         import lora_lite
@@ -232,22 +246,67 @@ def main():
     cli = get_app()
     report_command_problems()
     try:
-        cli(args=expand_multi_values(sys.argv[1:]), prog_name="lora-lite")
+        cli(args=sys.argv[1:], prog_name="lora-lite")
     except KeyboardInterrupt:  # Ctrl-C outside a command body (option parsing, plugin loading)
         _ignore_further_interrupts()
         err_console.print("[red]error:[/] interrupted", highlight=False)
         raise SystemExit(130) from None
 
 
+# -- options shared by several commands (declared once, the same spelling everywhere) ---------
+def variant_option(default=None):
+    return typer.Option(default, "--variant", "-v", help="Adapter variant (see `lora-lite variants`).")
+
+
+def model_option(default=None, help_extra=""):
+    return typer.Option(default, "--model", "-m", help="'smollm2' (embedded default), a local "
+                        "model folder, a .gguf file or a hub id" + help_extra + ".")
+
+
+def targets_option():
+    return typer.Option(None, "--targets", "-t", help="Regex on layer names, repeatable "
+                        "(default: the variant's own targets).")
+
+
+def rank_option():
+    return typer.Option(None, "--rank", "-r", help="Rank r (default: the variant's).")
+
+
+def layers_option():
+    return typer.Option(None, "--layers", help="Blocks to adapt: 0,1,5 or 0-3 or all (default: all).")
+
+
+def sets_option(example="--set block=8"):
+    return typer.Option(None, "--set", help=f"A variant knob, knob=value, repeatable (e.g. {example}).")
+
+
+def dtype_option(default="float32"):
+    return typer.Option(default, "--dtype", help="Storage dtype of the base model: float32, "
+                        "bfloat16, float16 (adapter tensors stay float32 in train).")
+
+
+def quantize_option():
+    return typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit (nf4) or 8bit.")
+
+
+def threads_option():
+    return typer.Option(None, "--threads", help="CPU threads for torch (default: one per core "
+                        "not busy with other work).")
+
+
+def json_option(what="the results"):
+    return typer.Option(False, "--json", help=f"Print {what} as JSON on stdout.")
+
+
 # -- loading the base model ------------------------------------------------------------------
-def load_base_model(name: str, dtype="float32", quantize=None):
+def load_base_model(name: str, dtype="float32", quantize=None, device="cpu"):
     """(model, tokenizer) through ``models.load_model``, with a clear error for a local path
     that does not exist (transformers would call it an invalid hub repo id)."""
     from .models import load_model
     if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
         raise CLIError(f"model {name!r} not found: no such folder or file", 2)
     return load_model(os.path.expanduser(name) if name.startswith("~") else name,
-                      dtype=dtype, quantize=quantize)
+                      dtype=dtype, quantize=quantize, device=device)
 
 
 # -- building an adapter config from the command line ------------------------------------------
@@ -341,7 +400,9 @@ def build_config(variant: str, *, targets=None, rank=None, alpha=None, layers=No
         values["target_names"] = tuple(targets)
     else:
         own = fields["target_names"].default if "target_names" in fields else ()
-        values["target_names"] = tuple(own) if own else DEFAULT_TARGETS
+        # a variant with per-architecture defaults (ia3) resolves them itself at attach
+        per_arch = callable(getattr(ll.get_variant(variant), "default_target_names", None))
+        values["target_names"] = tuple(own) if own or per_arch else DEFAULT_TARGETS
     values["target_roles"] = ()
     if rank is not None:
         values["r"] = rank

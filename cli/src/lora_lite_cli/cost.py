@@ -8,19 +8,26 @@ Conventions (upstream's report got the first one wrong, variants.md §9.3):
   ``measured FLOPs / (2 × analytic MACs)``: 1.00 means the count is right. The counter sees only
   matmul-like ops (mm, bmm, addmm, einsum, sdpa), not elementwise work (IA3's gains, RoAd's
   rotations, norms) nor linear solves.
-* Analytic MACs come from each variant's math in terms of its tensor shapes (``ANALYTIC``).
-  Work done once per forward call (e.g. DoRA's B·A for the weight norm) is spread over the
-  batch's tokens (batch × seq-len) and said so. A variant not in the table (a third party's)
-  gets the generic rule: every 2-D adapter tensor is used once per token in a matmul.
+* Analytic MACs come from the variant itself (its optional ``added_macs(target, cfg)``: MACs
+  per token and per forward call on one target); ``macs_rule`` is ``variant`` then. Work done
+  once per forward call (e.g. DoRA's B·A for the weight norm) is spread over the batch's tokens
+  (batch × seq-len). A variant that gives no count gets the ``generic`` rule: every 2-D adapter
+  tensor is used once per token in a matmul.
 * Time: median over ``repeats`` runs after ``warmup`` runs; lora-lite and PEFT rows of one
-  variant are timed interleaved (one run of each in turn) so machine noise hits both alike.
+  variant are timed interleaved (one run of each in turn) so machine noise hits both alike, and
+  each ratio is the median of the per-turn ratios with their spread (min-max) beside it.
 * Memory: the peak above what was held just before the row's window (attach/init + warm-up
   forward and training steps: adapter tensors, optimizer state, activations, gradients).
   CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's peak resident set (Linux
   VmHWM, reset through /proc/self/clear_refs; glibc's mmap threshold is pinned at 1 MiB so
   freed tensors go back to the OS and the baseline is honest).
 
-Variant-specific knowledge lives only in the tables ``ANALYTIC``, ``NOTES``, ``PEFT_EQUIVALENT``.
+* Memory split (``adapter_mb``, ``optimizer_mb``, ``activations_mb``): the bytes of the
+  trainable tensors, of AdamW's state after a step, and the peak of one training step above the
+  level before it minus the gradients (activations kept for backward and temporaries).
+
+The CLI holds no table of variants: everything variant-specific comes from the variant class
+(``added_macs``, ``cost_note``, ``peft_cost_note``, ``peft_config``, ``peft_init``).
 """
 from __future__ import annotations
 
@@ -36,144 +43,49 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 # ---------------------------------------------------------------------------------------------
-# The one place with variant-specific knowledge.
-# ANALYTIC[variant](target, cfg) -> (MACs per token, MACs per forward call) for one target layer.
+# What the variant says about itself (all optional; generic fallbacks when absent)
 # ---------------------------------------------------------------------------------------------
 
 
-def _low_rank(t, cfg):  # x Aᵀ (r·d_in) then · Bᵀ (d_out·r)
-    return cfg.r * (t.d_in + t.d_out)
-
-
-def _pissa(t, cfg):  # rewrite_base=False keeps W and subtracts s·B0A0 x in the hook: twice
-    return _low_rank(t, cfg) * (1 if getattr(cfg, "rewrite_base", True) else 2), 0
-
-
-def _antipasto_rot(t, cfg):
-    bs = getattr(cfg, "block_size", 4)
-    sides = {"none": 0, "V": 1, "U": 1, "both": 2}.get(getattr(cfg, "rotate_basis", "V"), 1)
-    return _low_rank(t, cfg) + sides * cfg.r * bs, 0  # block rotations on the r coordinates
-
-
-ANALYTIC = {
-    "lora": lambda t, cfg: (_low_rank(t, cfg), 0),
-    "eva": lambda t, cfg: (_low_rank(t, cfg), 0),
-    "pissa": _pissa,
-    "delora": lambda t, cfg: (_low_rank(t, cfg), 0),
-    # DoRA: the LoRA path per token, and B·A once per call for the norm of W + s·B·A
-    "dora": lambda t, cfg: (_low_rank(t, cfg), t.d_out * cfg.r * t.d_in),
-    "ia3": lambda t, cfg: (0, 0),
-    "ia3_ff": lambda t, cfg: (0, 0),
-    "road": lambda t, cfg: (0, 0),
-    # r reflections x <- x - 2 (x·v) v: a dot and an axpy of d_in each
-    "hra": lambda t, cfg: (2 * cfg.r * t.d_in, 0),
-    "vera": lambda t, cfg: (_low_rank(t, cfg), 0),
-    "lora_xs": lambda t, cfg: (_low_rank(t, cfg) + cfg.r * cfg.r, 0),
-    "antipasto": lambda t, cfg: (_low_rank(t, cfg), 0),
-    "antipasto_corda": lambda t, cfg: (_low_rank(t, cfg), 0),
-    "antipasto_asvd": lambda t, cfg: (_low_rank(t, cfg), 0),
-    "antipasto_rot": _antipasto_rot,
-    "antipasto_arrow": lambda t, cfg: (_low_rank(t, cfg) + getattr(cfg, "block", 8) ** 2, 0),
-    "antipasto_dplr": lambda t, cfg: (_low_rank(t, cfg) + 2 * cfg.r * getattr(cfg, "lora_rank", 8), 0),
-    "antipasto_ablate": lambda t, cfg: (_low_rank(t, cfg) + 2 * cfg.r * getattr(cfg, "k", 1), 0),
-}
-
-# Why the measured FLOPs may differ from 2 × analytic MACs (shown when they do).
-NOTES = {
-    ("lora-lite", "ia3"): "elementwise gain only (d_out mults/token): no matmul, nothing to count",
-    ("lora-lite", "ia3_ff"): "elementwise gain only (d_in mults/token): no matmul",
-    ("lora-lite", "road"): "elementwise 2-D rotations only: no matmul",
-    ("lora-lite", "hra"): "computed in compact-WY form: (x Vᵀ) K adds r² MACs/token, and "
-                          "V Vᵀ (r²·d_in) and K (~r³) are built once per call",
-    ("lora-lite", "dora"): "B·A (d_out·r·d_in) once per call, spread over the batch's tokens; "
-                           "the row norms are elementwise",
-    ("lora-lite", "antipasto_rot"): "the Cayley solves (once per call) are linear solves, not "
-                                    "counted",
-    ("peft", "hra"): "PEFT builds the d_in×d_in product of reflections and W·R on every call",
-    ("peft", "dora"): "PEFT's DoRA also forms B·A (and W + s·B·A) once per call",
-    ("peft", "vera"): "PEFT slices the shared A/B to each layer's shape",
-    ("peft", "road"): "elementwise rotations only",
-    ("peft", "ia3"): "elementwise gain only",
-    ("peft", "ia3_ff"): "elementwise gain only",
-    ("peft", "delora"): "PEFT's DeLoRA forward",
-}
-
-
-def _peft_lora(cfg, names, **extra):
-    from peft import LoraConfig
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=names, lora_dropout=0.0,
-                      bias="none", **extra)
-
-
-def _peft_eva(cfg, names):
-    from peft import EvaConfig
-    return _peft_lora(cfg, names, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
-
-
-def _peft_ia3(cfg, names, feedforward):
-    from peft import IA3Config
-    return IA3Config(target_modules=names, feedforward_modules=names if feedforward else [])
-
-
-def _peft_delora(cfg, names):
-    from peft import DeloraConfig
-    return DeloraConfig(r=cfg.r, delora_lambda=getattr(cfg, "lambda0", 15.0), target_modules=names)
-
-
-def _peft_hra(cfg, names):
-    from peft import HRAConfig
-    return HRAConfig(r=cfg.r, target_modules=names)
-
-
-def _peft_road(cfg, names):
-    from peft import RoadConfig
-    return RoadConfig(variant=getattr(cfg, "road_variant", "road_1"),
-                      group_size=getattr(cfg, "group_size", 64), target_modules=names)
-
-
-def _peft_vera(cfg, names):
-    from peft import VeraConfig
-    return VeraConfig(r=cfg.r, target_modules=names, vera_dropout=0.0,
-                      projection_prng_key=getattr(cfg, "projection_seed", 0),
-                      d_initial=getattr(cfg, "d_initial", 0.1))
-
-
-def _eva_init(peft_model, calibration):
-    from peft import initialize_lora_eva_weights
-    initialize_lora_eva_weights(peft_model, dataloader=calibration, show_progress_bar=False)
-
-
-# variant -> (PEFT config from (lora-lite cfg, exact target names), optional init after wrapping)
-PEFT_EQUIVALENT = {
-    "lora": (lambda cfg, names: _peft_lora(cfg, names), None),
-    "pissa": (lambda cfg, names: _peft_lora(cfg, names, init_lora_weights="pissa"), None),
-    "dora": (lambda cfg, names: _peft_lora(cfg, names, use_dora=True), None),
-    "eva": (_peft_eva, _eva_init),
-    "delora": (_peft_delora, None),
-    "ia3": (lambda cfg, names: _peft_ia3(cfg, names, False), None),
-    "ia3_ff": (lambda cfg, names: _peft_ia3(cfg, names, True), None),
-    "hra": (_peft_hra, None),
-    "road": (_peft_road, None),
-    "vera": (_peft_vera, None),
-}
-
-
-def analytic_macs(variant: str, targets, cfg, tokens_per_call: int) -> tuple[float, str]:
-    """(added MACs per token over all targets, rule used). Per-call work is divided by the
-    tokens of one forward call."""
-    rule = ANALYTIC.get(variant)
-    if rule is None:
+def analytic_macs(variant_cls, targets, cfg, tokens_per_call: int) -> tuple[float | None, str]:
+    """(added MACs per token over all targets, rule). The variant's own ``added_macs(target,
+    cfg) -> (per token, per forward call)``; per-call work is divided by the tokens of one call.
+    (None, "generic") when the variant gives no count."""
+    rule = getattr(variant_cls, "added_macs", None)
+    if not callable(rule):
         return None, "generic"
     per_token = per_call = 0
     for t in targets:
-        tok, call = rule(t, cfg)
+        own = cfg.for_target(t.name) if hasattr(cfg, "for_target") else cfg
+        tok, call = rule(t, own)
         per_token += tok
         per_call += call
-    return per_token + per_call / tokens_per_call, "table"
+    return per_token + per_call / tokens_per_call, "variant"
+
+
+def variant_note(variant_cls, impl: str) -> str:
+    """Why measured FLOPs may differ from 2 x the analytic MACs: the variant's ``cost_note``
+    (lora-lite's side) or ``peft_cost_note`` (PEFT's implementation)."""
+    note = getattr(variant_cls, "cost_note" if impl == "lora-lite" else "peft_cost_note", "")
+    return note if isinstance(note, str) else ""
+
+
+def peft_spec(variant_cls, cfg, target_names):
+    """(PEFT config object, init callable or None) from the variant's ``peft_config`` and
+    optional ``peft_init``; None when the variant has no PEFT counterpart."""
+    make = getattr(variant_cls, "peft_config", None)
+    content = make(cfg, list(target_names)) if callable(make) else None
+    if content is None:
+        return None
+    from peft import get_peft_config
+    config = get_peft_config({"task_type": None, **content, "target_modules": list(target_names)})
+    init = getattr(variant_cls, "peft_init", None)
+    return config, (init if callable(init) else None)
 
 
 def generic_macs(model) -> float:
-    """The generic rule for variants not in ANALYTIC: each 2-D adapter tensor once per token."""
+    """The generic rule for a variant without ``added_macs``: each 2-D adapter tensor once per
+    token."""
     import lora_lite as ll
     return float(sum(t.numel() for t in ll.adapter_tensors(model).values() if t.dim() == 2))
 
@@ -328,7 +240,11 @@ class Row:
     flop_ratio: float | None = None         # flops_per_token / (2 * macs_per_token)
     fwd_ms: float | None = None
     step_ms: float | None = None
+    step_ms_spread: tuple | None = None     # (min, max) of the timed steps
     peak_mb: float | None = None
+    adapter_mb: float | None = None         # trainable tensors
+    optimizer_mb: float | None = None       # AdamW state after a step
+    activations_mb: float | None = None     # one step's peak above its start, minus gradients
     init_ms: float | None = None
     note: str = ""
     error: str | None = None
@@ -347,6 +263,7 @@ class Settings:
     device: str = "cpu"
     compare_peft: bool = False
     calib_batches: int = 4
+    quantize: str | None = None     # the base's bitsandbytes layers: 4bit (nf4) or 8bit
 
 
 @dataclass
@@ -391,9 +308,9 @@ def _agreement(row: Row, n_tokens):
         row.flop_ratio = row.flops_per_token / (2 * row.macs_per_token)
 
 
-def _explain(row: Row):
-    """The note: why measured and analytic differ (or nothing when they agree)."""
-    known = NOTES.get((row.impl, row.variant), "")
+def _explain(row: Row, known: str):
+    """The note: why measured and analytic differ (or nothing when they agree). ``known``: the
+    variant's own note for this implementation."""
     if row.flops_per_token is None:
         return "FlopCounterMode failed on this model" + (f"; {known}" if known else "")
     if row.macs_per_token is None:
@@ -415,6 +332,15 @@ def _explain(row: Row):
     else:
         parts.append("the forward does matmul work beyond the analytic count")
     return "; ".join(parts)
+
+
+def tensor_mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def optimizer_state_mb(optimizer) -> float:
+    return tensor_mb(v for state in optimizer.state.values() for v in state.values()
+                     if torch.is_tensor(v))
 
 
 class CostReport:
@@ -447,9 +373,11 @@ class CostReport:
         self.model.eval()
 
     def base_row(self):
+        """Full fine-tuning of every floating weight (on a quantized base the 4/8-bit weights
+        cannot train: the row then trains the rest, embeddings, norms and head)."""
         self.progress("base model (full fine-tuning step)")
         model = self.model
-        flags = [(p, p.requires_grad) for p in model.parameters()]
+        flags = [(p, p.requires_grad) for p in model.parameters() if p.is_floating_point()]
         for p, _ in flags:
             p.requires_grad_(True)
         self._settle(flags)
@@ -460,76 +388,47 @@ class CostReport:
                 runner = Runner(model, [p for p, _ in flags], self.batch, self.device)
                 self._warm([runner])
             row.peak_mb = mem.peak_mb
-            times = self._time({"base": runner})
-            row.fwd_ms, row.step_ms = times["base"]
+            self._time_rows({"base": runner}, {"base": row})
             runner.close()
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
         self.base_flops = count_flops(model, self.batch)
-        row.note = "reference: full fine-tuning, every weight trainable"
+        row.note = ("reference: full fine-tuning, every weight trainable" if not self.s.quantize
+                    else f"reference: every floating weight trainable ({self.s.quantize} layers frozen)")
         self.report.rows.append(row)
         return row
 
     def variant_rows(self, variant: str, cfg):
         import lora_lite as ll
+        variant_cls = ll.get_variant(variant)
         targets = ll.find_targets(self.model, cfg)
-        peft_spec = PEFT_EQUIVALENT.get(variant) if self.s.compare_peft else None
-        calib = self.calibration if getattr(ll.get_variant(variant), "needs_calibration", False) \
-            else None
-        runners = {}
+        spec = peft_spec(variant_cls, cfg, [t.name for t in targets]) if self.s.compare_peft else None
+        calib = self.calibration if getattr(variant_cls, "needs_calibration", False) else None
+        runners, rows, failed = {}, {}, []
         peft_model = None
-        copy_for_peft = copy.deepcopy(self.model) if peft_spec else None
+        copy_for_peft = copy.deepcopy(self.model) if spec else None
         try:
-            self.progress(f"{variant}: lora-lite attach + warm-up")
-            row = Row(variant, "lora-lite", targets=len(targets))
-            rows = {"lora-lite": row}
-            with PeakMemory(self.device) as mem:
-                start = time.perf_counter()
-                ll.attach(self.model, cfg, calibration_data=calib)
-                _sync(self.device)
-                row.init_ms = (time.perf_counter() - start) * 1e3
-                runners["lora-lite"] = Runner(self.model, ll.trainable_parameters(self.model),
-                                              self.batch, self.device)
-                self._warm([runners["lora-lite"]])
-            row.peak_mb = mem.peak_mb
-            row.trainable = sum(p.numel() for p in ll.trainable_parameters(self.model))
-            row.macs_per_token, row.macs_rule = analytic_macs(variant, targets, cfg, self.n_tokens)
-            if row.macs_per_token is None:
-                row.macs_per_token = generic_macs(self.model)
-            if calib is not None:
-                row.note = f"init on {len(calib)} generated calibration batches"
-            failed = []
-            if peft_spec:
-                make_config, after = peft_spec
+            rows["lora-lite"] = self._lora_lite_row(variant, variant_cls, cfg, targets, calib,
+                                                    runners)
+            if spec:
                 self.progress(f"{variant}: PEFT init + warm-up")
                 prow = Row(variant, "peft", targets=len(targets))
                 try:
-                    peft_model = self._peft_row(prow, copy_for_peft,
-                                                make_config(cfg, [t.name for t in targets]),
-                                                after, calib, runners)
+                    peft_model = self._peft_row(prow, copy_for_peft, *spec, calib, runners)
                     rows["peft"] = prow
                 except Exception as e:  # PEFT may not support a setting: keep our row
                     prow.error = f"{type(e).__name__}: {e}"
                     runners.pop("peft", None)
                     failed.append(prow)
             self.progress(f"{variant}: timing {' and '.join(runners)} interleaved")
-            times = self._time(runners)
-            for impl, (fwd, step) in times.items():
-                rows[impl].fwd_ms, rows[impl].step_ms = fwd, step
+            turns = self._time_rows(runners, rows)
             self.progress(f"{variant}: counting FLOPs")
-            for impl, r in rows.items():
-                flops = count_flops(runners[impl].model, self.batch)
-                if flops is not None and self.base_flops is not None:
-                    r.flops_per_token = (flops - self.base_flops) / self.n_tokens
-                if impl == "peft":  # the same math, so the same analytic count
-                    r.macs_per_token, r.macs_rule = row.macs_per_token, row.macs_rule
-                _agreement(r, self.n_tokens)
-                r.note = "; ".join(x for x in (r.note, _explain(r)) if x)
+            self._count_rows(variant_cls, rows, runners)
             self.report.rows.extend(rows.values())
             self.report.rows.extend(failed)
             if "peft" in rows:
-                self.report.ratios.append(_ratios(row, rows["peft"]))
+                self.report.ratios.append(_ratios(rows["lora-lite"], rows["peft"], turns))
         finally:
             for runner in runners.values():
                 runner.close()
@@ -540,13 +439,36 @@ class CostReport:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _peft_row(self, row, model_copy, peft_config, after, calib, runners):
+    def _lora_lite_row(self, variant, variant_cls, cfg, targets, calib, runners) -> Row:
+        import lora_lite as ll
+        self.progress(f"{variant}: lora-lite attach + warm-up")
+        row = Row(variant, "lora-lite", targets=len(targets))
+        with PeakMemory(self.device) as mem:
+            start = time.perf_counter()
+            ll.attach(self.model, cfg, calibration_data=calib)
+            _sync(self.device)
+            row.init_ms = (time.perf_counter() - start) * 1e3
+            params = ll.trainable_parameters(self.model)
+            runners["lora-lite"] = Runner(self.model, params, self.batch, self.device)
+            self._warm([runners["lora-lite"]])
+        row.peak_mb = mem.peak_mb
+        row.trainable = sum(p.numel() for p in params)
+        row.macs_per_token, row.macs_rule = analytic_macs(variant_cls, ll.attached(self.model).targets,
+                                                          cfg, self.n_tokens)
+        if row.macs_per_token is None:
+            row.macs_per_token = generic_macs(self.model)
+        if calib is not None:
+            row.note = f"init on {len(calib)} generated calibration batches"
+        self._memory_split(row, runners["lora-lite"])
+        return row
+
+    def _peft_row(self, row, model_copy, peft_config, init, calib, runners):
         from peft import get_peft_model
         with PeakMemory(self.device) as mem:
             start = time.perf_counter()
             peft_model = get_peft_model(model_copy, peft_config)
-            if after is not None:
-                after(peft_model, calib if calib is not None else self.calibration)
+            if init is not None:
+                init(peft_model, calib if calib is not None else self.calibration)
             _sync(self.device)
             row.init_ms = (time.perf_counter() - start) * 1e3
             params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -554,7 +476,28 @@ class CostReport:
             self._warm([runners["peft"]])
         row.peak_mb = mem.peak_mb
         row.trainable = sum(p.numel() for p in params)
+        self._memory_split(row, runners["peft"])
         return peft_model
+
+    def _memory_split(self, row, runner):
+        """adapter tensors, AdamW state (after the warm-up steps) and one step's activations."""
+        row.adapter_mb = tensor_mb(runner.params)
+        row.optimizer_mb = optimizer_state_mb(runner.opt)
+        with PeakMemory(self.device) as mem:
+            runner.step()
+        if mem.peak_mb is not None:  # the step's peak holds the gradients too
+            row.activations_mb = max(mem.peak_mb - row.adapter_mb, 0.0)
+
+    def _count_rows(self, variant_cls, rows, runners):
+        ours = rows["lora-lite"]
+        for impl, r in rows.items():
+            flops = count_flops(runners[impl].model, self.batch)
+            if flops is not None and self.base_flops is not None:
+                r.flops_per_token = (flops - self.base_flops) / self.n_tokens
+            if impl == "peft":  # the same math, so the same analytic count
+                r.macs_per_token, r.macs_rule = ours.macs_per_token, ours.macs_rule
+            _agreement(r, self.n_tokens)
+            r.note = "; ".join(x for x in (r.note, _explain(r, variant_note(variant_cls, impl))) if x)
 
     def failed_row(self, variant, impl, error):
         self.report.rows.append(Row(variant, impl, error=error))
@@ -566,8 +509,9 @@ class CostReport:
                 r.forward()
                 r.step()
 
-    def _time(self, runners: dict) -> dict:
-        """{name: (median forward ms, median step ms)}, the runners taking turns."""
+    def _time_rows(self, runners: dict, rows: dict) -> dict:
+        """Time the runners taking turns (one forward of each, then one step of each, repeated):
+        each row gets its medians and its step-time spread; returns the per-turn times."""
         fwd = {k: [] for k in runners}
         step = {k: [] for k in runners}
         for _ in range(self.s.repeats):
@@ -575,7 +519,10 @@ class CostReport:
                 fwd[k].append(r.timed(r.forward))
             for k, r in runners.items():
                 step[k].append(r.timed(r.step))
-        return {k: (_median(fwd[k]), _median(step[k])) for k in runners}
+        for k in runners:
+            rows[k].fwd_ms, rows[k].step_ms = _median(fwd[k]), _median(step[k])
+            rows[k].step_ms_spread = (min(step[k]), max(step[k]))
+        return {"fwd": fwd, "step": step}
 
 
 def _ratio(a, b):
@@ -584,11 +531,27 @@ def _ratio(a, b):
     return a / b
 
 
-def _ratios(ours: Row, peft: Row) -> dict:
+def _paired(turns, kind) -> tuple:
+    """(median, min, max) of lora-lite / PEFT over the interleaved turns."""
+    pairs = [a / b for a, b in zip(turns[kind]["lora-lite"], turns[kind]["peft"]) if b > 0]
+    if not pairs:
+        return None, None, None
+    return _median(pairs), min(pairs), max(pairs)
+
+
+def _ratios(ours: Row, peft: Row, turns) -> dict:
+    step_med, step_lo, step_hi = _paired(turns, "step")
+    fwd_med, fwd_lo, fwd_hi = _paired(turns, "fwd")
     return {"variant": ours.variant,
             "trainable": _ratio(ours.trainable, peft.trainable),
             "flops_per_token": _ratio(ours.flops_per_token, peft.flops_per_token),
-            "fwd_ms": _ratio(ours.fwd_ms, peft.fwd_ms),
-            "step_ms": _ratio(ours.step_ms, peft.step_ms),
+            "fwd_ms": fwd_med, "fwd_ms_range": [fwd_lo, fwd_hi],
+            "step_ms": step_med, "step_ms_range": [step_lo, step_hi],
             "peak_mb": _ratio(ours.peak_mb, peft.peak_mb),
+            "memory_mb": _ratio(_total_mb(ours), _total_mb(peft)),
             "init_ms": _ratio(ours.init_ms, peft.init_ms)}
+
+
+def _total_mb(row: Row):
+    parts = (row.adapter_mb, row.optimizer_mb, row.activations_mb)
+    return None if any(p is None for p in parts) else sum(parts)

@@ -107,6 +107,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None 
     if quantize and gguf:
         from lora_lite.quantize import quantize_model as bnb_quantize
         bnb_quantize(model, quantize)
+    if quantize:
+        keep_4bit_trainable_on_cpu(model)
     if not quantize or gguf:
         model.to(device)
     if tokenizer.pad_token is None:
@@ -130,3 +132,21 @@ def describe(model) -> dict:
     return {"architecture": type(model).__name__, "parameters": params,
             "hidden_size": getattr(config, "hidden_size", None),
             "layers": getattr(config, "num_hidden_layers", None)}
+
+
+def keep_4bit_trainable_on_cpu(model) -> int:
+    """Stop bitsandbytes' CPU inference repacking of 4-bit weights; returns the layers changed.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit`` weight for its CPU inference kernel on the first
+    eval-mode, no-grad forward (on CPUs with AVX512-BF16) and keeps it packed; a later training
+    forward through the packed weight has no autograd kernel, so no gradient reaches anything
+    before that layer (measured: LoRA gradients off by 4x their size after one evaluation).
+    ``train`` evaluates the base before training, and ``cost-report`` times forwards before
+    steps, so both turn the repacking off."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+

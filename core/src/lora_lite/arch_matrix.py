@@ -6,7 +6,8 @@
 
 A cell attaches the variant with its default targets (or ``layers``) and measures: identity at
 init, gradients only on adapter tensors (every trainable one gets one), one Adam step moves the
-output, save -> load on a fresh base reproduces it, the loaded model survives
+output, save -> load on a fresh base reproduces it (and so does ``ll.merge`` where the variant
+merges), the loaded model survives
 ``.to(float64)`` and ``.to(bfloat16)``, detach puts the base back bit for bit. Where the
 variant has no default placement on a model (attach refuses, naming the candidate layers),
 ``fallback_names`` are used. Models: ``lora_lite.tiny_models`` (needs transformers).
@@ -103,6 +104,7 @@ def run_cell(arch, variant, layers=None, knobs=None):
         save(model, path)
         fresh = copy.deepcopy(pristine)
         load(fresh, path)
+        out["merge"] = merge_error(pristine, path, a, batch, trained)
     out["reload"] = (a.outputs(fresh, batch) - trained).abs().max().item() / scale(trained)
     full = unpadded(batch)
     trained_full = a.outputs(fresh, full)
@@ -116,6 +118,19 @@ def run_cell(arch, variant, layers=None, knobs=None):
     return out
 
 
+def merge_error(pristine, path, arch, batch, trained):
+    """Relative output error of ``ll.merge`` on a fresh base loaded from ``path``; None when the
+    variant cannot merge (mergeable = False or no merged_weight)."""
+    from .merge import merge
+    model = copy.deepcopy(pristine)
+    load(model, path)
+    variant = attached(model).variant
+    if not getattr(variant, "mergeable", True) or not callable(getattr(variant, "merged_weight", None)):
+        return None
+    merge(model)
+    return (arch.outputs(model, batch) - trained).abs().max().item() / scale(trained)
+
+
 def cell_problems(m, layers=None) -> list[str]:
     """The invariants a cell's figures break (empty: the cell holds)."""
     blocks = set(m["blocks"])
@@ -126,6 +141,7 @@ def cell_problems(m, layers=None) -> list[str]:
         "every trainable adapter tensor gets a gradient": m["no_grad"] == [],
         "training moves the output": m["grad_norm"] > 0 and m["moved"] > 0,
         "reload < 1e-5": m["reload"] < 1e-5,
+        "merge < 1e-4": m.get("merge") is None or m["merge"] < 1e-4,
         "float64 after attach < 1e-4": m["float64"] < 1e-4,
         "bfloat16 after attach < 0.2": m["bfloat16"] < 0.2,  # ~3 digits; finite and close
         "detach bit-exact": m["detach_bitexact"] and m["detach_exact_outputs"],

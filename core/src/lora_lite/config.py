@@ -77,25 +77,28 @@ class AdapterConfig:
         self._check_overrides()
 
     def _check_overrides(self):
+        pairs = _as_tuple("overrides", self.overrides, "(regex on module name, {field: value}) pairs")
         self.overrides = tuple(tuple(pair) if isinstance(pair, (list, tuple)) else pair
-                               for pair in self.overrides)
+                               for pair in pairs)
         allowed = {f.name for f in fields(self)} - set(_NOT_OVERRIDABLE)
         for pair in self.overrides:
             _check(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], dict),
                    "overrides", pair, "(regex on module name, {field: value}) pairs")
             pattern, values = pair
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as e:
-                raise ConfigError(f"overrides: {pattern!r} is not a valid regex ({e})") from None
+            _check_patterns("overrides", (pattern,))
             bad = sorted(set(values) - allowed)
             _check(not bad, f"overrides[{pattern!r}]", bad,
                    f"per-target fields among {sorted(allowed)}")
+            _check_override_values(self, pattern, values)
 
     def for_target(self, name: str) -> "AdapterConfig":
         """This config as it applies to the layer ``name``: for each field, the first
         ``overrides`` pair whose regex is found in the name sets it (as PEFT's rank_pattern and
-        alpha_pattern do). Without a match, ``self``."""
+        alpha_pattern do). Without a match, ``self``. A config loaded from a file answers from
+        the file's resolved per-target list instead (``with_resolved_targets``): no regex runs."""
+        resolved = self.__dict__.get(_RESOLVED)
+        if resolved is not None and name in resolved:
+            return resolved[name]
         merged = {}
         for pattern, values in self.overrides:
             if re.search(pattern, name):
@@ -175,6 +178,24 @@ def _as_dtype(value):
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]
     raise ConfigError(f"dtype: {value!r} is not one of {sorted(_DTYPES)}")
+
+
+_RESOLVED = "_resolved_targets"  # instance attribute, not a field: ignored by ==, to_dict, replace
+
+
+def with_resolved_targets(cfg, per_target: dict) -> "AdapterConfig":
+    """``cfg``, answering ``for_target(name)`` from ``per_target`` ({name: config}) for those
+    names, so that a file's stored override regexes are never run (see ll.load)."""
+    object.__setattr__(cfg, _RESOLVED, dict(per_target))
+    return cfg
+
+
+def _check_override_values(cfg, pattern, values):
+    """The config an override gives a target must itself be valid (checked now, not at attach)."""
+    try:
+        dataclasses.replace(cfg, overrides=(), **values)
+    except ConfigError as e:
+        raise ConfigError(f"overrides: {pattern!r} sets {e}") from None
 
 
 def _is_int(value) -> bool:

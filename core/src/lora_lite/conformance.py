@@ -191,15 +191,21 @@ def _peft_parity(cls, cfg, ours, ours_out, base, batch, tol) -> float | None:
     import peft
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     state = attached(ours)
-    spec = cls.peft_config(cfg, [t.name for t in state.targets])
+    names = [t.name for t in state.targets]
+    spec = cls.peft_config(cfg, names)
     if spec is None:
         return None  # PEFT has no counterpart
-    theirs = peft.get_peft_model(base, peft.get_peft_config(copy.deepcopy(spec)))
+    spec = {**copy.deepcopy(spec), "target_modules": names}  # as export_peft writes it
+    theirs = peft.get_peft_model(base, peft.get_peft_config(spec))
     tensors = {}
     for t in state.targets:
-        for key, value in cls.peft_state(t.layer, cfg).items():
-            # keys starting with base_model. are model-level (shared by all targets, e.g. VeRA's)
+        for key, value in cls.peft_state(t.layer, t.layer._lora_cfg).items():
+            # keys starting base_model. are shared by all targets (e.g. VeRA's projections)
             full = key if key.startswith("base_model.") else f"base_model.model.{t.name}.{key}"
+            if full in tensors and not (tensors[full].shape == value.shape
+                                        and torch.equal(tensors[full], value)):
+                _fail(f"peft_state gives targets different {key!r}, which PEFT shares across "
+                      "targets: check on targets of one shape, or pass peft=False")
             tensors[full] = value.detach().clone()
     wanted = set(get_peft_model_state_dict(theirs, save_embedding_layers=False))
     missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)

@@ -88,6 +88,7 @@ class Conv1DKind(DenseKind):
 
 
 BUILT_IN_KINDS = (Conv1DKind, DenseKind)
+UNQUANTIZED_KINDS = tuple(kind.name for kind in BUILT_IN_KINDS)  # float weights, exact writes
 
 
 def kind_of(layer):

@@ -14,6 +14,7 @@ from torch import nn
 
 from .attach import attached, detach
 from .errors import AttachError
+from .layer_kinds import UNQUANTIZED_KINDS, features
 from .weights import backend_for, dense_weight, forget_base_weight
 
 
@@ -61,7 +62,7 @@ def merge(model, dense: bool = False) -> dict:
         for t in targets:
             weight, bias = merged[t.name]
             layer = modules[t.name]
-            if dense and backend_for(layer).name != "dense":
+            if dense and backend_for(layer).name not in UNQUANTIZED_KINDS:
                 layer = _replace_by_linear(model, t.name, layer)
             backend, trainable = backend_for(layer), layer.weight.requires_grad
             backend.write(layer, weight)
@@ -82,7 +83,7 @@ def _replace_by_linear(model, name, layer):
     dtype = getattr(layer, "compute_dtype", None) or torch.float32
     bias = getattr(layer, "bias", None)
     device = layer.weight.device
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
+    linear = nn.Linear(*features(layer), bias=bias is not None,
                        dtype=dtype, device=device)
     linear.weight.requires_grad_(False)
     if bias is not None:

@@ -327,12 +327,15 @@ def not_installed_message(name, found: dict, distribution: str | None = None) ->
         related += [p for p in problems() if _norm(p.distribution) == _norm(distribution)]
     if related:
         return f"variant {name!r} is unavailable because {related[0]}"
+    if distribution:  # a file names the distribution that wrote it
+        msg = f"this adapter needs variant {name!r}, which is not installed: pip install {distribution}"
+        if os.environ.get(ALLOW_ENV) is not None:
+            msg += f" (note: {ALLOW_ENV}={os.environ[ALLOW_ENV]!r} limits which plugins load)"
+        return msg
     msg = f"unknown adapter variant {name!r}: no installed plugin provides it"
     close = difflib.get_close_matches(str(name), sorted(found), n=3, cutoff=0.6)
     if close:
         msg += f" (did you mean {' or '.join(repr(c) for c in close)}?)"
-    if distribution:
-        msg += f". Install its plugin: pip install {distribution}"
     if os.environ.get(ALLOW_ENV) is not None:
         msg += f" (note: {ALLOW_ENV}={os.environ[ALLOW_ENV]!r} limits which plugins load)"
     if found:

@@ -5,9 +5,13 @@ and ``forward(layer, x, y) -> y_new`` (output hook) or ``forward_input(layer, x)
 (input pre-hook), or both (the pre-hook changes x, the output hook then sees the changed x and
 post-processes y: e.g. a rotation of the input followed by a per-output scale). Optional: ``init(layer, cfg)``,
 ``group_init(model, targets, cfg, calibration_data)``, ``after_load(layer, cfg)`` (rebuild what
-``init`` derived from the base weight using the loaded tensors), the flags and report members
-of ``Variant`` below, and the interop members documented on it. docs/plugin-contract.md has the
-whole contract; ``lora_lite.testing.check_variant`` checks a variant against it.
+``init`` derived from the base weight using the loaded tensors),
+``default_target_names(model) -> tuple of regexes`` (the variant's own targets on this model when
+the config names none, e.g. per architecture; raise AttachError listing the candidates if there
+are none), the flags and report members of ``Variant`` below, and the interop members documented
+on it. Variants see every target as (d_in, d_out) with a dense (d_out, d_in) weight through
+``ll.dense_weight``, whatever the layer kind stores. docs/plugin-contract.md has the whole
+contract; ``lora_lite.testing.check_variant`` checks a variant against it.
 """
 from __future__ import annotations
 

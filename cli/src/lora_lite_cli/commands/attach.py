@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ..app import (app, build_config, console, err_console, handle_errors, load_base_model,
+from ..app import (app, build_config, dtype_option, layers_option, quantize_option, rank_option,
+                   sets_option, variant_option, console, err_console, handle_errors, load_base_model,
                    parse_layers, parse_sets, print_json)
 from ..models import DEFAULT_MODEL
 
@@ -57,17 +58,17 @@ def target_rows(model) -> list[dict]:
 @app.command("attach")
 @handle_errors
 def attach_command(
-    variant: str = typer.Option(..., "--variant", "-v", help="Adapter variant (see `lora-lite variants`)."),
+    variant: str = variant_option(...),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub name."),
     targets: Optional[List[str]] = typer.Option(
         None, "--targets", "-t", help="Regex on layer names, repeatable (default: the variant's own, else q_proj$ and v_proj$)."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank r (default: the variant's)."),
+    rank: Optional[int] = rank_option(),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA scale numerator: s = alpha / r."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Decoder layers to adapt: 0,1,5 or 0-3 or all."),
-    sets: Optional[List[str]] = typer.Option(None, "--set", help="A variant knob, knob=value, repeatable (e.g. --set lambda0=0.1)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Model and adapter dtype: float32, bfloat16, float16."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit or 8bit."),
+    layers: Optional[str] = layers_option(),
+    sets: Optional[List[str]] = sets_option("--set lambda0=0.1"),
+    dtype: str = dtype_option(),
+    quantize: Optional[str] = quantize_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the adapter's random init."),
     save: Optional[Path] = typer.Option(None, "--save", help="Write the freshly attached adapter to this .safetensors file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),

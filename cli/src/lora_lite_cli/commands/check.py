@@ -30,7 +30,7 @@ def run_check(name: str, bases, *, rank=None, sets=None, identity_tol=1e-5) -> d
     """check_variant's figures for one installed variant (raises CLIError on a failed check)."""
     import lora_lite as ll
     from lora_lite.testing import VariantCheckFailed, check_variant, make_batch
-    warnings.filterwarnings("ignore", message="MatMul8bitLt")  # bitsandbytes' int8 cast notice
+    warnings.simplefilter("ignore")  # library notices (bitsandbytes casts, PEFT on CPU): not figures
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     cls = ll.get_variant(name)
     uses_rank = getattr(cls.config, "uses_rank", True)

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..adapters import check_adapter, model_of_adapter
-from ..app import CLIError, app, console, err_console, handle_errors, print_json
+from ..app import (CLIError, app, console, dtype_option, err_console, handle_errors, json_option,
+                   print_json, quantize_option, threads_option)
 
 
 @app.command("eval")
@@ -17,16 +18,16 @@ def eval_command(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter file (.safetensors written by lora-lite) or a PEFT adapter folder."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one recorded in the adapter file, else the embedded smollm2)."),
     eval_data: str = typer.Option("generated", "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
-    limit: int = typer.Option(100, "--limit", "-n", help="Evaluate the first N items (0: all)."),
+    limit: int = typer.Option(100, "--eval-limit", "--limit", "-n", help="Evaluate the first N items (0: all); the same option as train's --eval-limit."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generation budget per answer."),
-    batch_size: int = typer.Option(50, "--batch-size", "-b", help="Prompts per generation batch."),
-    dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16, float16."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit or 8bit."),
+    batch_size: int = typer.Option(50, "--eval-batch-size", "--batch-size", "-b", help="Prompts per generation batch (train's --eval-batch-size)."),
+    dtype: str = dtype_option(),
+    quantize: Optional[str] = quantize_option(),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core not busy with other work)."),
+    threads: Optional[int] = threads_option(),
     base: bool = typer.Option(True, "--base/--no-base", help="Also evaluate the base model."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Where to write per-item predictions (default: eval_predictions.jsonl next to the adapter)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    as_json: bool = json_option(),
 ):
     """Accuracy of the base model and of the adapted model on held-out problems.
 

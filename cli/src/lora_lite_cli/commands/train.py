@@ -6,7 +6,10 @@ from typing import List, Optional
 
 import typer
 
-from ..app import CLIError, app, console, err_console, handle_errors, parse_layers, parse_sets, print_json
+from ..app import (CLIError, app, console, dtype_option, err_console, handle_errors, json_option,
+                   layers_option, model_option, parse_layers, parse_sets, print_json,
+                   quantize_option, rank_option, sets_option, targets_option, threads_option,
+                   variant_option)
 
 
 class RichReporter:
@@ -116,8 +119,8 @@ def print_summary(result, out):
 @app.command("train")
 @handle_errors
 def train_command(
-    variant: Optional[str] = typer.Option(None, "--variant", "-v", help="Adapter variant (see `lora-lite variants`)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub id."),
+    variant: Optional[str] = variant_option(),
+    model: Optional[str] = model_option(),
     train_data: Optional[str] = typer.Option(None, "--train-data", help="'generated' (default: built-in arithmetic problems), a .jsonl file, a dataset folder or a hub dataset NAME, NAME:CONFIG or NAME:CONFIG@SPLIT, e.g. meta-math/MetaMathQA."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: 80)."),
@@ -129,15 +132,15 @@ def train_command(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0)."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the adapter gradient norm, 0 for no clipping (default: 1.0)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Truncate training examples to this many tokens (default: 256)."),
-    targets: Optional[List[str]] = typer.Option(None, "--targets", "-t", help="Regex on layer names, repeatable (default: per variant, q_proj/v_proj)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Decoder layers to adapt: 0,1,5 or 0-3 or all (default: all)."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank r (default: per variant, 8)."),
+    targets: Optional[List[str]] = targets_option(),
+    layers: Optional[str] = layers_option(),
+    rank: Optional[int] = rank_option(),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Scale numerator, s = alpha / r (default: per variant, 16)."),
-    sets: Optional[List[str]] = typer.Option(None, "--set", help="A variant knob, knob=value, repeatable (e.g. --set block=8)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Storage dtype of the base model: float32, bfloat16, float16 (default: float32). The adapter's own tensors stay float32."),
+    sets: Optional[List[str]] = sets_option(),
+    dtype: Optional[str] = dtype_option(None),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="Autocast the forward: no, bf16 or fp16 (fp16: CUDA only, with a loss scaler); the adapter's master weights stay float32 (default: no)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the adapted model for training."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit (nf4) or 8bit."),
+    quantize: Optional[str] = quantize_option(),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order/generation and adapter init (default: 0)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint folder (written on Ctrl-C) with its settings."),
@@ -146,8 +149,8 @@ def train_command(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget per answer (default: 32)."),
     calibration: Optional[int] = typer.Option(None, "--calibration-batches", help="Training micro-batches given to data-initialised variants at attach (default: per variant)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: cpu)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core not busy with other work, from the load average)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
+    threads: Optional[int] = threads_option(),
+    as_json: bool = json_option("the metrics"),
 ):
     """Fine-tune an adapter and measure it: base and adapted accuracy on held-out problems.
 

@@ -35,6 +35,7 @@ class TrainState:
     sanity: dict = field(default_factory=lambda: {"first_grad_norm": None, "base_grad_leaks": 0,
                                                   "train_tokens": 0, "skipped_steps": 0})
     train_s: float = 0.0
+    step_times: list = field(default_factory=list)   # seconds per step (compile: the first)
     rng: tuple = ()      # (torch, python) RNG states at the start of step ``step``
 
     def capture_rng(self):
@@ -138,6 +139,7 @@ class Trainer:
             st.step += 1
             dt = time.perf_counter() - t_step
             st.train_s += dt
+            st.step_times.append(round(dt, 4))
             st.capture_rng()
         if not all(bool(torch.isfinite(p).all()) for p in self.params):
             restore_adapter(self.plain, self.last_good)

@@ -90,6 +90,6 @@ def train_metrics(state, outcome, probe_before, probe_after) -> dict:
         "adapter_kept_from_step": outcome.kept_step,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "probe_loss_before": probe_before, "probe_loss_after": probe_after,
-        "supervised_tokens": tokens,
+        "supervised_tokens": tokens, "step_times_s": state.step_times,
         "supervised_tokens_per_s": tokens / train_s if train_s else None,
     }

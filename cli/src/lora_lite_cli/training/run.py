@@ -146,6 +146,7 @@ class Run:
         random.setstate(saved["python_rng"])
         state = TrainState(saved["step"], list(saved["losses"]), list(saved["lrs"]),
                            dict(saved["sanity"]), saved.get("train_s", 0.0),
+                           list(saved.get("step_times", [])),
                            (saved["torch_rng"], saved["python_rng"]))
         state.sanity.setdefault("skipped_steps", 0)
         self.before, self.probe_before = saved["adapter_before"], saved["probe_before"]
@@ -168,7 +169,7 @@ class Run:
                 "torch_rng": torch_rng, "python_rng": python_rng, "losses": state.losses,
                 "lrs": state.lrs, "sanity": state.sanity, "adapter_before": self.before,
                 "probe_before": self.probe_before, "base_eval": base_eval,
-                "train_s": state.train_s})
+                "train_s": state.train_s, "step_times": state.step_times})
             self.metrics.update(status="interrupted", checkpoint=folder, step=state.step)
             self.metrics["train"] = {"losses": state.losses, "lrs": state.lrs,
                                      "steps_done": state.step}

@@ -104,9 +104,21 @@ def make_accelerator(s: Settings):
         GradientState._reset_state()
     # the scheduler steps once per optimizer step whatever the number of processes (the
     # global batch does not grow with them)
-    return Accelerator(cpu=on_cpu, mixed_precision=s.mixed_precision,
-                       dynamo_backend=COMPILE_BACKEND if s.compile else "no",
-                       step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=s.mixed_precision,
+                              dynamo_backend=COMPILE_BACKEND if s.compile else "no",
+                              step_scheduler_with_optimizer=False)
+    refuse_unsupported(accelerator)
+    return accelerator
+
+
+def refuse_unsupported(accelerator) -> None:
+    """Sharded engines (FSDP, DeepSpeed) would hand ``ll.save`` shards of the adapter: refused
+    up front until the trainer gathers them (DDP and one process are supported)."""
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise TrainError(f"lora-lite train does not support {kind} yet (the adapter would be "
+                         "saved as shards); launch with torchrun or `accelerate launch "
+                         "--multi_gpu` (DDP) instead")
 
 
 def finish(accelerator) -> None:

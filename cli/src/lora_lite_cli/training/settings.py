@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from .. import data as data_mod
+from ..app import CLIError
 from ..defaults import variant_defaults
 from ..models import DEFAULT_MODEL
 
@@ -22,12 +23,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 RESUME_FREE = {"output", "eval_limit", "eval_batch_size", "max_new_tokens", "device", "threads"}
 
 
-class TrainError(Exception):
-    """Stops a run with a one-line message (the CLI turns it into an error line + exit code)."""
+class TrainError(CLIError):
+    """Stops a run with a one-line message and an exit code (2: bad input, by default)."""
 
     def __init__(self, message, code=2):
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
 @dataclass

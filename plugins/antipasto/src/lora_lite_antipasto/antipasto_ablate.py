@@ -12,7 +12,8 @@ every forward in fp32. c (r, k) ~ N(0, 1/r); alpha (k) = init_alpha.
 
 Not the identity at init, deliberately: with init_alpha = 0.05 the output moves by 5 % of the
 top-r output's component along a random direction, so c gets a gradient from the first step.
-init_alpha = 0 or coeff = 0 is the exact identity (alpha then trains first, c once a > 0).
+init_alpha = 0 or coeff = 0 is the exact identity (alpha then trains first, c once a > 0; a
+direction whose alpha is pushed below 0 stays off, as the clamp passes no gradient there).
 ``cov_orient`` with calibration data orients the basis by the input covariance (as
 antipasto_corda, full C, no padding mask), storing the projector P in the ``lora_Vh`` slot.
 Intended targets: residual writers (down_proj, o_proj).

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
+from lora_lite.config import is_finite_number
 
 
 @dataclass
@@ -31,8 +32,8 @@ class LoRAXSConfig(ll.AdapterConfig):
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.init_std, (int, float)) and self.init_std >= 0, "init_std",
-                 self.init_std, "a non-negative number")
+        ll.check(is_finite_number(self.init_std) and self.init_std >= 0, "init_std",
+                 self.init_std, "a finite non-negative number")
 
 
 class LoRAXS(ll.Variant):

@@ -34,7 +34,7 @@ import lora_lite as ll
 from lora_lite.config import is_finite_number
 
 from .oft import peft_target_modules, peft_type_of
-from .rotations import rotate_blocks
+from .rotations import at_least_fp32, rotate_blocks
 
 
 @dataclass
@@ -107,10 +107,12 @@ def factor_gathers(d_in: int, n_blocks: int, b: int, m: int, device_str: str):
 def cayley_blocks(R: torch.Tensor) -> torch.Tensor:
     """(m, D, b, b) free blocks -> orthogonal (I − S)(I + S)⁻¹, S = (R − Rᵀ)/2 (PEFT's order)."""
     m, n_blocks, b, _ = R.shape
-    flat = R.reshape(m * n_blocks, b, b)
+    work = R if R.dtype in (torch.float32, torch.float64) else R.float()   # no half/bf16 LU
+    flat = work.reshape(m * n_blocks, b, b)
     skew = 0.5 * (flat - flat.transpose(1, 2))
-    eye = torch.eye(b, device=R.device, dtype=R.dtype).unsqueeze(0).expand(m * n_blocks, b, b)
-    return torch.linalg.solve(eye + skew, eye - skew, left=False).reshape(m, n_blocks, b, b)
+    eye = torch.eye(b, device=R.device, dtype=work.dtype).unsqueeze(0).expand(m * n_blocks, b, b)
+    out = torch.linalg.solve(eye + skew, eye - skew, left=False).reshape(m, n_blocks, b, b)
+    return out.to(R.dtype)
 
 
 def butterfly_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
@@ -155,7 +157,7 @@ class BOFT(ll.Variant):
     @staticmethod
     def forward_input(layer, x):
         # x: (..., d_in) in cfg.dtype
-        blocks = cayley_blocks(layer.lora_R)                  # (m, D, b, b)
+        blocks = cayley_blocks(at_least_fp32(layer.lora_R))   # (m, D, b, b); no bf16 solve
         if layer.training and layer._lora_cfg.dropout > 0:
             blocks = butterfly_dropout(blocks, layer._lora_cfg.dropout)
         return apply_butterfly(x, blocks.to(x.dtype))
@@ -178,7 +180,7 @@ class BOFT(ll.Variant):
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)                            # (d_out, d_in) fp32
         with torch.no_grad():
-            eye = torch.eye(layer.in_features, dtype=torch.float32, device=layer.lora_R.device)
+            eye = torch.eye(W.shape[1], dtype=torch.float32, device=layer.lora_R.device)
             M = apply_butterfly(eye, cayley_blocks(layer.lora_R.float()))
         return layer.lora_s.detach().float()[:, None] * (W @ M.T), None
 

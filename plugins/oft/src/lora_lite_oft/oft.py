@@ -30,8 +30,8 @@ import torch
 import lora_lite as ll
 from lora_lite.config import is_finite_number
 
-from .rotations import (cayley_exact, cayley_neumann, coft_project, identity_dropout,
-                        rotate_blocks, skew_from_packed)
+from .rotations import (at_least_fp32, cayley_exact, cayley_neumann, coft_project,
+                        identity_dropout, rotate_blocks, skew_from_packed)
 
 
 @dataclass
@@ -77,23 +77,23 @@ def block_layout(d_in: int, cfg) -> tuple[int, int]:
     return cfg.blocks, d_in // cfg.blocks
 
 
-def rotation_blocks(layer, cfg) -> torch.Tensor:
+def rotation_blocks(layer, cfg, d_in) -> torch.Tensor:
     """The orthogonal blocks (D or 1, b, b) from ``lora_R`` (projected first when coft)."""
-    _, b = block_layout(layer.in_features, cfg)
+    _, b = block_layout(d_in, cfg)
     if cfg.coft:
         with torch.no_grad():
             layer.lora_R.copy_(coft_project(layer.lora_R, b, cfg.eps))
-    q = skew_from_packed(layer.lora_R, b)
+    q = skew_from_packed(at_least_fp32(layer.lora_R), b)   # solve has no bf16/fp16 CPU kernel
     if cfg.use_cayley_neumann:
         return cayley_neumann(q, cfg.num_cayley_neumann_terms)
     return cayley_exact(q)
 
 
-def merged_rotation(layer, cfg) -> torch.Tensor:
+def merged_rotation(layer, cfg, d_in) -> torch.Tensor:
     """R (d_in, d_in) with x' = x R, built by rotating the identity's rows (merge only)."""
-    eye = torch.eye(layer.in_features, dtype=torch.float32, device=layer.lora_R.device)
+    eye = torch.eye(d_in, dtype=torch.float32, device=layer.lora_R.device)
     with torch.no_grad():
-        blocks = rotation_blocks(layer, cfg).float()
+        blocks = rotation_blocks(layer, cfg, d_in).float()
     return rotate_blocks(eye, blocks)
 
 
@@ -125,7 +125,7 @@ class OFT(ll.Variant):
     def forward_input(layer, x):
         # x: (..., d_in) in cfg.dtype
         cfg = layer._lora_cfg
-        blocks = rotation_blocks(layer, cfg)                  # (D or 1, b, b)
+        blocks = rotation_blocks(layer, cfg, x.shape[-1])     # (D or 1, b, b)
         if layer.training and cfg.module_dropout > 0 and blocks.shape[0] > 1:
             blocks = identity_dropout(blocks, cfg.module_dropout)
         return rotate_blocks(x, blocks.to(x.dtype))
@@ -140,7 +140,7 @@ class OFT(ll.Variant):
     @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)                            # (d_out, d_in) fp32
-        return W @ merged_rotation(layer, cfg).T, None        # x R Wᵀ = x (W Rᵀ)ᵀ
+        return W @ merged_rotation(layer, cfg, W.shape[1]).T, None   # x R Wᵀ = x (W Rᵀ)ᵀ
 
     @staticmethod
     def peft_config(cfg, target_names):

@@ -48,11 +48,17 @@ def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
     return r
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for half-precision tensors (after model.half() / .bfloat16()), else as is."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def cayley_exact(q: torch.Tensor) -> torch.Tensor:
     """(I − Q)(I + Q)⁻¹ per block: the X with X (I + Q) = I − Q (PEFT's solve(..., left=False))."""
     n, b, _ = q.shape
-    eye = torch.eye(b, device=q.device, dtype=q.dtype).unsqueeze(0).expand(n, b, b)
-    return torch.linalg.solve(eye + q, eye - q, left=False)
+    work = q if q.dtype in (torch.float32, torch.float64) else q.float()   # no half/bf16 LU
+    eye = torch.eye(b, device=q.device, dtype=work.dtype).unsqueeze(0).expand(n, b, b)
+    return torch.linalg.solve(eye + work, eye - work, left=False).to(q.dtype)
 
 
 def coft_project(vec: torch.Tensor, block_size: int, eps: float) -> torch.Tensor:

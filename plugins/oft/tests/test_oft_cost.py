@@ -1,0 +1,21 @@
+"""cost-report picks up OFT/BOFT through the shared contract (no table rows in the CLI): their
+PEFT equivalent from peft_config, their analytic MACs from added_macs, their notes."""
+import lora_lite as ll
+from lora_lite.testing import tiny_llama
+
+from lora_lite_cli import cost
+
+
+def test_peft_equivalent_and_macs_come_from_the_variant():
+    import peft
+    for name, kind in [("oft", peft.OFTConfig), ("boft", peft.BOFTConfig)]:
+        cls = ll.get_variant(name)
+        cfg = ll.config(name, target_names=[r"q_proj$"])
+        config, init = cost.peft_spec(cls, cfg, ["model.layers.0.self_attn.q_proj"])
+        assert isinstance(config, kind) and init is None
+        targets = ll.find_targets(tiny_llama(), cfg)
+        per_token, rule = cost.analytic_macs(cls, targets, cfg, tokens_per_call=10)
+        tok, call = cls.added_macs(targets[0], cfg)
+        assert rule == "variant" and per_token == len(targets) * (tok + call / 10) > 0
+    assert cost.peft_spec(ll.get_variant("lora_xs"), ll.config("lora_xs"), []) is None  # PEFT has none
+    assert "d_in×d_in" in cost.variant_note(ll.get_variant("boft"), "peft")
