@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import lora_lite as ll  # noqa: E402
 import lora_lite.plugins as plugins  # noqa: E402
 from lora_lite.testing import logits, make_batch, quantize, same_kernel_logits, tiny_llama  # noqa: E402
-from interop_cases import (PEFT_SHARED, THIRD_PARTY, THIRD_PARTY_SRC, adapted_model,  # noqa: E402
+from interop_cases import (THIRD_PARTY, THIRD_PARTY_SRC, adapted_model,  # noqa: E402
                            installed, rel_err)
 
 BATCH = make_batch()
@@ -42,6 +42,8 @@ def peft_import_configs(peft):
         "road": peft.RoadConfig(variant="road_2", group_size=32, target_modules=qv),
         "delora": peft.DeloraConfig(r=4, target_modules=qv),
         "vera": peft.VeraConfig(r=8, target_modules=qv, save_projection=True),
+        "oft": peft.OFTConfig(r=0, oft_block_size=16, target_modules=qv),
+        "boft": peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=qv),
     }
 
 
@@ -64,7 +66,9 @@ def export_errors(name, peft):
     model, _ = adapted_model(name)
     ours = logits(model, BATCH)
     with tempfile.TemporaryDirectory() as d:
-        if name in PEFT_SHARED:
+        variant = ll.get_variant(name)
+        if callable(getattr(variant, "peft_config", None)) and \
+                variant.peft_config(ll.attached(model).cfg, ["x"]) is not None:
             ll.export_peft(model, d)
             row["peft_native"] = rel_err(logits(peft.PeftModel.from_pretrained(tiny_llama(), d), BATCH), ours)
         report = ll.export_peft(model, os.path.join(d, "svd"), as_lora_rank=64)
@@ -103,7 +107,7 @@ def main():
     rows = {}
     for name in installed():
         row = {**merge_errors(name), **export_errors(name, peft)}
-        if name in imports:
+        if name in imports and name in ll.variants():
             row["import"] = import_error(name, imports[name], peft)
         rows[name] = row
         print(name, {k: f"{v:.1e}" for k, v in row.items()}, flush=True)

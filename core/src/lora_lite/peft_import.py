@@ -127,10 +127,10 @@ def tensors_by_module(model, weights) -> dict[str, dict]:
             raise AdapterFileError(f"{weights}: tensor {key!r} names a module this model lacks; the "
                                    "adapter was made for another model")
         per_module.setdefault(".".join(parts[:cut]), {})[".".join(parts[cut:])] = tensor
-    for name, module in (( n, modules[n]) for n in per_module):
-        if not is_linear_like(module) or type(module).__name__ in ("Embedding", "Conv1d", "Conv2d", "Conv3d"):
+    for name in per_module:
+        if not is_linear_like(modules[name]):  # Embedding, Conv2d, ...
             raise AdapterFileError(f"{weights}: target_modules includes {name!r}, a "
-                                   f"{type(module).__name__}: lora-lite adapts linear layers only")
+                                   f"{type(modules[name]).__name__}: lora-lite adapts linear layers only")
     for tensors in per_module.values():
         tensors.update(shared)
     return per_module
