@@ -67,7 +67,8 @@ def test_variants_json_lists_lora_with_its_facts():
     # training defaults as `train` resolves them; `source` lists what the variant said itself
     by_name = {v["name"]: v["train_defaults"] for v in data["variants"]}
     assert by_name["lora"]["lr"] == 2e-3 and by_name["lora"]["source"] == ["lr"]
-    assert by_name["ia3"]["targets"] == ["(k_proj|v_proj)$"] and by_name["ia3"]["lr"] == 2e-2
+    # ia3 places itself per architecture at attach (k/v; never a fused qkv_proj by regex)
+    assert by_name["ia3"]["targets"] == [] and by_name["ia3"]["lr"] == 2e-2
 
 
 class Generic(Knobby):

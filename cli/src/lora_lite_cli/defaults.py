@@ -26,6 +26,8 @@ def variant_defaults(variant: str) -> dict:
     own_targets = getattr(cfg_cls, "target_names", ())
     if own_targets:
         row["targets"] = tuple(own_targets)
+    elif callable(getattr(cls, "default_target_names", None)):
+        row["targets"] = ()  # the variant places itself per architecture at attach (ia3)
     own = getattr(cls, "train_defaults", None) or {}
     if not isinstance(own, dict):
         raise TypeError(f"variant {variant!r}: train_defaults must be a dict, not "

@@ -30,7 +30,7 @@ class IA3(ll.Variant):
     name = "ia3"
     config = IA3Config
     paper = "https://arxiv.org/abs/2205.05638"
-    train_defaults = {"lr": 2e-2, "targets": (r"(k_proj|v_proj)$",)}
+    train_defaults = {"lr": 2e-2}  # targets: k/v of the architecture (placement.py)
     cost_note = "elementwise gain only (d_out mults/token): no matmul, nothing to count"
     peft_cost_note = "elementwise gain only"
 

@@ -30,7 +30,7 @@ class IA3FF(ll.Variant):
     name = "ia3_ff"
     config = IA3FFConfig
     paper = "https://arxiv.org/abs/2205.05638"
-    train_defaults = {"lr": 2e-2, "targets": (r"down_proj$",)}
+    train_defaults = {"lr": 2e-2}  # targets: the FF down projection (placement.py)
     cost_note = "elementwise gain only (d_in mults/token): no matmul"
     peft_cost_note = "elementwise gain only"
 
