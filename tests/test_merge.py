@@ -120,3 +120,13 @@ def test_merge_refuses_before_touching_anything(model, attrs, needle):
         assert state_equal(snapshot_state(model), before)
     with pytest.raises(ll.AttachError, match="no lora-lite adapter"):
         ll.merge(model)
+
+
+def test_merge_on_a_bf16_base_reports_the_cast_error():
+    make = lambda: tiny_llama().to(torch.bfloat16)  # noqa: E731
+    model, _ = adapted_model("lora", make_model=make)
+    adapted = logits(model, BATCH)
+    report = ll.merge(model)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert 0 < report["max_write_error"] < 1e-2            # bf16 rounding of W'
+    assert rel_err(logits(model, BATCH), adapted) < 5e-2
