@@ -9,13 +9,12 @@ from lora_lite_cli import cost
 def test_peft_equivalent_and_macs_come_from_the_variant():
     import peft
     for name, kind in [("oft", peft.OFTConfig), ("boft", peft.BOFTConfig)]:
-        cls = ll.get_variant(name)
-        cfg = ll.config(name, target_names=[r"q_proj$"])
-        config, init = cost.peft_spec(cls, cfg, ["model.layers.0.self_attn.q_proj"])
+        V, cfg = ll.get_variant(name), ll.config(name, target_names=[r"q_proj$"])
+        config, init = cost.peft_spec(V, cfg, ["model.layers.0.self_attn.q_proj"])
         assert isinstance(config, kind) and init is None
         targets = ll.find_targets(tiny_llama(), cfg)
-        per_token, rule = cost.analytic_macs(cls, targets, cfg, tokens_per_call=10)
-        tok, call = cls.added_macs(targets[0], cfg)
+        per_token, rule = cost.analytic_macs(V, targets, cfg, tokens_per_call=10)
+        tok, call = V.added_macs(targets[0], cfg)
         assert rule == "variant" and per_token == len(targets) * (tok + call / 10) > 0
-    assert cost.peft_spec(ll.get_variant("lora_xs"), ll.config("lora_xs"), []) is None  # PEFT has none
+    assert cost.peft_spec(ll.get_variant("lora_xs"), ll.config("lora_xs"), []) is None
     assert "d_in×d_in" in cost.variant_note(ll.get_variant("boft"), "peft")
