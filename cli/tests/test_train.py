@@ -1,6 +1,6 @@
 """`lora-lite train` on a tiny local model: the run folder, the sanity figures, the adapter file,
 error paths, --quantize, Ctrl-C + --resume, the NaN stop, a real subprocess and a 2-process
-torchrun (DDP, gloo) that must match the single-process run."""
+torchrun (DDP, gloo) and a 2-process FSDP run that must match the single-process run."""
 import json
 import os
 import shutil
@@ -338,6 +338,7 @@ def test_two_processes_match_one(base_run, tiny_dir, tmp_path, launcher):
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "completed" and m["world_size"] == 2
     assert m["distributed"] == "MULTI_CPU" and m["trained_as"] == "DistributedDataParallel"
+    assert m["parameters_on_rank0"] >= m["model"]["parameters"]  # every rank holds all
     assert proc.stdout.count("accuracy, adapted") == 1  # only rank 0 prints
     # each process took half of every batch; the averaged gradients give the same training
     assert m["train"]["losses"] == pytest.approx(ref["train"]["losses"], rel=1e-5)
@@ -386,10 +387,65 @@ def test_compile_trains(tiny_dir, tmp_path, monkeypatch):
     assert {t.dtype for t in adapter_tensors(tmp_path / "adapter.safetensors").values()} == {torch.float32}
 
 
+FSDP_FLAGS = ["--use_fsdp", "--fsdp_use_orig_params", "true", "--fsdp_sharding_strategy",
+              "FULL_SHARD", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+              "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+              "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_sync_module_states", "false",
+              "--fsdp_cpu_ram_efficient_loading", "false"]
+
+
+def test_fsdp_two_processes_match_one(base_run, tiny_dir, tmp_path):
+    """FSDP on CPU/gloo (the base sharded over 2 processes, the adapter trained through
+    use_orig_params): rank 0 writes one whole adapter file, the single-process one within the
+    DDP test's tolerance."""
+    import socket
+    ref_out, ref, _ = base_run
+    out = tmp_path / "fsdp"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [accelerate, "launch", *FSDP_FLAGS, "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           lora_lite_script(), "train", "--variant", "lora", "--model", tiny_dir, *SMALL,
+           "--rank", "4", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["world_size"] == 2
+    assert m["distributed"] == "FSDP" and m["trained_as"] == "FullyShardedDataParallel"
+    assert m["parameters_on_rank0"] <= 0.6 * m["model"]["parameters"]  # the base is sharded
+    assert m["train"]["losses"] == pytest.approx(ref["train"]["losses"], rel=1e-5)
+    assert adapter_distance(out, ref_out) <= 1e-3 * ref["sanity"]["adapter_delta"]
+    assert m["sanity"]["adapter_delta"] == pytest.approx(ref["sanity"]["adapter_delta"], rel=1e-3)
+    assert m["sanity"]["reload_err"] == 0 and m["sanity"]["ok"] is True
+
+
 def test_sharded_engines_are_refused_up_front():
     class Fake:
-        distributed_type = "DistributedType.FSDP"
-    with pytest.raises(training.TrainError, match="FSDP"):
+        distributed_type = "DistributedType.DEEPSPEED"
+        state = None
+    with pytest.raises(training.TrainError, match="DEEPSPEED"):
         runtime.refuse_unsupported(Fake())
+    Fake.distributed_type = "DistributedType.FSDP"
+    Fake.state = type("State", (), {"fsdp_plugin": type("Plugin", (), {"use_orig_params": False})})
+    with pytest.raises(training.TrainError, match="use_orig_params"):
+        runtime.refuse_unsupported(Fake())
+    Fake.state.fsdp_plugin.use_orig_params = True
+    runtime.refuse_unsupported(Fake())  # FSDP with use_orig_params is fine
     Fake.distributed_type = "DistributedType.MULTI_CPU"
     runtime.refuse_unsupported(Fake())  # DDP is fine
+
+
+def test_fsdp_on_cpu_needs_module_state_syncing_off(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "true")
+    with pytest.raises(training.TrainError, match="--fsdp_sync_module_states false"):
+        runtime.check_fsdp_on_cpu()
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "True")
+    with pytest.raises(training.TrainError, match="cpu_ram_efficient_loading"):
+        runtime.check_fsdp_on_cpu()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    runtime.check_fsdp_on_cpu()

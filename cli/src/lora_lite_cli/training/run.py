@@ -129,15 +129,21 @@ class Run:
         self.scheduler = get_scheduler(kind, optimizer, num_warmup_steps=s.warmup,
                                        num_training_steps=s.steps)
         self.probe = self.batches.whole(0)
-        self.wrapped, self.optimizer = self.acc.prepare(self.model, optimizer)
-        self.metrics["trained_as"] = type(self.wrapped).__name__  # DDP, OptimizedModule, ...
+        self.wrapped, self.optimizer = runtime.prepare(self.acc, self.model, optimizer)
+        self.metrics["trained_as"] = type(self.wrapped).__name__  # DDP, FSDP, OptimizedModule
+        # what this rank holds: every parameter under DDP, about 1/N of them under FSDP
+        self.metrics["parameters_on_rank0"] = sum(p.numel() for p in self.wrapped.parameters())
         if self.resume is None:
             state = TrainState()
             state.capture_rng()
-            self.before = adapter_snapshot(self.model)
+            self.before = self.full_adapter()
             self.probe_before = self.probe_loss()
             return state
         saved = self.resume[1]
+        if saved.get("sharded_optimizer"):
+            raise TrainError("--resume: this checkpoint comes from an FSDP run whose optimizer "
+                             "state is sharded, which resuming does not support; its "
+                             "adapter.safetensors is complete: start a new run from it")
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.acc.scaler is not None and saved.get("scaler"):
@@ -153,55 +159,86 @@ class Run:
         return state
 
     def probe_loss(self):
+        # under FSDP only the wrapped model's forward gathers the sharded layers
+        model = self.wrapped if runtime.is_fsdp(self.acc) else self.model
         with torch.no_grad():
-            return loss_sum(self.model, self.probe)[0].item() / max(count_supervised(self.probe), 1)
+            loss = loss_sum(model, self.probe, plain=self.model)[0].item()
+        return loss / max(count_supervised(self.probe), 1)
+
+    def full_adapter(self) -> dict:
+        """The adapter tensors, whole even when FSDP shards them (every rank must call it)."""
+        with runtime.full_params(self.acc, self.wrapped):
+            return adapter_snapshot(self.model)
+
+    def save_adapter(self, path) -> None:
+        """Rank 0 writes the whole adapter (under FSDP every rank joins the gathering)."""
+        with runtime.full_params(self.acc, self.wrapped):
+            if self.acc.is_main_process:
+                ll.save(self.model, path)
+        self.acc.wait_for_everyone()
 
     # -- the two endings ------------------------------------------------------------------
     def checkpoint(self, state: TrainState, base_eval) -> RunResult:
         s, out_dir = self.s, self.s.output
         folder = os.path.join(out_dir, CHECKPOINT_DIR)
-        if self.acc.is_main_process:
-            torch_rng, python_rng = state.rng
-            save_checkpoint(folder, self.model, {
-                "step": state.step, "settings": s.to_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-                "torch_rng": torch_rng, "python_rng": python_rng, "losses": state.losses,
-                "lrs": state.lrs, "sanity": state.sanity, "adapter_before": self.before,
-                "probe_before": self.probe_before, "base_eval": base_eval,
-                "train_s": state.train_s, "step_times": state.step_times})
-            self.metrics.update(status="interrupted", checkpoint=folder, step=state.step)
-            self.metrics["train"] = {"losses": state.losses, "lrs": state.lrs,
-                                     "steps_done": state.step}
-            write_json(os.path.join(out_dir, "metrics.json"), self.metrics)
+        with runtime.full_params(self.acc, self.wrapped):
+            if self.acc.is_main_process:
+                self._write_checkpoint(folder, state, base_eval)
         return RunResult("interrupted", out_dir, self.metrics,
                          f"interrupted at step {state.step}/{s.steps}: checkpoint saved to "
                          f"{folder}; resume with: lora-lite train --resume {folder}")
+
+    def _write_checkpoint(self, folder, state: TrainState, base_eval) -> None:
+        s, out_dir = self.s, self.s.output
+        torch_rng, python_rng = state.rng
+        save_checkpoint(folder, self.model, {
+            "sharded_optimizer": runtime.is_fsdp(self.acc),
+            "step": state.step, "settings": s.to_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+            "torch_rng": torch_rng, "python_rng": python_rng, "losses": state.losses,
+            "lrs": state.lrs, "sanity": state.sanity, "adapter_before": self.before,
+            "probe_before": self.probe_before, "base_eval": base_eval,
+            "train_s": state.train_s, "step_times": state.step_times})
+        self.metrics.update(status="interrupted", checkpoint=folder, step=state.step)
+        self.metrics["train"] = {"losses": state.losses, "lrs": state.lrs,
+                                 "steps_done": state.step}
+        write_json(os.path.join(out_dir, "metrics.json"), self.metrics)
 
     def finish(self, state: TrainState, outcome: Outcome, base_eval) -> RunResult:
         s, acc, model = self.s, self.acc, self.model
         model.eval()
         self.times["train_s"] = state.train_s
         sanity = state.sanity
-        after = adapter_snapshot(model)
+        after = self.full_adapter()
         sanity["adapter_delta"] = float(sum((after[k].double() - self.before[k].double()).norm()
                                             .item() for k in after))
         probe_after = self.probe_loss()
-        with torch.no_grad():
-            trained = model(**model_inputs(self.probe)).logits.float()
         adapter_path = os.path.join(s.output, "adapter.safetensors")
-        if acc.is_main_process:
-            ll.save(model, adapter_path)
-        acc.wait_for_everyone()
-        ll.detach(model)  # the model is the base again, bit for bit; reload the file onto it
-        ll.load(model, adapter_path)
-        with torch.no_grad():
-            sanity["reload_err"] = (model(**model_inputs(self.probe)).logits.float()
-                                    - trained).abs().max().item()
+        if runtime.is_fsdp(acc):
+            self.save_adapter(adapter_path)
+            sanity["reload_err"] = file_vs_tensors(adapter_path, after)
+        else:
+            sanity["reload_err"] = self.save_and_reload(adapter_path)
         sanity["ok"] = bool(outcome.status == "completed" and (sanity["first_grad_norm"] or 0) > 0
                             and sanity["adapter_delta"] > 0 and sanity["base_grad_leaks"] == 0)
-        adapted_eval = self.evaluate("adapted model") if outcome.status == "completed" else None
+        # FSDP: ranks would gather in generate() for different numbers of tokens; evaluate the
+        # saved file with `lora-lite eval` instead
+        evaluate = outcome.status == "completed" and not runtime.is_fsdp(acc)
+        adapted_eval = self.evaluate("adapted model") if evaluate else None
         return self._result(state, outcome, base_eval, adapted_eval, probe_after, adapter_path)
+
+    def save_and_reload(self, adapter_path) -> float:
+        """Save, detach (the model is the base again, bit for bit), reload the file: the largest
+        change of the probe batch's logits."""
+        model = self.model
+        with torch.no_grad():
+            trained = model(**model_inputs(self.probe)).logits.float()
+        self.save_adapter(adapter_path)
+        ll.detach(model)
+        ll.load(model, adapter_path)
+        with torch.no_grad():
+            return (model(**model_inputs(self.probe)).logits.float() - trained).abs().max().item()
 
     def _result(self, state, outcome, base_eval, adapted_eval, probe_after, adapter_path):
         s, acc, m, times = self.s, self.acc, self.metrics, self.times
@@ -226,6 +263,15 @@ class Run:
         if acc.is_main_process:
             write_run_files(s.output, s, m, state.losses, state.lrs, base_eval, adapted_eval)
         return RunResult(outcome.status, s.output, m, outcome.message)
+
+
+def file_vs_tensors(path, tensors: dict) -> float:
+    """The largest difference between the adapter file at ``path`` and ``tensors``."""
+    from safetensors.torch import load_file
+    saved = load_file(path)
+    if saved.keys() != tensors.keys():
+        return float("inf")
+    return max((saved[k].float() - tensors[k].float().cpu()).abs().max().item() for k in saved)
 
 
 def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] | None = None,

@@ -8,6 +8,7 @@ CUDA): accelerate sets up the process group, wraps the model in DDP, autocasts t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
@@ -102,23 +103,87 @@ def make_accelerator(s: Settings):
         from accelerate.state import AcceleratorState, GradientState
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+    if on_cpu:
+        check_fsdp_on_cpu()
     # the scheduler steps once per optimizer step whatever the number of processes (the
     # global batch does not grow with them)
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=s.mixed_precision,
                               dynamo_backend=COMPILE_BACKEND if s.compile else "no",
                               step_scheduler_with_optimizer=False)
+    if on_cpu:
+        fsdp_on_cpu(accelerator)
     refuse_unsupported(accelerator)
     return accelerator
 
 
+def fsdp_wanted() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def check_fsdp_on_cpu() -> None:
+    """accelerate syncs module states (the default) through an accelerator device: on CPU the
+    launch must turn it off (every process loads the same weights anyway)."""
+    flags = ("FSDP_SYNC_MODULE_STATES", "FSDP_CPU_RAM_EFFICIENT_LOADING")
+    if fsdp_wanted() and any(os.environ.get(f, "false").lower() in ("1", "true", "yes")
+                             for f in flags):
+        raise TrainError("FSDP on CPU: pass --fsdp_sync_module_states false "
+                         "--fsdp_cpu_ram_efficient_loading false to accelerate launch (they "
+                         "need an accelerator device)")
+
+
+def fsdp_on_cpu(accelerator) -> None:
+    """``accelerate launch --use_fsdp`` on CPU processes: accelerate only turns FSDP on for
+    accelerator devices and would silently run DDP; torch's FSDP works on CPU with gloo, so the
+    state is switched to FSDP with the launcher's plugin settings (``prepare`` then wraps the
+    model in FSDP on the CPU)."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    if fsdp_wanted() and accelerator.state.distributed_type == DistributedType.MULTI_CPU:
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        accelerator.state.device = torch.device("cpu")  # FSDP compares it with the params' "cpu"
+
+
+def prepare(accelerator, model, optimizer):
+    """``accelerator.prepare`` that keeps the FSDP state ``fsdp_on_cpu`` set (accelerate
+    re-derives MULTI_CPU from the CPU while preparing; left so, it would clip the gradient norm
+    of each rank's shard alone)."""
+    kind = accelerator.state.distributed_type
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.state.distributed_type = kind
+    return wrapped, optimizer
+
+
 def refuse_unsupported(accelerator) -> None:
-    """Sharded engines (FSDP, DeepSpeed) would hand ``ll.save`` shards of the adapter: refused
-    up front until the trainer gathers them (DDP and one process are supported)."""
+    """DeepSpeed and Megatron would hand ``ll.save`` shards of the adapter: refused up front.
+    FSDP is supported with ``use_orig_params`` (the frozen base and the trainable adapter share
+    flat parameters; without it FSDP refuses mixed requires_grad and the optimizer would see
+    flat shards instead of the adapter tensors)."""
     kind = str(accelerator.distributed_type).split(".")[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise TrainError(f"lora-lite train does not support {kind} yet (the adapter would be "
-                         "saved as shards); launch with torchrun or `accelerate launch "
-                         "--multi_gpu` (DDP) instead")
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise TrainError(f"lora-lite train does not support {kind} (the adapter would be saved "
+                         "as shards); launch with torchrun, `accelerate launch --multi_gpu` "
+                         "(DDP) or `accelerate launch --use_fsdp --fsdp_use_orig_params true`")
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if kind == "FSDP" and not getattr(plugin, "use_orig_params", True):
+        raise TrainError("FSDP needs use_orig_params (the base is frozen, the adapter is not): "
+                         "set fsdp_use_orig_params: true in the accelerate config or pass "
+                         "--fsdp_use_orig_params true")
+
+
+def is_fsdp(accelerator) -> bool:
+    return str(accelerator.distributed_type).split(".")[-1] == "FSDP"
+
+
+def full_params(accelerator, wrapped, recurse: bool = True):
+    """A context in which the layers of an FSDP model hold their full (unsharded) tensors, so
+    that ``ll.adapter_tensors``/``ll.save`` read whole adapters and the plain model can run
+    (every rank must enter it: it gathers). ``recurse=False`` gathers only the root's own
+    parameters (embeddings, head), enough for ``generate``: the wrapped decoder layers gather
+    theirs in their forward. Without FSDP: nothing to do."""
+    if not is_fsdp(accelerator):
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    return FSDP.summon_full_params(wrapped, recurse=recurse, writeback=False)
 
 
 def finish(accelerator) -> None:
