@@ -449,3 +449,15 @@ def test_fsdp_on_cpu_needs_module_state_syncing_off(monkeypatch):
         runtime.check_fsdp_on_cpu()
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     runtime.check_fsdp_on_cpu()
+
+
+def test_resume_refuses_an_fsdp_checkpoint(tmp_path):
+    """An FSDP run's checkpoint holds rank 0's shard of the optimizer state: not resumable."""
+    from lora_lite_cli.training import checkpoints
+    state = {k: 0 for k in checkpoints.REQUIRED}
+    torch.save(state, tmp_path / checkpoints.TRAINER_STATE)
+    (tmp_path / checkpoints.ADAPTER_FILE).write_bytes(b"")
+    assert checkpoints.read_checkpoint(str(tmp_path))[1] == state  # readable without the mark
+    torch.save({**state, "sharded_optimizer": True}, tmp_path / checkpoints.TRAINER_STATE)
+    with pytest.raises(training.TrainError, match="FSDP run"):
+        checkpoints.read_checkpoint(str(tmp_path))

@@ -62,6 +62,10 @@ def read_checkpoint(path: str) -> tuple[str, dict]:
     if missing:
         raise TrainError(f"--resume {path!r}: {TRAINER_STATE} lacks {', '.join(missing)}; "
                          "start the run again without --resume")
+    if state.get("sharded_optimizer"):
+        raise TrainError(f"--resume {path!r}: this checkpoint comes from an FSDP run whose "
+                         "optimizer state is sharded, which resuming does not support; its "
+                         f"{ADAPTER_FILE} is whole: start a new run from it")
     return folder, state
 
 

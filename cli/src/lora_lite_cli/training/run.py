@@ -140,10 +140,6 @@ class Run:
             self.probe_before = self.probe_loss()
             return state
         saved = self.resume[1]
-        if saved.get("sharded_optimizer"):
-            raise TrainError("--resume: this checkpoint comes from an FSDP run whose optimizer "
-                             "state is sharded, which resuming does not support; its "
-                             "adapter.safetensors is complete: start a new run from it")
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.acc.scaler is not None and saved.get("scaler"):
