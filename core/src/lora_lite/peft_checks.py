@@ -46,7 +46,7 @@ def _is_int(value) -> bool:
 
 
 def _field_error(where, name, value, expected):
-    return AdapterFileError(f"{where}: field {name!r} is {short(value)}, expected {expected}")
+    return AdapterFileError(f"{where}: field {name!r} is {short(repr(value))}, expected {expected}")
 
 
 def check_field_types(config, where):
@@ -94,10 +94,10 @@ def _pattern_value(where, field, key, value):
             raise AdapterFileError(f"{where}: r=0 (rank 0) in rank_pattern: an adapter of rank 0 "
                                    "is no adapter")
         if not (_is_int(value) and value > 0):
-            raise AdapterFileError(f"{where}: rank_pattern[{short(key, 40)!r}] is {short(value)}, "
+            raise AdapterFileError(f"{where}: rank_pattern[{short(key, 40)!r}] is {short(repr(value))}, "
                                    "expected a positive integer")
     elif not is_finite_number(value):
-        raise AdapterFileError(f"{where}: alpha_pattern[{short(key, 40)!r}] is {short(value)}, "
+        raise AdapterFileError(f"{where}: alpha_pattern[{short(key, 40)!r}] is {short(repr(value))}, "
                                "expected a finite number")
     return value
 

@@ -80,10 +80,10 @@ def read_peft_folder(folder) -> tuple[dict, str]:
 
 def check_generic_fields(config, where):
     if config.get("modules_to_save"):
-        raise AdapterFileError(f"{where}: modules_to_save={short(config['modules_to_save'])}: the adapter "
+        raise AdapterFileError(f"{where}: modules_to_save={short(repr(config['modules_to_save']))}: the adapter "
                                "carries full copies of whole modules, which lora-lite does not attach")
     if config.get("bias") not in (None, "none"):
-        raise AdapterFileError(f"{where}: bias={short(config['bias'])}: the adapter trains bias terms, "
+        raise AdapterFileError(f"{where}: bias={short(repr(config['bias']))}: the adapter trains bias terms, "
                                "which lora-lite does not attach (only bias='none' is supported)")
     if not config.get("peft_type"):
         raise AdapterFileError(f"{where}: no peft_type: not a PEFT adapter config")
@@ -103,7 +103,7 @@ def variant_for(config, where) -> tuple[str, dict]:
             return name, fields
     if config.get("r") == 0:  # (r=0 is a mapped method's business: PEFT's OFT sizes by block)
         raise AdapterFileError(f"{where}: r=0 (rank 0): an adapter of rank 0 is no adapter")
-    raise AdapterFileError(f"{where}: peft_type={short(config.get('peft_type'))} (with these settings) is "
+    raise AdapterFileError(f"{where}: peft_type={short(repr(config.get('peft_type')))} (with these settings) is "
                            "not mapped by any installed lora-lite variant")
 
 

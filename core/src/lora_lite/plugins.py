@@ -331,7 +331,7 @@ def _quoted(text) -> str:
 
 def _as_shown(text, pattern) -> str:
     """``text`` as is when it matches ``pattern``, else quoted (repr) and cut: one safe line."""
-    return text if pattern.fullmatch(text) else _quoted(text)
+    return text if len(text) <= MAX_SUGGESTED_NAME and pattern.fullmatch(text) else _quoted(text)
 
 
 def recorded_writer(distribution: str, version: str | None = None) -> str:
