@@ -5,6 +5,7 @@ slow); the folder is never written. Also: the "variant not installed" message su
 ``pip install`` only for a valid name in lora-lite's namespace."""
 import hashlib
 import json
+import re
 import shutil
 import struct
 
@@ -114,8 +115,8 @@ def test_pattern_keys_resolve_once_to_per_target_configs(good_folder, tmp_path, 
     """Full names and dotted suffixes match as in PEFT (escaped dots too); after load, no
     override regex is run again: for_target answers from the resolved list."""
     folder = _copy(good_folder, tmp_path)
-    _edit_config(folder, alpha_pattern={"v_proj": 3, r"layers\.1\.self_attn\.q_proj": 5,
-                                        "model.layers.0.self_attn.q_proj": 7, "proj": 11})
+    _edit_config(folder, alpha_pattern={"proj": 11, "v_proj": 3, r"layers\.1\.self_attn\.q_proj": 5,
+                                        "model.layers.0.self_attn.q_proj": 7})
     model = tiny_llama()
     ll.load(model, folder)
     layers = model.model.layers
@@ -123,11 +124,10 @@ def test_pattern_keys_resolve_once_to_per_target_configs(good_folder, tmp_path, 
     assert layers[1].self_attn.q_proj._lora_cfg.alpha == 5
     assert layers[0].self_attn.q_proj._lora_cfg.alpha == 7
     assert layers[1].self_attn.v_proj._lora_cfg.alpha == 3   # "proj" is no dotted suffix of it
-    import re as re_module
-    monkeypatch.setattr(re_module, "search", lambda *a, **k: pytest.fail("a regex was run"))
+    ll.save(model, tmp_path / "a.safetensors")
+    monkeypatch.setattr(re, "search", lambda *a, **k: pytest.fail("a regex was run"))
     cfg = ll.attached(model).cfg
     assert cfg.for_target("model.layers.1.self_attn.q_proj").alpha == 5
-    ll.save(model, tmp_path / "a.safetensors")
 
 
 # --- 2. adapter_config.json fields and adapter_model.safetensors tensors ------------------

@@ -80,10 +80,12 @@ def read_peft_folder(folder) -> tuple[dict, str]:
 
 def check_generic_fields(config, where):
     if config.get("modules_to_save"):
-        raise AdapterFileError(f"{where}: modules_to_save={short(repr(config['modules_to_save']))}: the adapter "
+        raise AdapterFileError(f"{where}: modules_to_save={short(repr(config['modules_to_save']))}: "
+                               "the adapter "
                                "carries full copies of whole modules, which lora-lite does not attach")
     if config.get("bias") not in (None, "none"):
-        raise AdapterFileError(f"{where}: bias={short(repr(config['bias']))}: the adapter trains bias terms, "
+        raise AdapterFileError(f"{where}: bias={short(repr(config['bias']))}: the adapter trains "
+                               "bias terms, "
                                "which lora-lite does not attach (only bias='none' is supported)")
     if not config.get("peft_type"):
         raise AdapterFileError(f"{where}: no peft_type: not a PEFT adapter config")
@@ -103,7 +105,8 @@ def variant_for(config, where) -> tuple[str, dict]:
             return name, fields
     if config.get("r") == 0:  # (r=0 is a mapped method's business: PEFT's OFT sizes by block)
         raise AdapterFileError(f"{where}: r=0 (rank 0): an adapter of rank 0 is no adapter")
-    raise AdapterFileError(f"{where}: peft_type={short(repr(config.get('peft_type')))} (with these settings) is "
+    raise AdapterFileError(f"{where}: peft_type={short(repr(config.get('peft_type')))} "
+                           "(with these settings) is "
                            "not mapped by any installed lora-lite variant")
 
 
@@ -142,7 +145,8 @@ def read_tensors(weights) -> dict:
         with safe_open(weights, framework="pt", device="cpu") as f:
             stored = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise AdapterFileError(f"{weights}: unreadable safetensors file ({short(str(e), 160)})") from None
+        raise AdapterFileError(f"{weights}: unreadable safetensors file "
+                               f"({short(str(e), 160)})") from None
     check_finite(weights, stored)
     return stored
 
@@ -177,8 +181,9 @@ def load_peft(model, path) -> dict:
     except BaseException as e:
         detach(model)
         if isinstance(e, (LoraLiteError, RuntimeError, ValueError, KeyError, TypeError, IndexError)):
+            reason = short(" ".join(str(e).split()), 300)  # one line
             raise AdapterFileError(f"{folder}: the tensors do not fit variant {name!r}: "
-                                   f"{type(e).__name__}: {short(' '.join(str(e).split()), 300)}") from None
+                                   f"{type(e).__name__}: {reason}") from None
         raise
     return {"variant": name, "peft_type": config["peft_type"], "targets": len(names)}
 
