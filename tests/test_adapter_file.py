@@ -97,7 +97,8 @@ def _bad_files(path, tmp_path):
         "empty": (tmp_path / "empty.safetensors", "not a lora-lite adapter"),
         "foreign": (tmp_path / "foreign.safetensors", "not a lora-lite adapter file"),
         "future": (tmp_path / "future.safetensors", "format version '99'.*upgrade lora-lite"),
-        "uninstalled": (tmp_path / "uninstalled.safetensors", "pip install lora-lite-frobnicate"),
+        "uninstalled": (tmp_path / "uninstalled.safetensors",
+                        "written by lora-lite-frobnicate .*: pip install lora-lite-frobnicate$"),
         "badcfg": (tmp_path / "badcfg.safetensors", "config is not valid.*r: got -1"),
         "missing": (tmp_path / "nope.safetensors", "no such adapter file"),
     }

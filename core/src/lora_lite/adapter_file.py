@@ -181,8 +181,10 @@ def _stored_adapter(path, metadata) -> tuple[type, AdapterConfig, list]:
     if not variant_name:
         raise AdapterFileError(f"{path}: the file names no variant; it was not written by ll.save")
     plugin = metadata.get("plugin") if isinstance(metadata.get("plugin"), str) else None
+    version = metadata.get("plugin_version")
+    version = version if isinstance(version, str) else None
     try:
-        variant = get_variant(variant_name, distribution=short(plugin) if plugin else None)
+        variant = get_variant(variant_name, distribution=plugin or None, version=version)
     except KeyError as e:
         raise AdapterFileError(f"{path}: {e}") from None
     mismatch = origin_mismatch(variant_name, plugin)

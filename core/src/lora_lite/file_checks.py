@@ -35,21 +35,22 @@ def is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_json_header(path) -> tuple[dict, int, int]:
-    """(the parsed header object, where the data starts, the file size)."""
+def read_json_header(path, writer="ll.save", kind="lora-lite adapter") -> tuple[dict, int, int]:
+    """(the parsed header object, where the data starts, the file size); ``writer`` and ``kind``
+    name what the file should be, in the messages."""
     if not os.path.isfile(path):
         raise AdapterFileError(f"{path}: no such adapter file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise AdapterFileError(f"{path}: not a lora-lite adapter (empty or not safetensors)")
+            raise AdapterFileError(f"{path}: not a {kind} (empty or not safetensors)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise AdapterFileError(f"{path}: not a safetensors file, or truncated inside its header")
         if n > MAX_HEADER_BYTES:
             raise AdapterFileError(f"{path}: a header of {n} bytes, more than the {MAX_HEADER_BYTES} "
-                                   "a lora-lite file may have; it was not written by ll.save")
+                                   f"an adapter file may have; it was not written by {writer}")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -78,11 +79,11 @@ def check_metadata(path, metadata) -> dict:
     return metadata
 
 
-def check_entries(path, header) -> tuple[dict, int]:
+def check_entries(path, header, writer="ll.save") -> tuple[dict, int]:
     """({tensor name: (dtype, shape)}, end of the data) from the header's tensor entries."""
     if len(header) > MAX_TENSORS:
         raise AdapterFileError(f"{path}: holds {len(header)} tensors, more than {MAX_TENSORS}; "
-                               "it was not written by ll.save")
+                               f"it was not written by {writer}")
     shapes, end = {}, 0
     for name, info in header.items():
         dtype, shape, stop = check_entry(path, name, info)

@@ -7,11 +7,13 @@ lora-lite config fields) and ``load_peft_state(layer, cfg, tensors)`` copies tha
 layer too). Refused before the model is touched, with the field named: a missing config, a
 pickle (.bin) weights file, ``modules_to_save``, ``bias`` other than "none", a rank of 0,
 targets that are not linear layers (Embedding, Conv2d), a peft_type no variant maps.
-Targets are the modules the weights file names, matched exactly.
+Targets are the modules the weights file names, matched exactly. The folder is untrusted input
+(``lora_lite.peft_checks``): bounded sizes, typed fields, floating finite tensors, and
+rank_pattern / alpha_pattern keys that are literal module names (full name or dotted suffix, as
+PEFT matches them), resolved once per target so that no regex from the file is ever run.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -19,8 +21,12 @@ import torch
 from safetensors import safe_open
 
 from .attach import attach, attached, detach
-from .config import config as make_config
+from . import file_checks
+from .config import config as make_config, with_resolved_targets
 from .errors import AdapterFileError, AttachError, LoraLiteError
+from .file_checks import short
+from .peft_checks import (check_field_types, check_finite, read_config, resolved_patterns,
+                          weights_entries)
 from .peft_export import CONFIG_FILE, MODULE_PREFIX, WEIGHTS_FILE
 from .plugins import get_variant, variants
 from .targets import find_targets, is_linear_like
@@ -65,26 +71,22 @@ def read_peft_folder(folder) -> tuple[dict, str]:
                 "loads (it can run code); re-save it with PEFT as safetensors: "
                 "PeftModel.from_pretrained(base, folder).save_pretrained(out)")
         raise AdapterFileError(f"{folder}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise AdapterFileError(f"{config_path}: expected a JSON object")
+    config = read_config(config_path)
+    check_field_types(config, config_path)
+    config = resolved_patterns(config, config_path)
     check_generic_fields(config, config_path)
     return config, weights
 
 
 def check_generic_fields(config, where):
     if config.get("modules_to_save"):
-        raise AdapterFileError(f"{where}: modules_to_save={config['modules_to_save']}: the adapter "
+        raise AdapterFileError(f"{where}: modules_to_save={short(repr(config['modules_to_save']))}: "
+                               "the adapter "
                                "carries full copies of whole modules, which lora-lite does not attach")
     if config.get("bias") not in (None, "none"):
-        raise AdapterFileError(f"{where}: bias={config['bias']!r}: the adapter trains bias terms, "
+        raise AdapterFileError(f"{where}: bias={short(repr(config['bias']))}: the adapter trains "
+                               "bias terms, "
                                "which lora-lite does not attach (only bias='none' is supported)")
-    if 0 in (config.get("rank_pattern") or {}).values():
-        raise AdapterFileError(f"{where}: r=0 (rank 0): an adapter of rank 0 is no adapter")
     if not config.get("peft_type"):
         raise AdapterFileError(f"{where}: no peft_type: not a PEFT adapter config")
 
@@ -97,13 +99,14 @@ def variant_for(config, where) -> tuple[str, dict]:
             continue
         try:
             fields = from_peft(dict(config))
-        except LoraLiteError as e:
-            raise AdapterFileError(f"{where}: {e}") from None
+        except (LoraLiteError, ValueError, TypeError, KeyError) as e:
+            raise AdapterFileError(f"{where}: {short(str(e), 300)}") from None
         if fields is not None:
             return name, fields
     if config.get("r") == 0:  # (r=0 is a mapped method's business: PEFT's OFT sizes by block)
         raise AdapterFileError(f"{where}: r=0 (rank 0): an adapter of rank 0 is no adapter")
-    raise AdapterFileError(f"{where}: peft_type={config.get('peft_type')!r} (with these settings) is "
+    raise AdapterFileError(f"{where}: peft_type={short(repr(config.get('peft_type')))} "
+                           "(with these settings) is "
                            "not mapped by any installed lora-lite variant")
 
 
@@ -111,29 +114,41 @@ def tensors_by_module(model, weights) -> dict[str, dict]:
     """{module name: {tensor key relative to the module: tensor}}; model-level tensors (keys
     starting with base_model. but not base_model.model.) go to every module."""
     modules = dict(model.named_modules())
-    per_module, shared = {}, {}
-    try:
-        with safe_open(weights, framework="pt", device="cpu") as f:
-            stored = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise AdapterFileError(f"{weights}: unreadable safetensors file ({e})") from None
-    for key, tensor in stored.items():
+    keys = {}  # {module name: {tensor key relative to the module: key in the file}}
+    shared = {}
+    for key in weights_entries(weights):
         if not key.startswith(MODULE_PREFIX):
-            shared[key] = tensor
+            shared[key] = key
             continue
         parts = key[len(MODULE_PREFIX):].split(".")
         cut = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
         if cut is None:
-            raise AdapterFileError(f"{weights}: tensor {key!r} names a module this model lacks; the "
-                                   "adapter was made for another model")
-        per_module.setdefault(".".join(parts[:cut]), {})[".".join(parts[cut:])] = tensor
-    for name in per_module:
+            raise AdapterFileError(f"{weights}: tensor {short(key)!r} names a module this model "
+                                   "lacks; the adapter was made for another model")
+        keys.setdefault(".".join(parts[:cut]), {})[".".join(parts[cut:])] = key
+    if len(keys) > file_checks.MAX_TARGETS:
+        raise AdapterFileError(f"{weights}: adapts {len(keys)} modules, more than "
+                               f"{file_checks.MAX_TARGETS}; no real adapter is that large")
+    for name in keys:
         if not is_linear_like(modules[name]):  # Embedding, Conv2d, ...
             raise AdapterFileError(f"{weights}: target_modules includes {name!r}, a "
                                    f"{type(modules[name]).__name__}: lora-lite adapts linear layers only")
-    for tensors in per_module.values():
-        tensors.update(shared)
-    return per_module
+    stored = read_tensors(weights)
+    return {name: {**{rel: stored[key] for rel, key in rel_keys.items()},
+                   **{rel: stored[key] for rel, key in shared.items()}}
+            for name, rel_keys in keys.items()}
+
+
+def read_tensors(weights) -> dict:
+    """Every tensor of the (header-checked) weights file, on the CPU, each finite."""
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise AdapterFileError(f"{weights}: unreadable safetensors file "
+                               f"({short(str(e), 160)})") from None
+    check_finite(weights, stored)
+    return stored
 
 
 def load_peft(model, path) -> dict:
@@ -151,8 +166,9 @@ def load_peft(model, path) -> dict:
         cfg = make_config(name, **fields, target_names=tuple(f"^{re.escape(n)}$" for n in names),
                           target_roles=(), exclude_names=())
         found = sorted(t.name for t in find_targets(model, cfg))
+        cfg = with_resolved_targets(cfg, resolve_overrides(cfg, names))
     except LoraLiteError as e:
-        raise AdapterFileError(f"{folder}: {e}") from None
+        raise AdapterFileError(f"{folder}: {short(str(e), 300)}") from None
     if found != names:
         raise AdapterFileError(f"{folder}: the adapter's modules {names[:3]} do not all resolve to "
                                "linear layers of this model")
@@ -164,11 +180,19 @@ def load_peft(model, path) -> dict:
                 variant.load_peft_state(t.layer, t.layer._lora_cfg, per_module[t.name])
     except BaseException as e:
         detach(model)
-        if isinstance(e, (LoraLiteError, RuntimeError, ValueError, KeyError)):
+        if isinstance(e, (LoraLiteError, RuntimeError, ValueError, KeyError, TypeError, IndexError)):
+            reason = short(" ".join(str(e).split()), 300)  # one line
             raise AdapterFileError(f"{folder}: the tensors do not fit variant {name!r}: "
-                                   f"{type(e).__name__}: {e}") from None
+                                   f"{type(e).__name__}: {reason}") from None
         raise
     return {"variant": name, "peft_type": config["peft_type"], "targets": len(names)}
+
+
+def resolve_overrides(cfg, names) -> dict:
+    """{target name: its config}, run once at import. The variant's ``overrides`` come from
+    rank_pattern / alpha_pattern keys checked to be literal module names (``peft_checks``), so
+    matching them is linear in the name; later ``for_target`` calls answer from this list."""
+    return {name: cfg.for_target(name) for name in names}
 
 
 def peft_tensor(tensors: dict, key: str, shape) -> torch.Tensor:

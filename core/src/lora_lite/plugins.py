@@ -309,16 +309,45 @@ def origin_mismatch(variant: str, distribution: str | None) -> str | None:
             f"{ALLOW_ENV}={distribution} (or uninstall {here})")
 
 
-def get_variant(name, distribution: str | None = None):
-    """The variant class called ``name``. ``distribution``: the package known to provide it
-    (e.g. the one a file records), named in the error when it is missing."""
+def get_variant(name, distribution: str | None = None, version: str | None = None):
+    """The variant class called ``name``. ``distribution`` (and ``version``): the package a file
+    records as its writer, reported in the error when the variant is missing."""
     found = variants()
     if name in found:
         return found[name]
-    raise VariantNotInstalled(not_installed_message(name, found, distribution))
+    raise VariantNotInstalled(not_installed_message(name, found, distribution, version))
 
 
-def not_installed_message(name, found: dict, distribution: str | None = None) -> str:
+_DIST_NAME = re.compile(r"[A-Z0-9]([A-Z0-9._-]*[A-Z0-9])?", re.IGNORECASE)  # PEP 508 names
+_VERSION = re.compile(r"[A-Za-z0-9.+!_-]{1,40}")
+NAMESPACE = "lora-lite-"  # the project's distributions; the only ones an error says to install
+MAX_SUGGESTED_NAME = 100
+
+
+def _quoted(text) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _as_shown(text, pattern) -> str:
+    """``text`` as is when it matches ``pattern``, else quoted (repr) and cut: one safe line."""
+    return text if len(text) <= MAX_SUGGESTED_NAME and pattern.fullmatch(text) else _quoted(text)
+
+
+def recorded_writer(distribution: str, version: str | None = None) -> str:
+    """What a file says about its writer, as a fact, plus ``: pip install NAME`` only for a
+    valid distribution name in lora-lite's namespace (a file must not send users to any package)."""
+    text = f"the file says it was written by {_as_shown(distribution, _DIST_NAME)}"
+    if version:
+        text += f" {_as_shown(str(version), _VERSION)}"
+    if (len(distribution) <= MAX_SUGGESTED_NAME and _DIST_NAME.fullmatch(distribution)
+            and _norm(distribution).startswith(NAMESPACE)):
+        text += f": pip install {distribution}"
+    return text
+
+
+def not_installed_message(name, found: dict, distribution: str | None = None,
+                          version: str | None = None) -> str:
     """Why ``name`` is not available and what to do, naming a package only when one is known to
     provide it (a broken plugin that registers it, or ``distribution``); close installed names
     are suggested, never a guessed package name."""
@@ -328,10 +357,10 @@ def not_installed_message(name, found: dict, distribution: str | None = None) ->
     if related:
         return f"variant {name!r} is unavailable because {related[0]}"
     if distribution:  # a file names the distribution that wrote it
-        msg = f"this adapter needs variant {name!r}, which is not installed: pip install {distribution}"
+        msg = f"this adapter needs variant {_quoted(name)}, which is not installed"
         if os.environ.get(ALLOW_ENV) is not None:
             msg += f" (note: {ALLOW_ENV}={os.environ[ALLOW_ENV]!r} limits which plugins load)"
-        return msg
+        return f"{msg}; {recorded_writer(distribution, version)}"
     msg = f"unknown adapter variant {name!r}: no installed plugin provides it"
     close = difflib.get_close_matches(str(name), sorted(found), n=3, cutoff=0.6)
     if close:
