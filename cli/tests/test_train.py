@@ -461,3 +461,13 @@ def test_resume_refuses_an_fsdp_checkpoint(tmp_path):
     torch.save({**state, "sharded_optimizer": True}, tmp_path / checkpoints.TRAINER_STATE)
     with pytest.raises(training.TrainError, match="FSDP run"):
         checkpoints.read_checkpoint(str(tmp_path))
+
+
+def test_file_vs_tensors_sees_a_changed_or_missing_tensor(tmp_path):
+    from safetensors.torch import save_file
+    from lora_lite_cli.training.run import file_vs_tensors
+    tensors = {"a.lora_A": torch.ones(2, 3), "a.lora_B": torch.zeros(3, 2)}
+    save_file(tensors, str(tmp_path / "f.safetensors"))
+    assert file_vs_tensors(tmp_path / "f.safetensors", tensors) == 0
+    assert file_vs_tensors(tmp_path / "f.safetensors", {**tensors, "a.lora_B": torch.full((3, 2), .5)}) == .5
+    assert file_vs_tensors(tmp_path / "f.safetensors", {"a.lora_A": tensors["a.lora_A"]}) == float("inf")

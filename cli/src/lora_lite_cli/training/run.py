@@ -234,7 +234,8 @@ class Run:
         ll.detach(model)
         ll.load(model, adapter_path)
         with torch.no_grad():
-            return (model(**model_inputs(self.probe)).logits.float() - trained).abs().max().item()
+            reloaded = model(**model_inputs(self.probe)).logits.float()
+        return (reloaded - trained).abs().max().item()
 
     def _result(self, state, outcome, base_eval, adapted_eval, probe_after, adapter_path):
         s, acc, m, times = self.s, self.acc, self.metrics, self.times
