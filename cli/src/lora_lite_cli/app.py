@@ -327,6 +327,8 @@ def _coerce(field, text: str):
     default = field.default if field.default is not dataclasses.MISSING else None
     if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         default = field.default_factory()  # type: ignore[misc]
+    if not isinstance(text, str):  # a typed value (a variant's train_defaults knobs), not --set text
+        return text
     low = text.lower()
     if isinstance(default, bool):
         if low in ("1", "true", "yes", "on"):

@@ -18,3 +18,11 @@ def test_peft_equivalent_and_macs_come_from_the_variant():
         assert rule == "variant" and per_token == len(targets) * (tok + call / 10) > 0
     assert cost.peft_spec(ll.get_variant("lora_xs"), ll.config("lora_xs"), []) is None
     assert "d_in×d_in" in cost.variant_note(ll.get_variant("boft"), "peft")
+
+
+def test_train_defaults_knobs_are_typed_values():
+    """BOFT's train_defaults knobs (ints) go through the CLI's config builder as they are."""
+    from lora_lite_cli.app import build_config
+    cfg = build_config("boft", sets=dict(ll.get_variant("boft").train_defaults["knobs"]))
+    assert (cfg.block_size, cfg.n_butterfly_factor) == (4, 2)
+    assert build_config("boft", sets={"n_butterfly_factor": "3"}).n_butterfly_factor == 3
