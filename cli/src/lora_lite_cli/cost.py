@@ -1,6 +1,6 @@
 """What an adapter costs: parameters, added compute, time, memory, init time (``cost-report``).
 
-Conventions (upstream's report got the first one wrong, variants.md §9.3):
+Conventions (upstream lora-lite's cost report got the first one wrong: it compared FLOPs with MACs):
 
 * A MAC is one multiply-accumulate. ``torch.utils.flop_counter.FlopCounterMode`` counts a
   matmul of (m×k)·(k×n) as 2·m·k·n FLOPs, so measured added FLOPs per token should equal
