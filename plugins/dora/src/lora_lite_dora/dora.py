@@ -79,9 +79,10 @@ def dora_fields(peft_config: dict) -> dict:
     if init.startswith(("pissa", "olora", "corda", "loftq")):
         raise ll.ConfigError(f"init_lora_weights={peft_config['init_lora_weights']!r}: this adapter "
                              "is relative to a rewritten base, which lora-lite does not import")
-    overrides = [(rf"(^|\.)(?:{p})$", {"r": int(r)})               # PEFT's pattern match
+    # keys: module names or dotted suffixes (core refuses any other key), matched as PEFT does
+    overrides = [(rf"(^|\.){re.escape(p)}$", {"r": int(r)})
                  for p, r in (peft_config.get("rank_pattern") or {}).items()]
-    overrides += [(rf"(^|\.)(?:{p})$", {"alpha": float(a)})
+    overrides += [(rf"(^|\.){re.escape(p)}$", {"alpha": float(a)})
                   for p, a in (peft_config.get("alpha_pattern") or {}).items()]
     return {"r": int(peft_config.get("r", 8)), "alpha": float(peft_config.get("lora_alpha", 8)),
             "use_rslora": bool(peft_config.get("use_rslora", False)), "overrides": tuple(overrides)}
