@@ -243,3 +243,30 @@ def test_peft_training_config_wins_over_the_export_form():
     import peft
     assert isinstance(cost.peft_spec(LowRank, LowRank.config(), ["a"])[0], peft.LoraConfig)
     assert isinstance(cost.peft_spec(Exported, LowRank.config(), ["a"])[0], peft.IA3Config)
+
+
+def test_interleaved_turns_alternate_which_side_runs_first():
+    """A fixed order biases the ratio (the side that always runs first after the other's
+    forward pays for it); every other turn runs PEFT first."""
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+        def forward(self):
+            calls.append(("fwd", self.name))
+        def step(self):
+            calls.append(("step", self.name))
+        def timed(self, fn):
+            fn()
+            return 1.0
+
+    report = cost.CostReport.__new__(cost.CostReport)
+    report.s = type("S", (), {"repeats": 4})()
+    rows = {k: cost.Row("v", k) for k in ("lora-lite", "peft")}
+    turns = report._time_rows({"lora-lite": Fake("lora-lite"), "peft": Fake("peft")}, rows)
+    firsts = [calls[i][1] for i in range(0, len(calls), 4)]
+    assert firsts == ["lora-lite", "peft", "lora-lite", "peft"]
+    assert [c[1] for c in calls[:4]] == ["lora-lite", "peft", "lora-lite", "peft"]
+    assert [c[1] for c in calls[4:8]] == ["peft", "lora-lite", "peft", "lora-lite"]
+    assert len(turns["step"]["peft"]) == 4 and rows["peft"].step_ms == 1.0
