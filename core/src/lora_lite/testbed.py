@@ -76,6 +76,29 @@ def loss_of(model, batch):
     return out.loss
 
 
+def train_steps(model, batch=None, steps=3, lr=1e-2):
+    """``steps`` AdamW steps (no weight decay) of the LM loss on ``batch`` (``make_batch()``) over
+    the adapter's trainable tensors; the model is left in eval mode, gradients cleared."""
+    batch = make_batch() if batch is None else batch
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def peft_layer_pairs(peft_model, model, tensor="lora_A"):
+    """(PEFT's tuner layer, the same layer of ``model``) for every module of ``peft_model`` whose
+    ``tensor`` dict (PEFT's per-adapter ModuleDict / ParameterDict, e.g. lora_A, hra_u) holds
+    the "default" adapter; for copying values between the two in parity tests."""
+    for name, module in peft_model.named_modules():
+        if "default" in getattr(module, tensor, {}):
+            yield module, model.get_submodule(name.removeprefix("base_model.model."))
+
+
 def perturb(model, std=0.1, seed=1, replace=False):
     """Move every trainable adapter tensor off its init (adds N(0, std²), or ``replace`` it by
     N(0, std²)), so a comparison with another implementation is not trivially the identity."""

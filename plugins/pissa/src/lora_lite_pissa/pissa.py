@@ -134,9 +134,7 @@ class PiSSA(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "LORA", "target_modules": list(target_names), "r": 2 * cfg.r, "lora_alpha": 2 * cfg.alpha, "bias": "none",
-                "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-                "lora_dropout": 0.0}
+        return ll.peft_lora_config(target_names, 2 * cfg.r, 2 * cfg.alpha)  # [A; A0], [B, -B0]
 
     @staticmethod
     def peft_state(layer, cfg):
