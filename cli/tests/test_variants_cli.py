@@ -44,6 +44,10 @@ def test_variants_json_lists_lora_with_its_facts():
     # training defaults as `train` resolves them; `source` lists what the variant said itself
     by_name = {v["name"]: v["train_defaults"] for v in data["variants"]}
     assert by_name["lora"]["lr"] == 2e-3 and by_name["lora"]["source"] == ["lr"]
+    # pissa rewrites the base only with the opt-in rewrite_base=True: not under its defaults
+    pissa = next(v for v in data["variants"] if v["name"] == "pissa")
+    assert (pissa["rewrites_weight"], pissa["rewrites_weight_by_config"]) == (False, True)
+    assert lora["rewrites_weight_by_config"] is False
     # ia3 places itself per architecture at attach (k/v; never a fused qkv_proj by regex)
     assert by_name["ia3"]["targets"] == [] and by_name["ia3"]["lr"] == 2e-2
 

@@ -113,7 +113,7 @@ def measure_invariants(make_model, cfg, batch, calibration_data=None, steps=3, l
     """Run the invariants of the variant contract on fresh models from ``make_model()``.
 
     Returns the measured figures (``check_variant`` judges them; tests and reports print them):
-    identity_err, trainable, grad_norm_first, grad_norm_after_eval, zero_grad_adapters (count)
+    identity_err, rewrote_base (attach wrote into a base weight), trainable, grad_norm_first, grad_norm_after_eval, zero_grad_adapters (count)
     and zero_grad_names, base_grad_leaks (count) and leak_names, base_changed, trained_delta,
     reload_err, file_keys, file_bytes, detach_bitexact, detach_logits_err.
     """
@@ -121,8 +121,9 @@ def measure_invariants(make_model, cfg, batch, calibration_data=None, steps=3, l
     ref = same_kernel_logits(model, batch)
     before = snapshot_state(model)
     attach(model, cfg, calibration_data=calibration_data)
+    rewrote = _rewrites(model)
     adapted0 = logits(model, batch)
-    out = {"identity_err": (adapted0 - ref).abs().max().item()}
+    out = {"identity_err": (adapted0 - ref).abs().max().item(), "rewrote_base": rewrote}
     out.update(_train(model, batch, steps, lr))
     trained = logits(model, batch)
     out["trained_delta"] = (trained - adapted0).abs().max().item()
@@ -130,7 +131,7 @@ def measure_invariants(make_model, cfg, batch, calibration_data=None, steps=3, l
     now = snapshot_state(model)
     out["base_changed"] = not all(
         torch.equal(now[k], before[k]) for k in before if k in now and k not in adapter_keys) \
-        if not _rewrites(model) else None
+        if not rewrote else None
     out.update(_reload(model, make_model, batch, trained))
     detach(model)
     out["detach_bitexact"] = state_equal(snapshot_state(model), before)

@@ -99,7 +99,10 @@ def test_registered_through_entry_point():
     v = ll.variants()["pissa"]
     assert v.config.__name__ == "PiSSAConfig"
     assert v.config.knobs() == {"quant_iters": 1, "rewrite_base": False}
-    assert v.paper.endswith("2404.02948") and v.rewrites_weight
+    assert v.paper.endswith("2404.02948")
+    # the base is rewritten only with the opt-in rewrite_base=True (check_variant holds the flag
+    # to what attach did: see test_invariants)
+    assert not ll.rewrites_base(v, v.config()) and ll.rewrites_base(v, make_cfg(rewrite_base=True))
 
 
 @pytest.mark.parametrize("kind", ["fp32", "4bit", "8bit"])

@@ -182,11 +182,14 @@ class SVDBasisVariant(ll.Variant):
     Subclasses define ``name``, ``config``, ``trainable_specs`` and ``forward``;
     ``right_factor`` names the (r, d_in) buffer (the SVD's Vh unless a subclass says otherwise)."""
 
-    rewrites_weight = True
     needs_calibration = False
     supports_quantized = True
     paper = "https://arxiv.org/abs/2601.07473"
     right_factor = "lora_Vh"
+
+    @staticmethod
+    def rewrites_weight(cfg):
+        return cfg.rewrite_base  # W_res goes into the base only when asked (opt-in)
 
     @classmethod
     def param_specs(cls, d_in, d_out, cfg):

@@ -88,7 +88,10 @@ class PiSSA(ll.Variant):
     def added_macs(target, cfg):
         # rewrite_base=False keeps W and subtracts s·B0 A0 x in the hook: twice
         return cfg.r * (target.d_in + target.d_out) * (1 if getattr(cfg, "rewrite_base", True) else 2), 0
-    rewrites_weight = True
+
+    @staticmethod
+    def rewrites_weight(cfg):
+        return cfg.rewrite_base  # the residual goes into the base only when asked (opt-in)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
