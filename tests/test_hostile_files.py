@@ -23,29 +23,28 @@ HANG = r"(q_proj|v_proj)$|^([a-z_.0-9]+)+!$"
 HANG_Q = r"q_proj$|^([a-z_.0-9]+)+!$"  # the same, selecting the q projections only
 
 
-@pytest.fixture(scope="module")
-def good_file(tmp_path_factory):
+def saved_random_lora(folder, cfg):
+    """A LoRA adapter of ``cfg`` with every tensor N(0, 0.1), saved in ``folder``."""
     model = tiny_llama()
-    ll.attach(model, lora_cfg())
+    ll.attach(model, cfg)
     with torch.no_grad():
         for p in ll.trainable_parameters(model):
             p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("good") / "adapter.safetensors"
+    path = folder / "adapter.safetensors"
     ll.save(model, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    return saved_random_lora(tmp_path_factory.mktemp("good"), lora_cfg())
 
 
 @pytest.fixture(scope="module")
 def override_file(tmp_path_factory):
     """An adapter whose q projections have r=2 (a per-target override), the rest r=4."""
-    model = tiny_llama()
-    ll.attach(model, lora_cfg(overrides=[(r"q_proj$", {"r": 2})]))
-    with torch.no_grad():
-        for p in ll.trainable_parameters(model):
-            p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("override") / "adapter.safetensors"
-    ll.save(model, path)
-    return path
+    return saved_random_lora(tmp_path_factory.mktemp("override"),
+                             lora_cfg(overrides=[(r"q_proj$", {"r": 2})]))
 
 
 def split(path):

@@ -90,6 +90,15 @@ def train_steps(model, batch=None, steps=3, lr=1e-2):
     model.eval()
 
 
+def backward_lm(*models, batch=None):
+    """One backward of the LM loss on ``batch`` (``make_batch()``) through each model, in train
+    mode: gradients to compare between implementations."""
+    batch = make_batch() if batch is None else batch
+    for model in models:
+        model.train()
+        loss_of(model, batch).backward()
+
+
 def peft_layer_pairs(peft_model, model, tensor="lora_A"):
     """(PEFT's tuner layer, the same layer of ``model``) for every module of ``peft_model`` whose
     ``tensor`` dict (PEFT's per-adapter ModuleDict / ParameterDict, e.g. lora_A, hra_u) holds

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (BASES, check_variant, logits, make_batch, model_maker,
-                               peft_layer_pairs, tiny_llama)
+from lora_lite.testing import (BASES, backward_lm, check_variant, logits, make_batch,
+                               model_maker, peft_layer_pairs, tiny_llama)
 
 TARGETS = [r"q_proj$", r"v_proj$"]
 # tiny_llama: q_proj 64->64, v_proj 64->32, two layers; per target r(d_in+d_out) + 1 (λ)
@@ -103,10 +103,7 @@ def test_peft_parity():
 
 def test_peft_parity_gradients():
     _, ours, theirs, _ = peft_pair()
-    batch = make_batch()
-    for model in (ours, theirs):
-        model.train()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
+    backward_lm(ours, theirs, batch=make_batch())
     for module, layer in peft_layer_pairs(theirs, ours, "delora_A"):
         for mine, peft_t in [(layer.lora_A, module.delora_A["default"]),
                              (layer.lora_B, module.delora_B["default"]),

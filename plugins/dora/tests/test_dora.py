@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (BASES, check_variant, logits, make_batch, model_maker,
-                               peft_layer_pairs, tiny_llama, train_steps)
+from lora_lite.testing import (BASES, backward_lm, check_variant, logits, make_batch,
+                               model_maker, peft_layer_pairs, tiny_llama, train_steps)
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
@@ -92,10 +92,7 @@ def test_peft_parity_after_training():
 
 def test_peft_parity_gradients():
     _, ours, theirs, _ = peft_pair()
-    batch = make_batch()
-    for model in (ours, theirs):
-        model.train()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
+    backward_lm(ours, theirs, batch=make_batch())
     for module, layer in peft_layer_pairs(theirs, ours):
         for mine, peft_t in [(layer.lora_A, module.lora_A["default"].weight),
                              (layer.lora_B, module.lora_B["default"].weight),
