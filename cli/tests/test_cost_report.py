@@ -83,7 +83,9 @@ def test_cost_report_asks_the_variant(tiny_dir, cost_plugin):
         ("cli_cost_gain", "lora-lite")]
     base, ours, theirs, gain = rows
     assert calls["added_macs"] == 4  # once per target
-    assert base["trainable"] == sum(p.numel() for p in tiny_llama().parameters())
+    from transformers import AutoModelForCausalLM
+    full = AutoModelForCausalLM.from_pretrained(tiny_dir)  # the model the report ran on
+    assert base["trainable"] == sum(p.numel() for p in full.parameters())
     for row in (ours, theirs):
         assert row["error"] is None and row["macs_rule"] == "variant"
         assert row["trainable"] == LORA_PARAMS and row["targets"] == 4
