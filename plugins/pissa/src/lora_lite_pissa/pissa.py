@@ -124,7 +124,8 @@ class PiSSA(ll.Variant):
     def forward(layer, x, y):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) output of the (residual) base
         delta = (x @ layer.lora_A.T) @ layer.lora_B.T     # (..., d_out)
-        if hasattr(layer, "lora_A0"):                     # implicit residual: remove s·B0 A0
+        if hasattr(layer, "lora_A0"):  # implicit residual: remove s·B0 A0 (a separate product,
+            # so that at init the two are the same numbers and cancel exactly)
             delta = delta - (x @ layer.lora_A0.T) @ layer.lora_B0.T
         return y + layer._lora_cfg.scale * delta.to(y.dtype)
 
@@ -138,6 +139,13 @@ class PiSSA(ll.Variant):
     @staticmethod
     def peft_config(cfg, target_names):
         return ll.peft_lora_config(target_names, 2 * cfg.r, 2 * cfg.alpha)  # [A; A0], [B, -B0]
+
+    @staticmethod
+    def peft_training_config(cfg, target_names):
+        # what a PEFT user trains: rank r on a base PEFT rewrites to W - s·B0 A0 at init
+        return {"peft_type": "LORA", "target_modules": list(target_names), "r": cfg.r,
+                "lora_alpha": cfg.alpha, "bias": "none", "init_lora_weights": "pissa",
+                "use_rslora": False, "use_dora": False, "lora_dropout": 0.0}
 
     @staticmethod
     def peft_state(layer, cfg):
