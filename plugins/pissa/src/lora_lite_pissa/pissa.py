@@ -143,9 +143,7 @@ class PiSSA(ll.Variant):
     @staticmethod
     def peft_training_config(cfg, target_names):
         # what a PEFT user trains: rank r on a base PEFT rewrites to W - s·B0 A0 at init
-        return {"peft_type": "LORA", "target_modules": list(target_names), "r": cfg.r,
-                "lora_alpha": cfg.alpha, "bias": "none", "init_lora_weights": "pissa",
-                "use_rslora": False, "use_dora": False, "lora_dropout": 0.0}
+        return ll.peft_lora_config(target_names, cfg.r, cfg.alpha, init_lora_weights="pissa")
 
     @staticmethod
     def peft_state(layer, cfg):
