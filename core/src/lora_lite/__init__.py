@@ -13,7 +13,7 @@ Variants come from plugins (entry-point group ``lora_lite``); core ships none. T
 plugins' config classes are attributes too, as in upstream lora-lite: ``ll.LoRAConfig(r=8)``.
 """
 from .adapter_file import load, read_header, save
-from .attach import adapter_tensors, attach, attached, detach, trainable_parameters
+from .attach import adapter_tensors, attach, attached, detach, disabled, trainable_parameters
 from .calibration import call_model, stream_inputs
 from .config import AdapterConfig, check, config
 from .errors import (AdapterFileError, AdapterSaveError, AttachError, ConfigError, LoraLiteError,
@@ -33,7 +33,7 @@ __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "ConfigError", "LoraLiteError",
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
     "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
-    "config", "dense_weight", "detach", "export_peft", "find_targets", "get_plugin_manager", "get_variant",
+    "config", "dense_weight", "detach", "disabled", "export_peft", "find_targets", "get_plugin_manager", "get_variant",
     "hook_kind", "hookimpl", "installed_plugins", "load", "merge", "peft_tensor", "problems", "read_header", "save",
     "set_dense_weight", "stream_inputs", "trainable_parameters", "variants",
 ]
