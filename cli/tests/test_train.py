@@ -478,7 +478,7 @@ def test_fsdp_interrupted_run_resumes_to_the_uninterrupted_adapter(fsdp_meta_run
     pythonpath = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
     proc = launch_fsdp(FSDP_EVERY_RANK_LOADS, fsdp_args(tiny_dir, out),
                        {"PYTHONPATH": pythonpath, "LORA_LITE_TEST_STOP_AFTER": "2"})
-    assert proc.returncode != 0 and "checkpoint saved" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode != 0 and "checkpoint saved" in proc.stdout + proc.stderr, proc.stderr[-3000:]
     ckpt = out / "checkpoint"
     assert sorted(os.listdir(ckpt)) == ["adapter.safetensors", "optimizer.rank0.pt",
                                         "optimizer.rank1.pt", "trainer.pt"]
