@@ -4,6 +4,7 @@
     cfg = ll.config("lora", r=8, target_names=[r"q_proj$", r"v_proj$"])
     ll.attach(model, cfg)             # base frozen, adapter tensors on the target layers
     ll.save(model, "a.safetensors")   # small file: adapter tensors + metadata
+    with ll.disabled(model): ...      # the base function inside, the adapter kept in place
     ll.detach(model)                  # the model is back, bit for bit
     ll.load(model, "a.safetensors")   # fresh base + file -> the adapted model
     ll.merge(model)                   # fold the adapter into the base: a plain model again
