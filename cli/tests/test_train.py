@@ -426,9 +426,18 @@ def launch_fsdp(flags, args, env=None):
 
 
 def fsdp_args(tiny_dir, out):
-    # 5 held-out rows: rank 0 evaluates 3, rank 1 two plus a padding row (same generate calls)
+    # 5 held-out rows: rank 0 evaluates 3, rank 1 two plus a padding row (same generate calls);
+    # down_proj (the end of a decoder layer) puts adapter tensors into rank 1's half of the shards
     return ["--variant", "lora", "--model", tiny_dir, *SMALL, "--eval-limit", "5", "--rank", "4",
-            "--output", str(out)]
+            "--targets", r"(q_proj|v_proj|down_proj)$", "--output", str(out)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(tiny_dir, tmp_path_factory):
+    """The FSDP tests' run in one process."""
+    out = tmp_path_factory.mktemp("fsdp_ref") / "one"
+    train(*fsdp_args(tiny_dir, out))
+    return out, json.loads((out / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -440,13 +449,13 @@ def fsdp_meta_run(tiny_dir, tmp_path_factory):
     return out, json.loads((out / "metrics.json").read_text()), proc
 
 
-def test_fsdp_meta_loading_matches_one_process(fsdp_meta_run, base_run):
+def test_fsdp_meta_loading_matches_one_process(fsdp_meta_run, fsdp_reference):
     """FSDP on CPU/gloo, only rank 0 reading weights: rank 1 held no parameter before FSDP
     wrapped the model (rank 0's, adapter included, were broadcast), the base is sharded, the
     losses are the one-process run's, rank 0 wrote one whole adapter file (the one-process file
     within the DDP test's tolerance), and both evaluations ran under FSDP."""
     out, m, proc = fsdp_meta_run
-    ref_out, ref, _ = base_run
+    ref_out, ref = fsdp_reference
     assert m["status"] == "completed" and m["world_size"] == 2
     assert m["distributed"] == "FSDP" and m["trained_as"] == "FullyShardedDataParallel"
     assert m["fsdp"]["sync_module_states"] and m["fsdp"]["cpu_ram_efficient_loading"]
@@ -486,6 +495,7 @@ def test_fsdp_interrupted_run_resumes_to_the_uninterrupted_adapter(fsdp_meta_run
     assert state["step"] == 2 and state["optimizer_shards"] == 2 and state["optimizer"] is None
     shards = [torch.load(ckpt / f"optimizer.rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(sh["optimizer"]["state"] for sh in shards)  # each rank's own AdamW moments
+    assert shards[0]["optimizer"]["state"] != shards[1]["optimizer"]["state"]
     # one process cannot take the two shards
     refused = runner.invoke(get_app(), ["train", "--resume", str(ckpt)])
     assert refused.exit_code == 2 and "2-process FSDP run" in refused.output

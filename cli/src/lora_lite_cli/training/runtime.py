@@ -222,6 +222,21 @@ def is_fsdp(accelerator) -> bool:
     return str(accelerator.distributed_type).split(".")[-1] == "FSDP"
 
 
+def clip_grad_norm(accelerator, wrapped, params, max_norm: float) -> torch.Tensor:
+    """Clip the adapter's gradients to ``max_norm`` (their global norm); returns that norm.
+
+    Under FSDP each rank holds the gradients of its shard only. accelerate's
+    ``clip_grad_norm_`` hands FSDP's own (global) norm only a list of *every* model parameter;
+    given the adapter's tensors it computed each rank's local norm and each rank clipped by its
+    own (measured: a first gradient norm of 1.212 against one process's 1.217 once adapter
+    tensors lay in rank 1's half of the shards). FSDP's ``clip_grad_norm_`` reduces over the
+    ranks; the frozen base has no gradients, so the norm is the adapter's."""
+    if is_fsdp(accelerator):
+        accelerator.unscale_gradients()
+        return getattr(wrapped, "_orig_mod", wrapped).clip_grad_norm_(max_norm)
+    return accelerator.clip_grad_norm_(params, max_norm)
+
+
 def full_params(accelerator, wrapped, recurse: bool = True):
     """A context in which the layers of an FSDP model hold their full (unsharded) tensors, so
     that ``ll.adapter_tensors``/``ll.save`` read whole adapters and the plain model can run
