@@ -232,3 +232,14 @@ def test_peak_memory_sees_an_allocation_and_forgets_it_after_free():
     with cost.PeakMemory("cpu") as after:  # the freed block went back to the OS
         pass
     assert after.peak_mb < 16
+
+
+def test_peft_training_config_wins_over_the_export_form():
+    class Exported(LowRank):
+        @staticmethod
+        def peft_training_config(cfg, target_names):
+            return {"peft_type": "IA3", "target_modules": list(target_names),
+                    "feedforward_modules": []}
+    import peft
+    assert isinstance(cost.peft_spec(LowRank, LowRank.config(), ["a"])[0], peft.LoraConfig)
+    assert isinstance(cost.peft_spec(Exported, LowRank.config(), ["a"])[0], peft.IA3Config)

@@ -72,8 +72,13 @@ def variant_note(variant_cls, impl: str) -> str:
 
 def peft_spec(variant_cls, cfg, target_names):
     """(PEFT config object, init callable or None) from the variant's ``peft_config`` and
-    optional ``peft_init``; None when the variant has no PEFT counterpart."""
-    make = getattr(variant_cls, "peft_config", None)
+    optional ``peft_init``; None when the variant has no PEFT counterpart. A variant whose
+    exported form is not what a PEFT user trains (PiSSA exports a rank-2r LoRA relative to the
+    original base; PEFT trains rank r on a rewritten base) says so with
+    ``peft_training_config``, which the comparison then uses."""
+    make = getattr(variant_cls, "peft_training_config", None)
+    if not callable(make):
+        make = getattr(variant_cls, "peft_config", None)
     content = make(cfg, list(target_names)) if callable(make) else None
     if content is None:
         return None

@@ -242,3 +242,15 @@ def test_rank_above_the_weight_is_refused_before_any_change():
         ll.attach(model, make_cfg(r=40))  # q_proj (64x64) is done first, v_proj (32x64) refuses
     assert ll.attached(model) is None
     assert state_equal(snapshot_state(model), before)
+
+
+def test_cost_comparison_is_against_peft_pissa_not_the_export():
+    """cost-report --compare peft puts PEFT's PiSSA (rank r, base rewritten at init) next to
+    lora-lite's, not the rank-2r LoRA that export_peft writes."""
+    import peft
+    from lora_lite_cli import cost
+    V, cfg = ll.get_variant("pissa"), ll.config("pissa", r=4, target_names=[r"q_proj$"])
+    config, init = cost.peft_spec(V, cfg, ["model.layers.0.self_attn.q_proj"])
+    assert isinstance(config, peft.LoraConfig) and init is None
+    assert (config.r, config.lora_alpha, config.init_lora_weights) == (4, cfg.alpha, "pissa")
+    assert V.peft_config(cfg, ["x"])["r"] == 8  # the exported form stays rank 2r

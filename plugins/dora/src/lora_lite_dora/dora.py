@@ -129,8 +129,9 @@ class DoRA(ll.Variant):
     config = DoRAConfig
     paper = "https://arxiv.org/abs/2402.09353"
     train_defaults = {"lr": 2e-3}
-    cost_note = ("B·A (d_out·r·d_in) once per call, spread over the batch's tokens; "
-                 "the row norms are elementwise")
+    cost_note = ("A Wᵀ (r·d_in·d_out) once per call through the base layer, spread over the "
+                 "batch's tokens, plus r×r terms; on a bitsandbytes base that product runs in "
+                 "its kernel, which torch's FLOP counter does not see")
     peft_cost_note = "PEFT's DoRA also forms B·A (and W + s·B·A) once per call"
 
     @staticmethod

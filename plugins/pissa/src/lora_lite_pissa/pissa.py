@@ -121,7 +121,8 @@ class PiSSA(ll.Variant):
     def forward(layer, x, y):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) output of the (residual) base
         delta = (x @ layer.lora_A.T) @ layer.lora_B.T     # (..., d_out)
-        if hasattr(layer, "lora_A0"):                     # implicit residual: remove s·B0 A0
+        if hasattr(layer, "lora_A0"):  # implicit residual: remove s·B0 A0 (a separate product,
+            # so that at init the two are the same numbers and cancel exactly)
             delta = delta - (x @ layer.lora_A0.T) @ layer.lora_B0.T
         return y + layer._lora_cfg.scale * delta.to(y.dtype)
 
@@ -137,6 +138,13 @@ class PiSSA(ll.Variant):
         return {"peft_type": "LORA", "target_modules": list(target_names), "r": 2 * cfg.r, "lora_alpha": 2 * cfg.alpha, "bias": "none",
                 "init_lora_weights": True, "use_rslora": False, "use_dora": False,
                 "lora_dropout": 0.0}
+
+    @staticmethod
+    def peft_training_config(cfg, target_names):
+        # what a PEFT user trains: rank r on a base PEFT rewrites to W - s·B0 A0 at init
+        return {"peft_type": "LORA", "target_modules": list(target_names), "r": cfg.r,
+                "lora_alpha": cfg.alpha, "bias": "none", "init_lora_weights": "pissa",
+                "use_rslora": False, "use_dora": False, "lora_dropout": 0.0}
 
     @staticmethod
     def peft_state(layer, cfg):
