@@ -1,6 +1,7 @@
 """`lora-lite train` on a tiny local model: the run folder, the sanity figures, the adapter file,
 error paths, --quantize, Ctrl-C + --resume, the NaN stop, a real subprocess and a 2-process
-torchrun (DDP, gloo) and a 2-process FSDP run that must match the single-process run."""
+torchrun (DDP, gloo), and 2-process FSDP runs (rank 1 on the meta device; an interrupted run
+resumed from its per-rank optimizer shards) that must match the single-process run."""
 import json
 import os
 import re
