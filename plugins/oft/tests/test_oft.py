@@ -1,6 +1,7 @@
 """OFT and BOFT: invariants (fp32, 4bit, 8bit), PEFT parity both ways (PEFT-written adapters
 load into lora-lite and reproduce PEFT's logits; lora-lite's tensors load into PEFT), gradients,
-merged_weight, the butterfly never building a d_in × d_in matrix, config validation."""
+merged_weight, the butterfly's permutations as views (= PEFT's permutation), its fused and
+factor-by-factor paths, never a d_in × d_in matrix in the hook, config validation."""
 import copy
 import warnings
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 import lora_lite as ll
+import lora_lite_oft.boft as boft_module
 from lora_lite.testing import check_variant, logits, make_batch, quantize, tiny_llama
+from lora_lite_oft.rotations import rotate_blocks
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
@@ -52,6 +55,14 @@ class FakeFastBlockDiag:
         g = torch.stack([torch.stack([grad[i, j * b:(j + 1) * b, j * b:(j + 1) * b]
                                       for j in range(d)]) for i in range(n)])
         return [g]
+
+
+@pytest.fixture(params=["fused", "factors"])
+def butterfly_path(request, monkeypatch):
+    """Run the test on both of BOFT's paths: M's fused blocks, and the factors one by one."""
+    if request.param == "factors":
+        monkeypatch.setattr(boft_module, "FUSE_MAX_BLOCK", 0)
+    return request.param
 
 
 @pytest.fixture
@@ -114,7 +125,7 @@ def test_oft_peft_adapter_reproduces(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", list(BOFT_CASES))
-def test_boft_peft_adapter_reproduces(case, peft_butterfly, tmp_path):
+def test_boft_peft_adapter_reproduces(case, peft_butterfly, butterfly_path, tmp_path):
     base = tiny_llama()
     theirs = peft_model(base, "boft", boft_cfg(**BOFT_CASES[case]))
     ours = import_peft(base, theirs, tmp_path)
@@ -169,9 +180,9 @@ def test_merged_weight_matches_forward(variant):
 
 
 @pytest.mark.parametrize("variant", ["oft", "boft"])
-def test_forward_builds_no_square_matrix(variant):
-    """No tensor the size of a d_in × d_in matrix is made in the hook (PEFT's BOFT makes several
-    on every call)."""
+def test_forward_builds_no_square_matrix(variant, butterfly_path):
+    """No tensor the size of a d_in × d_in matrix is made in the hook, on either BOFT path (PEFT's
+    BOFT makes several on every call). The policy: fused blocks K ≤ d_in / 2."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Sizes(TorchDispatchMode):
@@ -183,6 +194,8 @@ def test_forward_builds_no_square_matrix(variant):
                 if isinstance(t, torch.Tensor):
                     Sizes.largest = max(Sizes.largest, t.numel())
             return out
+    if variant == "oft" and butterfly_path == "factors":
+        pytest.skip("OFT has one path")
     model = tiny_llama()
     cfg = oft_cfg() if variant == "oft" else boft_cfg(block_size=4, n_butterfly_factor=3)
     ll.attach(model, cfg)
@@ -191,6 +204,33 @@ def test_forward_builds_no_square_matrix(variant):
     with Sizes():   # the hook's own work, forward and backward (the base's W is d_out × d_in)
         ll.get_variant(variant).forward_input(layer, x).sum().backward()
     assert 0 < Sizes.largest < layer.in_features ** 2
+
+
+@pytest.mark.parametrize("d_in, b, m", [(64, 4, 2), (64, 8, 3), (64, 2, 5), (96, 4, 3), (128, 2, 7)])
+def test_butterfly_factor_view_is_peft_permutation(d_in, b, m):
+    """apply_factor's view (x as (G, 2, 2^i, b/2)) is x P_i B_i P_iᵀ with PEFT's own
+    block_butterfly_perm as gathers, for every factor i; the fused path equals the factors."""
+    from peft.tuners.boft.layer import BOFTLayer
+    n_blocks = d_in // b
+    blocks = boft_module.cayley_blocks(0.3 * torch.randn(m, n_blocks, b, b))
+    x = torch.randn(2, 3, d_in)
+    for i in range(m):
+        perm = BOFTLayer.block_butterfly_perm(None, d_in, n_blocks // 2 ** i, b // 2, m - 1)
+        want = rotate_blocks(x[..., torch.argsort(perm)], blocks[i])[..., perm]
+        assert torch.equal(boft_module.apply_factor(x, blocks[i], 2 ** i), want)
+    k = boft_module.fused_block_size(d_in, m, b)
+    if k:
+        fused = boft_module.rotate_blocks(x, boft_module.fused_blocks(blocks, d_in, k))
+        assert (fused - boft_module.apply_factors(x, blocks)).abs().max() < 1e-5
+
+
+def test_fused_block_size_policy():
+    """K = b·2^(m−1) grouped up to ≥ 32 while d_in keeps two blocks; 0 (factors one by one)
+    when the product's blocks would pass FUSE_MAX_BLOCK or half of d_in."""
+    size = boft_module.fused_block_size
+    assert size(1024, 2, 4) == 32 and size(1024, 1, 64) == 64 and size(1024, 3, 4) == 32
+    assert size(64, 2, 4) == 32 and size(32, 2, 4) == 16 and size(48, 1, 8) == 16
+    assert size(1024, 2, 64) == 0 and size(1024, 4, 16) == 0 and size(16, 2, 8) == 0
 
 
 def test_layout_errors_are_clear():

@@ -6,9 +6,13 @@
 B_i = blockdiag of D Cayley blocks (I − S)(I + S)⁻¹, S = (R − Rᵀ)/2 (b × b each, d_in = D·b), P_i
 the i-th butterfly permutation (P_0 = I), s a per-output scale. The rotation runs in an input
 pre-hook (W is never read: bitsandbytes 4bit/8bit bases work as they are) and s in an output
-hook, which sees y already computed from x'. x M is applied factor by factor, M_{m−1} first:
-x ↦ x[..., P_i⁻¹] ↦ block matmuls ↦ x[..., P_i] — gathers and D small matmuls, O(m·d_in·b) per
-token. PEFT instead builds the d_in × d_in M (two d_in³ bmm per factor) and x M on every call.
+hook, which sees y already computed from x'. No gathers: P_i is a view (x seen as (G, 2, 2^i,
+b/2), G = D/2^i: block (g, a) holds x[g, :, a, :]). M is block-diagonal with blocks of
+c = b·2^(m−1), so when c ≤ 64 the hook builds those blocks once per call (the factors run on a
+K × d_in "comb" of identities, K = c grouped up to ≥ 32) and applies them as one batched block
+matmul, d_in·K MACs per token; otherwise it applies the m factors one by one, m·d_in·b per
+token. Either way no d_in × d_in tensor. PEFT instead builds the d_in × d_in M (two d_in³ bmm
+per factor) and x M on every call.
 
 - ``lora_R`` (m, D, b, b), zeros (PEFT's ``boft_R``, same layout); ``lora_s`` (d_out,), ones
   (PEFT's ``boft_s`` is (d_out, 1)). The bias passes unscaled: y' = s ⊙ (y − b) + b.
@@ -24,7 +28,6 @@ token. PEFT instead builds the d_in × d_in M (two d_in³ bmm per factor) and x 
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -77,33 +80,6 @@ def butterfly_layout(d_in: int, cfg) -> tuple[int, int, int]:
     return m, n_blocks, b
 
 
-def butterfly_perm(n: int, blocks: int, half: int, factors_minus_one: int) -> torch.Tensor:
-    """PEFT's ``block_butterfly_perm(n, b=blocks, r=half, n_butterfly_factor)``: indices p with
-    P[j, p[j]] = 1."""
-    if factors_minus_one == 0:
-        return torch.arange(n)
-    size = n // blocks
-    step = size / half
-    order = torch.empty(size, dtype=torch.long)
-    seq = torch.cat((torch.arange(0, step, 2), torch.arange(1, step, 2)))
-    for i, pos in enumerate(seq):
-        order[int(i * half):int(i * half + half)] = torch.arange(size)[int(pos * half):int(pos * half + half)]
-    indices = torch.arange(n)
-    for start in range(0, n, size):
-        indices[start:start + size] = indices[start:start + size][order]
-    return indices
-
-
-@functools.lru_cache(maxsize=256)
-def factor_gathers(d_in: int, n_blocks: int, b: int, m: int, device_str: str):
-    """Per factor i: (pre, post) index tensors with x P_i = x[..., pre], x P_iᵀ = x[..., post]."""
-    out = []
-    for i in range(m):
-        perm = butterfly_perm(d_in, n_blocks // 2 ** i, b // 2, m - 1)
-        out.append((torch.argsort(perm).to(device_str), perm.to(device_str)))
-    return tuple(out)
-
-
 def cayley_blocks(R: torch.Tensor) -> torch.Tensor:
     """(m, D, b, b) free blocks -> orthogonal (I − S)(I + S)⁻¹, S = (R − Rᵀ)/2 (PEFT's order)."""
     m, n_blocks, b, _ = R.shape
@@ -126,15 +102,64 @@ def butterfly_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
     return (1 - mask) * blocks + mask * torch.eye(b, device=blocks.device, dtype=blocks.dtype)
 
 
-def apply_butterfly(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """x (..., d_in) ↦ x M_{m−1} ⋯ M_0 for orthogonal blocks (m, D, b, b)."""
-    m, n_blocks, b, _ = blocks.shape
-    gathers = factor_gathers(x.shape[-1], n_blocks, b, m, str(x.device))
-    for i in reversed(range(m)):                              # M_{m−1} acts first
-        pre, post = gathers[i]
-        x = rotate_blocks(x if i == 0 else x[..., pre], blocks[i])   # P_0 = I: no gather
-        x = x if i == 0 else x[..., post]
+# Fused blocks are built when the product's blocks stay this small; above it the factors are
+# applied one by one (m·d_in·b MACs per token instead of d_in·K).
+FUSE_MAX_BLOCK = 64
+# Fused blocks are grouped up to at least this size (exact: the extra entries are zeros), because
+# batched matmuls of 4×4 or 8×8 blocks waste most of their time on overhead.
+MIN_MATMUL_BLOCK = 32
+
+
+def apply_factor(x: torch.Tensor, factor: torch.Tensor, spread: int) -> torch.Tensor:
+    """x (..., d_in) ↦ x P B Pᵀ for one butterfly factor: D blocks (D, b, b) whose permutation P
+    (PEFT's ``block_butterfly_perm``) is a view: with x seen as (G, 2, A, b/2), A = ``spread`` =
+    2^i, G = D/A, block g·A + a takes the values x[g, :, a, :] and writes its result back there."""
+    n_blocks, b, _ = factor.shape
+    groups, half = n_blocks // spread, b // 2
+    xv = x.reshape(-1, groups, 2, spread, half)                          # (N, G, 2, A, h)
+    xb = xv.permute(1, 3, 0, 2, 4).reshape(n_blocks, -1, b)              # (G·A, N, b), one copy
+    out = (xb @ factor).reshape(groups, spread, -1, 2, half)             # (G, A, N, 2, h)
+    return out.permute(2, 0, 3, 1, 4).reshape(x.shape)
+
+
+def apply_factors(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x (..., d_in) ↦ x M_{m−1} ⋯ M_0 for orthogonal blocks (m, D, b, b), factor by factor."""
+    for i in reversed(range(blocks.shape[0])):                         # M_{m−1} acts first
+        x = apply_factor(x, blocks[i], 2 ** i)
     return x
+
+
+def fused_block_size(d_in: int, m: int, b: int) -> int:
+    """K for fused_blocks, or 0 when the factors are applied one by one. M = M_{m−1} ⋯ M_0 is
+    block-diagonal with blocks of c = b·2^(m−1) (factor i only mixes groups of b·2^i); K is c, or
+    c·2^j ≥ MIN_MATMUL_BLOCK where that still divides d_in into at least two blocks."""
+    c = b * 2 ** (m - 1)
+    if c > FUSE_MAX_BLOCK or 2 * c > d_in:
+        return 0
+    k = c
+    while k < MIN_MATMUL_BLOCK and d_in % (2 * k) == 0 and 4 * k <= d_in:
+        k *= 2
+    return k
+
+
+def fused_blocks(blocks: torch.Tensor, d_in: int, k: int) -> torch.Tensor:
+    """M's diagonal blocks (d_in/K, K, K), built once per call by running the factors on the
+    'comb' E (K, d_in), E[j, g·K + j] = 1: row j of E M holds row j of every block (m·K·d_in·b
+    MACs; no d_in × d_in tensor)."""
+    comb = torch.eye(k, device=blocks.device, dtype=blocks.dtype).repeat(1, d_in // k)
+    rows = apply_factors(comb, blocks)                                 # (K, d_in)
+    return rows.reshape(k, d_in // k, k).transpose(0, 1)              # (G, K, K)
+
+
+def apply_butterfly(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x (..., d_in) ↦ x M_{m−1} ⋯ M_0 for orthogonal blocks (m, D, b, b): one block matmul on
+    M's fused blocks when they are small (fused_block_size), else the factors one by one."""
+    m, _, b, _ = blocks.shape
+    d_in = x.shape[-1]
+    k = fused_block_size(d_in, m, b)
+    if k == 0:
+        return apply_factors(x, blocks)
+    return rotate_blocks(x, fused_blocks(blocks, d_in, k))
 
 
 class BOFT(ll.Variant):
@@ -142,9 +167,10 @@ class BOFT(ll.Variant):
     config = BOFTConfig
     paper = "https://arxiv.org/abs/2311.06243"
     train_defaults = {"lr": 2e-3, "knobs": {"block_size": 4, "n_butterfly_factor": 2}}
-    cost_note = ("m·D Cayley solves (b×b) once per call, not counted as matmuls; the butterfly "
-                 "is m gathers and D small matmuls per factor, m·d_in·b MACs/token, plus d_out "
-                 "for the scale")
+    cost_note = ("m·D Cayley solves (b×b) once per call, not counted as matmuls; M's blocks "
+                 "(K = b·2^(m−1), grouped up to ≥ 32) are built once per call and applied as one "
+                 "batched block matmul, d_in·K MACs/token (m·d_in·b when the blocks would pass "
+                 "64 and the factors run one by one), plus d_out for the scale")
     peft_cost_note = ("PEFT builds the d_in×d_in butterfly matrix on every call (2 d_in³ bmm per "
                       "factor, with dense permutation matrices) and then x M, d_in² MACs/token")
 
@@ -174,7 +200,11 @@ class BOFT(ll.Variant):
     @staticmethod
     def added_macs(target, cfg):
         m, n_blocks, b = butterfly_layout(target.d_in, cfg)
-        return m * target.d_in * b + target.d_out, 2 * m * n_blocks * b ** 3
+        solves = 2 * m * n_blocks * b ** 3
+        k = fused_block_size(target.d_in, m, b)
+        if k == 0:
+            return m * target.d_in * b + target.d_out, solves
+        return target.d_in * k + target.d_out, solves + m * k * target.d_in * b
 
     @staticmethod
     def merged_weight(layer, cfg):

@@ -4,7 +4,8 @@
 
 an input pre-hook: the rotation acts on x, W is never read, so bitsandbytes 4bit/8bit bases work
 as they are. Equivalent to PEFT's W' = W Rᵀ. d_in = D·b; each b × b block is applied to its slice
-of x (O(d_in·b) per token); no d_in × d_in matrix is built.
+of x (O(d_in·b) per token), all D at once as one batched matmul over a transposed view of x;
+no d_in × d_in matrix is built.
 
 - ``lora_R`` (D, b(b−1)/2), zeros: the strict upper triangle U_i of each skew block, packed in
   ``torch.triu_indices`` order (PEFT's ``oft_R.weight``, same shape and layout). With
@@ -112,7 +113,7 @@ class OFT(ll.Variant):
     paper = "https://arxiv.org/abs/2306.07280"
     train_defaults = {"lr": 2e-3, "knobs": {"block_size": 32}}
     cost_note = ("the D Cayley maps (b×b, a few bmm each) are built once per call; the rotation "
-                 "is D small matmuls, d_in·b MACs/token")
+                 "is one batched matmul of the D blocks over a view of x, d_in·b MACs/token")
     peft_cost_note = "PEFT's OFT applies the same block einsum (block_share repeats the block D times)"
 
     @staticmethod

@@ -85,12 +85,13 @@ def identity_dropout(blocks: torch.Tensor, p: float, generator=None) -> torch.Te
 
 
 def rotate_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """x (..., D·b) ↦ per block x_blk R_blk; blocks (D, b, b), or (1, b, b) shared by all blocks."""
+    """x (..., D·b) ↦ per block x_blk R_blk; blocks (D, b, b), or (1, b, b) shared by all blocks.
+
+    One batched matmul over a transposed view of x (D, tokens, b): no gather, no index tensors;
+    the only copy is the result's, back to x's layout (what the base layer reads)."""
     d_in = x.shape[-1]
     b = blocks.shape[-1]
-    xb = x.reshape(*x.shape[:-1], d_in // b, b)                # (..., D, b)
-    if blocks.shape[0] == 1:
-        out = xb @ blocks[0]                                   # one shared block: a plain matmul
-    else:
-        out = torch.einsum("...rk,rkc->...rc", xb, blocks)
-    return out.reshape(x.shape)
+    if blocks.shape[0] == 1:                                   # one shared block: a plain matmul
+        return (x.reshape(*x.shape[:-1], d_in // b, b) @ blocks[0]).reshape(x.shape)
+    xb = x.reshape(-1, d_in // b, b).transpose(0, 1)           # (D, tokens, b), a view
+    return (xb @ blocks).transpose(0, 1).reshape(x.shape)
