@@ -1,29 +1,10 @@
 """Shared helpers for the cross-package tests (importable: pytest pythonpath includes tests/)."""
-import contextlib
-
 import torch
 
 import lora_lite as ll
-import lora_lite.plugins as plugins
+from lora_lite.testing import registered  # noqa: F401  (re-exported for the tests here)
 
 QV = dict(target_names=[r"q_proj$", r"v_proj$"], target_roles=())
-
-
-@contextlib.contextmanager
-def registered(*variant_classes, name="test-plugin"):
-    """Register variant classes through an in-process plugin object, then unregister."""
-    class Plugin:
-        @staticmethod
-        @ll.hookimpl
-        def register_variants(register):
-            for cls in variant_classes:
-                register(cls)
-
-    plugins.register_plugin(Plugin, name=name, distribution=name)
-    try:
-        yield
-    finally:
-        plugins.unregister_plugin(name)
 
 
 def lora_cfg(**kw):

@@ -78,26 +78,11 @@ def test_matches_peft(arch, variant):
 
 # -- the cell checks fire on bad cells ------------------------------------------------------------
 def test_cell_problems_catch_a_variant_that_is_not_the_identity_at_init():
-    from dataclasses import dataclass
+    from lora_lite.testing import gain_variant, registered
 
-    from lltest import registered
-
-    @dataclass
-    class OffConfig(ll.AdapterConfig):
-        variant: str = "off_by_default"
-
-    class Off(ll.Variant):
-        name, config = "off_by_default", OffConfig
-
-        @staticmethod
-        def param_specs(d_in, d_out, cfg):
-            return {"lora_s": ll.ParamSpec((d_out,), init="normal")}   # not the identity
-
-        @staticmethod
-        def forward(layer, x, y):
-            return y * (1 + layer.lora_s)
-
-    with registered(Off):
+    def off_gain(d_in, d_out, cfg):  # g = 1 + N(0, 0.02²): not the identity
+        return {"lora_g": ll.ParamSpec((d_out,), init=lambda t, gen: t.normal_(1.0, 0.02, generator=gen))}
+    with registered(gain_variant("off_by_default", param_specs=off_gain)):
         problems = cell_problems(run_cell("gpt2", "off_by_default"))
     assert problems == ["identity < 1e-5"]
 

@@ -140,3 +140,25 @@ def test_seed_makes_init_reproducible(batch):
     ll.attach(b, lora_cfg(seed=7))
     ta, tb = ll.adapter_tensors(a), ll.adapter_tensors(b)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_disabled_runs_the_base_and_keeps_the_adapter(model, batch):
+    """ll.disabled: inside, the base function bit for bit (the hooks pass through); after it,
+    the adapter computes again; a model without an adapter is a clear error."""
+    with pytest.raises(ll.AttachError, match="no lora-lite adapter"):
+        with ll.disabled(model):
+            pass
+    ref = logits(model, batch)
+    ll.attach(model, lora_cfg())
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B.normal_()
+    adapted = logits(model, batch)
+    assert not torch.equal(adapted, ref)
+    with ll.disabled(model):
+        assert torch.equal(logits(model, batch), ref)
+        assert set(ll.adapter_tensors(model)) and hooks_count(model) == 4
+    assert torch.equal(logits(model, batch), adapted)
+    with pytest.raises(RuntimeError, match="inside"):  # left on an error too
+        with ll.disabled(model):
+            raise RuntimeError("inside")
+    assert torch.equal(logits(model, batch), adapted)

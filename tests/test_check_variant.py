@@ -97,7 +97,15 @@ def base_writing_forward(layer, x, y):
     return KitLoRA.forward(layer, x, y)
 
 
+def silent_rewrite_init(layer, cfg):  # writes the base (the same values) without saying so
+    ll.set_dense_weight(layer, ll.dense_weight(layer))
+
+
 BROKEN = [
+    (broken("kit_silent_rewrite", init=silent_rewrite_init),
+     "rewrites_weight says False for this config, but attach changed the base weight"),
+    (broken("kit_stale_flag", rewrites_weight=lambda cfg: True),  # e.g. stale after an opt-in
+     "rewrites_weight says True for this config, but attach did not change the base weight"),
     (broken("kit_not_identity", param_specs=random_B), "not the identity at init"),
     (broken("kit_leak", forward=leaking_forward), "gradient reached base parameter(s)"),
     (broken("kit_dead", param_specs=specs_with(lora_unused=ll.ParamSpec((3,)))),

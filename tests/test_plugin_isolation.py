@@ -19,6 +19,7 @@ import torch
 
 import lora_lite as ll
 from lora_lite import plugins
+from lora_lite.testing import gain_variant, plugin_of
 
 
 @pytest.fixture(autouse=True)
@@ -52,36 +53,12 @@ def assert_works(variant, **knobs):
         assert torch.equal(model(x), ref)
 
 
-def plugin_of(*variant_classes):
-    class Plugin:
-        @staticmethod
-        @ll.hookimpl
-        def register_variants(register):
-            for cls in variant_classes:
-                register(cls)
-    return Plugin
-
-
 def problems_of(distribution):
     return [str(p) for p in ll.problems() if p.distribution == distribution]
 
 
-@dataclass
-class ScaleConfig(ll.AdapterConfig):
-    variant: str = "iso_scale"
-
-
-class Scale(ll.Variant):
-    """A well-behaved variant: y * s, s = 1 at init."""
-    name, config = "iso_scale", ScaleConfig
-
-    @staticmethod
-    def param_specs(d_in, d_out, cfg):
-        return {"lora_scale": ll.ParamSpec((d_out,), init="ones")}
-
-    @staticmethod
-    def forward(layer, x, y):
-        return y * layer.lora_scale
+Scale = gain_variant("iso_scale")  # a well-behaved variant: y * g, g = 1 at init
+ScaleConfig = Scale.config
 
 
 # -- a variant that breaks the contract ------------------------------------------------------

@@ -4,14 +4,15 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 
 import lora_lite as ll
 import lora_lite.plugins as plugins
 
-from lltest import QV, registered
+from lora_lite.testing import gain_variant, registered
+
+from lltest import QV
 
 
 def variants_in_subprocess(env_value):
@@ -48,21 +49,8 @@ def test_loading_is_lazy():
     assert out.stdout.strip() == "ok", out.stderr
 
 
-@dataclass
-class GateConfig(ll.AdapterConfig):
-    variant: str = "test_gate"
-
-
-class Gate(ll.Variant):
-    name, config = "test_gate", GateConfig
-
-    @staticmethod
-    def param_specs(d_in, d_out, cfg):
-        return {"lora_gate": ll.ParamSpec((d_out,), init="ones")}
-
-    @staticmethod
-    def forward(layer, x, y):
-        return y * layer.lora_gate
+Gate = gain_variant("test_gate")
+GateConfig = Gate.config
 
 
 def test_in_process_registration_and_unregistration(model):

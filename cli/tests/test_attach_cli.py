@@ -1,36 +1,15 @@
 """``lora-lite attach`` on a tiny local model: targets, parameters, identity, --save, calibration."""
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import lora_lite as ll
-from lora_lite.plugins import register_plugin, unregister_plugin
-from lora_lite.testing import tiny_llama
+from lora_lite.testing import gain_variant, registered, tiny_llama
 from lora_lite_cli.app import get_app
 
 runner = CliRunner()
-
-
-def save_tiny_model(folder):
-    """A tiny random Llama and a word-level tokenizer saved as a local model folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    tiny_llama().save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(128)}
-    vocab.update({"<unk>": 0, "</s>": 1})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
-                            pad_token="</s>").save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def attach_json(*args):
@@ -81,52 +60,28 @@ def test_attach_on_a_4bit_base(tiny_dir):
     assert data["identity_error"] == 0.0
 
 
-@dataclass
-class CalibProbeConfig(ll.AdapterConfig):
-    variant: str = "cli_calib_probe"
+rows_seen = []  # per group_init call of the probe: how many input rows it saw
 
 
-class CalibProbe(ll.Variant):
-    """Needs calibration; records how many input rows its group_init saw."""
-    name = "cli_calib_probe"
-    config = CalibProbeConfig
-    needs_calibration = True
-    rows_seen = []
-
-    @staticmethod
-    def param_specs(d_in, d_out, cfg):
-        return {"lora_g": ll.ParamSpec((d_out,), init="ones")}
-
-    @staticmethod
-    def group_init(model, targets, cfg, calibration_data):
-        counts = []
-        ll.stream_inputs(model, targets, calibration_data, lambda t, rows: counts.append(len(rows)))
-        CalibProbe.rows_seen.append(sum(counts))
-
-    @staticmethod
-    def forward(layer, x, y):
-        return y * layer.lora_g
+def count_rows(model, targets, cfg, calibration_data):
+    counts = []
+    ll.stream_inputs(model, targets, calibration_data, lambda t, rows: counts.append(len(rows)))
+    rows_seen.append(sum(counts))
 
 
-class CalibPlugin:
-    @ll.hookimpl
-    def register_variants(self, register):
-        register(CalibProbe)
+CalibProbe = gain_variant("cli_calib_probe", needs_calibration=True, group_init=count_rows)
 
 
 def test_attach_gives_calibration_data_to_variants_that_need_it(tiny_dir):
-    register_plugin(CalibPlugin(), "cli_calib_probe", distribution="cli-calib-probe")
-    CalibProbe.rows_seen.clear()
-    try:
+    rows_seen.clear()
+    with registered(CalibProbe, name="cli_calib_probe", distribution="cli-calib-probe"):
         data = attach_json("--variant", "cli_calib_probe", "--model", tiny_dir)
         assert data["calibration"] == "4 batches of 2x32 generated token ids"
         # 4 batches x 2 sequences x 32 tokens through each of the 4 targets
-        assert CalibProbe.rows_seen == [4 * 2 * 32 * 4]
+        assert rows_seen == [4 * 2 * 32 * 4]
         assert data["trainable_params"] == 2 * (64 + 32)
         assert data["identity_error"] == 0.0
         result = runner.invoke(get_app(), ["attach", "--variant", "cli_calib_probe", "-m", tiny_dir],
                                env={"COLUMNS": "200"})
         assert result.exit_code == 0
         assert "generated random token ids as calibration data" in result.stdout
-    finally:
-        unregister_plugin("cli_calib_probe")

@@ -1,11 +1,9 @@
 """``lora-lite check``: the conformance kit on the test model, as a table, JSON or Markdown."""
 import json
-from dataclasses import dataclass
 
 from typer.testing import CliRunner
 
-import lora_lite as ll
-from lora_lite.plugins import register_plugin, unregister_plugin
+from lora_lite.testing import gain_variant, registered
 from lora_lite_cli.app import get_app
 
 runner = CliRunner()
@@ -33,38 +31,14 @@ def test_check_markdown_row_and_bad_input():
     assert "pip install" not in unknown.output
 
 
-@dataclass
-class LeakyConfig(ll.AdapterConfig):
-    variant: str = "cli_leaky"
-
-
-class Leaky(ll.Variant):
-    """Lets the base weight collect a gradient: check must fail with the reason."""
-    name, config = "cli_leaky", LeakyConfig
-
-    @staticmethod
-    def param_specs(d_in, d_out, cfg):
-        return {"lora_g": ll.ParamSpec((d_out,), init="ones")}
-
-    @staticmethod
-    def forward(layer, x, y):
-        layer.weight.requires_grad_(True)
-        return y * layer.lora_g
-
-
-class LeakyPlugin:
-    @staticmethod
-    @ll.hookimpl
-    def register_variants(register):
-        register(Leaky)
+def leaky_forward(layer, x, y):
+    layer.weight.requires_grad_(True)  # lets the base weight collect a gradient
+    return y * layer.lora_g
 
 
 def test_a_failing_check_is_one_line_and_exit_1():
-    register_plugin(LeakyPlugin, "cli-leaky", "cli-leaky")
-    try:
+    with registered(gain_variant("cli_leaky", forward=leaky_forward), name="cli-leaky"):
         result = runner.invoke(get_app(), ["check", "cli_leaky"])
-    finally:
-        unregister_plugin("cli-leaky")
     assert result.exit_code == 1
     assert "cli_leaky: check failed: gradient reached base parameter(s) on the fp32 base" in \
         " ".join(result.output.split())

@@ -7,8 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 import lora_lite as ll
-from lora_lite.plugins import register_plugin, unregister_plugin
-from lora_lite.testing import tiny_llama
+from lora_lite.testing import gain_variant, registered, tiny_llama
 from lora_lite_cli import cost
 from lora_lite_cli.app import get_app
 
@@ -18,48 +17,13 @@ FAST = ["--seq-len", "16", "--batch", "2", "--repeats", "2", "--warmup", "1", "-
 LORA_PARAMS = 2 * 8 * (128 + 96)
 
 
-def save_tiny_model(folder):
-    """A tiny random Llama and a word-level tokenizer saved as a local model folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    tiny_llama().save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(128)}
-    vocab.update({"<unk>": 0, "</s>": 1})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
-                            pad_token="</s>").save_pretrained(folder)
-    return str(folder)
+def stream_calibration(model, targets, cfg, calibration_data):
+    ll.stream_inputs(model, targets, calibration_data, lambda t, rows: None)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
-
-
-@dataclass
-class GainConfig(ll.AdapterConfig):
-    variant: str = "cli_cost_gain"
-    uses_rank = False
-
-
-class Gain(ll.Variant):
-    """A third-party-style variant that says nothing about its cost; needs calibration."""
-    name = "cli_cost_gain"
-    config = GainConfig
-    needs_calibration = True
-
-    @staticmethod
-    def param_specs(d_in, d_out, cfg):
-        return {"lora_g": ll.ParamSpec((d_out,), init="ones")}
-
-    @staticmethod
-    def group_init(model, targets, cfg, calibration_data):
-        ll.stream_inputs(model, targets, calibration_data, lambda t, rows: None)
-
-    @staticmethod
-    def forward(layer, x, y):
-        return y * layer.lora_g
+# a third-party-style variant that says nothing about its cost; needs calibration
+Gain = gain_variant("cli_cost_gain", uses_rank=False, needs_calibration=True,
+                    group_init=stream_calibration)
 
 
 @dataclass
@@ -97,18 +61,10 @@ class LowRank(ll.Variant):
 calls = {"added_macs": 0}
 
 
-class CostPlugin:
-    @ll.hookimpl
-    def register_variants(self, register):
-        register(Gain)
-        register(LowRank)
-
-
 @pytest.fixture
 def cost_plugin():
-    register_plugin(CostPlugin(), "cli_cost", distribution="cli-cost")
-    yield
-    unregister_plugin("cli_cost")
+    with registered(Gain, LowRank, name="cli_cost", distribution="cli-cost"):
+        yield
 
 
 def report(tiny_dir, *args):
@@ -127,7 +83,9 @@ def test_cost_report_asks_the_variant(tiny_dir, cost_plugin):
         ("cli_cost_gain", "lora-lite")]
     base, ours, theirs, gain = rows
     assert calls["added_macs"] == 4  # once per target
-    assert base["trainable"] == sum(p.numel() for p in tiny_llama().parameters())
+    from transformers import AutoModelForCausalLM
+    full = AutoModelForCausalLM.from_pretrained(tiny_dir)  # the model the report ran on
+    assert base["trainable"] == sum(p.numel() for p in full.parameters())
     for row in (ours, theirs):
         assert row["error"] is None and row["macs_rule"] == "variant"
         assert row["trainable"] == LORA_PARAMS and row["targets"] == 4
@@ -211,15 +169,12 @@ def test_the_variants_count_matches_the_flop_counter():
     cfg = LowRank.config(r=4, target_names=(r"layers\.0\.self_attn\.q_proj$",), target_roles=())
     batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
     base = cost.count_flops(model, batch)
-    register_plugin(CostPlugin(), "cli_cost", distribution="cli-cost")
-    try:
+    with registered(Gain, LowRank, name="cli_cost", distribution="cli-cost"):
         ll.attach(model, cfg)
         added = cost.count_flops(model, batch) - base
         macs, rule = cost.analytic_macs(LowRank, ll.attached(model).targets, cfg, tokens_per_call=8)
         assert cost.analytic_macs(Gain, ll.attached(model).targets, cfg, 8) == (None, "generic")
         ll.detach(model)
-    finally:
-        unregister_plugin("cli_cost")
     assert rule == "variant" and macs == 4 * (64 + 64)
     assert added == 2 * macs * 8  # 2 FLOPs per MAC, 8 tokens
 
@@ -243,3 +198,30 @@ def test_peft_training_config_wins_over_the_export_form():
     import peft
     assert isinstance(cost.peft_spec(LowRank, LowRank.config(), ["a"])[0], peft.LoraConfig)
     assert isinstance(cost.peft_spec(Exported, LowRank.config(), ["a"])[0], peft.IA3Config)
+
+
+def test_interleaved_turns_alternate_which_side_runs_first():
+    """A fixed order biases the ratio (the side that always runs first after the other's
+    forward pays for it); every other turn runs PEFT first."""
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+        def forward(self):
+            calls.append(("fwd", self.name))
+        def step(self):
+            calls.append(("step", self.name))
+        def timed(self, fn):
+            fn()
+            return 1.0
+
+    report = cost.CostReport.__new__(cost.CostReport)
+    report.s = type("S", (), {"repeats": 4})()
+    rows = {k: cost.Row("v", k) for k in ("lora-lite", "peft")}
+    turns = report._time_rows({"lora-lite": Fake("lora-lite"), "peft": Fake("peft")}, rows)
+    firsts = [calls[i][1] for i in range(0, len(calls), 4)]
+    assert firsts == ["lora-lite", "peft", "lora-lite", "peft"]
+    assert [c[1] for c in calls[:4]] == ["lora-lite", "peft", "lora-lite", "peft"]
+    assert [c[1] for c in calls[4:8]] == ["peft", "lora-lite", "peft", "lora-lite"]
+    assert len(turns["step"]["peft"]) == 4 and rows["peft"].step_ms == 1.0

@@ -9,19 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tinymodel import save_tiny_model
 import lora_lite as ll
 from lora_lite_cli import models
-from tinymodel import save_tiny_model
 from lora_lite_cli.app import get_app
 
 runner = CliRunner()
 IDS = torch.tensor([[5, 17, 33, 60, 2, 41, 9, 77]])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def adapter(tiny_dir, folder, variant="lora", **knobs):

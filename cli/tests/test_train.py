@@ -1,8 +1,10 @@
 """`lora-lite train` on a tiny local model: the run folder, the sanity figures, the adapter file,
 error paths, --quantize, Ctrl-C + --resume, the NaN stop, a real subprocess and a 2-process
-torchrun (DDP, gloo) and a 2-process FSDP run that must match the single-process run."""
+torchrun (DDP, gloo), and 2-process FSDP runs (rank 1 on the meta device; an interrupted run
+resumed from its per-rank optimizer shards) that must match the single-process run."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -387,39 +389,124 @@ def test_compile_trains(tiny_dir, tmp_path, monkeypatch):
     assert {t.dtype for t in adapter_tensors(tmp_path / "adapter.safetensors").values()} == {torch.float32}
 
 
-FSDP_FLAGS = ["--use_fsdp", "--fsdp_use_orig_params", "true", "--fsdp_sharding_strategy",
-              "FULL_SHARD", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-              "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
-              "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_sync_module_states", "false",
-              "--fsdp_cpu_ram_efficient_loading", "false"]
+FSDP_COMMON = ["--use_fsdp", "--fsdp_use_orig_params", "true", "--fsdp_sharding_strategy",
+               "FULL_SHARD", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+               "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+               "--fsdp_state_dict_type", "FULL_STATE_DICT"]
+# every rank reads the weights / only rank 0 does, the others build the model on meta
+FSDP_EVERY_RANK_LOADS = FSDP_COMMON + ["--fsdp_sync_module_states", "false",
+                                       "--fsdp_cpu_ram_efficient_loading", "false"]
+FSDP_META_LOADING = FSDP_COMMON + ["--fsdp_sync_module_states", "true",
+                                   "--fsdp_cpu_ram_efficient_loading", "true"]
+# a Ctrl-C on rank 0 during step LORA_LITE_TEST_STOP_AFTER, injected into the launched processes
+STOP_AFTER_STEP = """
+import os
+if os.environ.get("LOCAL_RANK") == "0" and os.environ.get("LORA_LITE_TEST_STOP_AFTER"):
+    from lora_lite_cli.training import loop
+    _stop_step, _one_step = int(os.environ["LORA_LITE_TEST_STOP_AFTER"]), loop.Trainer.one_step
+
+    def one_step(self, stop):
+        if self.state.step == _stop_step - 1:
+            stop.requested = True  # what the signal handler does
+        return _one_step(self, stop)
+    loop.Trainer.one_step = one_step
+"""
 
 
-def test_fsdp_two_processes_match_one(base_run, tiny_dir, tmp_path):
-    """FSDP on CPU/gloo (the base sharded over 2 processes, the adapter trained through
-    use_orig_params): rank 0 writes one whole adapter file, the single-process one within the
-    DDP test's tolerance."""
+def launch_fsdp(flags, args, env=None):
     import socket
-    ref_out, ref, _ = base_run
-    out = tmp_path / "fsdp"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [accelerate, "launch", *FSDP_FLAGS, "--num_processes", "2", "--num_machines", "1",
+    cmd = [accelerate, "launch", *flags, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           lora_lite_script(), "train", "--variant", "lora", "--model", tiny_dir, *SMALL,
-           "--rank", "4", "--output", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+           lora_lite_script(), "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def fsdp_args(tiny_dir, out):
+    # 5 held-out rows: rank 0 evaluates 3, rank 1 two plus a padding row (same generate calls);
+    # down_proj (the end of a decoder layer) puts adapter tensors into rank 1's half of the shards
+    return ["--variant", "lora", "--model", tiny_dir, *SMALL, "--eval-limit", "5", "--rank", "4",
+            "--targets", r"(q_proj|v_proj|down_proj)$", "--output", str(out)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(tiny_dir, tmp_path_factory):
+    """The FSDP tests' run in one process."""
+    out = tmp_path_factory.mktemp("fsdp_ref") / "one"
+    train(*fsdp_args(tiny_dir, out))
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fsdp_meta_run(tiny_dir, tmp_path_factory):
+    """2 CPU processes under FSDP with cpu_ram_efficient_loading (rank 1 on the meta device)."""
+    out = tmp_path_factory.mktemp("fsdp") / "meta"
+    proc = launch_fsdp(FSDP_META_LOADING, fsdp_args(tiny_dir, out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
+    return out, json.loads((out / "metrics.json").read_text()), proc
+
+
+def test_fsdp_meta_loading_matches_one_process(fsdp_meta_run, fsdp_reference):
+    """FSDP on CPU/gloo, only rank 0 reading weights: rank 1 held no parameter before FSDP
+    wrapped the model (rank 0's, adapter included, were broadcast), the base is sharded, the
+    losses are the one-process run's, rank 0 wrote one whole adapter file (the one-process file
+    within the DDP test's tolerance), and both evaluations ran under FSDP."""
+    out, m, proc = fsdp_meta_run
+    ref_out, ref = fsdp_reference
     assert m["status"] == "completed" and m["world_size"] == 2
     assert m["distributed"] == "FSDP" and m["trained_as"] == "FullyShardedDataParallel"
+    assert m["fsdp"]["sync_module_states"] and m["fsdp"]["cpu_ram_efficient_loading"]
+    whole = m["model"]["parameters"] + m["adapter"]["trainable_params"]
+    assert m["loading"]["meta_loading"] is True
+    assert m["loading"]["parameters_materialised_per_rank"] == [whole, 0]
     assert m["parameters_on_rank0"] <= 0.6 * m["model"]["parameters"]  # the base is sharded
+    assert len(m["memory"]["peak_rss_mb_per_rank"]) == 2
     assert m["train"]["losses"] == pytest.approx(ref["train"]["losses"], rel=1e-5)
     assert adapter_distance(out, ref_out) <= 1e-3 * ref["sanity"]["adapter_delta"]
     assert m["sanity"]["adapter_delta"] == pytest.approx(ref["sanity"]["adapter_delta"], rel=1e-3)
     assert m["sanity"]["reload_err"] == 0 and m["sanity"]["ok"] is True
+    assert m["eval"]["base"]["n"] == 5 and m["eval"]["adapted"]["n"] == 5
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted({r["index"] for r in rows}) == [0, 1, 2, 3, 4]  # the padding row is dropped
+    assert proc.stdout.count("accuracy, adapted") == 1
+
+
+def test_fsdp_interrupted_run_resumes_to_the_uninterrupted_adapter(fsdp_meta_run, tiny_dir,
+                                                                  tmp_path):
+    """Every rank loads the weights (sync off); Ctrl-C on rank 0 during step 2: each rank writes
+    its optimizer shard; the checkpoint resumes only with 2 FSDP processes, and the resumed run
+    ends on the uninterrupted (meta-loading) run's losses and adapter, bit for bit."""
+    ref_out, ref, _ = fsdp_meta_run
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_AFTER_STEP)
+    out = tmp_path / "run"
+    pythonpath = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    proc = launch_fsdp(FSDP_EVERY_RANK_LOADS, fsdp_args(tiny_dir, out),
+                       {"PYTHONPATH": pythonpath, "LORA_LITE_TEST_STOP_AFTER": "2"})
+    assert proc.returncode != 0 and "checkpoint saved" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    ckpt = out / "checkpoint"
+    assert sorted(os.listdir(ckpt)) == ["adapter.safetensors", "optimizer.rank0.pt",
+                                        "optimizer.rank1.pt", "trainer.pt"]
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    assert state["step"] == 2 and state["optimizer_shards"] == 2 and state["optimizer"] is None
+    shards = [torch.load(ckpt / f"optimizer.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(sh["optimizer"]["state"] for sh in shards)  # each rank's own AdamW moments
+    assert shards[0]["optimizer"]["state"] != shards[1]["optimizer"]["state"]
+    # one process cannot take the two shards
+    refused = runner.invoke(get_app(), ["train", "--resume", str(ckpt)])
+    assert refused.exit_code == 2 and "2-process FSDP run" in refused.output
+    proc = launch_fsdp(FSDP_META_LOADING, ["--resume", str(ckpt)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["train"]["steps_done"] == 4
+    assert m["train"]["losses"] == ref["train"]["losses"]
+    assert_same_adapter(out, ref_out)
+    assert m["eval"]["adapted"]["n"] == 5
 
 
 def test_sharded_engines_are_refused_up_front():
@@ -438,29 +525,91 @@ def test_sharded_engines_are_refused_up_front():
     runtime.refuse_unsupported(Fake())  # DDP is fine
 
 
-def test_fsdp_on_cpu_needs_module_state_syncing_off(monkeypatch):
+def test_cpu_fsdp_plugin_syncs_module_states_onto_the_cpu(monkeypatch):
+    """accelerate refuses sync_module_states without an accelerator device; the CPU plugin has
+    it, with to_empty onto the CPU, and leaves the launcher's environment as it was."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "true")
-    with pytest.raises(training.TrainError, match="--fsdp_sync_module_states false"):
-        runtime.check_fsdp_on_cpu()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    plugin = runtime.cpu_fsdp_plugin()
+    assert plugin.sync_module_states and plugin.cpu_ram_efficient_loading
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+    layer = torch.nn.Linear(3, 2, device="meta")
+    plugin.param_init_fn(layer)
+    assert layer.weight.device.type == "cpu"
     monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
-    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "True")
-    with pytest.raises(training.TrainError, match="cpu_ram_efficient_loading"):
-        runtime.check_fsdp_on_cpu()
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
-    runtime.check_fsdp_on_cpu()
+    plugin = runtime.cpu_fsdp_plugin()
+    assert not plugin.sync_module_states and not plugin.cpu_ram_efficient_loading
 
 
-def test_resume_refuses_an_fsdp_checkpoint(tmp_path):
-    """An FSDP run's checkpoint holds rank 0's shard of the optimizer state: not resumable."""
+def test_meta_loading_refuses_what_meta_cannot_do(tiny_dir):
+    """Calibrated variants and --quantize are refused up front, on every rank, in one line."""
+    from types import SimpleNamespace
+    from lora_lite_cli.training import fsdp
+    eva = ll.get_variant("eva")
+    for settings, variant, needle in [
+            (SimpleNamespace(variant="eva", calibration=0, quantize=None), eva, "calibration"),
+            (SimpleNamespace(variant="lora", calibration=2, quantize=None),
+             ll.get_variant("lora"), "calibration"),
+            (SimpleNamespace(variant="lora", calibration=0, quantize="4bit"),
+             ll.get_variant("lora"), "--quantize 4bit")]:
+        with pytest.raises(training.TrainError, match=needle) as e:
+            fsdp.refuse_on_meta(settings, variant)
+        assert "--fsdp_cpu_ram_efficient_loading false" in str(e.value)
+    fsdp.refuse_on_meta(SimpleNamespace(variant="lora", calibration=0, quantize=None),
+                        ll.get_variant("lora"))
+    empty, _ = models.load_model(tiny_dir, empty=True)  # the architecture, no weights read
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
+    assert fsdp.materialised(empty) == 0
+
+
+def test_ranks_that_disagree_on_the_adapter_stop_together(tiny_dir, monkeypatch):
+    """A rank that could not attach, or that built other tensors, stops every rank with one
+    line (FSDP would otherwise hang or broadcast into mismatched tensors)."""
+    from lora_lite_cli.training import fsdp
+    model, _ = models.load_model(tiny_dir)
+    ll.attach(model, ll.config("lora", r=2, target_names=[r"q_proj$"]))
+    mine = fsdp.adapter_signature(model)
+    acc = type("Acc", (), {"num_processes": 2})()
+    cases = [([{"error": None, "signature": mine}, {"error": "RuntimeError: no meta kernel",
+                                                    "signature": None}],
+              "rank 1 could not attach the adapter on its meta-device base: RuntimeError"),
+             ([{"error": None, "signature": mine}, {"error": None, "signature": mine[1:]}],
+              "rank 1 built another adapter than rank 0")]
+    for ranks, needle in cases:
+        monkeypatch.setattr(fsdp, "gather", lambda accelerator, value, ranks=ranks: ranks)
+        with pytest.raises(training.TrainError, match=needle):
+            fsdp.agree_on_adapter(acc, model, None, meta=True)
+    monkeypatch.setattr(fsdp, "gather", lambda accelerator, value: [value, value])
+    fsdp.agree_on_adapter(acc, model, None, meta=True)  # the same adapter everywhere
+
+
+def test_resume_checks_the_optimizer_shards(tmp_path, monkeypatch):
+    """A sharded checkpoint resumes under FSDP with its number of processes and every shard
+    file; an unsharded one not under FSDP; an old rank-0-only one never."""
     from lora_lite_cli.training import checkpoints
     state = {k: 0 for k in checkpoints.REQUIRED}
     torch.save(state, tmp_path / checkpoints.TRAINER_STATE)
     (tmp_path / checkpoints.ADAPTER_FILE).write_bytes(b"")
-    assert checkpoints.read_checkpoint(str(tmp_path))[1] == state  # readable without the mark
-    torch.save({**state, "sharded_optimizer": True}, tmp_path / checkpoints.TRAINER_STATE)
-    with pytest.raises(training.TrainError, match="FSDP run"):
-        checkpoints.read_checkpoint(str(tmp_path))
+    assert checkpoints.read_checkpoint(str(tmp_path))[1] == state  # unsharded, one process
+    check = checkpoints.check_shards
+    with pytest.raises(training.TrainError, match="without --use_fsdp"):
+        check("c", str(tmp_path), state, fsdp=True, processes=2)
+    with pytest.raises(training.TrainError, match="older lora-lite"):
+        check("c", str(tmp_path), {**state, "sharded_optimizer": True}, fsdp=True, processes=2)
+    sharded = {**state, "optimizer_shards": 2}
+    for fsdp, processes, needle in [(False, 2, "not 2 processes"), (True, 3, "not 3 processes"),
+                                    (False, 1, "not 1 process$")]:
+        with pytest.raises(training.TrainError, match="under FSDP with 2 processes") as e:
+            check("c", str(tmp_path), sharded, fsdp=fsdp, processes=processes)
+        assert re.search(needle, str(e.value)), str(e.value)
+    checkpoints.save_shard(str(tmp_path), 0, {"optimizer": {}})
+    with pytest.raises(training.TrainError, match="lacks optimizer.rank1.pt"):
+        check("c", str(tmp_path), sharded, fsdp=True, processes=2)
+    checkpoints.save_shard(str(tmp_path), 1, {"optimizer": {}})
+    check("c", str(tmp_path), sharded, fsdp=True, processes=2)
+    assert checkpoints.read_shard(str(tmp_path), 1) == {"optimizer": {}}
 
 
 def test_file_vs_tensors_sees_a_changed_or_missing_tensor(tmp_path):

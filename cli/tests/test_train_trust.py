@@ -7,26 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 import torch
 from safetensors import safe_open
-from tinymodel import save_tiny_model
 from typer.testing import CliRunner
 
 import lora_lite as ll
-from lora_lite.plugins import register_plugin, unregister_plugin
+from lora_lite.testing import gain_variant, registered
 from lora_lite_cli.app import get_app
 
 runner = CliRunner()
 SMALL = ["--steps", "4", "--batch-size", "4", "--eval-limit", "0", "--seq-len", "160",
          "--threads", "1", "--rank", "4"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture(scope="module")
@@ -225,39 +218,17 @@ def test_console_script_signals_checkpoint_without_traceback(tiny_dir, long_refe
     assert_bit_identical(out, long_reference)
 
 
-@dataclass
-class LeakConfig(ll.AdapterConfig):
-    variant: str = "cli_leaky"
-
-
-class Leaky(ll.Variant):
-    """A broken variant: its forward turns on the gradient of the base weight it adapts."""
-    name = "cli_leaky"
-    config = LeakConfig
-
-    @staticmethod
-    def param_specs(d_in, d_out, cfg):
-        return {"lora_g": ll.ParamSpec((d_out,), init="ones")}
-
-    @staticmethod
-    def forward(layer, x, y):
-        layer.weight.requires_grad_(True)
-        return y * layer.lora_g
-
-
-class LeakPlugin:
-    @ll.hookimpl
-    def register_variants(self, register):
-        register(Leaky)
+def leaky_forward(layer, x, y):
+    """A broken variant's hook: it turns on the gradient of the base weight it adapts."""
+    layer.weight.requires_grad_(True)
+    return y * layer.lora_g
 
 
 def test_the_leak_counter_fires_on_a_base_gradient_leak(tiny_dir, tmp_path):
-    register_plugin(LeakPlugin(), "cli_leaky", distribution="cli-leaky")
-    try:
+    with registered(gain_variant("cli_leaky", forward=leaky_forward), name="cli_leaky",
+                    distribution="cli-leaky"):
         result = runner.invoke(get_app(), ["train", "--variant", "cli_leaky", "--model", tiny_dir,
                                            *SMALL, "--steps", "2", "--output", str(tmp_path)])
-    finally:
-        unregister_plugin("cli_leaky")
     assert result.exit_code == 0, result.output
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["sanity"]["base_grad_leaks"] > 0 and m["sanity"]["ok"] is False

@@ -1,55 +1,32 @@
 """``lora-lite variants``: installed variants with their facts; broken plugins as warnings."""
 import json
-from dataclasses import dataclass
 
 from typer.testing import CliRunner
 
 import lora_lite as ll
-from lora_lite.plugins import register_plugin, unregister_plugin
+from lora_lite.testing import gain_variant, registered
 from lora_lite_cli.app import get_app
 
 runner = CliRunner()
 
 
-@dataclass
-class KnobbyConfig(ll.AdapterConfig):
-    variant: str = "cli_knobby"
-    block: int = 8
-    mode: str = "fast"
-    uses_rank = False
+def input_gain_specs(d_in, d_out, cfg):
+    return {"lora_g": ll.ParamSpec((d_in,), init="ones")}
 
 
-class Knobby(ll.Variant):
-    """A valid variant with knobs, calibration and a pre-hook."""
-    name = "cli_knobby"
-    config = KnobbyConfig
-    needs_calibration = True
-    supports_quantized = False
-
-    @staticmethod
-    def param_specs(d_in, d_out, cfg):
-        return {"lora_g": ll.ParamSpec((d_in,), init="ones")}
-
-    @staticmethod
-    def forward_input(layer, x):
-        return x * layer.lora_g
+def input_gain(layer, x):
+    return x * layer.lora_g  # lora_g: (d_in,)
 
 
-class NoForward:
-    """Breaks the contract: no forward."""
-    name = "cli_no_forward"
-    config = KnobbyConfig
-
-    @staticmethod
-    def param_specs(d_in, d_out, cfg):
-        return {}
+def knobby_variant(name, **members):
+    """A valid variant with knobs, calibration and a pre-hook (an input gain)."""
+    return gain_variant(name, knobs={"block": 8, "mode": "fast"}, uses_rank=False,
+                        needs_calibration=True, supports_quantized=False, forward=None,
+                        forward_input=input_gain, param_specs=input_gain_specs, **members)
 
 
-class TestPlugin:
-    @ll.hookimpl
-    def register_variants(self, register):
-        register(Knobby)
-        register(NoForward)
+Knobby = knobby_variant("cli_knobby")
+NoForward = gain_variant("cli_no_forward", forward=None)  # breaks the contract: no forward
 
 
 def test_variants_json_lists_lora_with_its_facts():
@@ -67,40 +44,21 @@ def test_variants_json_lists_lora_with_its_facts():
     # training defaults as `train` resolves them; `source` lists what the variant said itself
     by_name = {v["name"]: v["train_defaults"] for v in data["variants"]}
     assert by_name["lora"]["lr"] == 2e-3 and by_name["lora"]["source"] == ["lr"]
+    # pissa rewrites the base only with the opt-in rewrite_base=True: not under its defaults
+    pissa = next(v for v in data["variants"] if v["name"] == "pissa")
+    assert (pissa["rewrites_weight"], pissa["rewrites_weight_by_config"]) == (False, True)
+    assert lora["rewrites_weight_by_config"] is False
     # ia3 places itself per architecture at attach (k/v; never a fused qkv_proj by regex)
     assert by_name["ia3"]["targets"] == [] and by_name["ia3"]["lr"] == 2e-2
 
 
-class Generic(Knobby):
-    """Declares no train_defaults: the generic row, and nothing in `source`."""
-    name = "cli_generic"
-    config = type("GenericConfig", (KnobbyConfig,), {"__annotations__": {"variant": str},
-                                                     "variant": "cli_generic"})
-
-
-class BadDefaults(Knobby):
-    """train_defaults of the wrong type: reported, the listing goes on."""
-    name = "cli_bad_defaults"
-    config = type("BadDefaultsConfig", (KnobbyConfig,), {"__annotations__": {"variant": str},
-                                                         "variant": "cli_bad_defaults"})
-    train_defaults = ["lr", 1]
+Generic = knobby_variant("cli_generic")  # declares no train_defaults: the generic row, no `source`
+BadDefaults = knobby_variant("cli_bad_defaults", train_defaults=["lr", 1])  # reported, the listing goes on
 
 
 def test_variants_json_generic_defaults_and_a_malformed_train_defaults():
-    from dataclasses import dataclass as dc
-    Generic.config, BadDefaults.config = dc(Generic.config), dc(BadDefaults.config)
-
-    class Plugin:
-        @staticmethod
-        @ll.hookimpl
-        def register_variants(register):
-            register(Generic)
-            register(BadDefaults)
-    register_plugin(Plugin, "cli_defaults", distribution="cli-defaults")
-    try:
+    with registered(Generic, BadDefaults, name="cli_defaults", distribution="cli-defaults"):
         result = runner.invoke(get_app(), ["variants", "--json"])
-    finally:
-        unregister_plugin("cli_defaults")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     generic = next(v for v in data["variants"] if v["name"] == "cli_generic")["train_defaults"]
@@ -112,8 +70,7 @@ def test_variants_json_generic_defaults_and_a_malformed_train_defaults():
 
 
 def test_variants_shows_knobs_and_broken_plugins():
-    register_plugin(TestPlugin(), "cli_test_variants", distribution="cli-test-variants")
-    try:
+    with registered(Knobby, NoForward, name="cli_test_variants", distribution="cli-test-variants"):
         result = runner.invoke(get_app(), ["variants", "--json"])
         assert result.exit_code == 0, result.output
         data = json.loads(result.stdout)
@@ -133,7 +90,5 @@ def test_variants_shows_knobs_and_broken_plugins():
         assert "lora-lite-lora 0.1.0" in result.stdout
         assert "warning:" in result.stderr and "cli-test-variants" in result.stderr
         assert "cli_no_forward" in result.stderr
-    finally:
-        unregister_plugin("cli_test_variants")
     data = json.loads(runner.invoke(get_app(), ["variants", "--json"]).stdout)
     assert not any(v["name"] == "cli_knobby" for v in data["variants"])

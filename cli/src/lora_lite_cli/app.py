@@ -215,25 +215,28 @@ def get_app() -> typer.Typer:
             command_problems.append(f"plugin {dist!r} failed to add commands: "
                                     f"{type(e).__name__}: {e} (fix or uninstall {dist})")
             continue
-        for command in scratch.registered_commands:
-            name = _command_name(command)
-            if name in taken:
-                command_problems.append(f"plugin {dist!r}: command {name!r} is already provided by "
-                                        f"{taken[name]}; this one was skipped (rename it in {dist})")
-                continue
-            taken[name] = dist
+        for command in _free(scratch.registered_commands, _command_name, "command", dist, taken):
             command = copy.copy(command)
             command.callback = handle_errors(command.callback)
             cli.registered_commands.append(command)
-        for group in scratch.registered_groups:
-            name = _group_name(group)
-            if name in taken:
-                command_problems.append(f"plugin {dist!r}: command group {name!r} is already "
-                                        f"provided by {taken[name]}; skipped")
-                continue
-            taken[name] = dist
-            cli.registered_groups.append(group)
+        cli.registered_groups += _free(scratch.registered_groups, _group_name, "command group",
+                                       dist, taken)
     return cli
+
+
+def _free(entries, name_of, kind, dist, taken) -> list:
+    """The entries (commands or groups) of plugin ``dist`` whose names are not ``taken`` yet,
+    now recorded there; each clash is a warning naming the holder."""
+    kept = []
+    for entry in entries:
+        name = name_of(entry)
+        if name in taken:
+            command_problems.append(f"plugin {dist!r}: {kind} {name!r} is already provided by "
+                                    f"{taken[name]}; this one was skipped (rename it in {dist})")
+            continue
+        taken[name] = dist
+        kept.append(entry)
+    return kept
 
 
 def report_command_problems():

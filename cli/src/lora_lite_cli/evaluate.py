@@ -4,6 +4,10 @@ Only the continuation is decoded and scored. A row stops at EOS, or at the end o
 holds its final answer (``#### N`` or ``The answer is: N``), or after ``max_new_tokens``. The
 answer is extracted as GSM8K scoring does (``data.extract_answer``) and compared as a number.
 Under torch.distributed each rank evaluates a strided share and the results are gathered.
+Under FSDP (``synced=True``) every rank's share is padded to the same length, so all ranks make
+the same number of ``generate`` calls, and ``generate`` runs with ``synced_gpus=True``: a rank
+whose rows are done keeps stepping until every rank is (each step gathers the sharded layers,
+which needs every rank).
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def cut_after_answer(text: str) -> str:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, questions, batch_size=50, max_new_tokens=32,
-                     on_batch=None) -> list[str]:
+                     on_batch=None, synced=False) -> list[str]:
     """Greedy continuations of the prompts of ``questions`` (left padding, batched)."""
     from transformers import StoppingCriteriaList
     device = next(model.parameters()).device
@@ -65,7 +69,7 @@ def generate_answers(model, tokenizer, questions, batch_size=50, max_new_tokens=
                 **enc, do_sample=False, max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 stopping_criteria=StoppingCriteriaList([AnswerLineStop(tokenizer, prompt_len)]),
-                temperature=None, top_p=None, top_k=None)
+                temperature=None, top_p=None, top_k=None, synced_gpus=synced)
             texts = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
             outputs.extend(cut_after_answer(t) for t in texts)
             if on_batch is not None:
@@ -84,11 +88,16 @@ def predict(index: int, example: Example, output: str) -> Prediction:
 
 
 def evaluate(model, tokenizer, examples, batch_size=50, max_new_tokens=32, on_batch=None,
-             rank=0, world_size=1) -> dict:
-    """{'accuracy', 'correct', 'n', 'predictions': [Prediction as dict]} over ``examples``."""
+             rank=0, world_size=1, synced=False) -> dict:
+    """{'accuracy', 'correct', 'n', 'predictions': [Prediction as dict]} over ``examples``.
+    ``synced``: every rank generates for the same number of rows (see the module docstring)."""
     mine = list(range(rank, len(examples), world_size))
-    outputs = generate_answers(model, tokenizer, [examples[i].question for i in mine],
-                               batch_size, max_new_tokens, on_batch)
+    questions = [examples[i].question for i in mine]
+    if synced and examples:  # pad with the first question; its answers are dropped below
+        share = -(-len(examples) // world_size)
+        questions += [examples[0].question] * (share - len(questions))
+    outputs = generate_answers(model, tokenizer, questions, batch_size, max_new_tokens, on_batch,
+                               synced)[:len(mine)]
     preds = [predict(i, examples[i], text) for i, text in zip(mine, outputs)]
     if world_size > 1:
         import torch.distributed as dist

@@ -77,10 +77,12 @@ def torch_dtype(dtype):
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None = None,
-               device: str = "cpu"):
+               device: str = "cpu", empty: bool = False):
     """(model, tokenizer) in eval mode. name: 'smollm2' (embedded), a .gguf file, a local
     folder or a hub id. The model's ``config._name_or_path`` is set to ``name`` so adapter files
-    record a name that loads again."""
+    record a name that loads again. ``empty``: the architecture only, every tensor on the meta
+    device (no weights read; FSDP's ranks > 0 under cpu_ram_efficient_loading, which get rank
+    0's tensors when FSDP wraps the model)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -94,7 +96,11 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None 
     try:
         with quiet:  # the GGUF dequantizer draws its own tqdm bar
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            if gguf or not quantize:
+            if empty:
+                if quantize:
+                    raise ValueError("an empty (meta-device) model cannot be quantized")
+                model = empty_model(path, dt, kwargs)
+            elif gguf or not quantize:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kwargs)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
@@ -109,13 +115,28 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None 
         bnb_quantize(model, quantize)
     if quantize:
         keep_4bit_trainable_on_cpu(model)
-    if not quantize or gguf:
+    if (not quantize or gguf) and not empty:
         model.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # a name that loads again from an adapter file's metadata (absolute for local paths)
     model.config._name_or_path = os.path.abspath(name) if kind in ("local", "gguf") else name
     return model.eval(), tokenizer
+
+
+def empty_model(path, dtype, kwargs):
+    """The model of ``path``'s config with every tensor on the meta device (for GGUF files the
+    config comes from the file's metadata); its generation config as from_pretrained reads it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError):
+        pass  # no generation_config.json: the one derived from the config stays
+    return model
 
 
 def bnb_config(quantize: str, compute_dtype):

@@ -4,6 +4,7 @@
     cfg = ll.config("lora", r=8, target_names=[r"q_proj$", r"v_proj$"])
     ll.attach(model, cfg)             # base frozen, adapter tensors on the target layers
     ll.save(model, "a.safetensors")   # small file: adapter tensors + metadata
+    with ll.disabled(model): ...      # the base function inside, the adapter kept in place
     ll.detach(model)                  # the model is back, bit for bit
     ll.load(model, "a.safetensors")   # fresh base + file -> the adapted model
     ll.merge(model)                   # fold the adapter into the base: a plain model again
@@ -13,7 +14,7 @@ Variants come from plugins (entry-point group ``lora_lite``); core ships none. T
 plugins' config classes are attributes too, as in upstream lora-lite: ``ll.LoRAConfig(r=8)``.
 """
 from .adapter_file import load, read_header, save
-from .attach import adapter_tensors, attach, attached, detach, trainable_parameters
+from .attach import adapter_tensors, attach, attached, detach, disabled, trainable_parameters
 from .calibration import call_model, stream_inputs
 from .config import AdapterConfig, check, config
 from .errors import (AdapterFileError, AdapterSaveError, AttachError, ConfigError, LoraLiteError,
@@ -22,9 +23,10 @@ from .hookspecs import hookimpl
 from .merge import merge
 from .peft_export import export_peft
 from .peft_import import peft_tensor
+from .peft_lora import peft_lora_config, peft_lora_fields, peft_patterns
 from .plugins import get_plugin_manager, get_variant, installed_plugins, problems, variants
 from .targets import Target, find_targets
-from .variant import ParamSpec, Variant, hook_kind
+from .variant import ParamSpec, Variant, hook_kind, rewrites_base
 from .weights import base_dense_weight, dense_weight, set_dense_weight
 
 __version__ = "0.1.0"
@@ -33,8 +35,10 @@ __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "ConfigError", "LoraLiteError",
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
     "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
-    "config", "dense_weight", "detach", "export_peft", "find_targets", "get_plugin_manager", "get_variant",
-    "hook_kind", "hookimpl", "installed_plugins", "load", "merge", "peft_tensor", "problems", "read_header", "save",
+    "config", "dense_weight", "detach", "disabled", "export_peft", "find_targets",
+    "get_plugin_manager", "get_variant", "hook_kind", "hookimpl", "installed_plugins", "load",
+    "merge", "peft_lora_config", "peft_lora_fields", "peft_patterns", "peft_tensor", "problems",
+    "read_header", "rewrites_base", "save",
     "set_dense_weight", "stream_inputs", "trainable_parameters", "variants",
 ]
 

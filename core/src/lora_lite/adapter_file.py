@@ -142,14 +142,18 @@ def read_header(path) -> tuple[dict, dict]:
     return metadata, shapes
 
 
-def load(model, path) -> None:
+def load(model, path, *, revision=None, subfolder=None) -> None:
     """Attach the adapter stored at ``path`` to ``model`` (a fresh base). Everything is checked
     before the model is touched; on any failure the model is left as it was. ``path`` may also be
-    a PEFT adapter folder (or hub id): see ``lora_lite.peft_import``."""
+    a PEFT adapter folder or a hub adapter id ("org/name", downloaded by huggingface_hub at
+    ``revision``), either with the adapter in ``subfolder``: see ``lora_lite.peft_import``."""
     from .peft_import import is_peft_source, load_peft
     if is_peft_source(path):
-        return load_peft(model, path)
+        return load_peft(model, path, revision, subfolder)
     path = os.fspath(path)
+    if revision is not None or subfolder is not None:
+        raise AdapterFileError(f"{path}: revision / subfolder apply to PEFT adapter folders and "
+                               "hub ids; a lora-lite adapter is one .safetensors file")
     metadata, shapes = read_header(path)
     variant, cfg, stored_targets = _stored_adapter(path, metadata)
     cfg = with_resolved_targets(cfg, target_configs(path, metadata, cfg, stored_targets))

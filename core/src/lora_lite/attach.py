@@ -11,6 +11,7 @@ adapter tensors' current dtype and cast the result to the base output's dtype.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,8 @@ from .variant import hook_kind, make_tensor
 from .weights import guard_training, restore_base_weight
 
 STATE_ATTR = "_lora_lite_state"
-_SCRATCH = ("_lora_cfg", "_lora_variant", "_lora_role", "_lora_name", "_lora_probe")
+_OFF = "_lora_off"  # set on the target layers inside ``disabled(model)``
+_SCRATCH = ("_lora_cfg", "_lora_variant", "_lora_role", "_lora_name", "_lora_probe", _OFF)
 
 
 @dataclass
@@ -136,15 +138,39 @@ def adapter_dtype(layer):
 
 
 def _output_hook(layer, args, y):
+    if layer.__dict__.get(_OFF):
+        return None  # disabled(): the base output as it is
     # x in the adapter's current dtype; the result back in the base output's dtype
     y_new = layer._lora_variant.forward(layer, args[0].to(adapter_dtype(layer)), y)
     return y_new.to(y.dtype)
 
 
 def _input_hook(layer, args):
+    if layer.__dict__.get(_OFF):
+        return None
     x = args[0]
     x_new = layer._lora_variant.forward_input(layer, x.to(adapter_dtype(layer)))
     return (x_new.to(x.dtype), *args[1:])
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """A block in which the attached adapter's hooks pass inputs and outputs through unchanged:
+    the model computes what its current base weights compute (for a variant that rewrote a
+    base weight at attach, ``rewrite_base=True``, that is the rewritten weight). The adapter
+    tensors stay in place (e.g. to evaluate the base inside an FSDP-wrapped adapted model)."""
+    state = attached(model)
+    if state is None:
+        raise AttachError("no lora-lite adapter is attached to this model")
+    layers = [t.layer for t in state.targets]
+    for layer in layers:
+        setattr(layer, _OFF, True)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            if _OFF in vars(layer):
+                delattr(layer, _OFF)
 
 
 def detach(model) -> None:

@@ -14,6 +14,12 @@ def _bnb():
     return sys.modules.get("bitsandbytes")
 
 
+def _is_bnb_layer(layer, class_name) -> bool:
+    """``layer`` is a ``bitsandbytes.nn.<class_name>`` (False while bitsandbytes is not imported)."""
+    bnb = _bnb()
+    return bnb is not None and isinstance(layer, getattr(bnb.nn, class_name))
+
+
 def _unpack_cpu_4bit(layer):
     """Undo bitsandbytes' AVX512-BF16 inference repacking (as its own state_dict() does)."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
@@ -27,8 +33,7 @@ class Bnb4bitBackend:
 
     @staticmethod
     def handles(layer):
-        bnb = _bnb()
-        return bnb is not None and isinstance(layer, bnb.nn.Linear4bit)
+        return _is_bnb_layer(layer, "Linear4bit")
 
     @staticmethod
     def read(layer):
@@ -89,8 +94,7 @@ class Bnb8bitBackend:
 
     @staticmethod
     def handles(layer):
-        bnb = _bnb()
-        return bnb is not None and isinstance(layer, bnb.nn.Linear8bitLt)
+        return _is_bnb_layer(layer, "Linear8bitLt")
 
     @staticmethod
     def read(layer):

@@ -1,8 +1,9 @@
 """``check_variant``: run the variant contract's invariants on any variant, for plugin authors.
 
 Per base (fp32, bitsandbytes 4bit / 8bit): identity at init; gradients on every trainable
-adapter tensor and on nothing else; an optimizer step changes the output; the base is not
-changed by training; save -> load on a fresh base reproduces the output; the file holds only
+adapter tensor and on nothing else; an optimizer step changes the output; attach rewrites the
+base weight exactly when ``rewrites_weight`` says so for the config; the base is not changed by
+training; save -> load on a fresh base reproduces the output; the file holds only
 adapter tensors; detach restores the state_dict bit for bit. On fp32, when the variant declares
 them: PEFT parity (``peft_config`` + ``peft_state``) and merge exactness (``merged_weight``).
 The first failure raises ``VariantCheckFailed`` with a one-line reason; otherwise the measured
@@ -19,6 +20,7 @@ from .attach import attach, attached
 from .config import config as make_config
 from .plugins import register_plugin, unregister_plugin, variant_problem, variants
 from .testbed import BASES, logits, make_batch, measure_invariants, model_maker, perturb
+from .variant import rewrites_base
 
 DEFAULT_FIELDS = {"r": 4, "target_names": (r"q_proj$", r"v_proj$"), "target_roles": ()}
 _KIT_PLUGIN = "lora-lite-check-variant"
@@ -109,6 +111,11 @@ def _check_base(cls, cfg, base, batch, calibration_data, bias, steps, lr, identi
     m = measure_invariants(model_maker(base, bias=bias), cfg, batch,
                            calibration_data=calibration_data, steps=steps, lr=lr)
     on = f"on the {base} base"
+    declared = rewrites_base(cls, cfg)
+    if m["rewrote_base"] != declared:
+        _fail(f"rewrites_weight says {declared} for this config, but attach "
+              f"{'changed' if m['rewrote_base'] else 'did not change'} the base weight {on}; "
+              "make rewrites_weight (a bool, or a function of the config) tell the truth")
     if not m["identity_err"] <= identity_tol:
         _fail(f"not the identity at init {on}: max |logit difference| {m['identity_err']:.3g} "
               f"> {identity_tol:g}")

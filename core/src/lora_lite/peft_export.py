@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from .attach import attached
 from .errors import AttachError, ConfigError
 from .merge import merged_weights
+from .peft_lora import peft_lora_config
 from .weights import base_dense_weight
 
 CONFIG_FILE = "adapter_config.json"
@@ -97,9 +98,7 @@ def _as_lora(model, state, names, rank):
             tensors[f"{MODULE_PREFIX}{t.name}.lora_A.weight"] = A
             tensors[f"{MODULE_PREFIX}{t.name}.lora_B.weight"] = B
             layers[t.name] = {"relative_error": err}
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "bias": "none",
-              "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-              "lora_dropout": 0.0}
+    config = peft_lora_config(names, rank, rank)
     return config, tensors, layers
 
 

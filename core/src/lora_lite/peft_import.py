@@ -44,17 +44,53 @@ def is_peft_source(path) -> bool:
             and not path.endswith((".safetensors", ".bin", ".pt", ".json")))
 
 
-def resolve_folder(path) -> str:
-    """A local folder as is; a hub id downloaded (config + safetensors only) by huggingface_hub."""
+def resolve_folder(path, revision=None, subfolder=None) -> str:
+    """The local folder holding the adapter: ``path`` (or its ``subfolder``) if it is a folder,
+    else hub repo ``path`` at ``revision`` downloaded by huggingface_hub (``download_adapter``)."""
     path = os.fspath(path)
+    subfolder = _checked_subfolder(path, subfolder)
     if os.path.isdir(path):
-        return path
+        return os.path.join(path, subfolder) if subfolder else path
+    return download_adapter(path, revision, subfolder)
+
+
+def download_adapter(repo_id, revision=None, subfolder=None) -> str:
+    """Hub repo ``repo_id``'s adapter_config.json and adapter_model.safetensors (of ``subfolder``)
+    into the hub cache, nothing else (never a pickle, never model weights); their folder."""
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(path, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE])
-    except Exception as e:  # no network, no such repo, no huggingface_hub
-        raise AdapterFileError(f"{path}: no such folder, and not a reachable hub adapter id "
-                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    except ImportError:
+        raise AdapterFileError(f"{repo_id}: no such folder; to load it as a hub adapter id, "
+                               "install huggingface_hub (pip install huggingface_hub)") from None
+    prefix = f"{subfolder}/" if subfolder else ""
+    try:
+        root = snapshot_download(repo_id, revision=revision,
+                                 allow_patterns=[prefix + CONFIG_FILE, prefix + WEIGHTS_FILE])
+    except Exception as e:  # no network, no such repo or revision, offline mode
+        reason = short(str(e).splitlines()[0] if str(e).strip() else "", 160)
+        raise AdapterFileError(
+            f"{repo_id}: no such folder, and not a reachable hub adapter id "
+            f"({type(e).__name__}: {reason}); check the path or the id"
+            f"{' and revision' if revision else ''}, connect to the hub (HF_HUB_OFFLINE unset), "
+            "or pass the path of a downloaded PEFT adapter folder") from None
+    folder = os.path.join(root, subfolder) if subfolder else root
+    if os.path.isfile(os.path.join(folder, CONFIG_FILE)) and \
+            not os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
+        raise AdapterFileError(f"{repo_id}: the hub repo has no {prefix}{WEIGHTS_FILE} (lora-lite "
+                               f"never downloads a pickle {PICKLE_FILE}); use a revision with "
+                               "safetensors weights, or re-save the adapter with PEFT")
+    return folder
+
+
+def _checked_subfolder(path, subfolder):
+    """``subfolder`` as a relative path inside the adapter's folder or repo (None if not given)."""
+    if subfolder is None or subfolder == "":
+        return None
+    parts = subfolder.replace("\\", "/").rstrip("/").split("/") if isinstance(subfolder, str) else []
+    if not parts or any(p in ("", ".", "..") for p in parts):  # not a str, absolute, "a//b", ".."
+        raise AdapterFileError(f"{path}: subfolder={short(repr(subfolder))}: expected a relative "
+                               "path inside the adapter's folder or hub repo (no '..')")
+    return "/".join(parts)
 
 
 def read_peft_folder(folder) -> tuple[dict, str]:
@@ -151,10 +187,11 @@ def read_tensors(weights) -> dict:
     return stored
 
 
-def load_peft(model, path) -> dict:
-    """Attach the PEFT adapter at ``path`` (folder or hub id) to ``model``; returns
-    {"variant", "peft_type", "targets"}. On any failure the model is left as it was."""
-    folder = resolve_folder(path)
+def load_peft(model, path, revision=None, subfolder=None) -> dict:
+    """Attach the PEFT adapter at ``path`` (folder or hub id; a hub ``revision``, a
+    ``subfolder`` of either) to ``model``; returns {"variant", "peft_type", "targets"}. On any
+    failure the model is left as it was."""
+    folder = resolve_folder(path, revision, subfolder)
     config, weights = read_peft_folder(folder)
     name, fields = variant_for(config, os.path.join(folder, CONFIG_FILE))
     if attached(model) is not None:

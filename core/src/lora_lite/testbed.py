@@ -76,6 +76,38 @@ def loss_of(model, batch):
     return out.loss
 
 
+def train_steps(model, batch=None, steps=3, lr=1e-2):
+    """``steps`` AdamW steps (no weight decay) of the LM loss on ``batch`` (``make_batch()``) over
+    the adapter's trainable tensors; the model is left in eval mode, gradients cleared."""
+    batch = make_batch() if batch is None else batch
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def backward_lm(*models, batch=None):
+    """One backward of the LM loss on ``batch`` (``make_batch()``) through each model, in train
+    mode: gradients to compare between implementations."""
+    batch = make_batch() if batch is None else batch
+    for model in models:
+        model.train()
+        loss_of(model, batch).backward()
+
+
+def peft_layer_pairs(peft_model, model, tensor="lora_A"):
+    """(PEFT's tuner layer, the same layer of ``model``) for every module of ``peft_model`` whose
+    ``tensor`` dict (PEFT's per-adapter ModuleDict / ParameterDict, e.g. lora_A, hra_u) holds
+    the "default" adapter; for copying values between the two in parity tests."""
+    for name, module in peft_model.named_modules():
+        if "default" in getattr(module, tensor, {}):
+            yield module, model.get_submodule(name.removeprefix("base_model.model."))
+
+
 def perturb(model, std=0.1, seed=1, replace=False):
     """Move every trainable adapter tensor off its init (adds N(0, std²), or ``replace`` it by
     N(0, std²)), so a comparison with another implementation is not trivially the identity."""
@@ -90,7 +122,7 @@ def measure_invariants(make_model, cfg, batch, calibration_data=None, steps=3, l
     """Run the invariants of the variant contract on fresh models from ``make_model()``.
 
     Returns the measured figures (``check_variant`` judges them; tests and reports print them):
-    identity_err, trainable, grad_norm_first, grad_norm_after_eval, zero_grad_adapters (count)
+    identity_err, rewrote_base (attach wrote into a base weight), trainable, grad_norm_first, grad_norm_after_eval, zero_grad_adapters (count)
     and zero_grad_names, base_grad_leaks (count) and leak_names, base_changed, trained_delta,
     reload_err, file_keys, file_bytes, detach_bitexact, detach_logits_err.
     """
@@ -98,8 +130,9 @@ def measure_invariants(make_model, cfg, batch, calibration_data=None, steps=3, l
     ref = same_kernel_logits(model, batch)
     before = snapshot_state(model)
     attach(model, cfg, calibration_data=calibration_data)
+    rewrote = _rewrites(model)
     adapted0 = logits(model, batch)
-    out = {"identity_err": (adapted0 - ref).abs().max().item()}
+    out = {"identity_err": (adapted0 - ref).abs().max().item(), "rewrote_base": rewrote}
     out.update(_train(model, batch, steps, lr))
     trained = logits(model, batch)
     out["trained_delta"] = (trained - adapted0).abs().max().item()
@@ -107,7 +140,7 @@ def measure_invariants(make_model, cfg, batch, calibration_data=None, steps=3, l
     now = snapshot_state(model)
     out["base_changed"] = not all(
         torch.equal(now[k], before[k]) for k in before if k in now and k not in adapter_keys) \
-        if not _rewrites(model) else None
+        if not rewrote else None
     out.update(_reload(model, make_model, batch, trained))
     detach(model)
     out["detach_bitexact"] = state_equal(snapshot_state(model), before)

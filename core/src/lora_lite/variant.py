@@ -82,7 +82,10 @@ class Variant:
 
     name: str = ""
     config = None
-    rewrites_weight: bool = False     # init() changes the base weight (through set_dense_weight)
+    # Does attach change the base weight (init writing through set_dense_weight)? A bool (always /
+    # never), or a callable rewrites_weight(cfg) -> bool when the config decides (e.g. only with
+    # cfg.rewrite_base). Ask ``rewrites_base(variant, cfg)``; check_variant holds it to the truth.
+    rewrites_weight: bool = False
     needs_calibration: bool = False   # attach() must get calibration_data
     supports_quantized: bool = True   # works on bitsandbytes 4bit/8bit bases
     paper: str = ""
@@ -99,6 +102,13 @@ class Variant:
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg) -> dict:
         raise NotImplementedError
+
+
+def rewrites_base(variant, cfg) -> bool:
+    """Whether attaching ``variant`` with ``cfg`` rewrites the base weight (its ``rewrites_weight``
+    flag, or that callable's answer for ``cfg``)."""
+    flag = getattr(variant, "rewrites_weight", False)
+    return bool(flag(cfg)) if callable(flag) else bool(flag)
 
 
 def hook_kind(variant) -> str:

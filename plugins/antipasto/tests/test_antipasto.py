@@ -84,7 +84,10 @@ def test_registered_through_entry_point():
     for name in VARIANTS:
         assert name in found
         assert ll.plugins.variant_origin(name).distribution == "lora-lite-antipasto"
-        assert found[name].rewrites_weight and found[name].supports_quantized
+        assert found[name].supports_quantized
+        # the base is rewritten only with the opt-in rewrite_base=True
+        assert not ll.rewrites_base(found[name], found[name].config())
+        assert ll.rewrites_base(found[name], found[name].config(rewrite_base=True))
         assert not found[name].needs_calibration
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import BASES, check_variant, logits, make_batch, model_maker, tiny_llama
+from lora_lite.testing import (BASES, backward_lm, check_variant, logits, make_batch,
+                               model_maker, peft_layer_pairs, tiny_llama)
 
 TARGETS = [r"q_proj$", r"v_proj$"]
 # tiny_llama: q_proj 64->64, v_proj 64->32, two layers; per target r(d_in+d_out) + 1 (λ)
@@ -45,21 +46,12 @@ def peft_pair(lambda0=15.0):
         r=4, delora_lambda=lambda0, target_modules=["q_proj", "v_proj"]))
     norm_err = 0.0
     with torch.no_grad():
-        for name, module in theirs.named_modules():
-            if "default" not in getattr(module, "delora_A", {}):
-                continue
-            layer = ours.get_submodule(name.replace("base_model.model.", ""))
+        for module, layer in peft_layer_pairs(theirs, ours, "delora_A"):
             module.delora_A["default"].copy_(layer.lora_A)
             module.delora_B["default"].copy_(layer.lora_B)
             module.delora_lambda["default"].copy_(layer.lora_lambda.reshape(1))
             norm_err = max(norm_err, (module.delora_w_norm["default"] - layer.lora_wnorm).abs().max().item())
     return base, ours, theirs, norm_err
-
-
-def peft_parity_err():
-    base, ours, theirs, _ = peft_pair()
-    batch = make_batch()
-    return (logits(ours, batch) - logits(theirs, batch)).abs().max().item()
 
 
 def test_registered_through_entry_point():
@@ -111,14 +103,8 @@ def test_peft_parity():
 
 def test_peft_parity_gradients():
     _, ours, theirs, _ = peft_pair()
-    batch = make_batch()
-    for model in (ours, theirs):
-        model.train()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-    for name, module in theirs.named_modules():
-        if "default" not in getattr(module, "delora_A", {}):
-            continue
-        layer = ours.get_submodule(name.replace("base_model.model.", ""))
+    backward_lm(ours, theirs, batch=make_batch())
+    for module, layer in peft_layer_pairs(theirs, ours, "delora_A"):
         for mine, peft_t in [(layer.lora_A, module.delora_A["default"]),
                              (layer.lora_B, module.delora_B["default"]),
                              (layer.lora_lambda, module.delora_lambda["default"])]:

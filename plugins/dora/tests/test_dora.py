@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import BASES, check_variant, logits, make_batch, model_maker, tiny_llama
+from lora_lite.testing import (BASES, backward_lm, check_variant, logits, make_batch,
+                               model_maker, peft_layer_pairs, tiny_llama, train_steps)
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
@@ -32,25 +33,6 @@ def invariants(kind, **kw):
                          reload_tol=0.0)["bases"][kind]
 
 
-def train(model, steps=3, lr=1e-2):
-    batch = make_batch()
-    opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-
-
-def peft_layers(theirs, ours):
-    """(PEFT LoRA module, our adapted layer) pairs."""
-    for name, module in theirs.named_modules():
-        if "default" in getattr(module, "lora_A", {}):
-            yield module, ours.get_submodule(name.replace("base_model.model.", ""))
-
-
 def peft_pair(kind="fp32+bias"):
     """(base, ours trained, PEFT use_dora model holding our trained A, B, m). Returns also the
     max difference between PEFT's magnitude init and ours."""
@@ -59,24 +41,18 @@ def peft_pair(kind="fp32+bias"):
     ours = copy.deepcopy(base)
     ll.attach(ours, make_cfg())
     m_init = {name: t.detach().clone() for name, t in ll.adapter_tensors(ours).items()}
-    train(ours)
+    train_steps(ours)
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_dora=True))
     m_err = 0.0
     with torch.no_grad():
-        for module, layer in peft_layers(theirs, ours):
+        for module, layer in peft_layer_pairs(theirs, ours):
             magnitude = module.lora_magnitude_vector["default"].weight
             m_err = max(m_err, (magnitude - m_init[f"{layer._lora_name}.lora_m"]).abs().max().item())
             module.lora_A["default"].weight.copy_(layer.lora_A)
             module.lora_B["default"].weight.copy_(layer.lora_B)
             magnitude.copy_(layer.lora_m)
     return base, ours, theirs, m_err
-
-
-def peft_parity_err():
-    _, ours, theirs, _ = peft_pair()
-    batch = make_batch()
-    return (logits(ours, batch) - logits(theirs, batch)).abs().max().item()
 
 
 def test_registered_through_entry_point():
@@ -116,11 +92,8 @@ def test_peft_parity_after_training():
 
 def test_peft_parity_gradients():
     _, ours, theirs, _ = peft_pair()
-    batch = make_batch()
-    for model in (ours, theirs):
-        model.train()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-    for module, layer in peft_layers(theirs, ours):
+    backward_lm(ours, theirs, batch=make_batch())
+    for module, layer in peft_layer_pairs(theirs, ours):
         for mine, peft_t in [(layer.lora_A, module.lora_A["default"].weight),
                              (layer.lora_B, module.lora_B["default"].weight),
                              (layer.lora_m, module.lora_magnitude_vector["default"].weight)]:
@@ -133,7 +106,7 @@ def test_peft_parity_gradients():
 def test_formula_and_unscaled_bias(kind):
     model = MAKERS[kind]()
     ll.attach(model, make_cfg(factored_norm=False))  # the dense norm; factored: test_dora_factored.py
-    train(model)
+    train_steps(model)
     layer = ll.attached(model).targets[0].layer
     x = torch.randn(5, layer.in_features)
     with torch.no_grad():
@@ -161,7 +134,7 @@ def test_cached_weight_is_not_reread(monkeypatch):
     def no_dequantization(layer):
         raise AssertionError("dense weight re-read in the forward")
     monkeypatch.setattr(ll, "dense_weight", no_dequantization)
-    train(model, steps=1)
+    train_steps(model, steps=1)
     assert not torch.equal(logits(model, batch), before)
 
 
@@ -173,7 +146,7 @@ def test_uncached_equals_cached(kind):
         model = MAKERS[kind]()
         logits(model, batch)  # run the quantized layers first (8bit moves its scales on forward)
         ll.attach(model, make_cfg(factored_norm=False, cache_weight=cache))
-        train(model)          # every forward of the uncached adapter re-reads the weight
+        train_steps(model)          # every forward of the uncached adapter re-reads the weight
         out[cache] = [logits(model, batch) for _ in range(2)]
     assert torch.equal(out[False][0], out[False][1])  # the layers still work after the reads
     assert torch.equal(out[True][0], out[False][0])

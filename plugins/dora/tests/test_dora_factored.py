@@ -1,15 +1,15 @@
 """DoRA's factored row norm (the default): no dense copy of W, adapter memory on a 4bit base
 within 1.5× LoRA's, exact identity at init on every base, the norm equal to the dense one up to
-the base kernel's own rounding on A's rows, PEFT parity (logits and gradients, with a bias),
-and W never read in the forward."""
-import copy
+the base kernel's own rounding on A's rows, and W never read in the forward. (PEFT parity of
+this default, logits and gradients with a bias: test_dora.py.)"""
 import warnings
 
 import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import check_variant, logits, make_batch, quantize, tiny_llama
+from lora_lite.testing import (BASES, check_variant, logits, make_batch, model_maker, quantize,
+                               tiny_llama, train_steps)
 from lora_lite_dora.dora import row_norm
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
@@ -17,35 +17,11 @@ warnings.filterwarnings("ignore", message="MatMul8bitLt")
 TARGETS = [r"q_proj$", r"v_proj$"]
 
 
-def with_bias(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    for name, module in model.named_modules():
-        if name.endswith(("q_proj", "v_proj")):
-            module.bias = torch.nn.Parameter(0.1 * torch.randn(module.out_features, generator=g))
-    return model
-
-
-MAKERS = {
-    "fp32+bias": lambda: with_bias(tiny_llama()),
-    "4bit+bias": lambda: quantize(with_bias(tiny_llama()), "4bit"),
-    "8bit+bias": lambda: quantize(with_bias(tiny_llama()), "8bit"),
-}
+MAKERS = {f"{base}+bias": model_maker(base, bias=True) for base in BASES}
 
 
 def cfg_of(variant="dora", **kw):
     return ll.config(variant, **{"r": 4, "alpha": 8, "target_names": TARGETS, **kw})
-
-
-def train(model, steps=3, lr=1e-2):
-    batch = make_batch()
-    opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
 
 
 def adapter_bytes(model):
@@ -96,7 +72,7 @@ def test_factored_norm_equals_dense_norm(kind):
     A's rows (fp32 and 4bit: fp32 rounding; 8bit: int8 activations, bounded here)."""
     model = MAKERS[kind]()
     ll.attach(model, cfg_of())
-    train(model)
+    train_steps(model)
     for t in ll.attached(model).targets:
         layer, s = t.layer, t.layer._lora_cfg.scale
         with torch.no_grad():
@@ -117,39 +93,6 @@ def test_dense_weight_never_read_in_forward(monkeypatch):
     def no_dequantization(layer):
         raise AssertionError("dense weight read in the forward")
     monkeypatch.setattr(ll, "dense_weight", no_dequantization)
-    train(model, steps=2)
+    train_steps(model, steps=2)
     assert not torch.equal(logits(model, make_batch()), before)
 
-
-def peft_pair():
-    from peft import LoraConfig, get_peft_model
-    base = MAKERS["fp32+bias"]()
-    ours = copy.deepcopy(base)
-    ll.attach(ours, cfg_of())
-    train(ours)
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_dora=True))
-    pairs = []
-    with torch.no_grad():
-        for name, module in theirs.named_modules():
-            if "default" in getattr(module, "lora_A", {}):
-                layer = ours.get_submodule(name.replace("base_model.model.", ""))
-                module.lora_A["default"].weight.copy_(layer.lora_A)
-                module.lora_B["default"].weight.copy_(layer.lora_B)
-                module.lora_magnitude_vector["default"].weight.copy_(layer.lora_m)
-                pairs.append((module, layer))
-    return ours, theirs, pairs
-
-
-def test_peft_parity_logits_and_gradients():
-    ours, theirs, pairs = peft_pair()
-    batch = make_batch()
-    assert (logits(ours, batch) - logits(theirs, batch)).abs().max() < 1e-5
-    for model in (ours, theirs):
-        model.train()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-    for module, layer in pairs:
-        for mine, peft_t in [(layer.lora_A, module.lora_A["default"].weight),
-                             (layer.lora_B, module.lora_B["default"].weight),
-                             (layer.lora_m, module.lora_magnitude_vector["default"].weight)]:
-            assert (mine.grad - peft_t.grad).abs().max() <= 1e-5 * peft_t.grad.abs().max()

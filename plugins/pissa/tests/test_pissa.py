@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (BASES, check_variant, logits, make_batch, model_maker,
-                               snapshot_state, state_equal, tiny_llama)
+from lora_lite.testing import (BASES, backward_lm, check_variant, logits, make_batch,
+                               model_maker, peft_layer_pairs, snapshot_state, state_equal,
+                               tiny_llama, train_steps)
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
@@ -44,13 +45,6 @@ def peft_pissa(base, r=4, alpha=8):
         init_lora_weights="pissa"))
 
 
-def peft_layers(theirs, ours):
-    """(PEFT LoRA module, our adapted layer) pairs."""
-    for name, module in theirs.named_modules():
-        if "default" in getattr(module, "lora_A", {}):
-            yield module, ours.get_submodule(name.replace("base_model.model.", ""))
-
-
 def init_diff(alpha=8):
     """Max differences between our init and PEFT's: A, B up to the SVD's sign per component, the
     residual weight, and the logits."""
@@ -59,7 +53,7 @@ def init_diff(alpha=8):
     ll.attach(ours, make_cfg(alpha=alpha))
     theirs = peft_pissa(base, alpha=alpha)
     out = {"A": 0.0, "B": 0.0, "residual": 0.0}
-    for module, layer in peft_layers(theirs, ours):
+    for module, layer in peft_layer_pairs(theirs, ours):
         A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
         sign = torch.sign((A * layer.lora_A).sum(dim=1))          # (r,): ±1 per singular pair
         out["A"] = max(out["A"], (A - sign[:, None] * layer.lora_A).abs().max().item())
@@ -71,37 +65,19 @@ def init_diff(alpha=8):
     return out
 
 
-def train(model, steps=3, lr=1e-2):
-    batch = make_batch()
-    opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-
-
 def peft_pair():
     """(base, ours trained, PEFT model holding our trained A, B and our residual)."""
     base = tiny_llama()
     ours = copy.deepcopy(base)
     ll.attach(ours, make_cfg())
-    train(ours)
+    train_steps(ours)
     theirs = peft_pissa(base)
     with torch.no_grad():
-        for module, layer in peft_layers(theirs, ours):
+        for module, layer in peft_layer_pairs(theirs, ours):
             module.lora_A["default"].weight.copy_(layer.lora_A)
             module.lora_B["default"].weight.copy_(layer.lora_B)
             module.base_layer.weight.copy_(layer.weight)
     return base, ours, theirs
-
-
-def peft_parity_err():
-    _, ours, theirs = peft_pair()
-    batch = make_batch()
-    return (logits(ours, batch) - logits(theirs, batch)).abs().max().item()
 
 
 def residual_error(kind, **kw):
@@ -123,7 +99,10 @@ def test_registered_through_entry_point():
     v = ll.variants()["pissa"]
     assert v.config.__name__ == "PiSSAConfig"
     assert v.config.knobs() == {"quant_iters": 1, "rewrite_base": False}
-    assert v.paper.endswith("2404.02948") and v.rewrites_weight
+    assert v.paper.endswith("2404.02948")
+    # the base is rewritten only with the opt-in rewrite_base=True (check_variant holds the flag
+    # to what attach did: see test_invariants)
+    assert not ll.rewrites_base(v, v.config()) and ll.rewrites_base(v, make_cfg(rewrite_base=True))
 
 
 @pytest.mark.parametrize("kind", ["fp32", "4bit", "8bit"])
@@ -174,11 +153,8 @@ def test_peft_parity_after_training():
 
 def test_peft_parity_gradients():
     _, ours, theirs = peft_pair()
-    batch = make_batch()
-    for model in (ours, theirs):
-        model.train()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-    for module, layer in peft_layers(theirs, ours):
+    backward_lm(ours, theirs, batch=make_batch())
+    for module, layer in peft_layer_pairs(theirs, ours):
         for mine, peft_t in [(layer.lora_A, module.lora_A["default"].weight),
                              (layer.lora_B, module.lora_B["default"].weight)]:
             scale = peft_t.grad.abs().max().item()
@@ -190,7 +166,7 @@ def test_peft_parity_gradients():
 def test_load_rebuilds_the_residual(kind, tmp_path):
     model = MAKERS[kind]()
     ll.attach(model, make_cfg())
-    train(model)
+    train_steps(model)
     path = os.path.join(tmp_path, "a.safetensors")
     ll.save(model, path)
     fresh = MAKERS[kind]()

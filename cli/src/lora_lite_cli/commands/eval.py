@@ -15,7 +15,7 @@ from ..app import (CLIError, app, console, dtype_option, err_console, handle_err
 @app.command("eval")
 @handle_errors
 def eval_command(
-    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter file (.safetensors written by lora-lite) or a PEFT adapter folder."),
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter file (.safetensors written by lora-lite), a PEFT adapter folder, or a hub adapter id (org/name: its config and safetensors weights only, through huggingface_hub)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one recorded in the adapter file, else the embedded smollm2)."),
     eval_data: str = typer.Option("generated", "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
     limit: int = typer.Option(100, "--eval-limit", "--limit", "-n", help="Evaluate the first N items (0: all); the same option as train's --eval-limit."),
@@ -67,7 +67,7 @@ def eval_command(
     base_res = run("base model") if base else None
     ll.load(base_model, adapter)
     adapted_res = run("adapted model")
-    pred_path = str(predictions or Path(adapter).with_name("eval_predictions.jsonl"))
+    pred_path = str(predictions or _predictions_path(adapter))
     write_predictions(pred_path, base_res, adapted_res)
 
     def summary(res):
@@ -93,3 +93,11 @@ def eval_command(
     console.print(table)
     console.print(f"data: {examples.spec} ({examples.kind}, {len(examples.examples)} items); "
                   f"predictions: {pred_path}", highlight=False)
+
+
+def _predictions_path(adapter) -> Path:
+    """eval_predictions.jsonl next to a local adapter (file or folder); in the working directory
+    for a hub adapter id (its "org/" is no local folder)."""
+    if Path(adapter).exists():
+        return Path(adapter).with_name("eval_predictions.jsonl")
+    return Path("eval_predictions.jsonl")

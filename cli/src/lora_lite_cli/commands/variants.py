@@ -23,7 +23,9 @@ def variant_info(name, cls) -> dict:
         "distribution": origin.distribution,
         "version": origin.version,
         "hook": ll.hook_kind(cls),
-        "rewrites_weight": bool(getattr(cls, "rewrites_weight", False)),
+        # under the default config; `_by_config`: the config decides (e.g. an opt-in rewrite_base)
+        "rewrites_weight": ll.rewrites_base(cls, cls.config()),
+        "rewrites_weight_by_config": callable(getattr(cls, "rewrites_weight", False)),
         "needs_calibration": bool(getattr(cls, "needs_calibration", False)),
         "supports_quantized": bool(getattr(cls, "supports_quantized", True)),
         "uses_rank": uses_rank,
@@ -33,6 +35,12 @@ def variant_info(name, cls) -> dict:
         "paper": getattr(cls, "paper", "") or "",
         "train_defaults": jsonable(variant_defaults(name)),  # what `train` uses; `source`: its own keys
     }
+
+
+def _rewrites_label(row) -> str:
+    if row["rewrites_weight_by_config"]:
+        return "yes (by config)" if row["rewrites_weight"] else "no (opt-in)"
+    return _yes(row["rewrites_weight"])
 
 
 def safe_variant_info(name, cls, problems: list) -> dict | None:
@@ -89,7 +97,7 @@ def variants_command(
         table.add_column("4/8bit")
         for r in rows:
             table.add_row(r["name"], f"{r['distribution']} {r['version']}", r["hook"],
-                          _yes(r["rewrites_weight"]),
+                          _rewrites_label(r),
                           "[yellow]needs[/]" if r["needs_calibration"] else "no",
                           _yes(r["supports_quantized"]))
         console.print(table)

@@ -5,6 +5,12 @@ the scheduler and loss scaler after step N, and the RNG states taken at the *sta
 (``loop.Committed``), so a run resumed from it computes step N+1 exactly as an uninterrupted run
 does. ``trainer.pt`` is written to a temporary file and renamed, so a checkpoint is never half
 written; the adapter file goes the same way through ``ll.save``.
+
+Under FSDP each rank's optimizer holds the AdamW state of its shard of the adapter only: every
+rank writes its own ``optimizer.rank{N}.pt`` (with its RNG states) before rank 0 writes
+``trainer.pt`` (which then records ``optimizer_shards = N processes``), and such a checkpoint
+resumes only under FSDP with the same number of processes (and the same FSDP settings, which
+decide the shards).
 """
 from __future__ import annotations
 
@@ -16,11 +22,13 @@ import torch
 
 import lora_lite as ll
 
+from .runtime import fsdp_wanted, launched_processes
 from .settings import RESUME_FREE, Settings, TrainError, check_settings
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer.pt"
 ADAPTER_FILE = "adapter.safetensors"
+SHARD_FILE = "optimizer.rank{}.pt"
 REQUIRED = ("step", "settings", "optimizer", "scheduler", "torch_rng", "python_rng", "losses",
             "lrs", "sanity", "adapter_before", "probe_before")
 
@@ -32,6 +40,47 @@ def save_checkpoint(folder: str, model, state: dict) -> None:
     tmp = os.path.join(folder, TRAINER_STATE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(folder, TRAINER_STATE))
+
+
+def save_shard(folder: str, rank: int, shard: dict) -> None:
+    """One rank's optimizer state and RNG states (FSDP), written atomically like trainer.pt."""
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, SHARD_FILE.format(rank))
+    torch.save(shard, target + ".tmp")
+    os.replace(target + ".tmp", target)
+
+
+def read_shard(folder: str, rank: int) -> dict:
+    return torch.load(os.path.join(folder, SHARD_FILE.format(rank)), map_location="cpu",
+                      weights_only=True)
+
+
+def check_shards(path: str, folder: str, state: dict, fsdp: bool, processes: int) -> None:
+    """A checkpoint with sharded optimizer state resumes only as it was written: under FSDP,
+    with the same number of processes, every shard file present. One line otherwise."""
+    shards = state.get("optimizer_shards")
+    if state.get("sharded_optimizer") and not shards:
+        raise TrainError(f"--resume {path!r}: this checkpoint comes from an FSDP run of an older "
+                         "lora-lite that kept only rank 0's optimizer shard; its "
+                         f"{ADAPTER_FILE} is whole: start a new run from it")
+    if not shards:
+        if fsdp:
+            raise TrainError(f"--resume {path!r}: this checkpoint holds a whole optimizer state "
+                             "(a run without FSDP); resume it without --use_fsdp (torchrun, "
+                             "accelerate launch --multi_gpu, or one process)")
+        return
+    if not fsdp or processes != shards:
+        now = f"{processes} process{'es' if processes > 1 else ''}" + (" under FSDP" if fsdp else "")
+        raise TrainError(f"--resume {path!r}: this checkpoint holds the optimizer shards of a "
+                         f"{shards}-process FSDP run; resume it under FSDP with {shards} "
+                         f"processes (accelerate launch --use_fsdp --num_processes {shards} "
+                         f"and the run's FSDP settings), not {now}")
+    missing = [SHARD_FILE.format(r) for r in range(shards)
+               if not os.path.isfile(os.path.join(folder, SHARD_FILE.format(r)))]
+    if missing:
+        raise TrainError(f"--resume {path!r}: the checkpoint lacks {', '.join(missing)} (every "
+                         "rank writes its optimizer shard); start a new run from its "
+                         f"{ADAPTER_FILE}")
 
 
 def checkpoint_folder(path: str) -> str:
@@ -62,10 +111,7 @@ def read_checkpoint(path: str) -> tuple[str, dict]:
     if missing:
         raise TrainError(f"--resume {path!r}: {TRAINER_STATE} lacks {', '.join(missing)}; "
                          "start the run again without --resume")
-    if state.get("sharded_optimizer"):
-        raise TrainError(f"--resume {path!r}: this checkpoint comes from an FSDP run whose "
-                         "optimizer state is sharded, which resuming does not support; its "
-                         f"{ADAPTER_FILE} is whole: start a new run from it")
+    check_shards(path, folder, state, fsdp_wanted(), launched_processes())
     return folder, state
 
 

@@ -24,6 +24,7 @@ import torch
 import lora_lite as ll
 
 from .batching import loss_sum
+from .runtime import clip_grad_norm
 
 
 @dataclass
@@ -118,7 +119,8 @@ class Trainer:
                            f"stopped; kept the adapter of the last step with a finite loss (after "
                            f"{self.kept_step} steps); try a lower --lr than {s.lr:g}", self.kept_step)
         self.last_good, self.kept_step = adapter_snapshot(self.plain), st.step
-        grad_norm = float(self.acc.clip_grad_norm_(self.params, s.grad_clip or math.inf))
+        grad_norm = float(clip_grad_norm(self.acc, self.model, self.params,
+                                         s.grad_clip or math.inf))
         scaled = self.acc.scaler is not None
         if not math.isfinite(grad_norm) and not scaled:
             return Outcome("nonfinite", f"gradient norm is {grad_norm} at step {st.step + 1}: "

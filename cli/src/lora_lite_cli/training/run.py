@@ -5,9 +5,13 @@ from the first training batches when the variant needs data), train the adapter 
 AdamW (``loop.Trainer``), save the adapter, check that it reloads, evaluate the adapted model,
 and write ``adapter.safetensors``, ``metrics.json``, ``predictions.jsonl`` and ``loss.png``.
 Ctrl-C or SIGTERM writes a checkpoint instead (``checkpoints``); ``--resume`` continues it.
+Under FSDP the model stays on the CPU (ranks > 0: on the meta device with
+cpu_ram_efficient_loading, see ``training.fsdp``) until FSDP wraps it, and the base model is
+evaluated after wrapping, through the wrapped model with the adapter's hooks off.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -20,9 +24,10 @@ import lora_lite as ll
 from .. import data as data_mod
 from .. import evaluate as eval_mod
 from ..models import describe, load_model
+from . import fsdp as fsdp_mod
 from . import runtime
 from .batching import Batches, count_supervised, encode, loss_sum, model_inputs
-from .checkpoints import CHECKPOINT_DIR, save_checkpoint
+from .checkpoints import CHECKPOINT_DIR, read_shard, save_checkpoint, save_shard
 from .loop import Outcome, Trainer, TrainState, adapter_snapshot
 from .reporting import Reporter, eval_summary, train_metrics, write_json, write_run_files
 from .settings import Settings, TrainError, build_config
@@ -54,13 +59,18 @@ class Run:
         n_train = s.steps * s.grad_accum * s.batch_size
         self.train_src = data_mod.train_data(s.train_data, n_train, s.seed)
         self.eval_src = data_mod.eval_data(s.eval_data, s.eval_limit) if s.eval_limit else None
+        self.fsdp, self.meta = runtime.is_fsdp(acc), runtime.meta_loading(acc)
+        if self.meta:
+            fsdp_mod.refuse_on_meta(s, self.variant)
         self.reporter.status(f"loading model {s.model} ...")
         t0 = time.perf_counter()
-        self.model, self.tokenizer = load_model(s.model, s.dtype, s.quantize, str(acc.device))
+        # under FSDP the model stays on the CPU until FSDP moves each shard to the device
+        where = "cpu" if self.fsdp and not s.quantize else str(acc.device)
+        self.model, self.tokenizer = load_model(s.model, s.dtype, s.quantize, where,
+                                                empty=self.meta and not acc.is_main_process)
         self.times["load_model_s"] = time.perf_counter() - t0
         encoded, skipped = encode(self.tokenizer, self.train_src.examples, s.seq_len)
-        device = next(self.model.parameters()).device
-        self.batches = Batches(encoded, s.batch_size, self.tokenizer.pad_token_id, device,
+        self.batches = Batches(encoded, s.batch_size, self.tokenizer.pad_token_id, acc.device,
                                acc.process_index, acc.num_processes)
         self.metrics = self._first_metrics(skipped, n_train)
 
@@ -73,6 +83,7 @@ class Run:
             "distributed": str(self.acc.distributed_type).split(".")[-1],
             "model": {"name": s.model, "dtype": s.dtype, "quantize": s.quantize,
                       **describe(self.model)},
+            "fsdp": self._fsdp_settings(),
             "data": {"train": {**self.train_src.fingerprint(), "skipped_prompt_too_long": skipped,
                                "examples_used": n_train},
                      "eval": self.eval_src.fingerprint() if self.eval_src else None,
@@ -81,17 +92,32 @@ class Run:
             "torch_threads": torch.get_num_threads(),
         }
 
-    def evaluate(self, label):
+    def _fsdp_settings(self) -> dict | None:
+        plugin = runtime.fsdp_plugin(self.acc)
+        if plugin is None:
+            return None
+        return {"sync_module_states": bool(plugin.sync_module_states),
+                "cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
+                "sharding_strategy": str(plugin.sharding_strategy).split(".")[-1]}
+
+    def evaluate(self, label, base=False):
+        """Accuracy on the held-out split. Under FSDP through the wrapped model (every rank
+        generates in step, see ``evaluate``); ``base``: with the adapter's hooks off."""
         if self.eval_src is None:
             return None
         acc = self.acc
         n = len(range(acc.process_index, len(self.eval_src.examples), acc.num_processes))
         self.reporter.start_eval(label, n)
         t = time.perf_counter()
-        result = eval_mod.evaluate(self.model, self.tokenizer, self.eval_src.examples,
-                                   self.s.eval_batch_size, self.s.max_new_tokens,
-                                   self.reporter.eval_advance, acc.process_index,
-                                   acc.num_processes)
+        with contextlib.ExitStack() as stack:
+            if self.fsdp:  # the root's own tensors (embeddings, head); the layers gather theirs
+                stack.enter_context(runtime.full_params(acc, self.wrapped, recurse=False))
+            if base and ll.attached(self.model) is not None and not base_rewritten(self.model):
+                stack.enter_context(ll.disabled(self.model))
+            result = eval_mod.evaluate(self.model, self.tokenizer, self.eval_src.examples,
+                                       self.s.eval_batch_size, self.s.max_new_tokens,
+                                       self.reporter.eval_advance, acc.process_index,
+                                       acc.num_processes, synced=self.fsdp)
         result["time_s"] = round(time.perf_counter() - t, 2)
         self.reporter.end_eval()
         return result
@@ -99,13 +125,15 @@ class Run:
     def attach(self):
         s, model = self.s, self.model
         t0 = time.perf_counter()
-        if self.resume is None:
-            calib = None
-            if s.calibration or getattr(self.variant, "needs_calibration", False):
-                calib = [model_inputs(self.batches.whole(j)) for j in range(max(s.calibration, 1))]
-            ll.attach(model, self.cfg, calibration_data=calib)
-        else:
-            ll.load(model, os.path.join(self.resume[0], "adapter.safetensors"))
+        error = None
+        try:
+            self._attach_or_load()
+        except Exception as e:  # under FSDP every rank must hear of it (the next step gathers)
+            if not self.fsdp:
+                raise
+            error = fsdp_mod.first_line(e)
+        if self.fsdp:
+            fsdp_mod.agree_on_adapter(self.acc, model, error, self.meta)
         self.times["attach_s"] = time.perf_counter() - t0
         params = ll.trainable_parameters(model)
         adapter = {id(t) for t in ll.adapter_tensors(model).values()}
@@ -120,16 +148,37 @@ class Run:
             "calibration_batches": s.calibration if self.resume is None else None}
         return params
 
+    def _attach_or_load(self):
+        s, model = self.s, self.model
+        if self.resume is not None:
+            ll.load(model, os.path.join(self.resume[0], "adapter.safetensors"))
+            return
+        calib = None
+        if s.calibration or getattr(self.variant, "needs_calibration", False):
+            device = next(model.parameters()).device  # the CPU under FSDP, before wrapping
+            calib = [{k: v.to(device) for k, v in model_inputs(self.batches.whole(j)).items()}
+                     for j in range(max(s.calibration, 1))]
+        ll.attach(model, self.cfg, calibration_data=calib)
+
     def prepare(self, params) -> TrainState:
-        """AdamW + the schedule, through accelerate; the state fresh or from the checkpoint."""
+        """AdamW + the schedule, through accelerate; the state fresh or from the checkpoint.
+        Under FSDP the model is wrapped first and AdamW gets the wrapped model's adapter
+        tensors (meta loading replaces the meta tensors of ranks > 0 while wrapping)."""
         from transformers import get_scheduler
         s = self.s
+        if self.fsdp:
+            self.metrics["loading"] = fsdp_mod.loading_figures(self.acc, self.model, self.meta)
+            (self.wrapped,) = runtime.prepare(self.acc, self.model)
+            params = ll.trainable_parameters(self.model)
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         kind = {"constant": "constant_with_warmup"}.get(s.schedule, s.schedule)
         self.scheduler = get_scheduler(kind, optimizer, num_warmup_steps=s.warmup,
                                        num_training_steps=s.steps)
         self.probe = self.batches.whole(0)
-        self.wrapped, self.optimizer = runtime.prepare(self.acc, self.model, optimizer)
+        if self.fsdp:
+            (self.optimizer,) = runtime.prepare(self.acc, optimizer)
+        else:
+            self.wrapped, self.optimizer = runtime.prepare(self.acc, self.model, optimizer)
         self.metrics["trained_as"] = type(self.wrapped).__name__  # DDP, FSDP, OptimizedModule
         # what this rank holds: every parameter under DDP, about 1/N of them under FSDP
         self.metrics["parameters_on_rank0"] = sum(p.numel() for p in self.wrapped.parameters())
@@ -140,6 +189,8 @@ class Run:
             self.probe_before = self.probe_loss()
             return state
         saved = self.resume[1]
+        if saved.get("optimizer_shards"):  # this rank's shard (checked: same world size)
+            saved = {**saved, **read_shard(self.resume[0], self.acc.process_index)}
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.acc.scaler is not None and saved.get("scaler"):
@@ -177,9 +228,16 @@ class Run:
     def checkpoint(self, state: TrainState, base_eval) -> RunResult:
         s, out_dir = self.s, self.s.output
         folder = os.path.join(out_dir, CHECKPOINT_DIR)
+        if self.fsdp:  # every rank's optimizer shard first: trainer.pt marks a whole checkpoint
+            torch_rng, python_rng = state.rng
+            save_shard(folder, self.acc.process_index, {
+                "optimizer": self.optimizer.state_dict(), "torch_rng": torch_rng,
+                "python_rng": python_rng})
+            self.acc.wait_for_everyone()
         with runtime.full_params(self.acc, self.wrapped):
             if self.acc.is_main_process:
                 self._write_checkpoint(folder, state, base_eval)
+        self.acc.wait_for_everyone()
         return RunResult("interrupted", out_dir, self.metrics,
                          f"interrupted at step {state.step}/{s.steps}: checkpoint saved to "
                          f"{folder}; resume with: lora-lite train --resume {folder}")
@@ -188,9 +246,10 @@ class Run:
         s, out_dir = self.s, self.s.output
         torch_rng, python_rng = state.rng
         save_checkpoint(folder, self.model, {
-            "sharded_optimizer": runtime.is_fsdp(self.acc),
+            "optimizer_shards": self.acc.num_processes if self.fsdp else 0,
             "step": state.step, "settings": s.to_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": None if self.fsdp else self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
             "torch_rng": torch_rng, "python_rng": python_rng, "losses": state.losses,
             "lrs": state.lrs, "sanity": state.sanity, "adapter_before": self.before,
@@ -218,10 +277,7 @@ class Run:
             sanity["reload_err"] = self.save_and_reload(adapter_path)
         sanity["ok"] = bool(outcome.status == "completed" and (sanity["first_grad_norm"] or 0) > 0
                             and sanity["adapter_delta"] > 0 and sanity["base_grad_leaks"] == 0)
-        # FSDP: ranks would gather in generate() for different numbers of tokens; evaluate the
-        # saved file with `lora-lite eval` instead
-        evaluate = outcome.status == "completed" and not runtime.is_fsdp(acc)
-        adapted_eval = self.evaluate("adapted model") if evaluate else None
+        adapted_eval = self.evaluate("adapted model") if outcome.status == "completed" else None
         return self._result(state, outcome, base_eval, adapted_eval, probe_after, adapter_path)
 
     def save_and_reload(self, adapter_path) -> float:
@@ -243,8 +299,9 @@ class Run:
         times["total_s"] = time.perf_counter() - self.t_start + times.get("train_s_before_resume", 0)
         mem = runtime.peak_memory_mb(str(acc.device))
         if acc.num_processes > 1:
-            rss = torch.tensor([mem["peak_rss_mb"]], dtype=torch.float64, device=acc.device)
-            mem["peak_rss_mb_max_rank"] = float(acc.gather(rss).max())
+            per_rank = fsdp_mod.gather(acc, mem["peak_rss_mb"])
+            mem["peak_rss_mb_per_rank"] = per_rank
+            mem["peak_rss_mb_max_rank"] = float(max(per_rank))
         m.update(status=outcome.status)
         if outcome.message:
             m["message"] = outcome.message
@@ -260,6 +317,14 @@ class Run:
         if acc.is_main_process:
             write_run_files(s.output, s, m, state.losses, state.lrs, base_eval, adapted_eval)
         return RunResult(outcome.status, s.output, m, outcome.message)
+
+
+def base_rewritten(model) -> bool:
+    """A variant rewrote a base weight at attach (rewrite_base=True): turning the hooks off then
+    leaves the rewritten weight, so the base is evaluated as the initial adapter on it (the same
+    function up to rounding)."""
+    from lora_lite.weights import weight_was_rewritten
+    return any(weight_was_rewritten(t.layer) for t in ll.attached(model).targets)
 
 
 def file_vs_tensors(path, tensors: dict) -> float:
@@ -287,12 +352,18 @@ def _run(r: Run) -> RunResult:
     torch.manual_seed(s.seed)
     random.seed(s.seed)
     r.load()
-    base_eval = r.evaluate("base model") if r.resume is None else r.resume[1].get("base_eval")
-    r.times["eval_base_s"] = base_eval["time_s"] if base_eval else 0.0
+    # under FSDP the base is evaluated once the model is wrapped (below)
+    fresh = r.resume is None
+    base_eval = r.resume[1].get("base_eval") if not fresh else None
+    if fresh and not r.fsdp:
+        base_eval = r.evaluate("base model")
     if r.resume is not None:
         r.times["train_s_before_resume"] = r.resume[1].get("train_s", 0.0)
     params = r.attach()
     state = r.prepare(params)
+    if fresh and r.fsdp:
+        base_eval = r.evaluate("base model", base=True)
+    r.times["eval_base_s"] = base_eval["time_s"] if base_eval else 0.0
     if r.acc.is_main_process:
         os.makedirs(s.output, exist_ok=True)
     trainer = Trainer(s, r.acc, r.wrapped, r.model, r.optimizer, r.scheduler, r.batches,

@@ -22,7 +22,7 @@ import torch
 import lora_lite as ll
 
 from .antipasto import AntiPaSTOConfig, gain
-from .basis import SVDBasisVariant, check_number, check_rank_fits, reset_trainable, thin_svd
+from .basis import SVDBasisVariant, check_number, reset_trainable, set_factors, thin_svd
 
 
 @dataclass
@@ -35,28 +35,6 @@ class CorDAConfig(AntiPaSTOConfig):
         super().validate()
         check_number(self.cov_eps, "cov_eps")
         ll.check(self.cov_eps > 0, "cov_eps", self.cov_eps, "a positive number")
-
-
-def projector_specs(d_in, d_out, r):
-    return {"lora_U": ll.ParamSpec((d_out, r), trainable=False),
-            "lora_S": ll.ParamSpec((r,), trainable=False),
-            "lora_P": ll.ParamSpec((r, d_in), trainable=False)}
-
-
-@torch.no_grad()
-def store_oriented(layer, cfg, U, S, P):
-    """Cast the factors to the buffers' dtype first, then the residual from those (if rewriting)."""
-    layer.lora_U.copy_(U)
-    layer.lora_S.copy_(S)
-    layer.lora_P.copy_(P)
-    write_oblique_residual(layer, cfg)
-
-
-@torch.no_grad()
-def write_oblique_residual(layer, cfg):
-    if cfg.rewrite_base:
-        low_rank = (layer.lora_U.float() * layer.lora_S.float()) @ layer.lora_P.float()
-        ll.set_dense_weight(layer, ll.base_dense_weight(layer) - low_rank)
 
 
 def input_moments(model, targets, calibration_data, diagonal):
@@ -102,20 +80,16 @@ class AntiPaSTOCorDA(SVDBasisVariant):
     diagonal = False
     train_defaults = {"lr": 5e-3, "alpha": "r", "calibration": 16}
     cost_note = "(x Pᵀ) and the expansion through U: r·(d_in + d_out) MACs/token, like LoRA at rank r"
-
-    @classmethod
-    def param_specs(cls, d_in, d_out, cfg):
-        check_rank_fits(cfg, d_in, d_out)
-        return {**projector_specs(d_in, d_out, cfg.r), **cls.trainable_specs(d_in, d_out, cfg)}
+    right_factor = "lora_P"  # the oblique projector (r, d_in): U, S, P in the file
 
     @staticmethod
     def trainable_specs(d_in, d_out, cfg):
         return {"lora_g": ll.ParamSpec((cfg.r,), init="zeros")}
 
-    @staticmethod
-    def init(layer, cfg):
+    @classmethod
+    def init(cls, layer, cfg):
         U, S, Vh = thin_svd(layer)                                # plain crop: P = Vh_r
-        store_oriented(layer, cfg, U[:, :cfg.r], S[:cfg.r], Vh[:cfg.r])
+        set_factors(layer, cfg, U[:, :cfg.r], S[:cfg.r], Vh[:cfg.r], cls.right_factor)
 
     @classmethod
     def group_init(cls, model, targets, cfg, calibration_data):
@@ -132,12 +106,8 @@ class AntiPaSTOCorDA(SVDBasisVariant):
             W = ll.base_dense_weight(t.layer).cpu()
             U, S, P = oriented_factors(W, cfg.r, sqrt_c, inv_sqrt_c)
             device = t.layer.lora_U.device
-            store_oriented(t.layer, cfg, U.to(device), S.to(device), P.to(device))
+            set_factors(t.layer, cfg, U.to(device), S.to(device), P.to(device), cls.right_factor)
             reset_trainable(t.layer, cls.trainable_specs(t.d_in, t.d_out, cfg))
-
-    @staticmethod
-    def after_load(layer, cfg):
-        write_oblique_residual(layer, cfg)
 
     @staticmethod
     def forward(layer, x, y):

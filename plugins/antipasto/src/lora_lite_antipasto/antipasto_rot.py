@@ -20,7 +20,8 @@ import torch
 
 import lora_lite as ll
 
-from .basis import SVDBasisConfig, SVDBasisVariant, check_number, expand, project
+from .basis import (GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, check_number, expand,
+                    project)
 
 ROTATE_BASES = ("V", "U", "both", "none")
 
@@ -73,9 +74,7 @@ def rotate_coords(h, blocks, transpose):
 class AntiPaSTORot(SVDBasisVariant):
     name = "antipasto_rot"
     config = AntiPaSTORotConfig
-    # alpha = r. Upstream ran 5000 steps at lr 5e-3; for the 80-step default run 1.5e-2 measured
-    # better: antipasto 58% -> 70%, rot 59% -> 71%, arrow 66% -> 67% (loss 0.14 -> 0.09).
-    train_defaults = {"alpha": "r", "lr": 1.5e-2}
+    train_defaults = dict(GAIN_TRAIN_DEFAULTS)
     cost_note = "the Cayley solves (once per call) are linear solves, not counted"
 
     @staticmethod

@@ -28,7 +28,6 @@ LoraConfig(use_dora=True) (lora_magnitude_vector = m; rank_pattern / alpha_patte
 per-target ``overrides``; ``use_rslora`` scales by alpha / √r).
 """
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -61,31 +60,8 @@ class DoRAConfig(ll.AdapterConfig):
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
-UNSUPPORTED_FIELDS = ("lora_bias", "layer_replication", "target_parameters", "fan_in_fan_out",
-                      "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
-                      "arrow_config", "megatron_config")
-
-
-def dora_fields(peft_config: dict) -> dict:
-    """lora-lite fields of a PEFT LoraConfig(use_dora=True); refuses what DoRA here lacks."""
-    for name in UNSUPPORTED_FIELDS:
-        if peft_config.get(name):
-            raise ll.ConfigError(f"{name}={peft_config[name]!r}: lora-lite imports DoRA adapters "
-                                 "made of A, B and m on linear layers only")
-    if int(peft_config.get("r", 8)) < 1:
-        raise ll.ConfigError(f"r={peft_config['r']} (rank {peft_config['r']}): an adapter of rank "
-                             "0 is no adapter")
-    init = str(peft_config.get("init_lora_weights", True)).lower()
-    if init.startswith(("pissa", "olora", "corda", "loftq")):
-        raise ll.ConfigError(f"init_lora_weights={peft_config['init_lora_weights']!r}: this adapter "
-                             "is relative to a rewritten base, which lora-lite does not import")
-    # keys: module names or dotted suffixes (core refuses any other key), matched as PEFT does
-    overrides = [(rf"(^|\.){re.escape(p)}$", {"r": int(r)})
-                 for p, r in (peft_config.get("rank_pattern") or {}).items()]
-    overrides += [(rf"(^|\.){re.escape(p)}$", {"alpha": float(a)})
-                  for p, a in (peft_config.get("alpha_pattern") or {}).items()]
-    return {"r": int(peft_config.get("r", 8)), "alpha": float(peft_config.get("lora_alpha", 8)),
-            "use_rslora": bool(peft_config.get("use_rslora", False)), "overrides": tuple(overrides)}
+# PEFT inits that rewrote the base weight (the adapter is relative to that): refused at import
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def dense_base(layer):
@@ -182,12 +158,8 @@ class DoRA(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        ranks = {re.escape(n): cfg.for_target(n).r for n in target_names if cfg.for_target(n).r != cfg.r}
-        alphas = {re.escape(n): cfg.for_target(n).alpha for n in target_names
-                  if cfg.for_target(n).alpha != cfg.alpha}
-        return {"peft_type": "LORA", "target_modules": list(target_names), "use_dora": True, "r": cfg.r, "lora_alpha": cfg.alpha,
-                "use_rslora": cfg.use_rslora, "bias": "none", "init_lora_weights": True,
-                "lora_dropout": 0.0, "rank_pattern": ranks, "alpha_pattern": alphas}
+        return ll.peft_lora_config(target_names, cfg.r, cfg.alpha, use_dora=True,
+                                   use_rslora=cfg.use_rslora, **ll.peft_patterns(cfg, target_names))
 
     @staticmethod
     def peft_state(layer, cfg):
@@ -198,7 +170,8 @@ class DoRA(ll.Variant):
     def from_peft(peft_config):
         if peft_config.get("peft_type") != "LORA" or not peft_config.get("use_dora"):
             return None
-        return dora_fields(peft_config)
+        return ll.peft_lora_fields(peft_config, holds="A, B and m",
+                                   refused_inits=BASE_REWRITING_INITS)
 
     @staticmethod
     def load_peft_state(layer, cfg, tensors):

@@ -154,9 +154,7 @@ class EVA(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "LORA", "target_modules": list(target_names), "r": cfg.r, "lora_alpha": cfg.alpha, "bias": "none",
-                "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-                "lora_dropout": 0.0}
+        return ll.peft_lora_config(target_names, cfg.r, cfg.alpha)  # plain init: loads on W
 
     @staticmethod
     def peft_state(layer, cfg):

@@ -12,31 +12,22 @@ layers with a bias); exports to / imports from PEFT's IA3Config (ia3_l (d_out, 1
 feedforward_modules. A PEFT IA3 folder with feed-forward layers is the ia3_ff variant's.
 """
 from dataclasses import dataclass
-from typing import ClassVar
 
 import lora_lite as ll
 
+from .gate import GateConfig, GateVariant, ia3_peft_config
 from .placement import key_value_names
 
 
 @dataclass
-class IA3Config(ll.AdapterConfig):
+class IA3Config(GateConfig):
     variant: str = "ia3"
 
-    uses_rank: ClassVar[bool] = False
 
-
-class IA3(ll.Variant):
+class IA3(GateVariant):
     name = "ia3"
     config = IA3Config
-    paper = "https://arxiv.org/abs/2205.05638"
-    train_defaults = {"lr": 2e-2}  # targets: k/v of the architecture (placement.py)
     cost_note = "elementwise gain only (d_out mults/token): no matmul, nothing to count"
-    peft_cost_note = "elementwise gain only"
-
-    @staticmethod
-    def added_macs(target, cfg):
-        return 0, 0
 
     @staticmethod
     def default_target_names(model):
@@ -61,7 +52,7 @@ class IA3(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "IA3", "target_modules": list(target_names), "feedforward_modules": [], "init_ia3_weights": True}
+        return ia3_peft_config(target_names, feedforward=())
 
     @staticmethod
     def peft_state(layer, cfg):
@@ -74,7 +65,3 @@ class IA3(ll.Variant):
         if peft_config.get("feedforward_modules"):
             return None  # feed-forward placement: the ia3_ff variant's (all layers one kind)
         return {}
-
-    @staticmethod
-    def load_peft_state(layer, cfg, tensors):
-        layer.lora_g.copy_(ll.peft_tensor(tensors, "ia3_l", layer.lora_g.shape))

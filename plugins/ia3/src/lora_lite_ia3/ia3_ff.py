@@ -12,31 +12,22 @@ with every target in feedforward_modules (ia3_l (1, d_in)). PEFT folders that mi
 and other IA3 layers are refused (lora-lite attaches one variant per model).
 """
 from dataclasses import dataclass
-from typing import ClassVar
 
 import lora_lite as ll
 
+from .gate import GateConfig, GateVariant, ia3_peft_config
 from .placement import down_names
 
 
 @dataclass
-class IA3FFConfig(ll.AdapterConfig):
+class IA3FFConfig(GateConfig):
     variant: str = "ia3_ff"
 
-    uses_rank: ClassVar[bool] = False
 
-
-class IA3FF(ll.Variant):
+class IA3FF(GateVariant):
     name = "ia3_ff"
     config = IA3FFConfig
-    paper = "https://arxiv.org/abs/2205.05638"
-    train_defaults = {"lr": 2e-2}  # targets: the FF down projection (placement.py)
     cost_note = "elementwise gain only (d_in mults/token): no matmul"
-    peft_cost_note = "elementwise gain only"
-
-    @staticmethod
-    def added_macs(target, cfg):
-        return 0, 0
 
     @staticmethod
     def default_target_names(model):
@@ -58,9 +49,7 @@ class IA3FF(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "IA3", "target_modules": list(target_names),
-                "feedforward_modules": list(target_names),
-                "init_ia3_weights": True}
+        return ia3_peft_config(target_names, feedforward=target_names)
 
     @staticmethod
     def peft_state(layer, cfg):
@@ -77,7 +66,3 @@ class IA3FF(ll.Variant):
                 "variant per model, so an IA3 adapter must be all feed-forward (ia3_ff) or none "
                 "(ia3); split it in PEFT")
         return {}
-
-    @staticmethod
-    def load_peft_state(layer, cfg, tensors):
-        layer.lora_g.copy_(ll.peft_tensor(tensors, "ia3_l", layer.lora_g.shape))

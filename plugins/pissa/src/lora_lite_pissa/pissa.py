@@ -88,7 +88,10 @@ class PiSSA(ll.Variant):
     def added_macs(target, cfg):
         # rewrite_base=False keeps W and subtracts s·B0 A0 x in the hook: twice
         return cfg.r * (target.d_in + target.d_out) * (1 if getattr(cfg, "rewrite_base", True) else 2), 0
-    rewrites_weight = True
+
+    @staticmethod
+    def rewrites_weight(cfg):
+        return cfg.rewrite_base  # the residual goes into the base only when asked (opt-in)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -135,16 +138,12 @@ class PiSSA(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "LORA", "target_modules": list(target_names), "r": 2 * cfg.r, "lora_alpha": 2 * cfg.alpha, "bias": "none",
-                "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-                "lora_dropout": 0.0}
+        return ll.peft_lora_config(target_names, 2 * cfg.r, 2 * cfg.alpha)  # [A; A0], [B, -B0]
 
     @staticmethod
     def peft_training_config(cfg, target_names):
         # what a PEFT user trains: rank r on a base PEFT rewrites to W - s·B0 A0 at init
-        return {"peft_type": "LORA", "target_modules": list(target_names), "r": cfg.r,
-                "lora_alpha": cfg.alpha, "bias": "none", "init_lora_weights": "pissa",
-                "use_rslora": False, "use_dora": False, "lora_dropout": 0.0}
+        return ll.peft_lora_config(target_names, cfg.r, cfg.alpha, init_lora_weights="pissa")
 
     @staticmethod
     def peft_state(layer, cfg):
