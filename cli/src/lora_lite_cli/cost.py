@@ -516,18 +516,18 @@ class CostReport:
 
     def _time_rows(self, runners: dict, rows: dict) -> dict:
         """Time the runners taking turns (one forward of each, then one step of each, repeated),
-        the order reversed every other turn so that neither side always runs first (measured:
-        with lora-lite always first, LoRA's step ratio read 1.03 in three runs of identical
-        work): each row gets its medians and its step-time spread; returns the per-turn times."""
+        rotating which goes first (``lora_lite.bench.turn_order``; with lora-lite always first,
+        LoRA's step ratio read 1.03 in three runs of identical work): each row gets its medians
+        and its step-time spread; returns the per-turn times."""
+        from lora_lite.bench import turn_order
         fwd = {k: [] for k in runners}
         step = {k: [] for k in runners}
         for turn in range(self.s.repeats):
-            order = list(runners.items())
-            order = order if turn % 2 == 0 else order[::-1]
-            for k, r in order:
-                fwd[k].append(r.timed(r.forward))
-            for k, r in order:
-                step[k].append(r.timed(r.step))
+            order = turn_order(list(runners), turn)
+            for k in order:
+                fwd[k].append(runners[k].timed(runners[k].forward))
+            for k in order:
+                step[k].append(runners[k].timed(runners[k].step))
         for k in runners:
             rows[k].fwd_ms, rows[k].step_ms = _median(fwd[k]), _median(step[k])
             rows[k].step_ms_spread = (min(step[k]), max(step[k]))

@@ -116,6 +116,14 @@ def timed(fn, device) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def turn_order(names: list, turn: int) -> list:
+    """``names`` rotated by ``turn``: over the rounds each one goes first as often as the others
+    (a fixed order biases the ratio: measured in lora-lite's cost report, the side always run
+    first read 1.03x for identical work)."""
+    k = turn % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 def interleaved_calls(fns: dict, warmup: int, rounds: int, device) -> dict[str, dict]:
     """fns: name -> callable. ``warmup`` calls each, then ``rounds`` rounds of one call per name,
     rotating which goes first. name -> {"wall": [s, ...], "cpu": [s, ...]} (CPU time of this
@@ -125,10 +133,8 @@ def interleaved_calls(fns: dict, warmup: int, rounds: int, device) -> dict[str, 
         for _ in range(warmup):
             fn()
     times = {name: {"wall": [], "cpu": []} for name in fns}
-    order = list(fns)
     for i in range(rounds):
-        k = i % len(order)
-        for name in order[k:] + order[:k]:
+        for name in turn_order(list(fns), i):
             wall, cpu = timed(fns[name], device)
             times[name]["wall"].append(wall)
             times[name]["cpu"].append(cpu)

@@ -207,7 +207,7 @@ class Run:
 
     def probe_loss(self):
         # under FSDP only the wrapped model's forward gathers the sharded layers
-        model = self.wrapped if runtime.is_fsdp(self.acc) else self.model
+        model = self.wrapped if self.fsdp else self.model
         with torch.no_grad():
             loss = loss_sum(model, self.probe, plain=self.model)[0].item()
         return loss / max(count_supervised(self.probe), 1)
@@ -270,7 +270,7 @@ class Run:
                                             .item() for k in after))
         probe_after = self.probe_loss()
         adapter_path = os.path.join(s.output, "adapter.safetensors")
-        if runtime.is_fsdp(acc):
+        if self.fsdp:
             self.save_adapter(adapter_path)
             sanity["reload_err"] = file_vs_tensors(adapter_path, after)
         else:

@@ -211,8 +211,7 @@ def refuse_unsupported(accelerator) -> None:
         raise TrainError(f"lora-lite train does not support {kind} (the adapter would be saved "
                          "as shards); launch with torchrun, `accelerate launch --multi_gpu` "
                          "(DDP) or `accelerate launch --use_fsdp --fsdp_use_orig_params true`")
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if kind == "FSDP" and not getattr(plugin, "use_orig_params", True):
+    if not getattr(fsdp_plugin(accelerator), "use_orig_params", True):
         raise TrainError("FSDP needs use_orig_params (the base is frozen, the adapter is not): "
                          "set fsdp_use_orig_params: true in the accelerate config or pass "
                          "--fsdp_use_orig_params true")
