@@ -346,6 +346,12 @@ def recorded_writer(distribution: str, version: str | None = None) -> str:
     return text
 
 
+def _allow_list_note() -> str:
+    if os.environ.get(ALLOW_ENV) is None:
+        return ""
+    return f" (note: {ALLOW_ENV}={os.environ[ALLOW_ENV]!r} limits which plugins load)"
+
+
 def not_installed_message(name, found: dict, distribution: str | None = None,
                           version: str | None = None) -> str:
     """Why ``name`` is not available and what to do, naming a package only when one is known to
@@ -358,15 +364,12 @@ def not_installed_message(name, found: dict, distribution: str | None = None,
         return f"variant {name!r} is unavailable because {related[0]}"
     if distribution:  # a file names the distribution that wrote it
         msg = f"this adapter needs variant {_quoted(name)}, which is not installed"
-        if os.environ.get(ALLOW_ENV) is not None:
-            msg += f" (note: {ALLOW_ENV}={os.environ[ALLOW_ENV]!r} limits which plugins load)"
-        return f"{msg}; {recorded_writer(distribution, version)}"
+        return f"{msg}{_allow_list_note()}; {recorded_writer(distribution, version)}"
     msg = f"unknown adapter variant {name!r}: no installed plugin provides it"
     close = difflib.get_close_matches(str(name), sorted(found), n=3, cutoff=0.6)
     if close:
         msg += f" (did you mean {' or '.join(repr(c) for c in close)}?)"
-    if os.environ.get(ALLOW_ENV) is not None:
-        msg += f" (note: {ALLOW_ENV}={os.environ[ALLOW_ENV]!r} limits which plugins load)"
+    msg += _allow_list_note()
     if found:
         msg += f". Installed variants: {', '.join(sorted(found))}"
     return msg
