@@ -83,7 +83,7 @@ def butterfly_layout(d_in: int, cfg) -> tuple[int, int, int]:
 def cayley_blocks(R: torch.Tensor) -> torch.Tensor:
     """(m, D, b, b) free blocks -> orthogonal (I − S)(I + S)⁻¹, S = (R − Rᵀ)/2 (PEFT's order)."""
     m, n_blocks, b, _ = R.shape
-    work = R if R.dtype in (torch.float32, torch.float64) else R.float()   # no half/bf16 LU
+    work = at_least_fp32(R)                                               # no half/bf16 LU
     flat = work.reshape(m * n_blocks, b, b)
     skew = 0.5 * (flat - flat.transpose(1, 2))
     eye = torch.eye(b, device=R.device, dtype=work.dtype).unsqueeze(0).expand(m * n_blocks, b, b)

@@ -56,7 +56,7 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 def cayley_exact(q: torch.Tensor) -> torch.Tensor:
     """(I − Q)(I + Q)⁻¹ per block: the X with X (I + Q) = I − Q (PEFT's solve(..., left=False))."""
     n, b, _ = q.shape
-    work = q if q.dtype in (torch.float32, torch.float64) else q.float()   # no half/bf16 LU
+    work = at_least_fp32(q)                                               # no half/bf16 LU
     eye = torch.eye(b, device=q.device, dtype=work.dtype).unsqueeze(0).expand(n, b, b)
     return torch.linalg.solve(eye + work, eye - work, left=False).to(q.dtype)
 
