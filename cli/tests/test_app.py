@@ -180,3 +180,29 @@ def test_build_config_leaves_per_architecture_defaults_to_the_variant():
         return
     cfg = build_config("ia3")
     assert cfg.target_names == ()           # resolved at attach: k/v of the model's architecture
+
+
+BNB_NOTICE = ("Failed to load CPU gemm_4bit_forward from kernels-community: No module named "
+              "'kernels'. Please make sure you already `pip install kernels`")
+LOG_NOTICE = ("import logging, sys\n"
+              "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+              f"log.warning({BNB_NOTICE!r})\n"
+              "log.warning('a real bitsandbytes warning')\n")
+
+
+def _stderr_of(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120).stderr
+
+
+def test_the_cli_drops_bitsandbytes_kernels_advice_and_nothing_else():
+    """bitsandbytes' "pip install kernels" notice (kernels would download from the hub at import)
+    is dropped once lora-lite's main() ran; its other warnings still show; without main() the
+    notice shows (the check can fail)."""
+    bare = _stderr_of(LOG_NOTICE)
+    assert "pip install kernels" in bare and "a real bitsandbytes warning" in bare
+    through_main = _stderr_of(
+        "import sys\nfrom lora_lite_cli.app import main\nsys.argv = ['lora-lite', '--version']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n" + LOG_NOTICE)
+    assert "pip install kernels" not in through_main
+    assert "a real bitsandbytes warning" in through_main

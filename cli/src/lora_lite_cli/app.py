@@ -244,8 +244,33 @@ def report_command_problems():
         warn(problem)
 
 
+class _DropNotice:
+    """A logging filter dropping records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes):
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# bitsandbytes 0.50 on an AVX512-BF16 CPU logs, on every import, a warning to `pip install
+# kernels`, a package that would then fetch a kernel from the Hugging Face hub at import time:
+# advice a run here must not follow (no downloads at run time), so the CLI drops that one record.
+LIBRARY_NOTICES = {"bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",)}
+
+
+def quiet_library_notices():
+    import logging
+    for logger, prefixes in LIBRARY_NOTICES.items():
+        log = logging.getLogger(logger)
+        if not any(isinstance(f, _DropNotice) for f in log.filters):
+            log.addFilter(_DropNotice(*prefixes))
+
+
 def main():
     import sys
+    quiet_library_notices()
     cli = get_app()
     report_command_problems()
     try:
