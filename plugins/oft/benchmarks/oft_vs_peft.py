@@ -50,11 +50,18 @@ def peft_extension(args):
         boft_layer.get_fbd_cuda = lambda: None   # skip PEFT's failing compile on every layer
 
 
+def method_knobs(variant, args) -> dict:
+    if variant == "boft":
+        return {"block_size": args.boft_block, "n_butterfly_factor": args.factors}
+    if args.oft_block:
+        return {"block_size": args.oft_block, "blocks": 0}
+    return {"block_size": 0, "blocks": args.oft_blocks}
+
+
 def make_pair(variant, args):
     import peft
     base = bench.random_llama(args.hidden, args.layers, args.vocab, args.seq).to(args.device)
-    knobs = ({"block_size": args.oft_block} if variant == "oft"
-             else {"block_size": args.boft_block, "n_butterfly_factor": args.factors})
+    knobs = method_knobs(variant, args)
     cfg = ll.config(variant, target_names=[rf"{t}$" for t in TARGETS], **knobs)
     ours = copy.deepcopy(base)
     ll.attach(ours, cfg)
@@ -120,9 +127,11 @@ def layer_costs(variant, args):
 def main():
     p = bench.arg_parser(__doc__.split("\n")[0])
     p.add_argument("--only", choices=["oft", "boft"], help="benchmark one method only")
-    p.add_argument("--oft-block", type=int, default=32, help="OFT block size b")
+    p.set_defaults(hidden=3072, batch=4, seq=256)   # PEFT's comparison shape (module docstring)
+    p.add_argument("--oft-blocks", type=int, default=32, help="OFT blocks D (PEFT's r)")
+    p.add_argument("--oft-block", type=int, default=0, help="OFT block size b instead of --oft-blocks")
     p.add_argument("--boft-block", type=int, default=4, help="BOFT block size b")
-    p.add_argument("--factors", type=int, default=2, help="BOFT butterfly factors m")
+    p.add_argument("--factors", type=int, default=1, help="BOFT butterfly factors m")
     p.add_argument("--layer", action="store_true", help="time one target layer alone (base "
                    "layer, lora-lite's, PEFT's) instead of the training step")
     p.add_argument("--floor", action="store_true", help="also time the frozen base with no "
