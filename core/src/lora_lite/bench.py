@@ -49,9 +49,10 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
 
 
 def quiet():
-    """Silence the warnings and transformers' logging that would bury the table."""
+    """Silence the warnings and transformers' / bitsandbytes' logging that would bury the table."""
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def random_llama(hidden: int, layers: int, vocab: int, seq: int, seed: int = 0):

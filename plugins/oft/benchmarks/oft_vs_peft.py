@@ -114,6 +114,9 @@ def layer_costs(variant, args):
                 p.grad = None
         return fn
     layers["base layer"].requires_grad_(False)
+    with torch.no_grad():
+        gap = (layers["lora-lite"](x) - layers["peft"](x)).abs().max().item()
+    print(f"\nsame function: max |layer(lora-lite) - layer(peft)| = {gap:.2e}")
     times = bench.interleaved_calls({n: call(m.train()) for n, m in layers.items()}, args.warmup,
                                     args.rounds, args.device)
     print(f"\n== {variant}: one {name.rsplit('.', 1)[-1]} layer alone, forward + backward, "
