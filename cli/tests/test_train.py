@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -385,9 +386,25 @@ def test_compile_trains(tiny_dir, tmp_path, monkeypatch):
           "--eval-limit", "0", "--threads", "1", "--compile", "--output", str(tmp_path))
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["status"] == "completed" and m["settings"]["compile"] is True and m["sanity"]["ok"]
-    assert m["trained_as"] == "OptimizedModule"
+    # regional compilation: each decoder layer compiled apart (their code shared), the model
+    # class itself kept, so the adapter saves from the model the hooks live on
+    n_layers = json.loads((Path(tiny_dir) / "config.json").read_text())["num_hidden_layers"]
+    assert m["trained_as"] == "LlamaForCausalLM" and m["compiled_regions"] >= n_layers + 1
     assert {t.dtype for t in adapter_tensors(tmp_path / "adapter.safetensors").values()} == {torch.float32}
 
+
+
+def test_compile_under_fsdp_is_refused_up_front(tiny_dir, tmp_path, monkeypatch):
+    """torch.compile of an FSDP-wrapped model failed deep in the first step (RecursionError with
+    regional compilation, "'weight' must be 2-D" compiling the whole model): refused in one
+    line before the model loads."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    result = runner.invoke(get_app(), ["train", "--variant", "lora", "--model", tiny_dir,
+                                       "--compile", "--output", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert "--compile" in result.output and "FSDP" in result.output and "DDP" in result.output
+    assert not (tmp_path / "r" / "adapter.safetensors").exists()
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
 
 FSDP_COMMON = ["--use_fsdp", "--fsdp_use_orig_params", "true", "--fsdp_sharding_strategy",
                "FULL_SHARD", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",

@@ -179,7 +179,11 @@ class Run:
             (self.optimizer,) = runtime.prepare(self.acc, optimizer)
         else:
             self.wrapped, self.optimizer = runtime.prepare(self.acc, self.model, optimizer)
-        self.metrics["trained_as"] = type(self.wrapped).__name__  # DDP, FSDP, OptimizedModule
+        self.metrics["trained_as"] = type(self.wrapped).__name__  # DDP, FSDP, the model
+        if s.compile:  # regional: one compiled module per repeated block, the rest apart
+            from torch._dynamo.eval_frame import OptimizedModule
+            self.metrics["compiled_regions"] = sum(isinstance(m, OptimizedModule)
+                                                   for m in self.wrapped.modules())
         # what this rank holds: every parameter under DDP, about 1/N of them under FSDP
         self.metrics["parameters_on_rank0"] = sum(p.numel() for p in self.wrapped.parameters())
         if self.resume is None:
