@@ -406,6 +406,18 @@ def test_compile_under_fsdp_is_refused_up_front(tiny_dir, tmp_path, monkeypatch)
     assert not (tmp_path / "r" / "adapter.safetensors").exists()
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
 
+
+def test_fsdp2_is_refused_with_advice_that_works(tiny_dir, tmp_path):
+    """FSDP2 has no use_orig_params (accelerate sets it to None): a 2-process FSDP2 launch was
+    refused with "set fsdp_use_orig_params: true", advice that cannot help; now every rank stops
+    with one line naming FSDP1, before the model loads."""
+    out = tmp_path / "r"
+    proc = launch_fsdp(FSDP_EVERY_RANK_LOADS + ["--fsdp_version", "2"], fsdp_args(tiny_dir, out))
+    assert proc.returncode != 0
+    assert "FSDP2 (fsdp_version 2) is not supported" in proc.stdout + proc.stderr
+    assert "--fsdp_version 1" in proc.stdout + proc.stderr
+    assert "loading model" not in proc.stdout and not (out / "adapter.safetensors").exists()
+
 FSDP_COMMON = ["--use_fsdp", "--fsdp_use_orig_params", "true", "--fsdp_sharding_strategy",
                "FULL_SHARD", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",

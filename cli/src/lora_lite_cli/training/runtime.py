@@ -227,7 +227,11 @@ def refuse_unsupported(accelerator) -> None:
         raise TrainError(f"lora-lite train does not support {kind} (the adapter would be saved "
                          "as shards); launch with torchrun, `accelerate launch --multi_gpu` "
                          "(DDP) or `accelerate launch --use_fsdp --fsdp_use_orig_params true`")
-    if not getattr(fsdp_plugin(accelerator), "use_orig_params", True):
+    plugin = fsdp_plugin(accelerator)
+    if getattr(plugin, "fsdp_version", 1) == 2:
+        raise TrainError("FSDP2 (fsdp_version 2) is not supported by lora-lite train yet: launch "
+                         "with --fsdp_version 1 --fsdp_use_orig_params true")
+    if not getattr(plugin, "use_orig_params", True):
         raise TrainError("FSDP needs use_orig_params (the base is frozen, the adapter is not): "
                          "set fsdp_use_orig_params: true in the accelerate config or pass "
                          "--fsdp_use_orig_params true")
