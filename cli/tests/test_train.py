@@ -394,17 +394,19 @@ def test_compile_trains(tiny_dir, tmp_path, monkeypatch):
 
 
 
-def test_compile_under_fsdp_is_refused_up_front(tiny_dir, tmp_path, monkeypatch):
-    """torch.compile of an FSDP-wrapped model failed deep in the first step (RecursionError with
-    regional compilation, "'weight' must be 2-D" compiling the whole model): refused in one
-    line before the model loads."""
+@pytest.mark.parametrize("option", [["--compile"], ["--quantize", "4bit"]])
+def test_what_fsdp_cannot_do_is_refused_up_front(tiny_dir, tmp_path, monkeypatch, option):
+    """Under FSDP both failed deep in the run: torch.compile of the wrapped model in the first
+    step (RecursionError with regional compilation, "'weight' must be 2-D" compiling the whole
+    model), a bitsandbytes base while wrapping ("Cannot flatten integer dtype tensors"). Each is
+    refused in one line naming DDP, before the model loads."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     result = runner.invoke(get_app(), ["train", "--variant", "lora", "--model", tiny_dir,
-                                       "--compile", "--output", str(tmp_path / "r")])
+                                       *option, "--output", str(tmp_path / "r")])
     assert result.exit_code == 2, result.output
-    assert "--compile" in result.output and "FSDP" in result.output and "DDP" in result.output
+    assert option[0] in result.output and "FSDP" in result.output and "DDP" in result.output
+    assert "loading model" not in result.output
     assert not (tmp_path / "r" / "adapter.safetensors").exists()
-    monkeypatch.delenv("ACCELERATE_USE_FSDP")
 
 
 def test_fsdp2_is_refused_with_advice_that_works(tiny_dir, tmp_path):
@@ -573,16 +575,15 @@ def test_cpu_fsdp_plugin_syncs_module_states_onto_the_cpu(monkeypatch):
 
 
 def test_meta_loading_refuses_what_meta_cannot_do(tiny_dir):
-    """Calibrated variants and --quantize are refused up front, on every rank, in one line."""
+    """Calibrated variants are refused up front, on every rank, in one line (--quantize: under
+    any FSDP, test_what_fsdp_cannot_do_is_refused_up_front)."""
     from types import SimpleNamespace
     from lora_lite_cli.training import fsdp
     eva = ll.get_variant("eva")
     for settings, variant, needle in [
             (SimpleNamespace(variant="eva", calibration=0, quantize=None), eva, "calibration"),
             (SimpleNamespace(variant="lora", calibration=2, quantize=None),
-             ll.get_variant("lora"), "calibration"),
-            (SimpleNamespace(variant="lora", calibration=0, quantize="4bit"),
-             ll.get_variant("lora"), "--quantize 4bit")]:
+             ll.get_variant("lora"), "calibration")]:
         with pytest.raises(training.TrainError, match=needle) as e:
             fsdp.refuse_on_meta(settings, variant)
         assert "--fsdp_cpu_ram_efficient_loading false" in str(e.value)

@@ -8,7 +8,7 @@ tensors), and FSDP's ``sync_module_states`` broadcasts rank 0's parameters and b
 (adapter tensors included: rank 0's init, weight-reading ones such as an SVD too, is what every
 rank trains) when it wraps the model, materialising each shard where it belongs. A variant
 that runs the model on data at attach (calibration) cannot do that on meta and is refused up
-front, as is ``--quantize`` (bitsandbytes layers are not built on meta).
+front (``--quantize`` is refused under any FSDP, in ``runtime.make_accelerator``).
 """
 from __future__ import annotations
 
@@ -23,11 +23,8 @@ NO_META = ("launch with --fsdp_cpu_ram_efficient_loading false (every rank then 
 
 
 def refuse_on_meta(s, variant) -> None:
-    """Under meta loading: what ranks > 0 cannot do on a meta-device base, refused on every rank
-    before anything loads (one line)."""
-    if s.quantize:
-        raise TrainError(f"--quantize {s.quantize} with FSDP cpu_ram_efficient_loading: "
-                         f"bitsandbytes layers are not built on the meta device; {NO_META}")
+    """Under meta loading: what ranks > 0 cannot do on a meta-device base (calibrate), refused on
+    every rank before anything loads (one line)."""
     if s.calibration or getattr(variant, "needs_calibration", False):
         raise TrainError(f"variant {s.variant!r} runs the model on data at attach (calibration), "
                          "which ranks > 0 cannot do on their meta-device base under FSDP "

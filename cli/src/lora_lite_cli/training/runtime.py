@@ -94,6 +94,10 @@ def make_accelerator(s: Settings):
     if s.mixed_precision == "fp16" and on_cpu:
         raise TrainError("--mixed-precision fp16 needs a CUDA device (autocast to fp16 with a "
                          "loss scaler); on CPU use --mixed-precision bf16")
+    if s.quantize and fsdp_wanted():
+        raise TrainError(f"--quantize {s.quantize} under FSDP is not supported (FSDP cannot shard "
+                         "bitsandbytes' packed integer weights); train the quantized base with "
+                         "DDP (torchrun, or accelerate launch --multi_gpu), or FSDP without --quantize")
     if s.compile and fsdp_wanted():
         raise TrainError("--compile does not run under FSDP here (torch.compile of the "
                          "FSDP-wrapped model fails); drop --compile, or compile under DDP "
