@@ -350,6 +350,26 @@ def test_two_processes_match_one(base_run, tiny_dir, tmp_path, launcher):
     assert m["eval"]["adapted"]["n"] == 4  # the ranks' shares were gathered
 
 
+
+def test_two_processes_compile_and_match_one(base_run, tiny_dir, tmp_path):
+    """DDP + --compile (regional: accelerate compiles the blocks of the DDP-wrapped model; the
+    "eager" backend keeps the test to seconds): the one-process adapter, as uncompiled DDP."""
+    ref_out, ref, _ = base_run
+    out = tmp_path / "ddp_compiled"
+    cmd = launch_command("torchrun", None) + [
+        "train", "--variant", "lora", "--model", tiny_dir, *SMALL, "--rank", "4", "--compile",
+        "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "LORA_LITE_COMPILE_BACKEND": "eager"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["trained_as"] == "DistributedDataParallel" and m["world_size"] == 2
+    n_layers = json.loads((Path(tiny_dir) / "config.json").read_text())["num_hidden_layers"]
+    assert m["compiled_regions"] >= n_layers + 1
+    assert m["train"]["losses"] == pytest.approx(ref["train"]["losses"], rel=1e-5)
+    assert adapter_distance(out, ref_out) <= 1e-3 * ref["sanity"]["adapter_delta"]
+
 @pytest.mark.parametrize("extra", [["--mixed-precision", "bf16"], ["--dtype", "float16"],
                                    ["--dtype", "bfloat16", "--mixed-precision", "bf16"]])
 def test_mixed_precision_and_half_bases_train_fp32_adapters(tiny_dir, tmp_path, extra):
@@ -380,7 +400,7 @@ def test_compile_trains(tiny_dir, tmp_path, monkeypatch):
     """torch.compile of the adapted model (dynamo captures the hooks); the inductor backend
     itself is exercised by the README's benchmark, minutes on a busy 2-core CPU."""
     import torch._dynamo
-    monkeypatch.setattr(runtime, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", "eager")  # LORA_LITE_COMPILE_BACKEND's value
     torch._dynamo.reset()
     train("--variant", "lora", "--model", tiny_dir, "--steps", "2", "--batch-size", "2",
           "--eval-limit", "0", "--threads", "1", "--compile", "--output", str(tmp_path))

@@ -18,9 +18,10 @@ import torch
 from .settings import Settings, TrainError
 
 
-# torch.compile backend for --compile (tests swap in "eager": dynamo's graph capture without
-# inductor's code generation, seconds instead of minutes on a busy CPU)
-COMPILE_BACKEND = "inductor"
+# torch.compile backend for --compile: inductor, or what LORA_LITE_COMPILE_BACKEND names (any
+# torch.compile backend, e.g. "aot_eager" to debug, or "eager", dynamo's graph capture without
+# inductor's code generation: seconds instead of minutes, which the tests use)
+COMPILE_BACKEND = os.environ.get("LORA_LITE_COMPILE_BACKEND", "inductor")
 
 
 def pick_device(device: str | None) -> str:
