@@ -123,8 +123,15 @@ def attach_command(
     }
     if as_json:
         print_json(result)
-        return
-    table = Table(title=f"{variant} on {model}: {len(rows)} target layer(s)", title_justify="left")
+    else:
+        show(result, scale)
+
+
+def show(result: dict, scale: float):
+    """The attach report as rich tables (``result`` is what --json prints)."""
+    rows, trainable, total = result["targets"], result["trainable_params"], result["base_params"]
+    table = Table(title=f"{result['variant']} on {result['model']}: {len(rows)} target layer(s)",
+                  title_justify="left")
     table.add_column("layer", overflow="fold")
     table.add_column("role")
     table.add_column("shape (in->out)", no_wrap=True)
@@ -136,8 +143,9 @@ def attach_command(
     console.print(table)
     console.print(f"trainable parameters: [bold]{trainable:,}[/] "
                   f"({100 * trainable / max(total, 1):.4f}% of the base's {total:,})")
-    console.print(f"identity error at init: max |logit(adapted) - logit(base)| = [bold]{err:.3g}[/]"
-                  f" (largest |logit| {scale:.3g}; {result['probe']})")
-    console.print(f"attach took {init_s:.2f} s")
-    if save is not None:
-        console.print(f"wrote the initial adapter to {save}")
+    console.print(f"identity error at init: max |logit(adapted) - logit(base)| = "
+                  f"[bold]{result['identity_error']:.3g}[/] (largest |logit| {scale:.3g}; "
+                  f"{result['probe']})")
+    console.print(f"attach took {result['init_seconds']:.2f} s")
+    if result["saved"] is not None:
+        console.print(f"wrote the initial adapter to {result['saved']}")
