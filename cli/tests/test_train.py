@@ -351,6 +351,16 @@ def test_two_processes_match_one(base_run, tiny_dir, tmp_path, launcher):
 
 
 
+def test_an_unknown_compile_backend_is_refused_in_one_line(tiny_dir, tmp_path, monkeypatch):
+    """LORA_LITE_COMPILE_BACKEND=foo surfaced as accelerate's "'FOO' is not a valid
+    DynamoBackend", exit 1; now exit 2 with the names that work, before the model loads."""
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", "foo")
+    result = runner.invoke(get_app(), ["train", "--variant", "lora", "--model", tiny_dir,
+                                       "--compile", "--output", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert "LORA_LITE_COMPILE_BACKEND='foo'" in result.output and "inductor" in result.output
+    assert "loading model" not in result.output
+
 def test_two_processes_compile_and_match_one(base_run, tiny_dir, tmp_path):
     """DDP + --compile (regional: accelerate compiles the blocks of the DDP-wrapped model; the
     "eager" backend keeps the test to seconds): the one-process adapter, as uncompiled DDP."""

@@ -130,9 +130,13 @@ def dynamo_plugin(compile_model: bool):
     model apart) with dynamic shapes from the first step (the batches differ in length). On the
     default model this cut the cold compile from ~250 s (whole model, then a recompile for the
     second batch length) to ~31 s, at the same steady step time (docs/training.md)."""
-    from accelerate.utils import TorchDynamoPlugin
+    from accelerate.utils import DynamoBackend, TorchDynamoPlugin
     if not compile_model:
         return TorchDynamoPlugin(backend="no")
+    known = [b.value.lower() for b in DynamoBackend if b.value != "NO"]
+    if COMPILE_BACKEND.lower() not in known:
+        raise TrainError(f"LORA_LITE_COMPILE_BACKEND={COMPILE_BACKEND!r} is not a compile backend "
+                         f"accelerate knows; unset it (inductor) or pick one of {', '.join(known)}")
     return TorchDynamoPlugin(backend=COMPILE_BACKEND, dynamic=True, use_regional_compilation=True)
 
 
