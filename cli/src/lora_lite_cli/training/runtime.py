@@ -99,10 +99,6 @@ def make_accelerator(s: Settings):
         raise TrainError(f"--quantize {s.quantize} under FSDP is not supported (FSDP cannot shard "
                          "bitsandbytes' packed integer weights); train the quantized base with "
                          "DDP (torchrun, or accelerate launch --multi_gpu), or FSDP without --quantize")
-    if s.compile and fsdp_wanted():
-        raise TrainError("--compile does not run under FSDP here (torch.compile of the "
-                         "FSDP-wrapped model fails); drop --compile, or compile under DDP "
-                         "(torchrun, or accelerate launch --multi_gpu)")
     if launched_processes() > 1 and s.batch_size < launched_processes():
         raise TrainError(f"--batch-size {s.batch_size} is smaller than the "
                          f"{launched_processes()} processes")
@@ -116,7 +112,7 @@ def make_accelerator(s: Settings):
     # the scheduler steps once per optimizer step whatever the number of processes (the
     # global batch does not grow with them)
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=s.mixed_precision,
-                              dynamo_plugin=dynamo_plugin(s.compile),
+                              dynamo_plugin=dynamo_plugin(s.compile, regional=not fsdp_wanted()),
                               step_scheduler_with_optimizer=False, fsdp_plugin=plugin)
     if plugin is not None:
         fsdp_on_cpu(accelerator, plugin)
@@ -124,12 +120,14 @@ def make_accelerator(s: Settings):
     return accelerator
 
 
-def dynamo_plugin(compile_model: bool):
-    """accelerate's dynamo settings for ``--compile``: regional compilation (each repeated block,
-    e.g. a decoder layer, is compiled once and its code reused by the others; the rest of the
-    model apart) with dynamic shapes from the first step (the batches differ in length). On the
-    default model this cut the cold compile from ~250 s (whole model, then a recompile for the
-    second batch length) to ~31 s, at the same steady step time (docs/training.md)."""
+def dynamo_plugin(compile_model: bool, regional: bool = True):
+    """accelerate's dynamo settings for ``--compile``, with dynamic shapes from the first step
+    (the batches differ in length). ``regional``: each repeated block (a decoder layer) compiled
+    once and its code reused by the others, the rest of the model apart; on the default model
+    this cut the cold compile from ~240 s (whole model, then a recompile for the second batch
+    length) to ~33 s at the same steady step (docs/training.md). Under FSDP the whole wrapped
+    model is compiled instead: accelerate's regional compile copies the FSDP root, which breaks
+    it (a RecursionError in FSDP's __getattr__)."""
     from accelerate.utils import DynamoBackend, TorchDynamoPlugin
     if not compile_model:
         return TorchDynamoPlugin(backend="no")
@@ -137,7 +135,8 @@ def dynamo_plugin(compile_model: bool):
     if COMPILE_BACKEND.lower() not in known:
         raise TrainError(f"LORA_LITE_COMPILE_BACKEND={COMPILE_BACKEND!r} is not a compile backend "
                          f"accelerate knows; unset it (inductor) or pick one of {', '.join(known)}")
-    return TorchDynamoPlugin(backend=COMPILE_BACKEND, dynamic=True, use_regional_compilation=True)
+    return TorchDynamoPlugin(backend=COMPILE_BACKEND, dynamic=True,
+                             use_regional_compilation=regional)
 
 
 def env_flag(name: str) -> bool:
@@ -274,7 +273,8 @@ def full_params(accelerator, wrapped, recurse: bool = True):
     if not is_fsdp(accelerator):
         return contextlib.nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    return FSDP.summon_full_params(wrapped, recurse=recurse, writeback=False)
+    return FSDP.summon_full_params(getattr(wrapped, "_orig_mod", wrapped), recurse=recurse,
+                                   writeback=False)   # _orig_mod: the FSDP root under --compile
 
 
 def finish(accelerator) -> None:
