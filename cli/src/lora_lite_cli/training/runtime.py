@@ -18,8 +18,8 @@ import torch
 from .settings import Settings, TrainError
 
 
-# torch.compile backend for --compile: inductor, or what LORA_LITE_COMPILE_BACKEND names (any
-# torch.compile backend, e.g. "aot_eager" to debug, or "eager", dynamo's graph capture without
+# torch.compile backend for --compile: inductor, or what LORA_LITE_COMPILE_BACKEND names (one
+# accelerate knows, e.g. "aot_eager" to debug, or "eager", dynamo's graph capture without
 # inductor's code generation: seconds instead of minutes, which the tests use)
 COMPILE_BACKEND = os.environ.get("LORA_LITE_COMPILE_BACKEND", "inductor")
 
