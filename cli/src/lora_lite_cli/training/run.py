@@ -179,7 +179,8 @@ class Run:
             (self.optimizer,) = runtime.prepare(self.acc, optimizer)
         else:
             self.wrapped, self.optimizer = runtime.prepare(self.acc, self.model, optimizer)
-        self.metrics["trained_as"] = type(self.wrapped).__name__  # DDP, FSDP, the model
+        # DDP, FSDP, OptimizedModule (the whole model compiled, under FSDP), else the model
+        self.metrics["trained_as"] = type(self.wrapped).__name__
         if s.compile:  # regional: one compiled module per repeated block, the rest apart
             from torch._dynamo.eval_frame import OptimizedModule
             self.metrics["compiled_regions"] = sum(isinstance(m, OptimizedModule)

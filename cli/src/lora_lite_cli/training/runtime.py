@@ -95,7 +95,8 @@ def make_accelerator(s: Settings):
     if s.mixed_precision == "fp16" and on_cpu:
         raise TrainError("--mixed-precision fp16 needs a CUDA device (autocast to fp16 with a "
                          "loss scaler); on CPU use --mixed-precision bf16")
-    if s.quantize and fsdp_wanted():
+    wants_fsdp = fsdp_wanted()
+    if s.quantize and wants_fsdp:
         raise TrainError(f"--quantize {s.quantize} under FSDP is not supported (FSDP cannot shard "
                          "bitsandbytes' packed integer weights); train the quantized base with "
                          "DDP (torchrun, or accelerate launch --multi_gpu), or FSDP without --quantize")
@@ -108,11 +109,11 @@ def make_accelerator(s: Settings):
         from accelerate.state import AcceleratorState, GradientState
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    plugin = cpu_fsdp_plugin() if on_cpu and fsdp_wanted() else None
+    plugin = cpu_fsdp_plugin() if on_cpu and wants_fsdp else None
     # the scheduler steps once per optimizer step whatever the number of processes (the
     # global batch does not grow with them)
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=s.mixed_precision,
-                              dynamo_plugin=dynamo_plugin(s.compile, regional=not fsdp_wanted()),
+                              dynamo_plugin=dynamo_plugin(s.compile, regional=not wants_fsdp),
                               step_scheduler_with_optimizer=False, fsdp_plugin=plugin)
     if plugin is not None:
         fsdp_on_cpu(accelerator, plugin)
@@ -260,8 +261,14 @@ def clip_grad_norm(accelerator, wrapped, params, max_norm: float) -> torch.Tenso
     ranks; the frozen base has no gradients, so the norm is the adapter's."""
     if is_fsdp(accelerator):
         accelerator.unscale_gradients()
-        return getattr(wrapped, "_orig_mod", wrapped).clip_grad_norm_(max_norm)
+        return fsdp_root(wrapped).clip_grad_norm_(max_norm)
     return accelerator.clip_grad_norm_(params, max_norm)
+
+
+def fsdp_root(wrapped):
+    """The FSDP module of the prepared model: under --compile accelerate wraps it in an
+    OptimizedModule, whose ``_orig_mod`` it is (FSDP's own methods need the FSDP module)."""
+    return getattr(wrapped, "_orig_mod", wrapped)
 
 
 def full_params(accelerator, wrapped, recurse: bool = True):
@@ -273,8 +280,7 @@ def full_params(accelerator, wrapped, recurse: bool = True):
     if not is_fsdp(accelerator):
         return contextlib.nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    return FSDP.summon_full_params(getattr(wrapped, "_orig_mod", wrapped), recurse=recurse,
-                                   writeback=False)   # _orig_mod: the FSDP root under --compile
+    return FSDP.summon_full_params(fsdp_root(wrapped), recurse=recurse, writeback=False)
 
 
 def finish(accelerator) -> None:
