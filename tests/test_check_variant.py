@@ -90,6 +90,10 @@ def unseeded_init(layer, cfg):  # a fresh draw on every attach: another A after 
     layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
 
 
+def global_rng_init(layer, cfg):  # the frozen A from the global RNG: another A in a new process
+    layer.lora_A.copy_(torch.randn(layer.lora_A.shape))
+
+
 def base_writing_forward(layer, x, y):
     if layer.training:
         with torch.no_grad():
@@ -113,6 +117,8 @@ BROKEN = [
     (broken("kit_base_writer", forward=base_writing_forward), "training changed a base tensor"),
     (broken("kit_no_restore", init=caching_init), "detach does not restore the state_dict"),
     (broken("kit_reload", param_specs=unseeded_specs, init=unseeded_init),
+     "save -> load does not reproduce the output"),
+    (broken("kit_global_rng", param_specs=unseeded_specs, init=global_rng_init),
      "save -> load does not reproduce the output"),
     (broken("kit_bad_peft", peft_state=lambda layer, cfg: {"lora_A.weight": layer.lora_A,
                                                            "lora_B.weight": 2 * layer.lora_B}),

@@ -184,7 +184,11 @@ def _reload(model, make_model, batch, trained):
         with safe_open(path, "pt") as f:
             keys = sorted(f.keys())
         fresh = make_model()
-        load(fresh, path)
+        with torch.random.fork_rng(devices=[]):
+            # as in a user's new process: the global RNG is not where attach found it (building
+            # a seeded tiny model resets it, so a variant drawing tensors from it would repeat)
+            torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+            load(fresh, path)
         return {"file_bytes": os.path.getsize(path), "file_keys": keys,
                 "reload_err": (logits(fresh, batch) - trained).abs().max().item()}
 
