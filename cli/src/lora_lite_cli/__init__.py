@@ -1,2 +1,4 @@
 """The ``lora-lite`` command line (Typer + rich)."""
-__version__ = "0.1.0"
+from lora_lite import _installed_version
+
+__version__ = _installed_version("lora-lite-cli")

@@ -29,7 +29,16 @@ from .targets import Target, find_targets
 from .variant import ParamSpec, Variant, hook_kind, rewrites_base
 from .weights import base_dense_weight, dense_weight, set_dense_weight
 
-__version__ = "0.1.0"
+def _installed_version(distribution):
+    """The version the installed distribution reports (all come from the repository's VERSION)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(distribution)
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _installed_version("lora-lite")
 
 __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "ConfigError", "LoraLiteError",
