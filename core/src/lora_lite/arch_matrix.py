@@ -65,7 +65,10 @@ def unpadded(batch):
     return {k: torch.ones_like(v) if k == "attention_mask" else v for k, v in batch.items()}
 
 
-def default_config(variant, model, layers=None, knobs=None, fallback_names=(r"layers\.\d+\.down$",)):
+FALLBACK_NAMES = (r"layers\.\d+\.down$", r"layers\.\d+\.(mlp\.)?fc2$", r"layers\.\d+\.self_attn\.o_proj$")
+
+
+def default_config(variant, model, layers=None, knobs=None, fallback_names=FALLBACK_NAMES):
     """The variant's default targets; where it has no placement for this model, attach must
     refuse with a message naming target_names and the model's layers; then ``fallback_names``."""
     cfg = tiny_config(variant, knobs, layers=layers)
