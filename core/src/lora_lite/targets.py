@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import AttachError, VariantNotInstalled
-from .layer_kinds import features, is_linear_like
+from .layer_kinds import features, is_adaptable, is_linear_like
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
 _WRITER_NAMES = ("o_proj", "out_proj", "down_proj", "dense_4h_to_h", "c_proj", "wo", "w2",
@@ -105,12 +105,25 @@ def output_head_ids(model) -> set[int]:
     return heads
 
 
-def linear_layers(model) -> list[tuple[str, nn.Module]]:
-    """Every (name, module) lora-lite could adapt, in model order (MultiheadAttention's skipped)."""
+def linear_layers(model, accept=is_linear_like) -> list[tuple[str, nn.Module]]:
+    """Every (name, module) of the linear family, in model order (MultiheadAttention's skipped);
+    ``accept=is_adaptable``: every layer kind (embeddings and convolutions too)."""
     hidden = {id(m.out_proj) for m in model.modules()
               if isinstance(m, nn.MultiheadAttention) and hasattr(m, "out_proj")}
     return [(n, m) for n, m in model.named_modules()
-            if n and id(m) not in hidden and is_linear_like(m)]
+            if n and id(m) not in hidden and accept(m)]
+
+
+def refuse_multihead_attention(model, names):
+    """nn.MultiheadAttention reads its projection weights directly (no hookable call): a name
+    selecting it or its out_proj is refused in one line rather than skipped."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and any(
+                re.search(p, n) for p in names for n in (name, f"{name}.out_proj")):
+            raise AttachError(
+                f"{name} is an nn.MultiheadAttention (layer kind 'multihead_attention'): lora-lite "
+                "cannot hook its projections (it reads their weights directly); leave it out of "
+                "target_names")
 
 
 def describe_candidates(model, limit=16) -> str:
@@ -139,8 +152,10 @@ def find_targets(model, cfg) -> list[Target]:
     d_model = model_width(model)
     names = tuple(cfg.target_names) or variant_default_names(model, cfg)
     heads = output_head_ids(model) if not names else set()
+    if names:
+        refuse_multihead_attention(model, names)
     found = []
-    for name, module in linear_layers(model):
+    for name, module in linear_layers(model, is_adaptable if names else is_linear_like):
         if id(module) in heads or any(re.search(p, name) for p in cfg.exclude_names):
             continue
         if names and not any(re.search(p, name) for p in names):

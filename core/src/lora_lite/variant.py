@@ -97,6 +97,9 @@ class Variant:
     cost_note: str = ""               # why measured FLOPs may differ from 2 x added_macs
     peft_cost_note: str = ""          # the same for PEFT's implementation of this method
     mergeable: bool = True            # False: merging is refused up front, for merge_refusal
+    # layer families the variant adapts ("linear", "embedding", "conv"; lora_lite.layer_kinds):
+    # attach refuses a target of another family in one line, naming the layer and its kind
+    layer_kinds: tuple = ("linear",)
     merge_refusal: str = ""
 
     @staticmethod
