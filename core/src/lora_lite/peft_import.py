@@ -200,6 +200,7 @@ def load_peft(model, path, revision=None, subfolder=None) -> dict:
                           "attached; call ll.detach(model) first")
     per_module = tensors_by_module(model, weights)
     names = sorted(per_module)
+    fields = fields_for_tensors(name, fields, per_module, os.path.join(folder, CONFIG_FILE))
     try:
         cfg = make_config(name, **fields, target_names=tuple(f"^{re.escape(n)}$" for n in names),
                           target_roles=(), exclude_names=())
@@ -226,6 +227,19 @@ def load_peft(model, path, revision=None, subfolder=None) -> dict:
                                    f"{type(e).__name__}: {reason}") from None
         raise
     return {"variant": name, "peft_type": config["peft_type"], "targets": len(names)}
+
+
+def fields_for_tensors(name, fields, per_module, where) -> dict:
+    """The variant's ``peft_fields_for_tensors(fields, tensors_by_module)``, where it has one:
+    the config fields as the tensors say (e.g. PEFT's BOFT saving a factor count its CPU build
+    did not train, which PEFT's own loader follows); a ValueError is refused in one line."""
+    adjust = getattr(get_variant(name), "peft_fields_for_tensors", None)
+    if not callable(adjust):
+        return fields
+    try:
+        return adjust(dict(fields), per_module)
+    except ValueError as e:
+        raise AdapterFileError(f"{where}: {short(' '.join(str(e).split()), 300)}") from None
 
 
 def resolve_overrides(cfg, names) -> dict:

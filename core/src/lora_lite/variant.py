@@ -77,7 +77,9 @@ class Variant:
       {name: tensor}``: this layer's tensors in PEFT's naming (e.g. ``lora_A.weight``), relative
       to the module, no adapter name. ``from_peft(peft_config) -> dict | None``,
       ``load_peft_state(layer, cfg, tensors)``, ``peft_init(peft_model, calibration_data)``: the
-      way back, and a data-driven init on PEFT's side.
+      way back, and a data-driven init on PEFT's side; ``peft_fields_for_tensors(fields,
+      tensors_by_module) -> fields``: the imported config fields corrected by what the tensors
+      hold (where PEFT's own loader follows the tensors), before attach.
     """
 
     name: str = ""
