@@ -49,12 +49,15 @@ def perturbed(model, seed=1, scale=0.1):
     return model
 
 
-def test_lora_on_embedding_and_conv_exports_to_peft_within_1e_5():
+@pytest.mark.parametrize("variant,knobs", [("lora", {}), ("pissa", {}),
+                                           ("pissa", {"rewrite_base": True})],
+                         ids=["lora", "pissa", "pissa-rewrite"])
+def test_on_embedding_and_conv_exports_to_peft_within_1e_5(variant, knobs):
     import peft
     model = toy()
     ref = model(IDS)
-    ll.attach(model, ll.config("lora", r=2, alpha=4, target_names=KIND_TARGETS))
-    assert (model(IDS) - ref).abs().max() == 0                      # B = 0: the identity
+    ll.attach(model, ll.config(variant, r=2, alpha=4, target_names=KIND_TARGETS, **knobs))
+    assert (model(IDS) - ref).abs().max() < 1e-5                    # the identity at init
     ours = perturbed(model)(IDS)
     with tempfile.TemporaryDirectory() as folder:
         ll.export_peft(model, folder)
@@ -62,10 +65,11 @@ def test_lora_on_embedding_and_conv_exports_to_peft_within_1e_5():
         stored = load_file(f"{folder}/adapter_model.safetensors")
         twin = peft.PeftModel.from_pretrained(toy(), folder).eval()
         theirs = twin(IDS)
-    assert stored["base_model.model.emb.lora_embedding_A"].shape == (2, 20)
-    assert stored["base_model.model.emb.lora_embedding_B"].shape == (8, 2)
-    assert stored["base_model.model.conv2.lora_A.weight"].shape == (2, 2, 3, 3)
-    assert stored["base_model.model.conv2.lora_B.weight"].shape == (4, 2, 1, 1)
+    r = 2 if variant == "lora" else 4                               # PiSSA: [A; A0], rank 2r
+    assert stored["base_model.model.emb.lora_embedding_A"].shape == (r, 20)
+    assert stored["base_model.model.emb.lora_embedding_B"].shape == (8, r)
+    assert stored["base_model.model.conv2.lora_A.weight"].shape == (r, 2, 3, 3)
+    assert stored["base_model.model.conv2.lora_B.weight"].shape == (4, r, 1, 1)
     assert (ours - ref).abs().max() > 1e-2
     assert (ours - theirs).abs().max().item() < 1e-5
 
@@ -88,14 +92,20 @@ def test_a_peft_folder_with_embedding_and_conv_lora_imports_within_1e_5():
     assert (model(IDS) - theirs).abs().max().item() < 1e-5
 
 
-def test_merge_and_detach_on_embedding_and_conv():
+@pytest.mark.parametrize("variant,knobs", [("lora", {}), ("pissa", {"rewrite_base": True})])
+def test_merge_and_detach_on_embedding_and_conv(variant, knobs):
     model = toy()
     ref, before = model(IDS), snapshot_state(model)
-    ll.attach(model, ll.config("lora", r=2, alpha=4, target_names=KIND_TARGETS))
+    ll.attach(model, ll.config(variant, r=2, alpha=4, target_names=KIND_TARGETS, **knobs))
     hooked = perturbed(model)(IDS)
     merged = copy.deepcopy(model)
     ll.merge(merged)
     assert (merged(IDS) - hooked).abs().max().item() < 1e-5
+    with tempfile.TemporaryDirectory() as d:      # save -> load on a fresh base
+        ll.save(model, f"{d}/a.safetensors")
+        fresh = toy()
+        ll.load(fresh, f"{d}/a.safetensors")
+    assert (fresh(IDS) - hooked).abs().max().item() < 1e-5
     ll.detach(model)
     assert state_equal(snapshot_state(model), before) and torch.equal(model(IDS), ref)
 
