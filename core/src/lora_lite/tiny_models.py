@@ -8,7 +8,10 @@
 Every model has 2 transformer blocks (so ``layers=[0]`` has something to leave out) and width
 32; the plain MLP keeps its blocks in ``layers`` like a transformer. The MoE models (Qwen3-MoE,
 Mixtral, OLMoE, GPT-OSS) have 4 routed experts stored as fused 3-D parameters
-(``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``), 2 per token. ViT (image classes) and
+(``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``), 2 per token, none of them square
+(so an orientation mix-up shows): Qwen3-MoE (4, 48, 32) / (4, 32, 24), Mixtral and OLMoE
+(4, 128, 32) / (4, 32, 64), GPT-OSS (E, in, out): (4, 32, 128) / (4, 64, 32), with biases.
+They run transformers' "eager" experts loop (its grouped_mm kernel refuses float64 on CPU). ViT (image classes) and
 CLIP (image-text) take 16x16 images through a Conv2d patch embedding; Whisper takes 16 mel bins
 through two Conv1d. Also as functions: ``tiny_qwen3_moe()``, ``tiny_mixtral()``, ``tiny_olmoe()``,
 ``tiny_gpt_oss()``, ``tiny_gemma3()``, ``tiny_vit()``, ``tiny_clip()``, ``tiny_whisper()``
@@ -100,7 +103,7 @@ BUILDERS["mlp"] = PlainMLP
 _MOE = dict(_LLAMA_LIKE, num_experts_per_tok=2, tie_word_embeddings=False, experts="eager")
 BUILDERS.update({
     "qwen3_moe": _decoder("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_MOE, head_dim=8,
-                          num_experts=4, moe_intermediate_size=16, decoder_sparse_step=1,
+                          num_experts=4, moe_intermediate_size=24, decoder_sparse_step=1,
                           mlp_only_layers=[]),
     "mixtral": _decoder("MixtralConfig", "MixtralForCausalLM", **_MOE, num_local_experts=4,
                         sliding_window=None),
