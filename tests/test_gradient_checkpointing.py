@@ -19,8 +19,8 @@ VARIANTS = sorted(ll.variants())
 ARCH = ARCHS["llama"]
 
 
-def adapted(variant, **kw):
-    model, batch = ARCH.build(), ARCH.batch()
+def adapted(variant, arch=ARCH, **kw):
+    model, batch = arch.build(), arch.batch()
     ll.attach(model, tiny_config(variant, TINY_KNOBS.get(variant), **kw),
               calibration_data=calibration(variant, batch))
     g = torch.Generator().manual_seed(1)
@@ -30,10 +30,10 @@ def adapted(variant, **kw):
     return model.train(), batch
 
 
-def loss_and_grads(model, batch):
+def loss_and_grads(model, batch, arch=ARCH):
     for p in ll.trainable_parameters(model):
         p.grad = None
-    loss = ARCH.loss(model, batch)
+    loss = arch.loss(model, batch)
     if loss.requires_grad:  # (not when no adapter tensor took part: the broken case below)
         loss.backward()
     return loss.item(), {n: (None if p.grad is None else p.grad.clone())
@@ -77,6 +77,16 @@ def test_checkpointing_with_lora_on_the_embedding_too():
     plain = loss_and_grads(model, batch)
     checkpointing_on(model, reentrant=True)
     assert mismatches(plain, loss_and_grads(model, batch)) == []
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "whisper", "vit"])
+def test_checkpointing_on_other_architectures(arch):
+    """MoE, encoder-decoder speech, vision (pixel inputs: the default non-reentrant checkpoint)."""
+    a = ARCHS[arch]
+    model, batch = adapted("lora", arch=a)
+    plain = loss_and_grads(model, batch, a)
+    checkpointing_on(model, reentrant=False)
+    assert mismatches(plain, loss_and_grads(model, batch, a)) == []
 
 
 def test_the_comparison_catches_reentrant_checkpointing_without_input_grads():

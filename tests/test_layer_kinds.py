@@ -120,19 +120,34 @@ def test_gradients_reach_embedding_and_conv_adapters_only():
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
-def test_vit_patch_embedding_conv_matches_peft():
+@pytest.mark.parametrize("arch,name,kind", [
+    ("vit", "vit.embeddings.patch_embeddings.projection", nn.Conv2d),   # stride 4
+    ("clip", "vision_model.embeddings.patch_embedding", nn.Conv2d)])
+def test_a_real_model_conv_matches_peft(arch, name, kind):
     import peft
-    arch = ARCHS["vit"]
-    model, batch = arch.build(), arch.batch()
-    names = [r"patch_embeddings\.projection$"]
-    assert isinstance(dict(model.named_modules())["vit.embeddings.patch_embeddings.projection"],
-                      nn.Conv2d)
-    ll.attach(model, ll.config("lora", r=2, alpha=4, target_names=names))
-    ours = arch.outputs(perturbed(model), batch)
+    a = ARCHS[arch]
+    model, batch = a.build(), a.batch()
+    assert isinstance(dict(model.named_modules())[name], kind)
+    ll.attach(model, ll.config("lora", r=2, alpha=4, target_names=[f"^{name}$"]))
+    ours = a.outputs(perturbed(model), batch)
     with tempfile.TemporaryDirectory() as folder:
         ll.export_peft(model, folder)
-        theirs = arch.outputs(peft.PeftModel.from_pretrained(arch.build(), folder).eval(), batch)
+        theirs = a.outputs(peft.PeftModel.from_pretrained(a.build(), folder).eval(), batch)
+    assert (ours - a.outputs(a.build(), batch)).abs().max() > 1e-4
     assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_whisper_conv_lora_equals_its_merge():
+    """PEFT cannot run Whisper with a LoRA conv (Whisper reads conv1.stride, which PEFT's wrapper
+    lacks); the merged kernel (the dense math) is the reference instead."""
+    a = ARCHS["whisper"]
+    model, batch = a.build(), a.batch()
+    names = [r"^model\.encoder\.conv[12]$"]                        # stride 1 and 2, padding 1
+    ll.attach(model, ll.config("lora", r=2, alpha=4, target_names=names))
+    ours = a.outputs(perturbed(model), batch)
+    assert ll.merge(model)["max_write_error"] == 0 and ll.attached(model) is None
+    assert (ours - a.outputs(a.build(), batch)).abs().max() > 1e-4
+    assert (ours - a.outputs(model, batch)).abs().max().item() < 1e-5
 
 
 # -- every installed variant either adapts these kinds or refuses in one line ----------------------
