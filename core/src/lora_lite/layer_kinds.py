@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import AttachError
 from .plugins import weight_backends
 
 
@@ -155,12 +156,24 @@ class ConvKind(DenseKind):
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def _math_family(layer) -> str:
+    """kind_family without asking the plugin kinds for the common types (the hooks call this
+    on every forward: nn.Linear, bnb's subclasses of it, Conv1D, nn.Embedding, nn.Conv*)."""
+    if isinstance(layer, nn.Embedding):
+        return "embedding"
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D":
+        return "linear"
+    return kind_family(layer)
+
+
 def project_in(layer, x, A):
     """The layer's own operation with ``A`` (r, d_in) as its weight, no bias: x Aᵀ (linear
     family), F.embedding(x, Aᵀ) (embedding, the layer's padding_idx and max_norm), a conv with A
     as an (r, in, *kernel) kernel and the layer's stride/padding/dilation (conv): (..., r) or
     (batch, r, *spatial)."""
-    family = kind_family(layer)
+    family = _math_family(layer)
     if family == "embedding":
         return F.embedding(x, A.T, padding_idx=layer.padding_idx, max_norm=layer.max_norm,
                            norm_type=layer.norm_type, scale_grad_by_freq=layer.scale_grad_by_freq,
@@ -175,7 +188,7 @@ def project_in(layer, x, A):
 def project_out(layer, h, B):
     """``B`` (d_out, r) applied on the feature dimension of ``project_in``'s result: h Bᵀ, or a
     1x1 conv (the channel dimension, dim 1) for the conv family."""
-    if kind_family(layer) == "conv":
+    if _math_family(layer) == "conv":
         return torch.einsum("or,br...->bo...", B, h)
     return h @ B.T
 
@@ -193,7 +206,6 @@ def check_layer_kinds(variant, targets):
     for t in targets:
         family = kind_family(t.layer)
         if family not in allowed:
-            from .errors import AttachError
             raise AttachError(
                 f"variant {variant.name!r} cannot adapt {t.name} ({type(t.layer).__name__}, layer "
                 f"kind {family!r}): it handles {', '.join(allowed)} layers; leave it out of "
