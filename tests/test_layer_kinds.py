@@ -238,3 +238,15 @@ def test_a_peft_lora_on_llama_embed_tokens_imports_within_1e_5():
         ll.load(model, folder)
     assert any(ll.kind_family(t.layer) == "embedding" for t in ll.attached(model).targets)
     assert (arch.outputs(model, batch) - theirs).abs().max().item() < 1e-5
+
+
+def test_as_lora_rank_export_writes_peft_layouts_for_embedding_and_conv():
+    import peft
+    model = toy()
+    ll.attach(model, ll.config("lora", r=2, alpha=4, target_names=KIND_TARGETS))
+    ours = perturbed(model)(IDS)
+    with tempfile.TemporaryDirectory() as folder:
+        report = ll.export_peft(model, folder, as_lora_rank=2)   # rank 2 holds a rank-2 delta
+        theirs = peft.PeftModel.from_pretrained(toy(), folder).eval()(IDS)
+    assert report["max_relative_error"] < 1e-5
+    assert (ours - theirs).abs().max().item() < 1e-5
