@@ -250,3 +250,13 @@ def test_as_lora_rank_export_writes_peft_layouts_for_embedding_and_conv():
         theirs = peft.PeftModel.from_pretrained(toy(), folder).eval()(IDS)
     assert report["max_relative_error"] < 1e-5
     assert (ours - theirs).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding_mode="reflect"),
+                                  nn.ConvTranspose2d(4, 4, 3)], ids=["grouped", "reflect", "transposed"])
+def test_a_named_convolution_outside_the_conv_kind_is_refused_not_skipped(conv):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), conv)   # "0" adaptable, "1" not; both named
+    with pytest.raises(ll.AttachError, match=r"^1 is a Conv(Transpose)?2d with groups=.*leave it out") as e:
+        ll.attach(model, ll.config("lora", r=2, target_names=[r"^\d$"]))
+    assert "\n" not in str(e.value) and ll.attached(model) is None
+    ll.attach(model, ll.config("lora", r=2, target_names=[r"^0$"]))   # the plain one: fine

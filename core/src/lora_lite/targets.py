@@ -5,7 +5,7 @@ Selection, in order:
 1. Candidates: every module some layer kind handles (``lora_lite.layer_kinds``: nn.Linear,
    transformers' Conv1D, bitsandbytes 4bit/8bit, plugin kinds), minus ``exclude_names`` and the
    projections inside ``nn.MultiheadAttention`` (it reads their weights directly, so hooks on
-   them would never run; a name selecting one is refused). The defaults are the linear family;
+   them would never run; a name selecting one, or a grouped / transposed conv, is refused). The defaults are the linear family;
    names may also select nn.Embedding and nn.Conv1d/2d/3d (the variant's ``layer_kinds`` then
    decide, at attach).
 2. Names: ``target_names`` regexes (``re.search``). When empty, the variant's own
@@ -57,7 +57,8 @@ def model_width(model) -> int:
     width = getattr(config, "hidden_size", None)
     if isinstance(width, int):
         return width
-    sizes = [d for m in model.modules() if is_linear_like(m) for d in features(m)]
+    sizes = ([d for m in model.modules() if is_linear_like(m) for d in features(m)]
+             or [d for m in model.modules() if is_adaptable(m) for d in features(m)])
     if not sizes:
         raise AttachError("this model has no linear-like layers (nn.Linear, transformers' "
                           "Conv1D, bitsandbytes Linear4bit/8bit) to adapt")
@@ -116,9 +117,11 @@ def linear_layers(model, accept=is_linear_like) -> list[tuple[str, nn.Module]]:
             if n and id(m) not in hidden and accept(m)]
 
 
-def refuse_multihead_attention(model, names):
-    """nn.MultiheadAttention reads its projection weights directly (no hookable call): a name
-    selecting it or its out_proj is refused in one line rather than skipped."""
+def refuse_unadaptable(model, names):
+    """A name selecting a layer lora-lite cannot adapt is refused in one line rather than
+    skipped: nn.MultiheadAttention (it reads its projection weights directly, no hookable call)
+    or its out_proj, and convolutions outside the conv kind (grouped, non-zero padding,
+    transposed)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and any(
                 re.search(p, n) for p in names for n in (name, f"{name}.out_proj")):
@@ -126,6 +129,12 @@ def refuse_multihead_attention(model, names):
                 f"{name} is an nn.MultiheadAttention (layer kind 'multihead_attention'): lora-lite "
                 "cannot hook its projections (it reads their weights directly); leave it out of "
                 "target_names")
+        if (isinstance(module, nn.modules.conv._ConvNd) and not is_adaptable(module)
+                and any(re.search(p, name) for p in names)):
+            raise AttachError(
+                f"{name} is a {type(module).__name__} with groups={module.groups}, padding_mode="
+                f"{module.padding_mode!r}: lora-lite adapts plain convolutions only (groups=1, "
+                "zero padding, not transposed); leave it out of target_names")
 
 
 def describe_candidates(model, limit=16) -> str:
@@ -155,7 +164,7 @@ def find_targets(model, cfg) -> list[Target]:
     names = tuple(cfg.target_names) or variant_default_names(model, cfg)
     heads = output_head_ids(model) if not names else set()
     if names:
-        refuse_multihead_attention(model, names)
+        refuse_unadaptable(model, names)
     found = []
     for name, module in linear_layers(model, is_adaptable if names else is_linear_like):
         if id(module) in heads or any(re.search(p, name) for p in cfg.exclude_names):
