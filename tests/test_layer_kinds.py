@@ -260,3 +260,24 @@ def test_a_named_convolution_outside_the_conv_kind_is_refused_not_skipped(conv):
         ll.attach(model, ll.config("lora", r=2, target_names=[r"^\d$"]))
     assert "\n" not in str(e.value) and ll.attached(model) is None
     ll.attach(model, ll.config("lora", r=2, target_names=[r"^0$"]))   # the plain one: fine
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_embedding_lora_on_a_quantized_base(bits):
+    """bitsandbytes quantizes the linear layers; the embedding stays float and takes LoRA."""
+    pytest.importorskip("bitsandbytes")
+    from lora_lite.testing import loss_of, make_batch, quantize, tiny_llama
+    model, batch = quantize(tiny_llama(), bits), make_batch()
+    # the reference: attached to q_proj alone (bitsandbytes' CPU path differs once attached)
+    ll.attach(model, ll.config("lora", r=2, target_names=[r"q_proj$"]))
+    with torch.no_grad():
+        ref = model(**batch).logits
+    ll.detach(model)
+    ll.attach(model, ll.config("lora", r=2, target_names=[r"embed_tokens$", r"q_proj$"]))
+    assert {ll.kind_family(t.layer) for t in ll.attached(model).targets} == {"embedding", "linear"}
+    with torch.no_grad():
+        assert (model(**batch).logits - ref).abs().max() == 0
+    perturbed(model)
+    model.train()
+    loss_of(model, batch).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ll.trainable_parameters(model))
