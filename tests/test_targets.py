@@ -78,7 +78,7 @@ def test_bnb_layers_are_linear_like():
     assert len(names) == 4 and type(q.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
 
 
-# -- default targets ("all-linear" minus the head), layers=, roles on 13 architectures --------------
+# -- default targets ("all-linear" minus the head), layers=, roles on 21 architectures --------------
 from lora_lite.targets import layer_index, output_head_ids  # noqa: E402
 from lora_lite.tiny_models import ARCHS  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""VeRA on lora-lite's 13 tiny architectures (GPT-2's Conv1D, BERT, T5, fused projections...),
+"""VeRA on lora-lite's 21 tiny architectures (GPT-2's Conv1D, BERT, T5, fused projections...),
 default targets and block 0, with lora-lite's own cell checks (``lora_lite.arch_matrix``)."""
 import pytest
 
