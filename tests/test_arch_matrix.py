@@ -1,4 +1,5 @@
-"""The architecture matrix: 13 tiny models x every installed variant, default targets.
+"""The architecture matrix: 21 tiny models (decoders, MoE, encoders, seq2seq, vision, speech) x
+every installed variant, default targets.
 
 Per cell: identity at init, gradients only on adapter tensors (every trainable one gets one),
 one optimizer step moves the output, save -> load on a fresh base reproduces it, the loaded model

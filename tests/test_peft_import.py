@@ -105,7 +105,9 @@ BAD = {
     "modules_to_save": (lambda d: lora_folder(d, modules_to_save=["lm_head"]), "modules_to_save"),
     "bias all": (lambda d: lora_folder(d, bias="all"), "bias='all'"),
     "rank 0": (lambda d: edit_config(lora_folder(d), r=0), "r=0"),
-    "embedding target": (lambda d: lora_folder(d, target_modules=["embed_tokens", "q_proj"]), "Embedding"),
+    # LoRA on embeddings imports (test_layer_kinds); DoRA's variant adapts linear layers only
+    "dora embedding target": (lambda d: lora_folder(d, target_modules=["embed_tokens", "q_proj"],
+                                                    use_dora=True), "layer kind 'embedding'"),
     "unknown peft_type": (lambda d: peft_folder(peft.LoHaConfig(r=4, target_modules=QV), d),
                           "peft_type='LOHA'"),
     "lora_bias": (lambda d: edit_config(lora_folder(d), lora_bias=True), "lora_bias"),

@@ -78,7 +78,7 @@ def test_bnb_layers_are_linear_like():
     assert len(names) == 4 and type(q.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
 
 
-# -- default targets ("all-linear" minus the head), layers=, roles on 13 architectures --------------
+# -- default targets ("all-linear" minus the head), layers=, roles on 21 architectures --------------
 from lora_lite.targets import layer_index, output_head_ids  # noqa: E402
 from lora_lite.tiny_models import ARCHS  # noqa: E402
 
@@ -89,7 +89,14 @@ def default_names(model, **kw):
     return [t.name for t in find_targets(model, ll.config("lora", r=2, **kw))]
 
 
-@pytest.mark.parametrize("arch", TRANSFORMERS_ARCHS)
+# PEFT's all-linear also wraps these models' fused routed experts (3-D parameters, not Linear):
+# parameter targets, the moe branch of issue 20. Strict: remove the mark once they are default.
+_PEFT_WRAPS_FUSED_EXPERTS = ("mixtral", "olmoe", "qwen3_moe")
+ALL_LINEAR_CASES = [pytest.param(a, marks=pytest.mark.xfail(strict=True, reason="fused experts"))
+                    if a in _PEFT_WRAPS_FUSED_EXPERTS else a for a in TRANSFORMERS_ARCHS]
+
+
+@pytest.mark.parametrize("arch", ALL_LINEAR_CASES)
 def test_default_targets_are_peft_all_linear(arch):
     """With no target_names: every nn.Linear / Conv1D but the output head, as PEFT's 'all-linear'."""
     from peft import LoraConfig, get_peft_model

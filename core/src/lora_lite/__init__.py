@@ -23,7 +23,9 @@ from .hookspecs import hookimpl
 from .merge import merge
 from .peft_export import export_peft
 from .peft_import import peft_tensor
-from .peft_lora import peft_lora_config, peft_lora_fields, peft_patterns
+from .layer_kinds import kind_family, project_in, project_out
+from .peft_lora import (load_peft_low_rank_state, peft_low_rank_state, peft_lora_config,
+                        peft_lora_fields, peft_patterns)
 from .plugins import get_plugin_manager, get_variant, installed_plugins, problems, variants
 from .targets import Target, find_targets
 from .variant import ParamSpec, Variant, hook_kind, rewrites_base
@@ -45,8 +47,9 @@ __all__ = [
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
     "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
     "config", "dense_weight", "detach", "disabled", "export_peft", "find_targets",
-    "get_plugin_manager", "get_variant", "hook_kind", "hookimpl", "installed_plugins", "load",
-    "merge", "peft_lora_config", "peft_lora_fields", "peft_patterns", "peft_tensor", "problems",
+    "get_plugin_manager", "get_variant", "hook_kind", "hookimpl", "installed_plugins",
+    "kind_family", "load", "load_peft_low_rank_state", "merge", "peft_low_rank_state",
+    "project_in", "project_out", "peft_lora_config", "peft_lora_fields", "peft_patterns", "peft_tensor", "problems",
     "read_header", "rewrites_base", "save",
     "set_dense_weight", "stream_inputs", "trainable_parameters", "variants",
 ]

@@ -30,7 +30,7 @@ from .errors import AdapterFileError, AdapterSaveError, AttachError, LoraLiteErr
 from .file_checks import (FLOAT_DTYPES, check_entries, check_metadata, check_targets,
                           read_json_header, short, stored_json, target_configs)
 from .plugins import _version, get_variant, origin_mismatch, variant_origin
-from .layer_kinds import features, is_linear_like
+from .layer_kinds import features, is_adaptable
 from .targets import Target
 
 FORMAT = "lora-lite"
@@ -216,9 +216,10 @@ def _resolve_targets(model, path, metadata, stored_targets) -> list[Target]:
         if layer is None:
             raise AdapterFileError(f"{path}: target layer {short(name)!r} does not exist in this "
                                    f"model; the adapter was made for {made_for}")
-        if not is_linear_like(layer):
+        if not is_adaptable(layer):
             raise AdapterFileError(f"{path}: target {short(name)!r} is a {type(layer).__name__}, "
-                                   f"not a linear layer; the adapter was made for {made_for}")
+                                   f"not a linear layer (nor an embedding or conv); the adapter was made "
+                                   f"for {made_for}")
         have_in, have_out = features(layer)
         if (have_in, have_out) != (d_in, d_out):
             raise AdapterFileError(

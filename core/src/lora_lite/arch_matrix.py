@@ -65,7 +65,10 @@ def unpadded(batch):
     return {k: torch.ones_like(v) if k == "attention_mask" else v for k, v in batch.items()}
 
 
-def default_config(variant, model, layers=None, knobs=None, fallback_names=(r"layers\.\d+\.down$",)):
+FALLBACK_NAMES = (r"layers\.\d+\.down$", r"layers\.\d+\.(mlp\.)?fc2$", r"layers\.\d+\.self_attn\.o_proj$")
+
+
+def default_config(variant, model, layers=None, knobs=None, fallback_names=FALLBACK_NAMES):
     """The variant's default targets; where it has no placement for this model, attach must
     refuse with a message naming target_names and the model's layers; then ``fallback_names``."""
     cfg = tiny_config(variant, knobs, layers=layers)
@@ -147,3 +150,39 @@ def cell_problems(m, layers=None) -> list[str]:
         "detach bit-exact": m["detach_bitexact"] and m["detach_exact_outputs"],
     }
     return [name for name, ok in checks.items() if not ok]
+
+
+def placement(arch, variant) -> dict:
+    """What ``variant``'s default targets adapt on tiny ``arch``, and what they leave out, as
+    measured on the model: {"adapted": distinct layer leaf names in model order, "layers":
+    count, "left_out": {"output head", "embeddings", "convolutions", "fused experts" (modules
+    holding 3-D parameters), "other linear": counts}} (docs/models.md's table)."""
+    import re
+    from torch import nn
+    from .layer_kinds import kind_family
+    from .targets import linear_layers, output_head_ids
+    model = ARCHS[arch].build()
+    found = find_targets(model, tiny_config(variant))
+    picked = {id(t.layer) for t in found}
+    leaves = list(dict.fromkeys(re.sub(r"^.*?\.(\d+\.)+|^", "", t.name).rsplit(".", 1)[-1]
+                                for t in found))
+    heads = output_head_ids(model)
+    modules = list(model.modules())
+    left = {
+        "output head": sum(id(m) in heads and id(m) not in picked for m in modules),
+        "embeddings": sum(isinstance(m, nn.Embedding) and id(m) not in picked for m in modules),
+        "convolutions": sum(kind_family(m) == "conv" or isinstance(m, (nn.Conv1d, nn.Conv2d))
+                            for m in modules if id(m) not in picked),
+        "fused experts": sum(is_fused_experts(m) for m in modules),
+        "other linear": sum(id(m) not in picked and id(m) not in heads
+                            for _, m in linear_layers(model)),
+    }
+    return {"adapted": leaves, "layers": len(found), "left_out": {k: v for k, v in left.items() if v}}
+
+
+def is_fused_experts(module) -> bool:
+    """A module holding experts as one 3-D parameter (E, ., .), E > 1 (not a conv kernel)."""
+    from torch import nn
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return False
+    return any(p.dim() == 3 and p.shape[0] > 1 for p in module.parameters(recurse=False))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import AttachError
+from .layer_kinds import check_layer_kinds
 from .plugins import get_variant, variant_origin
 from .targets import Target, find_targets
 from .variant import hook_kind, make_tensor
@@ -69,6 +70,7 @@ def attach(model, cfg, calibration_data=None, *, _skip_group_init=False,
             "to ll.attach (batches as the model takes them, e.g. dicts with input_ids and "
             "attention_mask); the model was not changed")
     targets = find_targets(model, cfg) if _targets is None else list(_targets)
+    check_layer_kinds(variant, targets)
     state = AttachState(cfg, variant, targets)
     setattr(model, STATE_ATTR, state)
     try:
@@ -140,8 +142,11 @@ def adapter_dtype(layer):
 def _output_hook(layer, args, y):
     if layer.__dict__.get(_OFF):
         return None  # disabled(): the base output as it is
-    # x in the adapter's current dtype; the result back in the base output's dtype
-    y_new = layer._lora_variant.forward(layer, args[0].to(adapter_dtype(layer)), y)
+    # x in the adapter's current dtype (an embedding's indices as they are); the result back in
+    # the base output's dtype
+    x = args[0]
+    x = x.to(adapter_dtype(layer)) if x.is_floating_point() else x
+    y_new = layer._lora_variant.forward(layer, x, y)
     return y_new.to(y.dtype)
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .attach import attached
 from .errors import AttachError, ConfigError
 from .merge import merged_weights
-from .peft_lora import peft_lora_config
+from .peft_lora import peft_lora_config, peft_low_rank_state
 from .weights import base_dense_weight
 
 CONFIG_FILE = "adapter_config.json"
@@ -95,8 +95,8 @@ def _as_lora(model, state, names, rank):
                     f"|Δb| = {change:.3g}); a plain LoRA carries no bias change, so it cannot be "
                     "exported this way (ll.merge keeps it exactly)")
             A, B, err = low_rank(weight - base_dense_weight(t.layer), rank)
-            tensors[f"{MODULE_PREFIX}{t.name}.lora_A.weight"] = A
-            tensors[f"{MODULE_PREFIX}{t.name}.lora_B.weight"] = B
+            for key, value in peft_low_rank_state(t.layer, A, B).items():  # 4-D on convs
+                tensors[f"{MODULE_PREFIX}{t.name}.{key}"] = value.contiguous()
             layers[t.name] = {"relative_error": err}
     config = peft_lora_config(names, rank, rank)
     return config, tensors, layers

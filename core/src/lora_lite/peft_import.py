@@ -29,7 +29,8 @@ from .peft_checks import (check_field_types, check_finite, read_config, resolved
                           weights_entries)
 from .peft_export import CONFIG_FILE, MODULE_PREFIX, WEIGHTS_FILE
 from .plugins import get_variant, variants
-from .targets import find_targets, is_linear_like
+from .layer_kinds import check_layer_kinds, is_adaptable
+from .targets import find_targets
 
 PICKLE_FILE = "adapter_model.bin"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -166,9 +167,9 @@ def tensors_by_module(model, weights) -> dict[str, dict]:
         raise AdapterFileError(f"{weights}: adapts {len(keys)} modules, more than "
                                f"{file_checks.MAX_TARGETS}; no real adapter is that large")
     for name in keys:
-        if not is_linear_like(modules[name]):  # Embedding, Conv2d, ...
+        if not is_adaptable(modules[name]):  # MultiheadAttention, grouped Conv2d, ...
             raise AdapterFileError(f"{weights}: target_modules includes {name!r}, a "
-                                   f"{type(modules[name]).__name__}: lora-lite adapts linear layers only")
+                                   f"{type(modules[name]).__name__}: lora-lite cannot adapt this kind")
     stored = read_tensors(weights)
     return {name: {**{rel: stored[key] for rel, key in rel_keys.items()},
                    **{rel: stored[key] for rel, key in shared.items()}}
@@ -199,10 +200,13 @@ def load_peft(model, path, revision=None, subfolder=None) -> dict:
                           "attached; call ll.detach(model) first")
     per_module = tensors_by_module(model, weights)
     names = sorted(per_module)
+    fields = fields_for_tensors(name, fields, per_module, os.path.join(folder, CONFIG_FILE))
     try:
         cfg = make_config(name, **fields, target_names=tuple(f"^{re.escape(n)}$" for n in names),
                           target_roles=(), exclude_names=())
-        found = sorted(t.name for t in find_targets(model, cfg))
+        resolved = find_targets(model, cfg)
+        check_layer_kinds(get_variant(name), resolved)  # e.g. an embedding under a linear-only variant
+        found = sorted(t.name for t in resolved)
         cfg = with_resolved_targets(cfg, resolve_overrides(cfg, names))
     except LoraLiteError as e:
         raise AdapterFileError(f"{folder}: {short(str(e), 300)}") from None
@@ -223,6 +227,19 @@ def load_peft(model, path, revision=None, subfolder=None) -> dict:
                                    f"{type(e).__name__}: {reason}") from None
         raise
     return {"variant": name, "peft_type": config["peft_type"], "targets": len(names)}
+
+
+def fields_for_tensors(name, fields, per_module, where) -> dict:
+    """The variant's ``peft_fields_for_tensors(fields, tensors_by_module)``, where it has one:
+    the config fields as the tensors say (e.g. PEFT's BOFT saving a factor count its CPU build
+    did not train, which PEFT's own loader follows); a ValueError is refused in one line."""
+    adjust = getattr(get_variant(name), "peft_fields_for_tensors", None)
+    if not callable(adjust):
+        return fields
+    try:
+        return adjust(dict(fields), per_module)
+    except ValueError as e:
+        raise AdapterFileError(f"{where}: {short(' '.join(str(e).split()), 300)}") from None
 
 
 def resolve_overrides(cfg, names) -> dict:

@@ -63,3 +63,27 @@ def peft_lora_fields(peft_config: dict, holds: str, refused_inits=()) -> dict:
                   for p, a in (peft_config.get("alpha_pattern") or {}).items()]
     return {"r": int(peft_config.get("r", 8)), "alpha": float(peft_config.get("lora_alpha", 8)),
             "use_rslora": bool(peft_config.get("use_rslora", False)), "overrides": tuple(overrides)}
+
+
+def peft_low_rank_state(layer, A, B) -> dict:
+    """A (r, d_in) and B (d_out, r) as PEFT's LoRA stores them on this layer's kind:
+    ``lora_A.weight`` / ``lora_B.weight`` (linear), ``lora_embedding_A`` (r, num_embeddings) /
+    ``lora_embedding_B`` (embedding_dim, r) (nn.Embedding), or the 4-D (r, in, *kernel) and
+    (out, r, 1, ...) conv kernels (nn.Conv1d/2d/3d)."""
+    from .layer_kinds import kind_family
+    family = kind_family(layer)
+    if family == "embedding":
+        return {"lora_embedding_A": A, "lora_embedding_B": B}
+    if family == "conv":
+        ones = (1,) * len(layer.kernel_size)
+        return {"lora_A.weight": A.reshape(A.shape[0], layer.in_channels, *layer.kernel_size),
+                "lora_B.weight": B.reshape(*B.shape, *ones)}
+    return {"lora_A.weight": A, "lora_B.weight": B}
+
+
+def load_peft_low_rank_state(layer, tensors, A, B) -> None:
+    """Copy PEFT's A and B of this layer's kind (``peft_low_rank_state``'s names) into A, B."""
+    from .peft_import import peft_tensor
+    key_A, key_B = peft_low_rank_state(layer, A, B)
+    A.copy_(peft_tensor(tensors, key_A, A.shape))
+    B.copy_(peft_tensor(tensors, key_B, B.shape))

@@ -5,7 +5,9 @@ Selection, in order:
 1. Candidates: every module some layer kind handles (``lora_lite.layer_kinds``: nn.Linear,
    transformers' Conv1D, bitsandbytes 4bit/8bit, plugin kinds), minus ``exclude_names`` and the
    projections inside ``nn.MultiheadAttention`` (it reads their weights directly, so hooks on
-   them would never run).
+   them would never run; a name selecting one, or a grouped / transposed conv, is refused). The defaults are the linear family;
+   names may also select nn.Embedding and nn.Conv1d/2d/3d (the variant's ``layer_kinds`` then
+   decide, at attach).
 2. Names: ``target_names`` regexes (``re.search``). When empty, the variant's own
    ``default_target_names(model)`` if it has one (ia3: the k/v projections of this
    architecture); otherwise *every* candidate except the output head: PEFT's "all-linear". The
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import AttachError, VariantNotInstalled
-from .layer_kinds import features, is_linear_like
+from .layer_kinds import features, is_adaptable, is_linear_like
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
 _WRITER_NAMES = ("o_proj", "out_proj", "down_proj", "dense_4h_to_h", "c_proj", "wo", "w2",
@@ -55,7 +57,8 @@ def model_width(model) -> int:
     width = getattr(config, "hidden_size", None)
     if isinstance(width, int):
         return width
-    sizes = [d for m in model.modules() if is_linear_like(m) for d in features(m)]
+    sizes = ([d for m in model.modules() if is_linear_like(m) for d in features(m)]
+             or [d for m in model.modules() if is_adaptable(m) for d in features(m)])
     if not sizes:
         raise AttachError("this model has no linear-like layers (nn.Linear, transformers' "
                           "Conv1D, bitsandbytes Linear4bit/8bit) to adapt")
@@ -105,12 +108,33 @@ def output_head_ids(model) -> set[int]:
     return heads
 
 
-def linear_layers(model) -> list[tuple[str, nn.Module]]:
-    """Every (name, module) lora-lite could adapt, in model order (MultiheadAttention's skipped)."""
+def linear_layers(model, accept=is_linear_like) -> list[tuple[str, nn.Module]]:
+    """Every (name, module) of the linear family, in model order (MultiheadAttention's skipped);
+    ``accept=is_adaptable``: every layer kind (embeddings and convolutions too)."""
     hidden = {id(m.out_proj) for m in model.modules()
               if isinstance(m, nn.MultiheadAttention) and hasattr(m, "out_proj")}
     return [(n, m) for n, m in model.named_modules()
-            if n and id(m) not in hidden and is_linear_like(m)]
+            if n and id(m) not in hidden and accept(m)]
+
+
+def refuse_unadaptable(model, names):
+    """A name selecting a layer lora-lite cannot adapt is refused in one line rather than
+    skipped: nn.MultiheadAttention (it reads its projection weights directly, no hookable call)
+    or its out_proj, and convolutions outside the conv kind (grouped, non-zero padding,
+    transposed)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and any(
+                re.search(p, n) for p in names for n in (name, f"{name}.out_proj")):
+            raise AttachError(
+                f"{name} is an nn.MultiheadAttention (layer kind 'multihead_attention'): lora-lite "
+                "cannot hook its projections (it reads their weights directly); leave it out of "
+                "target_names")
+        if (isinstance(module, nn.modules.conv._ConvNd) and not is_adaptable(module)
+                and any(re.search(p, name) for p in names)):
+            raise AttachError(
+                f"{name} is a {type(module).__name__} with groups={module.groups}, padding_mode="
+                f"{module.padding_mode!r}: lora-lite adapts plain convolutions only (groups=1, "
+                "zero padding, not transposed); leave it out of target_names")
 
 
 def describe_candidates(model, limit=16) -> str:
@@ -139,8 +163,10 @@ def find_targets(model, cfg) -> list[Target]:
     d_model = model_width(model)
     names = tuple(cfg.target_names) or variant_default_names(model, cfg)
     heads = output_head_ids(model) if not names else set()
+    if names:
+        refuse_unadaptable(model, names)
     found = []
-    for name, module in linear_layers(model):
+    for name, module in linear_layers(model, is_adaptable if names else is_linear_like):
         if id(module) in heads or any(re.search(p, name) for p in cfg.exclude_names):
             continue
         if names and not any(re.search(p, name) for p in names):

@@ -77,7 +77,9 @@ class Variant:
       {name: tensor}``: this layer's tensors in PEFT's naming (e.g. ``lora_A.weight``), relative
       to the module, no adapter name. ``from_peft(peft_config) -> dict | None``,
       ``load_peft_state(layer, cfg, tensors)``, ``peft_init(peft_model, calibration_data)``: the
-      way back, and a data-driven init on PEFT's side.
+      way back, and a data-driven init on PEFT's side; ``peft_fields_for_tensors(fields,
+      tensors_by_module) -> fields``: the imported config fields corrected by what the tensors
+      hold (where PEFT's own loader follows the tensors), before attach.
     """
 
     name: str = ""
@@ -97,6 +99,9 @@ class Variant:
     cost_note: str = ""               # why measured FLOPs may differ from 2 x added_macs
     peft_cost_note: str = ""          # the same for PEFT's implementation of this method
     mergeable: bool = True            # False: merging is refused up front, for merge_refusal
+    # layer families the variant adapts ("linear", "embedding", "conv"; lora_lite.layer_kinds):
+    # attach refuses a target of another family in one line, naming the layer and its kind
+    layer_kinds: tuple = ("linear",)
     merge_refusal: str = ""
 
     @staticmethod

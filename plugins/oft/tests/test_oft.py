@@ -135,6 +135,47 @@ def test_boft_peft_adapter_reproduces(case, peft_butterfly, butterfly_path, tmp_
     assert (logits(ours, batch) - want).abs().max() < 1e-5
 
 
+def test_a_peft_boft_folder_saying_two_factors_with_one_factor_tensors_loads(tmp_path):
+    """PEFT without its CUDA extension (here: CPU, no fake) runs m = 1 whatever the config says
+    and saves boft_n_butterfly_factor=2 with (1, D, b, b) tensors; its own loader, on the same
+    machine, follows them. So does lora-lite's import (m read from the tensors)."""
+    base = tiny_llama()
+    with pytest.warns(UserWarning, match="boft_n_butterfly_factor to 1"):
+        theirs = peft_model(base, "boft", boft_cfg(block_size=4, n_butterfly_factor=2))
+    assert not any(getattr(m, "fbd_cuda_available", False) for m in theirs.modules())
+    theirs.save_pretrained(tmp_path)
+    import json
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["boft_n_butterfly_factor"] == 2
+    from safetensors.torch import load_file
+    assert {tuple(t.shape) for k, t in load_file(tmp_path / "adapter_model.safetensors").items()
+            if k.endswith("boft_R")} == {(1, 16, 4, 4)}
+    ours = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="one butterfly factor"):
+        ll.load(ours, str(tmp_path))
+    assert ll.attached(ours).cfg.n_butterfly_factor == 1
+    batch = make_batch()
+    want = logits(theirs, batch)
+    assert (want - logits(base, batch)).abs().max() > 1e-2
+    assert (logits(ours.eval(), batch) - want).abs().max() < 1e-5
+
+
+def test_a_peft_boft_folder_whose_tensors_fit_no_factor_count_is_refused(tmp_path):
+    """Tensors of m = 3 under a config of m = 2: no PEFT build writes that; refused in one line."""
+    base = tiny_llama()
+    with pytest.warns(UserWarning):
+        theirs = peft_model(base, "boft", boft_cfg(block_size=4, n_butterfly_factor=2))
+    theirs.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = {k: (t.repeat(3, 1, 1, 1) if k.endswith("boft_R") else t)
+               for k, t in load_file(path).items()}
+    save_file(tensors, path)
+    ours = copy.deepcopy(base)
+    with pytest.raises(ll.AdapterFileError, match="boft_R has shape") as e:
+        ll.load(ours, str(tmp_path))
+    assert "\n" not in str(e.value) and ll.attached(ours) is None
+
+
 @pytest.mark.parametrize("variant", ["oft", "boft"])
 def test_export_to_peft_and_gradients(variant, peft_butterfly, tmp_path):
     """lora-lite's trained adapter, exported with ll.export_peft and loaded by PEFT, gives

@@ -140,6 +140,7 @@ def train_command(
     dtype: Optional[str] = dtype_option(None),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="Autocast the forward: no, bf16 or fp16 (fp16: CUDA only, with a loss scaler); the adapter's master weights stay float32 (default: no)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the adapted model for training."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute each block's activations in the backward pass (less activation memory, more compute; the same loss and gradients)."),
     quantize: Optional[str] = quantize_option(),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order/generation and adapter init (default: 0)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>)."),
@@ -173,6 +174,7 @@ def train_command(
                  layers=parse_layers(layers) if layers is not None else None,
                  rank=rank, alpha=alpha, knobs=parse_sets(sets) if sets else None, dtype=dtype,
                  mixed_precision=mixed_precision, compile=compile_model or None,
+                 gradient_checkpointing=gradient_checkpointing or None,
                  quantize=quantize, seed=seed, output=str(output) if output else None,
                  eval_limit=eval_limit, eval_batch_size=eval_batch_size,
                  max_new_tokens=max_new_tokens, calibration=calibration, device=device,
@@ -226,7 +228,8 @@ def _print_header(s, processes):
     accum = f" x {s.grad_accum}" if s.grad_accum > 1 else ""
     extra = "".join([f", {processes} processes" if processes > 1 else "",
                      f", mixed precision {s.mixed_precision}" if s.mixed_precision != "no" else "",
-                     ", compiled" if s.compile else ""])
+                     ", compiled" if s.compile else "",
+                     ", gradient checkpointing" if s.gradient_checkpointing else ""])
     console.print(f"[bold]lora-lite train[/] {s.variant}: model {s.model}, data {s.train_data}, "
                   f"{s.steps} steps x batch {s.batch_size}{accum}, lr {s.lr:g} ({s.schedule}), "
                   f"r {s.rank}, targets {' '.join(s.targets)}, {s.threads} thread(s){extra}",

@@ -134,6 +134,10 @@ class Run:
             error = fsdp_mod.first_line(e)
         if self.fsdp:
             fsdp_mod.agree_on_adapter(self.acc, model, error, self.meta)
+        if s.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+            self.metrics["checkpointed_blocks"] = sum(
+                getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
         self.times["attach_s"] = time.perf_counter() - t0
         params = ll.trainable_parameters(model)
         adapter = {id(t) for t in ll.adapter_tensors(model).values()}
@@ -322,6 +326,21 @@ class Run:
         if acc.is_main_process:
             write_run_files(s.output, s, m, state.losses, state.lrs, base_eval, adapted_eval)
         return RunResult(outcome.status, s.output, m, outcome.message)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' activation checkpointing, non-reentrant (the reentrant one needs inputs
+    that require grad; transformers also turns on enable_input_require_grads)."""
+    enable = (getattr(model, "activation_checkpointing_enable", None)
+              or getattr(model, "gradient_checkpointing_enable", None))
+    if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", False):
+        raise TrainError(f"--gradient-checkpointing: {type(model).__name__} does not support "
+                         "gradient checkpointing; drop the flag", 2)
+    kwargs = {"use_reentrant": False}
+    if enable.__name__ == "activation_checkpointing_enable":
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def base_rewritten(model) -> bool:

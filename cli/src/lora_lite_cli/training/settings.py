@@ -55,6 +55,7 @@ class Settings:
     dtype: str = "float32"            # the base model's storage dtype
     mixed_precision: str = "no"       # autocast of the forward: no, bf16, fp16 (+ loss scaler)
     compile: bool = False             # torch.compile the adapted model for training
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward
     quantize: str | None = None
     seed: int = 0
     calibration: int = 0

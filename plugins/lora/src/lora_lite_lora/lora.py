@@ -2,6 +2,11 @@
 
     y' = y + s · (x Aᵀ) Bᵀ,   s = alpha / r,   A (r, d_in) kaiming-uniform,  B (d_out, r) = 0
 
+On nn.Embedding and nn.Conv1d/2d/3d (named in target_names) the same math runs through the
+layer's own operation, as PEFT's LoRA does: ``x Aᵀ`` is ``ll.project_in`` (an embedding lookup
+of Aᵀ; a conv with A as the kernel and the layer's stride/padding), ``· Bᵀ`` is
+``ll.project_out`` (a 1x1 conv on channels); PEFT's tensor names and 4-D kernels on export.
+
 B = 0 makes the adapter exactly the identity at init. Same parameterisation as PEFT's LoRA
 (lora_A.weight = A, lora_B.weight = B, scaling = alpha / r), no dropout. ``use_rslora=True``
 scales by alpha / √r instead (rsLoRA, PEFT's use_rslora). Merges exactly (W' = W + s·B A),
@@ -36,6 +41,7 @@ class LoRA(ll.Variant):
     config = LoRAConfig
     paper = "https://arxiv.org/abs/2106.09685"
     train_defaults = {"lr": 2e-3}
+    layer_kinds = ("linear", "embedding", "conv")
 
     @staticmethod
     def added_macs(target, cfg):
@@ -52,7 +58,8 @@ class LoRA(ll.Variant):
     @staticmethod
     def forward(layer, x, y):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) base output
-        delta = (x @ layer.lora_A.T) @ layer.lora_B.T  # (..., d_out)
+        # (x @ A.T) @ B.T on linear layers; the layer's own lookup / conv otherwise
+        delta = ll.project_out(layer, ll.project_in(layer, x, layer.lora_A), layer.lora_B)
         return y + layer._lora_cfg.scale * delta.to(y.dtype)
 
     @staticmethod
@@ -67,7 +74,7 @@ class LoRA(ll.Variant):
 
     @staticmethod
     def peft_state(layer, cfg):
-        return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
+        return ll.peft_low_rank_state(layer, layer.lora_A, layer.lora_B)
 
     @staticmethod
     def from_peft(peft_config):
@@ -78,5 +85,4 @@ class LoRA(ll.Variant):
 
     @staticmethod
     def load_peft_state(layer, cfg, tensors):
-        layer.lora_A.copy_(ll.peft_tensor(tensors, "lora_A.weight", layer.lora_A.shape))
-        layer.lora_B.copy_(ll.peft_tensor(tensors, "lora_B.weight", layer.lora_B.shape))
+        ll.load_peft_low_rank_state(layer, tensors, layer.lora_A, layer.lora_B)

@@ -23,12 +23,14 @@ per factor) and x M on every call.
 - Identity at init: R = 0 gives B_i = I exactly, permutations move values without rounding and
   s = 1: bit for bit the base.
 - PEFT caveat: without its CUDA extension (CPU, or no ninja) PEFT silently runs m = 1 whatever
-  ``boft_n_butterfly_factor`` says, so a PEFT adapter trained there has m = 1 tensors (lora-lite
-  reads m from the tensor shape on import).
+  ``boft_n_butterfly_factor`` says, so a PEFT adapter trained there has m = 1 tensors under a
+  config saying m; PEFT's own loader (on such a machine) follows the tensors, and so does
+  lora-lite's import (``peft_fields_for_tensors``: m = 1 from the tensors, with a warning).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -240,12 +242,26 @@ class BOFT(ll.Variant):
         return out
 
     @staticmethod
+    def peft_fields_for_tensors(fields, tensors_by_module):
+        """m as the tensors hold it: PEFT's CPU build trains one factor whatever the config says
+        (and its loader follows the tensors); any other disagreement is left to load_peft_state."""
+        factors = {int(t["boft_R"].shape[0]) for t in tensors_by_module.values()
+                   if "boft_R" in t and t["boft_R"].dim() == 4}
+        if factors == {1} and fields.get("n_butterfly_factor", 1) > 1:
+            warnings.warn(f"boft: the PEFT config says boft_n_butterfly_factor="
+                          f"{fields['n_butterfly_factor']} but its tensors hold one butterfly "
+                          "factor (PEFT without its CUDA extension trains one): loaded with "
+                          "n_butterfly_factor=1, as PEFT's own loader does", UserWarning)
+            fields["n_butterfly_factor"] = 1
+        return fields
+
+    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         R, s = tensors["boft_R"], tensors["boft_s"]
         if tuple(R.shape) != tuple(layer.lora_R.shape):
             raise ValueError(f"boft: PEFT's boft_R has shape {tuple(R.shape)}, this layer needs "
-                             f"{tuple(layer.lora_R.shape)} (PEFT without its CUDA extension "
-                             "trains n_butterfly_factor=1: import with n_butterfly_factor=1)")
+                             f"{tuple(layer.lora_R.shape)} (from the config's block size, block "
+                             "count and butterfly factors): the folder is inconsistent")
         with torch.no_grad():
             layer.lora_R.copy_(R)
             layer.lora_s.copy_(s.reshape(-1))

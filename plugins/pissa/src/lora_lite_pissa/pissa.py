@@ -83,6 +83,9 @@ class PiSSA(ll.Variant):
     config = PiSSAConfig
     paper = "https://arxiv.org/abs/2404.02948"
     train_defaults = {"alpha": "r"}   # scale 1: the factors carry W's top-r part
+    # on embeddings / convolutions W is the kind's dense view and x Aᵀ the layer's own lookup /
+    # conv (ll.project_in, ll.project_out), as LoRA's
+    layer_kinds = ("linear", "embedding", "conv")
 
     @staticmethod
     def added_macs(target, cfg):
@@ -123,10 +126,11 @@ class PiSSA(ll.Variant):
     @staticmethod
     def forward(layer, x, y):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) output of the (residual) base
-        delta = (x @ layer.lora_A.T) @ layer.lora_B.T     # (..., d_out)
+        delta = ll.project_out(layer, ll.project_in(layer, x, layer.lora_A), layer.lora_B)
         if hasattr(layer, "lora_A0"):  # implicit residual: remove s·B0 A0 (a separate product,
             # so that at init the two are the same numbers and cancel exactly)
-            delta = delta - (x @ layer.lora_A0.T) @ layer.lora_B0.T
+            delta = delta - ll.project_out(layer, ll.project_in(layer, x, layer.lora_A0),
+                                           layer.lora_B0)
         return y + layer._lora_cfg.scale * delta.to(y.dtype)
 
     @staticmethod
@@ -151,8 +155,8 @@ class PiSSA(ll.Variant):
             A0, B0 = layer.lora_A0, layer.lora_B0
         else:  # rewrite_base=True: the init factors from the original weight (exact on fp32)
             A0, B0 = principal_factors(ll.base_dense_weight(layer), cfg)
-        return {"lora_A.weight": torch.cat([layer.lora_A, A0.to(layer.lora_A.dtype)], dim=0),
-                "lora_B.weight": torch.cat([layer.lora_B, -B0.to(layer.lora_B.dtype)], dim=1)}
+        return ll.peft_low_rank_state(layer, torch.cat([layer.lora_A, A0.to(layer.lora_A.dtype)], dim=0),
+                                      torch.cat([layer.lora_B, -B0.to(layer.lora_B.dtype)], dim=1))
 
     @staticmethod
     def from_peft(peft_config):
