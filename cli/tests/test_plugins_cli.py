@@ -197,7 +197,8 @@ BROKEN_HOOKS = {
     "sys.exit in register_variants": ("register_variants", _exits, "register_variants raised SystemExit: 5"),
     "raising register_variants": ("register_variants", _raises, "register_variants raised RuntimeError"),
     "malformed variant": ("register_variants", _junk, "has no valid .name"),
-    "name clash": ("register_variants", _clash, "variant name 'lora' is also registered by lora-lite-lora"),
+    "name clash": ("register_variants", _clash,
+                   "variant name 'lora' is also registered by lora-lite-lora (built in), which keeps it"),
     "sys.exit in register_commands": ("register_commands", _exits_in_commands,
                                       "failed to add commands: SystemExit: 6"),
 }
@@ -207,7 +208,7 @@ BROKEN_HOOKS = {
 def test_commands_keep_working_and_plugins_reports_a_broken_plugin(kind):
     hook_name, body, expected = BROKEN_HOOKS[kind]
     plugin = SimpleNamespace(**{hook_name: ll.hookimpl(body)})
-    # "zz" sorts after lora-lite-lora, so on a clash the built-in keeps its name
+    # on a clash the built-in keeps its name (whatever "zz-broken" sorts as)
     register_plugin(plugin, "zz-broken", distribution="zz-broken")
     try:
         app = get_app()
