@@ -149,6 +149,59 @@ def test_signal_right_after_optimizer_step_resumes_bit_for_bit(reference, tiny_d
     assert_bit_identical(out, reference)
 
 
+def sigterm_on_call(monkeypatch, owner, attr, at_call, before=True):
+    """SIGTERM to this process on the ``at_call``-th call of ``owner.attr`` (before or after the
+    original runs): the handler only sets a flag, the run goes on to the next step boundary."""
+    original = getattr(owner, attr)
+    calls = {"n": 0}
+
+    def wrapped(*a, **kw):
+        calls["n"] += 1
+        if before and calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        result = original(*a, **kw)
+        if not before and calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+    monkeypatch.setattr(owner, attr, wrapped)
+
+
+def _points():
+    import importlib
+    loop, run = (importlib.import_module(f"lora_lite_cli.training.{m}") for m in ("loop", "run"))
+    from lora_lite_cli.commands.train import RichReporter
+    return {  # where SIGTERM lands -> (patch, the step the checkpoint must be at)
+        "loading the model": ((run.Run, "load", 1), 0),
+        "forward of step 1": ((loop, "loss_sum", 1), 1),
+        "optimizer.step of step 2": ((torch.optim.AdamW, "step", 2, False), 2),
+        "forward of step 3": ((loop, "loss_sum", 3), 3),
+        # after the last step's all-reduce carried no flag: still no step more, no evaluation
+        "progress line of the last step": ((RichReporter, "step", 4), 4),
+    }
+
+
+@pytest.mark.parametrize("point", ["loading the model", "forward of step 1",
+                                   "optimizer.step of step 2", "forward of step 3",
+                                   "progress line of the last step"])
+def test_sigterm_at_five_points_checkpoints_and_resumes_exactly(reference, tiny_dir, tmp_path,
+                                                                monkeypatch, point):
+    """Issue 24: wherever SIGTERM lands, the run stops at the next step boundary (never one
+    step later), writes a checkpoint, and --resume finishes bit for bit as the uninterrupted run."""
+    patch, expected_step = _points()[point]
+    out = tmp_path / "run"
+    sigterm_on_call(monkeypatch, *patch)
+    result = runner.invoke(get_app(), ["train", "--variant", "lora", "--model", tiny_dir,
+                                       *SMALL, "--output", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "SIGTERM: stopping after this step" in result.output
+    state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)
+    assert state["step"] == expected_step == len(state["losses"]), point
+    monkeypatch.undo()
+    result = runner.invoke(get_app(), ["train", "--resume", str(out / "checkpoint")])
+    assert result.exit_code == 0, result.output
+    assert_bit_identical(out, reference)
+
+
 def test_relative_output_resumes_into_the_original_folder(tiny_dir, tmp_path, monkeypatch):
     first = tmp_path / "first"
     first.mkdir()

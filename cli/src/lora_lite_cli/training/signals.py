@@ -1,6 +1,8 @@
 """Ctrl-C and SIGTERM during training: stop at a step boundary and keep a consistent checkpoint.
 
-- The first SIGINT or SIGTERM asks to stop after the current step (a message says so).
+- The first SIGINT or SIGTERM asks to stop after the current step (a message says so): the
+  handler only sets ``requested``; the step loop checks it before and after every step, so the
+  stop is prompt whatever the load. ``training.run`` installs it before the model loads.
 - A second one stops at once (``KeyboardInterrupt``), except inside ``commit()``: the few lines
   that apply an optimizer step and record it (optimizer.step, scheduler.step, the step counter)
   run as one unit, and a signal landing there takes effect when they are done. So the state the
