@@ -101,6 +101,39 @@ def test_malformed_checkpoint_is_one_line(reference, tmp_path, damage):
     assert "start the run again" in result.output
 
 
+class _Payload:
+    """Unpickling this creates a marker file: proof that code from the checkpoint ran."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("where", ["trainer.pt", "optimizer.rank0.pt"])
+def test_a_crafted_pickle_in_a_checkpoint_never_runs(reference, tmp_path, where):
+    """Checkpoints are read with torch.load(weights_only=True): a pickle that would run code
+    is refused in one line and the payload never runs (the adapter is safetensors)."""
+    import pickle
+    pickle.loads(pickle.dumps(_Payload(tmp_path / "selftest")))  # the payload does work
+    assert (tmp_path / "selftest").exists()
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    (ckpt / "adapter.safetensors").write_bytes((reference / "adapter.safetensors").read_bytes())
+    marker = tmp_path / "pwned"
+    if where == "trainer.pt":
+        torch.save({"step": 1, "x": _Payload(marker)}, ckpt / "trainer.pt")
+        result = runner.invoke(get_app(), ["train", "--resume", str(ckpt)])
+        one_error_line(result, 2, "--resume")
+    else:  # an FSDP shard: read by read_shard, with weights_only too
+        from lora_lite_cli.training.checkpoints import read_shard
+        torch.save({"optimizer": _Payload(marker)}, ckpt / where)
+        from lora_lite_cli.training.settings import TrainError
+        with pytest.raises(TrainError, match=r"optimizer.rank0.pt is not a readable optimizer shard"):
+            read_shard(str(ckpt), 0)
+    assert not marker.exists()
+
+
 def test_exit_codes_are_documented():
     result = runner.invoke(get_app(), ["--help"])
     assert result.exit_code == 0
