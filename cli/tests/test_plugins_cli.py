@@ -247,3 +247,30 @@ def test_a_plugin_that_fails_or_exits_at_import_is_reported_by_plugins(tmp_path)
     assert "ModuleNotFoundError" in problems["zz-missing"]
     assert "SystemExit: 7" in problems["zz-exits"]
     assert "lora-lite-lora" in {p["distribution"] for p in json.loads(out.stdout)["plugins"]}
+
+
+def test_a_strangers_clashing_variant_is_chosen_by_its_qualified_name(tiny_dir, tmp_path):
+    """Issue 24: `lora` stays the built-in; `plugins` names the clash and the way to choose;
+    `--variant acme-lora:lora` trains the stranger's class, whose file records its distribution."""
+    from lora_lite.testing import registered
+    builtin = ll.get_variant("lora")
+    stranger = type("StrangerLora", (builtin,), {})
+    with registered(stranger, name="acme", distribution="acme-lora"):
+        assert ll.get_variant("lora") is builtin
+        listing = runner.invoke(get_app(), ["plugins", "--json"])
+        [problem] = [p for p in json.loads(listing.stdout)["problems"]
+                     if p["distribution"] == "acme-lora"]
+        assert "also registered by lora-lite-lora (built in), which keeps it" in problem["error"]
+        assert "'acme-lora:lora'" in problem["fix"] and "LORA_LITE_PLUGINS=acme-lora" in problem["fix"]
+        out = tmp_path / "run"
+        result = runner.invoke(get_app(), [
+            "train", "--variant", "acme-lora:lora", "--model", tiny_dir, "--steps", "1",
+            "--batch-size", "2", "--eval-limit", "0", "--seq-len", "160", "--threads", "1",
+            "--output", str(out)])
+        assert result.exit_code == 0, result.output
+        header = ll.read_header(out / "adapter.safetensors")[0]
+        assert header["variant"] == "acme-lora:lora" and header["plugin"] == "acme-lora"
+    # the stranger gone, its file is refused rather than run by the built-in
+    model, _ = __import__("lora_lite_cli.models", fromlist=["_"]).load_model(tiny_dir)
+    with pytest.raises(ll.AdapterFileError, match="needs variant .acme-lora:lora., which is not installed"):
+        ll.load(model, out / "adapter.safetensors")
