@@ -141,6 +141,8 @@ def test_pattern_keys_resolve_once_to_per_target_configs(good_folder, tmp_path, 
     ({"lora_alpha": float("nan")}, "field 'lora_alpha'.*nan.*finite number"),
     ({"lora_alpha": True}, "field 'lora_alpha'.*True.*finite number"),
     ({"peft_type": 7}, "field 'peft_type'"),
+    ({"use_dora": "false"}, "field 'use_dora'.*'false'.*true or false"),  # a truthy string
+    ({"use_rslora": 1}, "field 'use_rslora'.*true or false"),
 ])
 def test_config_fields_of_the_wrong_type_are_refused(good_folder, tmp_path, changes, match):
     folder = _copy(good_folder, tmp_path)

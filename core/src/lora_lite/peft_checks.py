@@ -59,6 +59,9 @@ def check_field_types(config, where):
         "target_modules": (lambda v: isinstance(v, str) or (
             isinstance(v, list) and len(v) <= file_checks.MAX_TARGETS
             and all(isinstance(m, str) for m in v)), "a string or a list of module names"),
+        # switches that select what the tensors mean: "false" (a string) is not False
+        **{flag: (lambda v: isinstance(v, bool), "true or false")
+           for flag in ("use_rslora", "use_dora", "inference_mode")},
     }
     for name, (ok, expected) in checks.items():
         if config.get(name) is not None and not ok(config[name]):
