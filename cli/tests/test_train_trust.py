@@ -319,3 +319,16 @@ def test_the_leak_counter_fires_on_a_base_gradient_leak(tiny_dir, tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["sanity"]["base_grad_leaks"] > 0 and m["sanity"]["ok"] is False
     assert "FAILED" in result.output
+
+
+def test_sigterm_while_finishing_does_not_claim_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    """After the last step there is nothing to checkpoint: the run finishes (exit 0) and the
+    message says so instead of promising a checkpoint."""
+    import importlib
+    run = importlib.import_module("lora_lite_cli.training.run")
+    sigterm_on_call(monkeypatch, run.Run, "finish", 1)
+    result = runner.invoke(get_app(), ["train", "--variant", "lora", "--model", tiny_dir,
+                                       *SMALL, "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "SIGTERM: training is done, the run is being finished" in result.output
+    assert not (tmp_path / "run" / "checkpoint").exists()

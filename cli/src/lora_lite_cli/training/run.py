@@ -383,5 +383,6 @@ def _run(r: Run, stop: StopRequest) -> RunResult:
         r.reporter.end_train()
         r.optimizer.zero_grad(set_to_none=True)
         return r.checkpoint(state, base_eval)
+    stop.finishing = True
     r.reporter.end_train()
     return r.finish(state, outcome, base_eval)

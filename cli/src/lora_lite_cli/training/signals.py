@@ -25,6 +25,7 @@ class StopRequest:
     def __init__(self):
         self.requested = False
         self.saving = False
+        self.finishing = False  # the steps are done: no checkpoint, the run ends on its own
         self._in_commit = False
         self._pending = False
         self._previous = {}
@@ -36,6 +37,10 @@ class StopRequest:
             return
         if not self.requested:
             self.requested = True
+            if self.finishing:
+                sys.stderr.write(f"\n{name}: training is done, the run is being finished "
+                                 f"(adapter, evaluation) ({name} again to stop at once)\n")
+                return
             sys.stderr.write(f"\n{name}: stopping after this step and saving a checkpoint "
                              f"({name} again to stop at once)\n")
             return
