@@ -141,6 +141,8 @@ def test_pattern_keys_resolve_once_to_per_target_configs(good_folder, tmp_path, 
     ({"lora_alpha": float("nan")}, "field 'lora_alpha'.*nan.*finite number"),
     ({"lora_alpha": True}, "field 'lora_alpha'.*True.*finite number"),
     ({"peft_type": 7}, "field 'peft_type'"),
+    ({"use_dora": "false"}, "field 'use_dora'.*'false'.*true or false"),  # a truthy string
+    ({"use_rslora": 1}, "field 'use_rslora'.*true or false"),
 ])
 def test_config_fields_of_the_wrong_type_are_refused(good_folder, tmp_path, changes, match):
     folder = _copy(good_folder, tmp_path)
@@ -222,3 +224,123 @@ def test_not_installed_message_names_the_writer_and_installs_only_our_namespace(
         assert msg.endswith(f": {install}") and f"written by {dist} {version}" in msg
     else:
         assert "pip install" not in msg
+
+
+# --- 3. issue 24: huge ranks, unknown fields, regexes never run, links out, pickles ----------
+
+@pytest.mark.parametrize("changes", [
+    {"r": 10**9}, {"r": 2**70}, {"rank_pattern": {"q_proj": 10**9}},
+])
+def test_a_huge_rank_is_refused_before_anything_is_allocated(good_folder, tmp_path, changes):
+    folder = _copy(good_folder, tmp_path)
+    _edit_config(folder, **changes)
+    _refused(folder, r"r=\d+ would give .*q_proj \(a 64x64 layer\).*more than 4x the layer")
+
+
+def test_an_unknown_lora_config_field_that_is_set_is_refused(good_folder, tmp_path):
+    folder = _copy(good_folder, tmp_path)
+    _edit_config(folder, frobnicate=3)
+    _refused(folder, r"field 'frobnicate' is set .*does not know")
+    _edit_config(folder, frobnicate=None, use_bdlora={"x": 1})  # unset: fine; a newer method: no
+    _refused(folder, r"use_bdlora=.*A and B on linear layers only")
+    _edit_config(folder, use_bdlora=None)
+    ll.load(tiny_llama(), folder)
+
+
+def test_every_field_of_peft_loraconfig_is_classified():
+    """PEFT is the oracle: a field its LoraConfig has that lora-lite neither knows nor refuses
+    would be ignored silently; this fails when a PEFT release adds one (classify it)."""
+    import dataclasses
+    from lora_lite import peft_lora
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields - set(peft_lora.KNOWN_FIELDS) - set(peft_lora.UNSUPPORTED_FIELDS) == set()
+
+
+def _load_within(folder, seconds=30):
+    """ll.load in a thread that must finish within ``seconds`` (a regex from the file that were
+    run would take 2**len(name) steps)."""
+    import threading
+    done = {}
+    thread = threading.Thread(target=lambda: done.setdefault("info", ll.load(tiny_llama(), folder)),
+                              daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "ll.load hung on a regex from the file"
+    return done["info"]
+
+
+@pytest.mark.parametrize("target_modules", [
+    r"([a-z_.0-9]|[a-z_.0-9])*!", [r"([a-z_.0-9]|[a-z_.0-9])*!", "(a+)+$"],
+])
+def test_catastrophic_target_modules_are_never_run(good_folder, tmp_path, target_modules):
+    folder = _copy(good_folder, tmp_path)
+    _edit_config(folder, target_modules=target_modules)
+    _load_within(folder)  # the targets are the modules the weights name, matched exactly
+
+
+def _outside_copy(good_folder, tmp_path, name):
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    shutil.copy(good_folder / name, outside / name)
+    return outside / name
+
+
+@pytest.mark.parametrize("name", [CONFIG, WEIGHTS])
+def test_a_link_out_of_the_folder_is_refused(good_folder, tmp_path, name):
+    folder = _copy(good_folder, tmp_path)
+    (folder / name).unlink()
+    (folder / name).symlink_to(_outside_copy(good_folder, tmp_path, name))
+    _refused(folder, rf"{name}: a link to .*outside the adapter folder")
+
+
+def test_a_link_inside_the_folder_is_fine(good_folder, tmp_path):
+    folder = _copy(good_folder, tmp_path)
+    (folder / "real.safetensors").write_bytes((folder / WEIGHTS).read_bytes())
+    (folder / WEIGHTS).unlink()
+    (folder / WEIGHTS).symlink_to("real.safetensors")
+    ll.load(tiny_llama(), folder)
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that code from the file ran."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("keep_safetensors", [False, True])
+def test_a_pickle_bin_is_never_unpickled(good_folder, tmp_path, keep_safetensors):
+    folder = _copy(good_folder, tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Payload(marker)}, folder / "adapter_model.bin")
+    import pickle
+    pickle.loads(pickle.dumps(_Payload(tmp_path / "selftest")))  # the payload does work...
+    assert (tmp_path / "selftest").exists()
+    if keep_safetensors:
+        ll.load(tiny_llama(), folder)  # the safetensors file is read, the pickle never
+    else:
+        (folder / WEIGHTS).unlink()
+        _refused(folder, r"adapter_model.bin.*never loads")
+    assert not marker.exists()
+
+
+def test_hub_snapshot_links_into_its_blobs_load_and_links_elsewhere_are_refused(
+        good_folder, tmp_path, monkeypatch):
+    """A hub cache snapshot's files are links to ``<repo>/blobs``: allowed; out of the repo: no."""
+    import os
+    hub = pytest.importorskip("huggingface_hub")
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for name in (CONFIG, WEIGHTS):
+        shutil.copy(good_folder / name, repo / "blobs" / name)
+        (snapshot / name).symlink_to(os.path.relpath(repo / "blobs" / name, snapshot))
+    monkeypatch.setattr(hub, "snapshot_download", lambda *a, **kw: str(snapshot))
+    ll.load(tiny_llama(), "org/name")
+    (snapshot / CONFIG).unlink()
+    (snapshot / CONFIG).symlink_to(_outside_copy(good_folder, tmp_path, CONFIG))
+    with pytest.raises(ll.AdapterFileError, match="a link to .*outside the adapter folder"):
+        ll.load(tiny_llama(), "org/name")

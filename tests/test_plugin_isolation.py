@@ -144,18 +144,64 @@ class OtherScale(Scale):
 
 
 @pytest.mark.parametrize("order", ["acme first", "other first"])
-def test_a_clash_is_won_by_the_distribution_first_by_name_whatever_the_order(order):
+def test_a_clash_of_two_strangers_is_never_settled_silently(order):
     pair = [(Scale, "first", "acme-scale"), (OtherScale, "second", "Other_Scale")]
     for cls, name, dist in (pair if order == "acme first" else pair[::-1]):
         plugins.register_plugin(plugin_of(cls), name, distribution=dist)
-    assert ll.variants()["iso_scale"] is Scale
-    assert plugins.variant_origin("iso_scale").distribution == "acme-scale"
-    assert problems_of("acme-scale") == []
-    [problem] = problems_of("Other_Scale")
-    assert "variant name 'iso_scale' is also registered by acme-scale, which keeps it" in problem
-    assert "pip uninstall Other_Scale" in problem and plugins.ALLOW_ENV in problem
-    assert_works("iso_scale")
+    assert "iso_scale" not in ll.variants()  # neither sorting first nor registering first wins
+    [acme] = problems_of("acme-scale")
+    [other] = problems_of("Other_Scale")
+    for problem, mine in ((acme, "acme-scale"), (other, "other-scale")):
+        assert "variant name 'iso_scale' is registered by both" in problem
+        assert "acme-scale" in problem and "Other_Scale" in problem  # both named
+        assert f"'{mine}:iso_scale'" in problem and f"{plugins.ALLOW_ENV}=" in problem
+    with pytest.raises(ll.VariantNotInstalled, match="registered by both"):
+        ll.config("iso_scale")
+    # the qualified name chooses one, whatever the case and punctuation of the distribution
+    assert plugins.get_variant("acme-scale:iso_scale") is Scale
+    assert plugins.get_variant("OTHER.scale:iso_scale") is OtherScale
+    assert ll.config("Other_Scale:iso_scale").variant == "other-scale:iso_scale"
+    assert_works("acme-scale:iso_scale")
     assert_works("lora")
+
+
+SHADOW = "aaa-shadow"  # sorts before every lora-lite-* name
+
+
+@pytest.mark.parametrize("order", ["built-in first", "shadow first"])
+def test_a_builtin_keeps_its_name_over_a_stranger_that_sorts_first(order):
+    """In-process stand-ins for both (the built-in's label is one of BUILTIN_DISTRIBUTIONS), so
+    both registration orders can be staged; the real entry points are tested below."""
+    builtin = (Scale, "builtin", "lora-lite-hra")
+    shadow = (OtherScale, "shadow", SHADOW)
+    for cls, name, dist in ([builtin, shadow] if order == "built-in first" else [shadow, builtin]):
+        plugins.register_plugin(plugin_of(cls), name, distribution=dist)
+    assert ll.variants()["iso_scale"] is Scale
+    assert plugins.variant_origin("iso_scale").distribution == "lora-lite-hra"
+    [problem] = problems_of(SHADOW)
+    assert ("variant name 'iso_scale' is also registered by lora-lite-hra (built in), which keeps "
+            f"it; {SHADOW}'s 'iso_scale' was not registered under that name") in problem
+    assert f"'{SHADOW}:iso_scale'" in problem and f"{plugins.ALLOW_ENV}={SHADOW}" in problem
+    info = {p.name: p for p in ll.installed_plugins()}
+    assert info["shadow"].variants == [f"{SHADOW}:iso_scale"] and info["builtin"].variants == ["iso_scale"]
+    assert plugins.get_variant(f"{SHADOW}:iso_scale") is OtherScale  # chosen explicitly: reachable
+    # a name like ours is not enough: lora-lite-x is not one of the distributions we ship
+    assert not plugins.is_builtin("lora-lite-x") and plugins.is_builtin("Lora_Lite.HRA")
+
+
+def test_a_preferred_in_process_plugin_is_an_explicit_choice_over_a_builtin():
+    plugins.register_plugin(plugin_of(Scale), "builtin", distribution="lora-lite-hra")
+    plugins.register_plugin(plugin_of(OtherScale), "mine", distribution="notebook", preferred=True)
+    assert ll.variants()["iso_scale"] is OtherScale
+    assert "registered by notebook, which keeps it" in problems_of("lora-lite-hra")[0]
+
+
+def test_a_qualified_name_that_nobody_provides_says_who_does():
+    plugins.register_plugin(plugin_of(Scale), "first", distribution="acme-scale")
+    with pytest.raises(ll.VariantNotInstalled, match=r"no installed distribution 'nobody' provides "
+                                                      r"variant 'iso_scale'; it is provided as "
+                                                      r"'acme-scale:iso_scale'"):
+        ll.config("nobody:iso_scale")
 
 
 def test_a_file_is_not_run_by_another_distribution_than_the_one_that_wrote_it(tmp_path):
@@ -165,17 +211,27 @@ def test_a_file_is_not_run_by_another_distribution_than_the_one_that_wrote_it(tm
     path = tmp_path / "scale.safetensors"
     ll.save(model, path)
     assert ll.read_header(path)[0]["plugin"] == "other-scale"
-    # an impostor that sorts first takes the name over: the file refuses to run it
-    plugins.register_plugin(plugin_of(Scale), "first", distribution="acme-scale")
+    # a (stand-in) built-in now holds the name: the file refuses to run it
+    plugins.register_plugin(plugin_of(Scale), "first", distribution="lora-lite-hra")
     fresh, x = Tiny(), torch.randn(3, 8)
     with torch.no_grad():
         ref = fresh(x)
     with pytest.raises(ll.AdapterFileError, match=r"written by variant 'iso_scale' of other-scale, "
-                                                  r"but 'iso_scale' is provided here by acme-scale"):
+                                                  r"but 'iso_scale' is provided here by lora-lite-hra"):
         ll.load(fresh, path)
     assert ll.attached(fresh) is None and torch.equal(fresh(x), ref)
+    # saved under the qualified name, the file names its distribution and loads under it only
+    chosen = Tiny()
+    ll.attach(chosen, ll.config("other-scale:iso_scale", target_names=[r"q_proj$"]))
+    qualified = tmp_path / "qualified.safetensors"
+    ll.save(chosen, qualified)
+    assert ll.read_header(qualified)[0]["variant"] == "other-scale:iso_scale"
+    ll.load(Tiny(), qualified)
     plugins.unregister_plugin("first")
     ll.load(fresh, path)  # its own distribution again: loads
+    plugins.unregister_plugin("second")
+    with pytest.raises(ll.AdapterFileError, match="other-scale"):
+        ll.load(Tiny(), qualified)  # its distribution is gone: refused, not run by another
 
 
 def exits(register):
@@ -275,6 +331,8 @@ PROBE = textwrap.dedent('''
             ll.detach(model)
             return same and torch.equal(model.q_proj(x), ref)
 
+    import os
+    qualified = json.loads(os.environ.get("PROBE_QUALIFIED", "[]"))
     try:
         ll.config("broken")
         broken_message = None
@@ -285,6 +343,7 @@ PROBE = textwrap.dedent('''
         "scale_origin": getattr(ll.variants().get("scale"), "origin", None),
         "problems": [{"distribution": p.distribution, "text": str(p)} for p in ll.problems()],
         "works": {n: works(n) for n in ("lora", "scale") if n in ll.variants()},
+        "qualified": {n: [works(n), plugins.get_variant(n).__module__] for n in qualified},
         "broken_message": broken_message,
     }))
 ''')
@@ -314,12 +373,19 @@ def fake_site(tmp_path_factory):
     return site
 
 
-def probe(site, allow=None):
+def probe(site, allow=None, last=False, qualified=()):
+    """PROBE in a fresh interpreter with ``site`` first on the path (found before the real
+    site-packages) or, ``last``, appended after it: both orders of discovery."""
     env = {k: v for k, v in os.environ.items() if k != plugins.ALLOW_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    code = PROBE
+    if last:
+        code = f"import sys; sys.path.append({str(site)!r})\n" + PROBE
+    else:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     if allow is not None:
         env[plugins.ALLOW_ENV] = allow
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+    env["PROBE_QUALIFIED"] = json.dumps(list(qualified))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -336,15 +402,59 @@ def test_real_entry_points_broken_import_and_clash_are_isolated(fake_site):
     # ...and a command that needs it says why it is unavailable and how to fix it
     assert result["broken_message"].startswith(
         "variant 'broken' is unavailable because plugin 'lora-lite-broken': failed to import")
-    # the clash: the distribution first by name wins, whatever sys.path order; the other is reported
-    assert result["variants"]["scale"] == result["scale_origin"] == "acme-scale"
-    assert "variant name 'scale' is also registered by acme-scale" in problems.pop("other-scale")
+    # the clash of two strangers: neither keeps the name, both are reported with the way to choose
+    assert "scale" not in result["variants"]
+    for dist in ("acme-scale", "other-scale"):
+        text = problems.pop(dist)
+        assert "variant name 'scale' is registered by both" in text and f"'{dist}:scale'" in text
     # sys.exit() at import is one more reported problem, not the end of the process
     assert "failed to import 'lora_lite_exits_plugin': SystemExit: 4" in problems.pop("lora-lite-exits")
     assert problems == {}
     # everything else keeps working
     assert result["variants"]["lora"] == "lora-lite-lora"
-    assert result["works"] == {"lora": True, "scale": True}
+    assert result["works"] == {"lora": True}
+
+
+SHADOW_LORA = '''
+import lora_lite as ll
+from lora_lite_lora.lora import LoRA
+
+class ShadowLora(LoRA):  # named 'lora' too; its outputs differ from the built-in's
+    @staticmethod
+    def forward(layer, x, y):
+        return y + 1.0
+
+@ll.hookimpl
+def register_variants(register):
+    register(ShadowLora)
+'''
+
+
+@pytest.fixture(scope="module")
+def shadow_site(tmp_path_factory):
+    """Strangers whose names sort before lora-lite-lora: one registers a variant 'lora', one
+    reuses the built-in's entry-point name 'lora'."""
+    site = tmp_path_factory.mktemp("shadow")
+    fake_distribution(site, "llbad-shadowb", "9.0", {"shadowb": "llbad_shadowb"},
+                      "llbad_shadowb", SHADOW_LORA)
+    fake_distribution(site, "llbad-epname", "9.0", {"lora": "llbad_epname"},
+                      "llbad_epname", SHADOW_LORA)
+    return site
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["shadow found first", "shadow found last"])
+def test_real_entry_points_a_stranger_never_takes_over_the_builtin_lora(shadow_site, last):
+    result = probe(shadow_site, last=last, qualified=["llbad-shadowb:lora"])
+    assert result["variants"]["lora"] == "lora-lite-lora"
+    assert result["works"]["lora"] is True  # the built-in's identity at init, not y + 1
+    problems = {p["distribution"]: p["text"] for p in result["problems"]}
+    shadow = problems.pop("llbad-shadowb")
+    assert "variant name 'lora' is also registered by lora-lite-lora (built in), which keeps it" in shadow
+    assert "'llbad-shadowb:lora'" in shadow and "LORA_LITE_PLUGINS=llbad-shadowb" in shadow
+    assert "entry point name 'lora' is already used" in problems.pop("llbad-epname")
+    assert problems == {}
+    # chosen by its qualified name, the stranger's class runs (and is not the identity)
+    assert result["qualified"] == {"llbad-shadowb:lora": [False, "llbad_shadowb"]}
 
 
 def test_real_entry_points_allow_list_excludes_the_culprits(fake_site):

@@ -89,3 +89,16 @@ def test_broken_plugins_are_reported_and_skipped():
         finally:
             plugins.unregister_plugin("crashing")
     assert not [p for p in ll.problems() if p.distribution in ("lora-lite-crashing", "mixed")]
+
+
+def test_builtin_distributions_are_exactly_the_ones_this_repository_ships():
+    """The clash rule trusts BUILTIN_DISTRIBUTIONS; it must list every plugins/*/ distribution
+    (and core), and not the third-party example, which is written as a stranger would."""
+    import pathlib
+    import tomllib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    shipped = {plugins.normalize_distribution(
+        tomllib.loads(p.read_text())["project"]["name"]) for p in root.glob("plugins/*/pyproject.toml")}
+    assert shipped and plugins.BUILTIN_DISTRIBUTIONS == shipped | {"lora-lite"}
+    example = tomllib.loads((root / "third_party_example" / "pyproject.toml").read_text())
+    assert not plugins.is_builtin(example["project"]["name"])  # lora-lite-vera: a stranger

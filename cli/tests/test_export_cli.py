@@ -2,6 +2,7 @@
 process where lora_lite cannot be imported) with the adapted outputs; --format peft writes a
 folder PEFT loads; `eval --adapter` takes a PEFT folder; bad input is one line, exit code 2."""
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -101,3 +102,90 @@ def test_a_folder_without_adapter_config_is_one_line(tmp_path):
                                        "peft", "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "adapter_config.json" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# -- issue 24: an export loses nothing ---------------------------------------------------------
+
+def _export(path, out, *extra, fmt="peft"):
+    return runner.invoke(get_app(), ["export", "--adapter", str(path), "--format", fmt,
+                                     "--output", str(out), *extra])
+
+
+def _siblings(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}"))
+
+
+def test_a_non_empty_output_is_refused_unless_overwrite_and_nothing_is_deleted(tiny_dir, tmp_path):
+    path, _ = adapter(tiny_dir, tmp_path)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "adapter_config.json").write_text("{}")  # even a same-named file is the user's
+    refused = _export(path, out)
+    assert refused.exit_code == 2 and "not empty" in refused.output and "--overwrite" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "notes.txt"]
+    done = _export(path, out, "--overwrite")
+    assert done.exit_code == 0, done.output
+    aside = tmp_path / "mine.previous-1"
+    assert "moved to" in done.output and str(aside) in " ".join(done.output.split())
+    assert (aside / "notes.txt").read_text() == "my notes"
+    assert (aside / "adapter_config.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    ll.load(models.load_model(tiny_dir)[0], out)  # the new export is complete
+    assert _siblings(out) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _export(path, empty).exit_code == 0  # an empty folder is fine, nothing to move
+
+
+@pytest.mark.parametrize("fmt, interrupt", [("peft", RuntimeError), ("merged", KeyboardInterrupt)])
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_interrupted_export_leaves_no_folder_and_keeps_the_old_one(tiny_dir, tmp_path, monkeypatch,
+                                                                      fmt, interrupt, existing):
+    """The export fails after writing part of its files (an exception; Ctrl-C): --output is as
+    it was (absent, or the previous folder untouched), and no temporary folder is left."""
+    path, _ = adapter(tiny_dir, tmp_path)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    if fmt == "peft":
+        real = ll.export_peft
+
+        def half_export(model, folder, **kw):
+            real(model, folder, **kw)
+            (pathlib.Path(folder) / "adapter_config.json").unlink()  # written, then stopped
+            raise interrupt("disk full")
+        monkeypatch.setattr(ll, "export_peft", half_export)
+    else:
+        from transformers import PreTrainedTokenizerBase
+
+        def stop(self, *a, **kw):  # the weights are written; the tokenizer is not
+            raise interrupt()
+        monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", stop)
+    result = _export(path, out, *(["--overwrite"] if existing else []), fmt=fmt)
+    assert result.exit_code == (130 if interrupt is KeyboardInterrupt else 1), result.output
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not out.exists()
+    assert _siblings(out) == [] and not (tmp_path / "out.previous-1").exists()
+
+
+def test_core_export_peft_interrupted_leaves_a_folder_that_does_not_load(tiny_dir, tmp_path,
+                                                                         monkeypatch):
+    """ll.export_peft writes the weights first and the config last: stopped in between, the
+    folder has no adapter_config.json, so it never loads as a complete adapter."""
+    from lora_lite import peft_export
+    path, _ = adapter(tiny_dir, tmp_path)
+    model, _ = models.load_model(tiny_dir)
+    ll.load(model, path)
+    out = tmp_path / "core"
+    ll.export_peft(model, out)  # a complete previous export
+    monkeypatch.setattr(peft_export.json, "dump", lambda *a, **kw: (_ for _ in ()).throw(OSError("full")))
+    with pytest.raises(OSError):
+        ll.export_peft(model, out)
+    fresh, _ = models.load_model(tiny_dir)
+    with pytest.raises(ll.AdapterFileError, match="no adapter_config.json"):
+        ll.load(fresh, out)

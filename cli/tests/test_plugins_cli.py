@@ -197,7 +197,8 @@ BROKEN_HOOKS = {
     "sys.exit in register_variants": ("register_variants", _exits, "register_variants raised SystemExit: 5"),
     "raising register_variants": ("register_variants", _raises, "register_variants raised RuntimeError"),
     "malformed variant": ("register_variants", _junk, "has no valid .name"),
-    "name clash": ("register_variants", _clash, "variant name 'lora' is also registered by lora-lite-lora"),
+    "name clash": ("register_variants", _clash,
+                   "variant name 'lora' is also registered by lora-lite-lora (built in), which keeps it"),
     "sys.exit in register_commands": ("register_commands", _exits_in_commands,
                                       "failed to add commands: SystemExit: 6"),
 }
@@ -207,7 +208,7 @@ BROKEN_HOOKS = {
 def test_commands_keep_working_and_plugins_reports_a_broken_plugin(kind):
     hook_name, body, expected = BROKEN_HOOKS[kind]
     plugin = SimpleNamespace(**{hook_name: ll.hookimpl(body)})
-    # "zz" sorts after lora-lite-lora, so on a clash the built-in keeps its name
+    # on a clash the built-in keeps its name (whatever "zz-broken" sorts as)
     register_plugin(plugin, "zz-broken", distribution="zz-broken")
     try:
         app = get_app()
@@ -246,3 +247,30 @@ def test_a_plugin_that_fails_or_exits_at_import_is_reported_by_plugins(tmp_path)
     assert "ModuleNotFoundError" in problems["zz-missing"]
     assert "SystemExit: 7" in problems["zz-exits"]
     assert "lora-lite-lora" in {p["distribution"] for p in json.loads(out.stdout)["plugins"]}
+
+
+def test_a_strangers_clashing_variant_is_chosen_by_its_qualified_name(tiny_dir, tmp_path):
+    """Issue 24: `lora` stays the built-in; `plugins` names the clash and the way to choose;
+    `--variant acme-lora:lora` trains the stranger's class, whose file records its distribution."""
+    from lora_lite.testing import registered
+    builtin = ll.get_variant("lora")
+    stranger = type("StrangerLora", (builtin,), {})
+    with registered(stranger, name="acme", distribution="acme-lora"):
+        assert ll.get_variant("lora") is builtin
+        listing = runner.invoke(get_app(), ["plugins", "--json"])
+        [problem] = [p for p in json.loads(listing.stdout)["problems"]
+                     if p["distribution"] == "acme-lora"]
+        assert "also registered by lora-lite-lora (built in), which keeps it" in problem["error"]
+        assert "'acme-lora:lora'" in problem["fix"] and "LORA_LITE_PLUGINS=acme-lora" in problem["fix"]
+        out = tmp_path / "run"
+        result = runner.invoke(get_app(), [
+            "train", "--variant", "acme-lora:lora", "--model", tiny_dir, "--steps", "1",
+            "--batch-size", "2", "--eval-limit", "0", "--seq-len", "160", "--threads", "1",
+            "--output", str(out)])
+        assert result.exit_code == 0, result.output
+        header = ll.read_header(out / "adapter.safetensors")[0]
+        assert header["variant"] == "acme-lora:lora" and header["plugin"] == "acme-lora"
+    # the stranger gone, its file is refused rather than run by the built-in
+    model, _ = __import__("lora_lite_cli.models", fromlist=["_"]).load_model(tiny_dir)
+    with pytest.raises(ll.AdapterFileError, match="needs variant .acme-lora:lora., which is not installed"):
+        ll.load(model, out / "adapter.safetensors")

@@ -101,6 +101,39 @@ def test_malformed_checkpoint_is_one_line(reference, tmp_path, damage):
     assert "start the run again" in result.output
 
 
+class _Payload:
+    """Unpickling this creates a marker file: proof that code from the checkpoint ran."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("where", ["trainer.pt", "optimizer.rank0.pt"])
+def test_a_crafted_pickle_in_a_checkpoint_never_runs(reference, tmp_path, where):
+    """Checkpoints are read with torch.load(weights_only=True): a pickle that would run code
+    is refused in one line and the payload never runs (the adapter is safetensors)."""
+    import pickle
+    pickle.loads(pickle.dumps(_Payload(tmp_path / "selftest")))  # the payload does work
+    assert (tmp_path / "selftest").exists()
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    (ckpt / "adapter.safetensors").write_bytes((reference / "adapter.safetensors").read_bytes())
+    marker = tmp_path / "pwned"
+    if where == "trainer.pt":
+        torch.save({"step": 1, "x": _Payload(marker)}, ckpt / "trainer.pt")
+        result = runner.invoke(get_app(), ["train", "--resume", str(ckpt)])
+        one_error_line(result, 2, "--resume")
+    else:  # an FSDP shard: read by read_shard, with weights_only too
+        from lora_lite_cli.training.checkpoints import read_shard
+        torch.save({"optimizer": _Payload(marker)}, ckpt / where)
+        from lora_lite_cli.training.settings import TrainError
+        with pytest.raises(TrainError, match=r"optimizer.rank0.pt is not a readable optimizer shard"):
+            read_shard(str(ckpt), 0)
+    assert not marker.exists()
+
+
 def test_exit_codes_are_documented():
     result = runner.invoke(get_app(), ["--help"])
     assert result.exit_code == 0
@@ -146,6 +179,59 @@ def test_signal_right_after_optimizer_step_resumes_bit_for_bit(reference, tiny_d
     result = runner.invoke(get_app(), ["train", "--resume", str(out / "checkpoint")])
     assert result.exit_code == 0, result.output
     assert not (elsewhere / "lora-lite-runs").exists()
+    assert_bit_identical(out, reference)
+
+
+def sigterm_on_call(monkeypatch, owner, attr, at_call, before=True):
+    """SIGTERM to this process on the ``at_call``-th call of ``owner.attr`` (before or after the
+    original runs): the handler only sets a flag, the run goes on to the next step boundary."""
+    original = getattr(owner, attr)
+    calls = {"n": 0}
+
+    def wrapped(*a, **kw):
+        calls["n"] += 1
+        if before and calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        result = original(*a, **kw)
+        if not before and calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+    monkeypatch.setattr(owner, attr, wrapped)
+
+
+def _points():
+    import importlib
+    loop, run = (importlib.import_module(f"lora_lite_cli.training.{m}") for m in ("loop", "run"))
+    from lora_lite_cli.commands.train import RichReporter
+    return {  # where SIGTERM lands -> (patch, the step the checkpoint must be at)
+        "loading the model": ((run.Run, "load", 1), 0),
+        "forward of step 1": ((loop, "loss_sum", 1), 1),
+        "optimizer.step of step 2": ((torch.optim.AdamW, "step", 2, False), 2),
+        "forward of step 3": ((loop, "loss_sum", 3), 3),
+        # after the last step's all-reduce carried no flag: still no step more, no evaluation
+        "progress line of the last step": ((RichReporter, "step", 4), 4),
+    }
+
+
+@pytest.mark.parametrize("point", ["loading the model", "forward of step 1",
+                                   "optimizer.step of step 2", "forward of step 3",
+                                   "progress line of the last step"])
+def test_sigterm_at_five_points_checkpoints_and_resumes_exactly(reference, tiny_dir, tmp_path,
+                                                                monkeypatch, point):
+    """Issue 24: wherever SIGTERM lands, the run stops at the next step boundary (never one
+    step later), writes a checkpoint, and --resume finishes bit for bit as the uninterrupted run."""
+    patch, expected_step = _points()[point]
+    out = tmp_path / "run"
+    sigterm_on_call(monkeypatch, *patch)
+    result = runner.invoke(get_app(), ["train", "--variant", "lora", "--model", tiny_dir,
+                                       *SMALL, "--output", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "SIGTERM: stopping after this step" in result.output
+    state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)
+    assert state["step"] == expected_step == len(state["losses"]), point
+    monkeypatch.undo()
+    result = runner.invoke(get_app(), ["train", "--resume", str(out / "checkpoint")])
+    assert result.exit_code == 0, result.output
     assert_bit_identical(out, reference)
 
 
@@ -233,3 +319,16 @@ def test_the_leak_counter_fires_on_a_base_gradient_leak(tiny_dir, tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["sanity"]["base_grad_leaks"] > 0 and m["sanity"]["ok"] is False
     assert "FAILED" in result.output
+
+
+def test_sigterm_while_finishing_does_not_claim_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    """After the last step there is nothing to checkpoint: the run finishes (exit 0) and the
+    message says so instead of promising a checkpoint."""
+    import importlib
+    run = importlib.import_module("lora_lite_cli.training.run")
+    sigterm_on_call(monkeypatch, run.Run, "finish", 1)
+    result = runner.invoke(get_app(), ["train", "--variant", "lora", "--model", tiny_dir,
+                                       *SMALL, "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "SIGTERM: training is done, the run is being finished" in result.output
+    assert not (tmp_path / "run" / "checkpoint").exists()

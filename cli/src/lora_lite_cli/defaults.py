@@ -19,7 +19,10 @@ def variant_defaults(variant: str) -> dict:
     calibration (training batches given to a data-initialised variant at attach), knobs, and
     ``source`` (which keys the variant gave itself)."""
     row = {k: (dict(v) if isinstance(v, dict) else v) for k, v in GENERIC.items()}
-    cls = ll.variants().get(variant)
+    try:  # a qualified dist:variant name selects that distribution's class
+        cls = ll.get_variant(variant)
+    except ll.VariantNotInstalled:
+        cls = None
     cfg_cls = getattr(cls, "config", None)
     row["rank"] = getattr(cfg_cls, "r", 8)
     row["alpha"] = float(getattr(cfg_cls, "alpha", 16.0))

@@ -247,4 +247,7 @@ def config(name: str, **fields_) -> AdapterConfig:
         raise ConfigError(f"unknown config field(s) {unknown} for variant {name!r}; "
                           f"known fields: {sorted(known - {'variant'})}")
     fields_ = {k: tuple(v) if isinstance(v, list) else v for k, v in fields_.items()}
+    if ":" in name:  # "dist:variant": the config keeps the qualified name, so attach, save and
+        dist, _, bare = name.rpartition(":")  # load all resolve that distribution's variant
+        fields_["variant"] = re.sub(r"[-_.]+", "-", dist.strip()).lower() + ":" + bare
     return cls(**fields_)

@@ -87,13 +87,13 @@ def _registered(cls):
         yield
         return
 
-    class KitPlugin:  # its distribution name sorts before any real one, so it wins a clash
+    class KitPlugin:  # registered preferred: it keeps the name on a clash, even over a built-in
         @staticmethod
         def register_variants(register):
             register(cls)
     from .hookspecs import hookimpl
     KitPlugin.register_variants = staticmethod(hookimpl(KitPlugin.register_variants))
-    register_plugin(KitPlugin, _KIT_PLUGIN, distribution="(check_variant)")
+    register_plugin(KitPlugin, _KIT_PLUGIN, distribution="(check_variant)", preferred=True)
     try:
         if variants().get(cls.name) is not cls:
             _fail(f"variant {cls.name!r} could not be registered for the check")

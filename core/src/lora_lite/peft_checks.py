@@ -7,6 +7,7 @@ line naming the file and the field or tensor; nothing here touches a model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -58,6 +59,9 @@ def check_field_types(config, where):
         "target_modules": (lambda v: isinstance(v, str) or (
             isinstance(v, list) and len(v) <= file_checks.MAX_TARGETS
             and all(isinstance(m, str) for m in v)), "a string or a list of module names"),
+        # switches that select what the tensors mean: "false" (a string) is not False
+        **{flag: (lambda v: isinstance(v, bool), "true or false")
+           for flag in ("use_rslora", "use_dora", "inference_mode")},
     }
     for name, (ok, expected) in checks.items():
         if config.get(name) is not None and not ok(config[name]):
@@ -123,3 +127,38 @@ def check_finite(path, tensors: dict):
         if not torch.isfinite(tensor).all():
             raise AdapterFileError(f"{path}: tensor {short(key)!r} holds NaN or Inf values; the "
                                    "adapter diverged or the file is corrupt")
+
+
+def check_contained(path, root):
+    """``path`` (a file of the adapter folder) is a regular file that, symlinks resolved, lies
+    inside ``root`` (the folder; for a hub download, the repo's cache, whose snapshot files are
+    links to its blobs): a link out of it is refused, never followed to another file."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top:
+        raise AdapterFileError(f"{path}: a link to {short(real, 120)}, outside the adapter folder "
+                               f"{short(top, 120)}; copy the file into the folder instead")
+    if not os.path.isfile(real):
+        raise AdapterFileError(f"{path}: not a regular file")
+
+
+LAYER_FACTOR = 4  # an adapter of a layer holds at most this many times the layer's numbers
+
+
+def check_adapter_sizes(where, variant, cfg, targets):
+    """Before anything is allocated: each target's adapter tensors (the variant's param_specs
+    for that target's config) hold at most LAYER_FACTOR times the numbers of the layer itself,
+    so a config's huge r (or rank_pattern value) is refused instead of exhausting memory."""
+    for t in targets:
+        own = cfg.for_target(t.name)
+        try:
+            specs = variant.param_specs(t.d_in, t.d_out, own)
+            numbers = sum(math.prod(int(d) for d in spec.shape) for spec in specs.values())
+        except (ValueError, TypeError, OverflowError, ArithmeticError) as e:
+            raise AdapterFileError(f"{where}: r={short(repr(own.r))} does not fit {t.name} "
+                                   f"({type(e).__name__}: {short(str(e))})") from None
+        limit = LAYER_FACTOR * (t.d_in * t.d_out + t.d_in + t.d_out)
+        if numbers > limit:
+            raise AdapterFileError(
+                f"{where}: r={short(repr(own.r))} would give {t.name} (a {t.d_in}x{t.d_out} layer) "
+                f"adapter tensors of {numbers} numbers, more than {LAYER_FACTOR}x the layer "
+                "itself: the config's rank does not describe a real adapter")

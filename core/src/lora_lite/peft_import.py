@@ -25,8 +25,8 @@ from . import file_checks
 from .config import config as make_config, with_resolved_targets
 from .errors import AdapterFileError, AttachError, LoraLiteError
 from .file_checks import short
-from .peft_checks import (check_field_types, check_finite, read_config, resolved_patterns,
-                          weights_entries)
+from .peft_checks import (check_adapter_sizes, check_contained, check_field_types, check_finite,
+                          read_config, resolved_patterns, weights_entries)
 from .peft_export import CONFIG_FILE, MODULE_PREFIX, WEIGHTS_FILE
 from .plugins import get_variant, variants
 from .layer_kinds import check_layer_kinds, is_adaptable
@@ -94,8 +94,9 @@ def _checked_subfolder(path, subfolder):
     return "/".join(parts)
 
 
-def read_peft_folder(folder) -> tuple[dict, str]:
-    """(adapter_config.json content, weights path), refusing what lora-lite will not read."""
+def read_peft_folder(folder, root=None) -> tuple[dict, str]:
+    """(adapter_config.json content, weights path), refusing what lora-lite will not read.
+    ``root``: the folder its files must resolve into (default ``folder``; see check_contained)."""
     config_path = os.path.join(folder, CONFIG_FILE)
     weights = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(config_path):
@@ -108,6 +109,8 @@ def read_peft_folder(folder) -> tuple[dict, str]:
                 "loads (it can run code); re-save it with PEFT as safetensors: "
                 "PeftModel.from_pretrained(base, folder).save_pretrained(out)")
         raise AdapterFileError(f"{folder}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
+    for path in (config_path, weights):
+        check_contained(path, root or folder)
     config = read_config(config_path)
     check_field_types(config, config_path)
     config = resolved_patterns(config, config_path)
@@ -193,7 +196,9 @@ def load_peft(model, path, revision=None, subfolder=None) -> dict:
     ``subfolder`` of either) to ``model``; returns {"variant", "peft_type", "targets"}. On any
     failure the model is left as it was."""
     folder = resolve_folder(path, revision, subfolder)
-    config, weights = read_peft_folder(folder)
+    local = os.path.isdir(os.fspath(path))  # else a hub snapshot: links into the repo's blobs
+    root = folder if local else hub_repo_root(folder, _checked_subfolder(path, subfolder))
+    config, weights = read_peft_folder(folder, root)
     name, fields = variant_for(config, os.path.join(folder, CONFIG_FILE))
     if attached(model) is not None:
         raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
@@ -214,6 +219,8 @@ def load_peft(model, path, revision=None, subfolder=None) -> dict:
         raise AdapterFileError(f"{folder}: the adapter's modules {names[:3]} do not all resolve to "
                                "linear layers of this model")
     variant = get_variant(name)
+    check_adapter_sizes(os.path.join(folder, CONFIG_FILE), variant, cfg,
+                        [t for t in find_targets(model, cfg)])
     attach(model, cfg, _skip_group_init=True)
     try:
         with torch.no_grad():
@@ -240,6 +247,15 @@ def fields_for_tensors(name, fields, per_module, where) -> dict:
         return adjust(dict(fields), per_module)
     except ValueError as e:
         raise AdapterFileError(f"{where}: {short(' '.join(str(e).split()), 300)}") from None
+
+
+def hub_repo_root(folder, subfolder=None) -> str:
+    """The hub cache folder of a snapshot (``<repo>/snapshots/<revision>[/<subfolder>]``): its
+    files are links to ``<repo>/blobs``, which they may resolve into, and nowhere else."""
+    snapshot = os.path.abspath(folder)
+    for _ in subfolder.split("/") if subfolder else ():
+        snapshot = os.path.dirname(snapshot)
+    return os.path.dirname(os.path.dirname(snapshot))
 
 
 def resolve_overrides(cfg, names) -> dict:

@@ -15,7 +15,19 @@ PEFT_TYPE = "LORA"
 # layers: refused at import, naming the field.
 UNSUPPORTED_FIELDS = ("lora_bias", "layer_replication", "target_parameters", "fan_in_fan_out",
                       "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
-                      "arrow_config", "megatron_config")
+                      "arrow_config", "megatron_config", "use_bdlora", "kasa_config",
+                      "monteclora_config", "lora_ga_config", "velora_config")
+# LoraConfig fields that leave an A, B adapter's math as its tensors say (bookkeeping, training
+# or init-time settings, or ones the import reads). Any other field set to a true value is
+# refused: a newer PEFT's setting lora-lite does not know may change what the tensors compute.
+# tests/test_hostile_peft.py checks that every field of the installed PEFT's LoraConfig is
+# classified here or in UNSUPPORTED_FIELDS.
+KNOWN_FIELDS = ("peft_type", "task_type", "peft_version", "auto_mapping", "revision",
+                "base_model_name_or_path", "inference_mode", "r", "lora_alpha", "rank_pattern",
+                "alpha_pattern", "target_modules", "exclude_modules", "layers_to_transform",
+                "layers_pattern", "bias", "modules_to_save", "init_lora_weights", "use_rslora",
+                "use_dora", "lora_dropout", "runtime_config", "ensure_weight_tying",
+                "megatron_core", "qalora_group_size", "eva_config", "corda_config", "loftq_config")
 
 
 def peft_lora_config(target_names, r, alpha, **fields) -> dict:
@@ -49,6 +61,11 @@ def peft_lora_fields(peft_config: dict, holds: str, refused_inits=()) -> dict:
         if peft_config.get(name):
             raise ConfigError(f"{name}={peft_config[name]!r}: lora-lite imports adapters made of "
                               f"{holds} on linear layers only")
+    unknown = sorted(k for k, v in peft_config.items() if v and k not in KNOWN_FIELDS)
+    if unknown:
+        raise ConfigError(f"field {unknown[0][:60]!r} is set ({str(peft_config[unknown[0]])[:40]!r}), "
+                          "a LoraConfig setting lora-lite does not know: it may change what the "
+                          "adapter computes, so it is refused (unset it if it does not)")
     if int(peft_config.get("r", 8)) < 1:
         raise ConfigError(f"r={peft_config['r']} (rank {peft_config['r']}): an adapter of rank "
                           "0 is no adapter")

@@ -5,9 +5,12 @@ bitsandbytes backend is registered through the same hooks. Loading is lazy (firs
 that fails to import (any exception, ``sys.exit()`` included), registers something malformed or
 has a hook that raises is recorded in ``problems()`` and skipped; the others keep working.
 
-Two distributions registering one variant name: the one whose (normalised) distribution name
-sorts first keeps it, whatever the install or directory order, and the other is reported. A file
-records the distribution that wrote it; ``origin_mismatch`` tells when another one would load it.
+Two distributions registering one variant name: a clash is never settled by a name or an order.
+A built-in (one of ``BUILTIN_DISTRIBUTIONS``, the distributions this repository ships) keeps the
+name over any other; two others clashing both lose the bare name. Every registered variant is
+also reachable by its qualified name ``dist:variant`` (``ll.config("acme:scale")``), and each
+loser is reported in ``problems()`` naming both distributions and how to choose. A file records
+the distribution that wrote it; ``origin_mismatch`` tells when another one would load it.
 
 ``LORA_LITE_PLUGINS=a,b`` loads only the listed distributions (or entry-point names);
 ``LORA_LITE_PLUGINS=''`` loads none.
@@ -32,6 +35,15 @@ ENTRY_POINT_GROUP = "lora_lite"
 ALLOW_ENV = "LORA_LITE_PLUGINS"
 _NAME_RE = re.compile(r"^[a-z0-9_]+$")
 _CORE_PLUGINS = ("lora_lite.bnb_backend",)
+# The distributions this repository ships (tests/test_plugins.py checks the list against
+# plugins/*/pyproject.toml). Membership is by exact normalised name, never by prefix: anyone can
+# call a package lora-lite-x, but one environment cannot hold two distributions of one
+# normalised name, so a stranger cannot sit next to a built-in under its name.
+BUILTIN_DISTRIBUTIONS = frozenset({
+    "lora-lite", "lora-lite-antipasto", "lora-lite-delora", "lora-lite-dora", "lora-lite-eva",
+    "lora-lite-hra", "lora-lite-ia3", "lora-lite-lora", "lora-lite-lora-xs", "lora-lite-oft",
+    "lora-lite-pissa", "lora-lite-road"})
+QUALIFIER = ":"  # "dist:variant" names the variant of one distribution
 
 
 @dataclass
@@ -51,7 +63,18 @@ class PluginInfo:
     distribution: str
     version: str
     hooks: list[str] = field(default_factory=list)
-    variants: list[str] = field(default_factory=list)  # what this plugin provides
+    variants: list[str] = field(default_factory=list)  # what this plugin provides (a variant
+    # that lost its bare name to a clash is listed by its qualified name dist:variant)
+    preferred: bool = False   # registered in-process with preferred=True: wins a clash
+
+    @property
+    def builtin(self) -> bool:
+        return is_builtin(self.distribution)
+
+    @property
+    def rank(self) -> int:
+        """Who keeps a clashing name: an explicit in-process choice, then a built-in."""
+        return 2 if self.preferred else 1 if self.builtin else 0
 
 
 @dataclass
@@ -60,6 +83,7 @@ class Collected:
 
     variants: dict = field(default_factory=dict)   # name -> variant class
     origin: dict = field(default_factory=dict)     # name -> PluginInfo of the provider
+    qualified: dict = field(default_factory=dict)  # (normalised dist, name) -> (class, PluginInfo)
     backends: list = field(default_factory=list)   # weight backends, registration order
     problems: list = field(default_factory=list)   # PluginProblem, from registering
 
@@ -113,7 +137,7 @@ class _Registry:
             if module is not None:
                 self.add(module, ep.name, dist, version)
 
-    def add(self, plugin, name, distribution="?", version="?"):
+    def add(self, plugin, name, distribution="?", version="?", preferred=False):
         try:
             self.pm.register(plugin, name=name)
         except Exception as e:
@@ -123,7 +147,7 @@ class _Registry:
             return
         hooks = sorted(impl.function.__name__ for caller in self.pm.get_hookcallers(plugin) or []
                        for impl in caller.get_hookimpls() if impl.plugin is plugin)
-        self.info[name] = PluginInfo(name, distribution, version, hooks)
+        self.info[name] = PluginInfo(name, distribution, version, hooks, preferred=preferred)
         self._collected = None
 
     def remove(self, name):
@@ -139,7 +163,7 @@ class _Registry:
 
     def _by_distribution(self, hook_caller):
         """Hook implementations ordered by distribution name, then plugin name (deterministic:
-        neither install nor directory order decides who wins a clash)."""
+        neither install nor directory order changes what is reported first)."""
         return sorted(hook_caller.get_hookimpls(),
                       key=lambda impl: (_norm(self.info[impl.plugin_name].distribution),
                                         impl.plugin_name))
@@ -148,12 +172,15 @@ class _Registry:
         out = Collected()
         for info in self.info.values():
             info.variants = []
+        offers: dict[str, list] = {}  # name -> [(class, PluginInfo)], one per distribution
         for impl in self._by_distribution(self.pm.hook.register_variants):
             info = self.info[impl.plugin_name]
-            _guarded(lambda: impl.function(register=lambda cls: _register(out, info, cls)),
+            _guarded(lambda: impl.function(register=lambda cls: _offer(out, offers, info, cls)),
                      lambda error, _info=info: out.problems.append(PluginProblem(
                          _info.distribution, f"register_variants raised {error}",
                          f"fix or uninstall {_info.distribution}")))
+        for name, providers in offers.items():
+            _settle(out, name, providers)
         for impl in self.pm.hook.register_weight_backends.get_hookimpls()[::-1]:
             dist = self.info[impl.plugin_name].distribution
             _guarded(lambda: impl.function(register=out.backends.append),
@@ -162,8 +189,9 @@ class _Registry:
         return out
 
 
-def _register(out: Collected, info: PluginInfo, cls):
-    """One ``register(cls)`` call of ``info``'s plugin: checked, clash-resolved, recorded."""
+def _offer(out: Collected, offers: dict, info: PluginInfo, cls):
+    """One ``register(cls)`` call of ``info``'s plugin: checked, then recorded under its
+    qualified name; who gets the bare name is settled once all have registered."""
     name = getattr(cls, "name", None)
     name = name if isinstance(name, str) else None
     hint = f"report it to the plugin's author or uninstall {info.distribution}"
@@ -171,25 +199,76 @@ def _register(out: Collected, info: PluginInfo, cls):
     problem = _guarded(lambda: variant_problem(cls), failed.append)
     if failed:
         problem = f"variant {cls!r} could not be checked: {failed[0]}"
-    if problem is None and name in out.variants:
-        winner = out.origin[name].distribution
-        problem = (f"variant name {name!r} is also registered by {winner}, which keeps it (on a "
-                   "clash the distribution first by name wins); this one was skipped")
-        hint = (f"uninstall one of the two (pip uninstall {info.distribution}), or load only "
-                f"one of them with {ALLOW_ENV}")
+    key = (_norm(info.distribution), name)
+    if problem is None and key in out.qualified:
+        problem = (f"variant name {name!r} is registered twice by {info.distribution}; "
+                   "the first one is kept")
     if problem is not None:
         out.problems.append(PluginProblem(info.distribution, problem, hint, name))
         return
     warning = _guarded(lambda: tensor_name_problem(cls), lambda error: None)
     if warning is not None:
         out.problems.append(PluginProblem(info.distribution, warning, hint, name))
-    out.variants[name] = cls
-    out.origin[name] = info
-    info.variants.append(name)
+    out.qualified[key] = (cls, info)
+    offers.setdefault(name, []).append((cls, info))
+
+
+def _settle(out: Collected, name: str, providers: list):
+    """Give the bare ``name`` to its only provider, or on a clash to the one provider of the
+    highest rank (an explicit in-process choice, else the built-in); with no single one, to
+    nobody. Every other provider is reported, naming both sides and how to choose."""
+    best = max(info.rank for _, info in providers)
+    top = [(cls, info) for cls, info in providers if info.rank == best]
+    keeper = top[0] if len(top) == 1 else None
+    if keeper is not None:
+        out.variants[name], out.origin[name] = keeper
+        keeper[1].variants.append(name)
+    for cls, info in providers:
+        if keeper is not None and info is keeper[1]:
+            continue
+        info.variants.append(qualified_name(info.distribution, name))
+        out.problems.append(_clash_problem(name, info, keeper, providers))
+
+
+def _clash_problem(name, info, keeper, providers) -> PluginProblem:
+    mine = qualified_name(info.distribution, name)
+    choose = (f"use it by its qualified name {mine!r} (ll.config / --variant), or load only "
+              f"{info.distribution} with {ALLOW_ENV}={info.distribution}")
+    if keeper is not None:
+        holder = keeper[1].distribution + (" (built in)" if keeper[1].builtin else "")
+        return PluginProblem(info.distribution, (
+            f"variant name {name!r} is also registered by {holder}, which keeps it; "
+            f"{info.distribution}'s {name!r} was not registered under that name"),
+            f"{choose}; or pip uninstall {info.distribution}", name)
+    others = ", ".join(sorted(i.distribution for _, i in providers if i is not info))
+    return PluginProblem(info.distribution, (
+        f"variant name {name!r} is registered by both {info.distribution} and {others}; a clash "
+        "is never settled silently, so the bare name is not registered at all"),
+        f"{choose}; or uninstall one of them", name)
+
+
+def qualified_name(distribution, name) -> str:
+    """``dist:variant``, the name that selects ``distribution``'s variant ``name``."""
+    return f"{_norm(distribution)}{QUALIFIER}{name}"
+
+
+def split_qualified(name) -> tuple[str | None, str]:
+    """(normalised distribution or None, bare variant name) of ``dist:variant`` or ``variant``."""
+    if not isinstance(name, str) or QUALIFIER not in name:
+        return None, name
+    dist, _, bare = name.rpartition(QUALIFIER)
+    return _norm(dist), bare
+
+
+def is_builtin(distribution) -> bool:
+    return _norm(distribution) in BUILTIN_DISTRIBUTIONS
 
 
 def _entry_point_key(ep):
-    return (_norm(ep.dist.name) if ep.dist is not None else "", ep.name)
+    """Built-ins load first, so a stranger reusing one of their entry-point names is the one
+    refused; then by distribution name (never the directory or install order)."""
+    dist = _norm(ep.dist.name) if ep.dist is not None else ""
+    return (not is_builtin(dist), dist, ep.name)
 
 
 def _norm(name):
@@ -262,9 +341,11 @@ def reset():
     _registry = None
 
 
-def register_plugin(plugin, name, distribution="(in-process)", version="0"):
-    """Register a plugin object in-process (tests, notebooks). Undo with ``unregister_plugin``."""
-    registry().add(plugin, name, distribution, version)
+def register_plugin(plugin, name, distribution="(in-process)", version="0", preferred=False):
+    """Register a plugin object in-process (tests, notebooks). Undo with ``unregister_plugin``.
+    ``preferred=True``: its variants keep their names on a clash, even over a built-in (the
+    caller's own explicit choice, e.g. the conformance kit checking a class named like one)."""
+    registry().add(plugin, name, distribution, version, preferred)
 
 
 def unregister_plugin(name):
@@ -292,16 +373,24 @@ def installed_plugins() -> list[PluginInfo]:
 
 
 def variant_origin(name) -> PluginInfo:
-    return registry().collected().origin[name]
+    """The plugin that provides ``name`` (bare or ``dist:variant``); KeyError if none does."""
+    collected = registry().collected()
+    dist, bare = split_qualified(name)
+    if dist is None:
+        return collected.origin[name]
+    return collected.qualified[(dist, bare)][1]
 
 
 def origin_mismatch(variant: str, distribution: str | None) -> str | None:
     """Why a file written by ``distribution``'s ``variant`` must not be run by the installed one
     (another distribution provides that name here), or None when they agree or the file names
     no distribution."""
-    if not distribution or variant not in variants():
+    if not distribution:
         return None
-    here = variant_origin(variant).distribution
+    try:
+        here = variant_origin(variant).distribution
+    except KeyError:
+        return None
     if _norm(here) == _norm(distribution):
         return None
     return (f"it was written by variant {variant!r} of {distribution}, but {variant!r} is provided "
@@ -312,9 +401,13 @@ def origin_mismatch(variant: str, distribution: str | None) -> str | None:
 def get_variant(name, distribution: str | None = None, version: str | None = None):
     """The variant class called ``name``. ``distribution`` (and ``version``): the package a file
     records as its writer, reported in the error when the variant is missing."""
-    found = variants()
-    if name in found:
-        return found[name]
+    collected = registry().collected()
+    dist, bare = split_qualified(name)
+    if dist is None and name in collected.variants:
+        return collected.variants[name]
+    if dist is not None and (dist, bare) in collected.qualified:
+        return collected.qualified[(dist, bare)][0]
+    found = dict(collected.variants)
     raise VariantNotInstalled(not_installed_message(name, found, distribution, version))
 
 
@@ -362,6 +455,9 @@ def not_installed_message(name, found: dict, distribution: str | None = None,
         related += [p for p in problems() if _norm(p.distribution) == _norm(distribution)]
     if related:
         return f"variant {name!r} is unavailable because {related[0]}"
+    qualifier, bare = split_qualified(name)
+    if qualifier is not None and not distribution:
+        return _qualified_missing(qualifier, bare)
     if distribution:  # a file names the distribution that wrote it
         msg = f"this adapter needs variant {_quoted(name)}, which is not installed"
         return f"{msg}{_allow_list_note()}; {recorded_writer(distribution, version)}"
@@ -373,6 +469,15 @@ def not_installed_message(name, found: dict, distribution: str | None = None,
     if found:
         msg += f". Installed variants: {', '.join(sorted(found))}"
     return msg
+
+
+def _qualified_missing(dist, bare) -> str:
+    providers = sorted(qualified_name(i.distribution, n)
+                       for (_, n), (_, i) in registry().collected().qualified.items() if n == bare)
+    msg = f"no installed distribution {_quoted(dist)} provides variant {_quoted(bare)}"
+    if providers:
+        msg += f"; it is provided as {' or '.join(repr(p) for p in providers)}"
+    return msg + _allow_list_note()
 
 
 def hook():

@@ -10,6 +10,7 @@ import typer
 
 from ..adapters import check_adapter, model_of_adapter
 from ..app import CLIError, app, console, err_console, handle_errors, load_base_model, print_json
+from ..export_folder import ExportFolderError, check_output, staged_folder
 
 FORMATS = ("merged", "peft")
 
@@ -18,11 +19,12 @@ FORMATS = ("merged", "peft")
 @handle_errors
 def export_command(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter file (.safetensors written by lora-lite) or a PEFT adapter folder."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder to write (created; existing files are replaced)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write (created; a non-empty one is refused unless --overwrite)."),
     format: str = typer.Option(..., "--format", "-f", help="merged: a save_pretrained folder (weights, config, tokenizer) with the adapter folded in; peft: adapter_config.json + adapter_model.safetensors."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one recorded with the adapter, else the embedded smollm2)."),
     as_lora_rank: Optional[int] = typer.Option(None, "--as-lora-rank", help="peft only: export the weight delta as a plain LoRA of this rank (truncated SVD; exact at full rank). Needed for variants PEFT lacks."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16, float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output: its previous contents are moved aside to OUTPUT.previous-N (never deleted)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """Write the adapter as a merged model (``--format merged``) or a PEFT folder (``--format peft``)."""
@@ -32,8 +34,10 @@ def export_command(
         raise CLIError(f"--format {format!r}: expected one of {', '.join(FORMATS)}", 2)
     if as_lora_rank is not None and (format != "peft" or as_lora_rank < 1):
         raise CLIError("--as-lora-rank takes a positive rank and applies to --format peft only", 2)
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"--output {output}: exists and is not a folder", 2)
+    try:
+        check_output(output, overwrite)
+    except ExportFolderError as e:
+        raise CLIError(str(e), 2) from None
     info = check_adapter(adapter)  # a bad adapter fails before a model is loaded
     name = model or model_of_adapter(adapter)
     out = err_console if as_json else console
@@ -42,16 +46,21 @@ def export_command(
     with out.status(f"attaching {adapter} ..."):
         ll.load(base, adapter)
     variant, n_layers = ll.attached(base).cfg.variant, len(ll.attached(base).targets)
-    with out.status(f"writing {format} export to {output} ..."):
+    with out.status(f"writing {format} export to {output} ..."), \
+            staged_folder(output, overwrite) as stage:  # renamed into place once complete
         if format == "merged":
             report = ll.merge(base)
-            base.save_pretrained(output)
-            tokenizer.save_pretrained(output)
+            base.save_pretrained(stage.path)
+            tokenizer.save_pretrained(stage.path)
         else:
-            report = ll.export_peft(base, output, as_lora_rank=as_lora_rank)
+            report = dict(ll.export_peft(base, stage.path, as_lora_rank=as_lora_rank),
+                          folder=os.fspath(output))
+    if stage.aside:
+        err_console.print(f"the previous contents of {output} were moved to {stage.aside}",
+                          highlight=False, soft_wrap=True)
     result = {"adapter": str(adapter), "adapter_kind": info["kind"], "variant": variant,
               "model": name, "format": format, "output": os.fspath(output),
-              "as_lora_rank": as_lora_rank, "layers": n_layers,
+              "as_lora_rank": as_lora_rank, "layers": n_layers, "moved_aside": stage.aside,
               "max_error": report.get("max_write_error", report.get("max_relative_error")),
               "report": report}
     if as_json:

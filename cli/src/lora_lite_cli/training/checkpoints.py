@@ -51,8 +51,23 @@ def save_shard(folder: str, rank: int, shard: dict) -> None:
 
 
 def read_shard(folder: str, rank: int) -> dict:
-    return torch.load(os.path.join(folder, SHARD_FILE.format(rank)), map_location="cpu",
-                      weights_only=True)
+    """One rank's optimizer shard: tensors and plain containers only (weights_only: a pickle
+    that would run code is refused, one line, and never runs)."""
+    path = os.path.join(folder, SHARD_FILE.format(rank))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as e:
+        raise TrainError(f"--resume {folder!r}: {SHARD_FILE.format(rank)} is not a readable "
+                         f"optimizer shard ({_first_line(e)}); start the run again without "
+                         "--resume") from None
+
+
+_UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+               zipfile.BadZipFile, AttributeError, TypeError)
+
+
+def _first_line(e) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
 
 
 def check_shards(path: str, folder: str, state: dict, fsdp: bool, processes: int) -> None:
@@ -102,11 +117,9 @@ def read_checkpoint(path: str) -> tuple[str, dict]:
                          f"{ADAPTER_FILE} in it)")
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile, AttributeError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+    except _UNREADABLE as e:  # weights_only: a pickle that would run code lands here too
         raise TrainError(f"--resume {path!r}: {TRAINER_STATE} is not a readable checkpoint "
-                         f"({first}); start the run again without --resume") from None
+                         f"({_first_line(e)}); start the run again without --resume") from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         raise TrainError(f"--resume {path!r}: {TRAINER_STATE} lacks {', '.join(missing)}; "

@@ -81,10 +81,18 @@ class Trainer:
         """Train to the last step; raises KeyboardInterrupt (at a step boundary, or at once on a
         second signal) with ``state`` as of the last completed step."""
         while self.state.step < self.s.steps:
+            self._stop_if_asked(stop)  # a signal during setup: checkpoint at step 0
             outcome = self.one_step(stop)
             if outcome is not None:
                 return outcome
+        self._stop_if_asked(stop)  # during the last step: its checkpoint, before the evaluation
         return Outcome("completed", kept_step=self.state.step)
+
+    def _stop_if_asked(self, stop):
+        """One process: stop at this step boundary as soon as a signal asked (several processes
+        stop together, at the boundary where the step's all-reduce carried the flag)."""
+        if stop.requested and self.acc.num_processes == 1:
+            raise KeyboardInterrupt
 
     def _backward(self, n_tokens) -> tuple[torch.Tensor, int]:
         s, st = self.s, self.state
@@ -151,4 +159,5 @@ class Trainer:
         self.reporter.step(st.step, step_loss, st.lrs[-1], seen_all / max(dt, 1e-9))
         if stop_now:  # every process saw the same sum: all stop at this boundary
             raise KeyboardInterrupt
+        self._stop_if_asked(stop)  # asked after the all-reduce: not one more step
         return None

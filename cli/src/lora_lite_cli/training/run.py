@@ -365,13 +365,14 @@ def run(s: Settings, reporter: Reporter | None = None, resume: tuple[str, dict] 
     """Train and evaluate as described by ``s``. Raises TrainError / lora-lite errors."""
     acc = accelerator or runtime.make_accelerator(s)
     try:
-        return _run(Run(s, reporter or Reporter(), resume, acc))
+        with StopRequest() as stop:  # from the start: a signal during loading still checkpoints
+            return _run(Run(s, reporter or Reporter(), resume, acc), stop)
     finally:
         if accelerator is None:
             runtime.finish(acc)
 
 
-def _run(r: Run) -> RunResult:
+def _run(r: Run, stop: StopRequest) -> RunResult:
     s = r.s
     torch.manual_seed(s.seed)
     random.seed(s.seed)
@@ -394,13 +395,13 @@ def _run(r: Run) -> RunResult:
                       r.reporter, state)
     r.reporter.start_train(s.steps, state.step)
     r.model.train()
-    with StopRequest() as stop:
-        try:
-            outcome = trainer.run(stop)
-        except KeyboardInterrupt:
-            stop.saving = True  # further signals wait for the checkpoint
-            r.reporter.end_train()
-            r.optimizer.zero_grad(set_to_none=True)
-            return r.checkpoint(state, base_eval)
+    try:
+        outcome = trainer.run(stop)
+    except KeyboardInterrupt:
+        stop.saving = True  # further signals wait for the checkpoint
+        r.reporter.end_train()
+        r.optimizer.zero_grad(set_to_none=True)
+        return r.checkpoint(state, base_eval)
+    stop.finishing = True
     r.reporter.end_train()
     return r.finish(state, outcome, base_eval)

@@ -109,7 +109,7 @@ def resolve_settings(variant: str, given: dict) -> Settings:
         s.layers = tuple(s.layers)
     if not s.output:
         short = os.path.basename(os.path.normpath(s.model)).removesuffix(".gguf") or "model"
-        s.output = os.path.join("lora-lite-runs", f"{short}__{variant}__s{s.steps}__seed{s.seed}")
+        s.output = os.path.join("lora-lite-runs", f"{short}__{variant.replace(':', '+')}__s{s.steps}__seed{s.seed}")
     s.output = os.path.abspath(s.output)  # a checkpoint resumes into this folder from anywhere
     check_settings(s)
     return s

@@ -1,6 +1,8 @@
 """Ctrl-C and SIGTERM during training: stop at a step boundary and keep a consistent checkpoint.
 
-- The first SIGINT or SIGTERM asks to stop after the current step (a message says so).
+- The first SIGINT or SIGTERM asks to stop after the current step (a message says so): the
+  handler only sets ``requested``; the step loop checks it before and after every step, so the
+  stop is prompt whatever the load. ``training.run`` installs it before the model loads.
 - A second one stops at once (``KeyboardInterrupt``), except inside ``commit()``: the few lines
   that apply an optimizer step and record it (optimizer.step, scheduler.step, the step counter)
   run as one unit, and a signal landing there takes effect when they are done. So the state the
@@ -23,6 +25,7 @@ class StopRequest:
     def __init__(self):
         self.requested = False
         self.saving = False
+        self.finishing = False  # the steps are done: no checkpoint, the run ends on its own
         self._in_commit = False
         self._pending = False
         self._previous = {}
@@ -34,6 +37,10 @@ class StopRequest:
             return
         if not self.requested:
             self.requested = True
+            if self.finishing:
+                sys.stderr.write(f"\n{name}: training is done, the run is being finished "
+                                 f"(adapter, evaluation) ({name} again to stop at once)\n")
+                return
             sys.stderr.write(f"\n{name}: stopping after this step and saving a checkpoint "
                              f"({name} again to stop at once)\n")
             return
