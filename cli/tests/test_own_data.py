@@ -281,3 +281,13 @@ def test_exact_metric_scores_the_stripped_completion():
     ex = data.Example("p", " blue. ", "prompt_completion")
     assert evaluate.predict(0, ex, "blue.\n", "exact").correct
     assert not evaluate.predict(0, ex, "blue!", "exact").correct
+
+
+def test_a_dataset_folder_of_chat_records_goes_through_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(CHAT)}).save_to_disk(
+        str(tmp_path / "chatds"))
+    src = data.train_data(str(tmp_path / "chatds"), 4, seed=0)
+    assert src.kind == "hub" and src.format == "chat"
+    assert {e.messages[-1] for e in src.examples} == {("assistant", w) for w in
+                                                      ("yes", "no", "maybe", "ok")}
