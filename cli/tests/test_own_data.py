@@ -23,7 +23,7 @@ CHAT = [{"messages": [{"role": "system", "content": "Be brief."},
                       {"role": "user", "content": f"Say {w}."},
                       {"role": "assistant", "content": w}]} for w in ("yes", "no", "maybe", "ok")]
 ALPACA = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-          {"instruction": "Say hi.", "input": "", "output": "hi"}]
+          {"instruction": "Say hi.", "input": None, "output": "hi"}]
 PROMPT_COMPLETION = [{"prompt": "The sky is", "completion": " blue."},
                      {"prompt": "Grass is", "completion": " green."}]
 TEXT = [{"text": "Once upon a time there was a cat."}, {"text": "The end."}]
@@ -99,7 +99,8 @@ def test_bad_file_on_the_command_line_exits_2(tiny_dir, tmp_path):
                 ["train", "--variant", "lora", "--model", tiny_dir, "--train-data",
                  str(tmp_path / "missing.jsonl")],
                 ["train", "--variant", "lora", "--model", tiny_dir, "--metric", "bleu"],
-                ["train", "--variant", "lora", "--model", tiny_dir, "--loss-on", "prompt"]):
+                ["train", "--variant", "lora", "--model", tiny_dir, "--loss-on", "prompt"],
+                ["train", "--variant", "lora", "--model", tiny_dir, "--data-format", "csv"]):
         result = runner.invoke(get_app(), cmd)
         assert result.exit_code == 2, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]

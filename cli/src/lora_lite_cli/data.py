@@ -207,7 +207,9 @@ EXPECTED = ("messages (chat), instruction/output (alpaca), prompt/completion, te
 
 
 def _text(rec, key, source, i, optional=False):
-    value = rec.get(key, "" if optional else None)
+    value = rec.get(key)
+    if value is None and optional:  # alpaca's input: absent, null or ""
+        value = ""
     if not isinstance(value, str):
         raise DataError(f"{source}: record {i} has no text in {key!r} "
                         f"(found {type(value).__name__})")
