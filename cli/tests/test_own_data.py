@@ -292,3 +292,30 @@ def test_a_dataset_folder_of_chat_records_goes_through_datasets(tmp_path):
     assert src.kind == "hub" and src.format == "chat"
     assert {e.messages[-1] for e in src.examples} == {("assistant", w) for w in
                                                       ("yes", "no", "maybe", "ok")}
+
+
+def test_two_processes_give_the_same_heldout_loss(chat_dir, tmp_path):
+    """torchrun, 2 processes (gloo): each rank scores a strided share of the held-out chat
+    examples and the sums are all-reduced: the one-process loss and train losses."""
+    import os
+    import subprocess
+    import sys
+    path = write_jsonl(tmp_path / "chat.jsonl", CHAT * 2)
+    args = ["--variant", "lora", "--model", chat_dir, "--train-data", path,
+            "--eval-data", path, *[("5" if a == "2" and SMALL[i - 1] == "--eval-limit" else a)
+                                   for i, a in enumerate(SMALL)]]
+    one = tmp_path / "one"
+    train(*args, "--output", str(one))
+    two = tmp_path / "two"
+    script = os.path.join(os.path.dirname(sys.executable), "lora-lite")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", script, "train", *args, "--output", str(two)],
+                          capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m2["world_size"] == 2 and m2["metric"] == "loss"
+    assert m2["train"]["losses"] == pytest.approx(m1["train"]["losses"], rel=1e-5)
+    for label in ("base", "adapted"):
+        assert m2["eval"][label]["tokens"] == m1["eval"][label]["tokens"]
+        assert m2["eval"][label]["loss"] == pytest.approx(m1["eval"][label]["loss"], rel=1e-4)
