@@ -256,6 +256,10 @@ def test_train_on_chat_uses_the_template_and_reports_heldout_loss(chat_dir, tiny
     assert res["metric"] == "loss" and res["adapted"]["loss"] == pytest.approx(
         m["eval"]["adapted"]["loss"], rel=1e-4)
     assert res["base"]["tokens"] == res["adapted"]["tokens"] > 0
+    table = runner.invoke(get_app(), ["eval", "--adapter", str(out / "adapter.safetensors"),
+                                      "--model", chat_dir, "--eval-data", path, "--metric", "loss",
+                                      "--eval-limit", "2", "--threads", "1"])
+    assert table.exit_code == 0 and "held-out loss" in table.output and "perplexity" in table.output
 
 
 @pytest.mark.parametrize("records, extra", [
