@@ -70,8 +70,10 @@ def test_formats_are_detected_from_fields(tmp_path):
     assert "### Input:\n2 and 3" in alpaca[0].question and "### Input" not in alpaca[1].question
     assert alpaca[0].question.endswith("### Response:\n") and alpaca[0].answer == "5"
     # --data-format overrides detection: prompt/completion records read as question/answer
-    forced = data.eval_data(str(tmp_path / "qa.jsonl"), None, fmt="qa").examples[0]
-    assert forced.fmt == "qa" and forced.reference == "2"
+    numeric = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "1 + 1?", "completion": "#### 2"}])
+    assert data.eval_data(numeric, None).format == "prompt_completion"
+    forced = data.eval_data(numeric, None, fmt="qa").examples[0]
+    assert forced.fmt == "qa" and forced.question == "1 + 1?" and forced.reference == "2"
 
 
 @pytest.mark.parametrize("content, needle", [

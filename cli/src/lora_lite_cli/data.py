@@ -251,7 +251,9 @@ def record_example(rec, fmt: str, source: str, i: int) -> Example:
                        "prompt_completion")
     if fmt == "text":
         return Example("", _text(rec, "text", source, i), "text")
-    q_key, a_key = next((p for p in FIELD_PAIRS if p[0] in rec and p[1] in rec), FIELD_PAIRS[0])
+    # --data-format qa also reads prompt/completion records as question/answer (as before)
+    pairs = FIELD_PAIRS + (("prompt", "completion"),)
+    q_key, a_key = next((p for p in pairs if p[0] in rec and p[1] in rec), FIELD_PAIRS[0])
     q, a = rec.get(q_key), rec.get(a_key)
     if not isinstance(q, str) or not isinstance(a, str):
         raise DataError(f"{source}: record {i} has no text in {q_key!r}/{a_key!r}")
