@@ -133,8 +133,9 @@ def test_jsonl_training_order_is_seeded_and_cycles(tmp_path):
 
 
 def test_bad_records_name_the_problem(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "hello"}])
-    with pytest.raises(data.DataError, match="question/answer"):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"body": "hello", "id": 3}])
+    with pytest.raises(data.DataError, match=r"no known format: found fields \['body', 'id'\]; "
+                                             r"expected messages \(chat\).*question/answer"):
         data.eval_data(path, None)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "x", "answer": "#### 1"}\nnot json\n')

@@ -1,7 +1,18 @@
 """Training and evaluation data: the built-in arithmetic word problems, hub datasets, local files.
 
-Every example is a ``(question, answer)`` pair with the answer in GSM8K's format: reasoning lines,
-then ``#### N``. Sources (``--train-data`` / ``--eval-data``):
+Built-in and arithmetic examples are ``(question, answer)`` pairs with the answer in GSM8K's
+format: reasoning lines, then ``#### N``. A file or dataset may hold any of the formats in
+``FORMATS``, detected from the first record's fields (``--data-format`` overrides):
+
+- ``qa``: question/answer, query/response or input/output - the arithmetic format, put into
+  ``PROMPT`` and scored by the number (``#### N``).
+- ``chat``: ``messages``, a list of ``{"role", "content"}``; rendered with the tokenizer's chat
+  template (a tokenizer without one is refused in one line); the loss is on assistant turns.
+- ``alpaca``: ``instruction`` / optional ``input`` / ``output``, rendered with the Alpaca prompt.
+- ``prompt_completion``: ``prompt`` / ``completion``, joined verbatim.
+- ``text``: plain ``text``; the loss is on all of it.
+
+Sources (``--train-data`` / ``--eval-data``):
 
 - ``generated`` (default): the project's own arithmetic word problems, deterministic from a seed.
   The held-out test split is fixed (it does not depend on ``--seed``) and disjoint from every
@@ -31,8 +42,11 @@ PROMPT = "Question: {question} Think step by step.\nAnswer:"
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 # (question field, answer field) pairs recognised in records, in order of preference
-FIELD_PAIRS = (("question", "answer"), ("query", "response"), ("prompt", "completion"),
-               ("input", "output"))
+FIELD_PAIRS = (("question", "answer"), ("query", "response"), ("input", "output"))
+FORMATS = ("qa", "chat", "alpaca", "prompt_completion", "text")
+ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write a response that "
+                 "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                 "{input}### Response:\n")
 # hub datasets whose config / splits we know
 KNOWN_HUB = {
     "openai/gsm8k": {"config": "main", "train": "train", "eval": "test"},
@@ -47,8 +61,11 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    question: str
-    answer: str        # full answer text, ending with the final answer (GSM8K: "... #### N")
+    question: str      # qa: the question (put into PROMPT); alpaca / prompt_completion: the
+                       # rendered prompt; chat: the last user turn; text: ""
+    answer: str        # the completion (qa: ending with the final answer, GSM8K "... #### N")
+    fmt: str = "qa"    # one of FORMATS
+    messages: tuple = ()  # chat: ((role, content), ...), the whole conversation
 
     @property
     def reference(self) -> str:
@@ -169,31 +186,100 @@ def generate(n: int, seed: int = 0, split: str = "train") -> list[Example]:
 
 # -- records from files and datasets -----------------------------------------------------------
 
-def examples_from_records(records, source: str) -> list[Example]:
+def detect_format(keys) -> str | None:
+    """The format of a record with fields ``keys`` (None: no known format)."""
+    keys = set(keys)
+    if "messages" in keys:
+        return "chat"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if any(q in keys and a in keys for q, a in FIELD_PAIRS):
+        return "qa"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+EXPECTED = ("messages (chat), instruction/output (alpaca), prompt/completion, text, or "
+            + ", ".join("/".join(p) for p in FIELD_PAIRS) + " (qa)")
+
+
+def _text(rec, key, source, i, optional=False):
+    value = rec.get(key)
+    if value is None and optional:  # alpaca's input: absent, null or ""
+        value = ""
+    if not isinstance(value, str):
+        raise DataError(f"{source}: record {i} has no text in {key!r} "
+                        f"(found {type(value).__name__})")
+    return value
+
+
+def _chat_example(rec, source, i) -> Example:
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{source}: record {i}: 'messages' must be a non-empty list of "
+                        "{'role', 'content'} objects")
+    turns = []
+    for j, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise DataError(f"{source}: record {i} message {j} needs a string 'role' and "
+                            "'content'")
+        turns.append((m["role"], m["content"]))
+    if turns[-1][0] != "assistant":
+        raise DataError(f"{source}: record {i}: the last message must be the assistant's "
+                        f"(it is {turns[-1][0]!r})")
+    last_user = next((c for r, c in reversed(turns[:-1]) if r == "user"), "")
+    return Example(last_user, turns[-1][1], "chat", tuple(turns))
+
+
+def record_example(rec, fmt: str, source: str, i: int) -> Example:
+    """One record as an Example of format ``fmt`` (a DataError naming the record if it has
+    the wrong fields or types)."""
+    if fmt == "chat":
+        return _chat_example(rec, source, i)
+    if fmt == "alpaca":
+        instruction, extra = _text(rec, "instruction", source, i), _text(rec, "input", source, i, True)
+        prompt = ALPACA_PROMPT.format(
+            context=", paired with an input that provides further context" if extra else "",
+            instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else "")
+        return Example(prompt, _text(rec, "output", source, i), "alpaca")
+    if fmt == "prompt_completion":
+        return Example(_text(rec, "prompt", source, i), _text(rec, "completion", source, i),
+                       "prompt_completion")
+    if fmt == "text":
+        return Example("", _text(rec, "text", source, i), "text")
+    # --data-format qa also reads prompt/completion records as question/answer (as before)
+    pairs = FIELD_PAIRS + (("prompt", "completion"),)
+    q_key, a_key = next((p for p in pairs if p[0] in rec and p[1] in rec), FIELD_PAIRS[0])
+    q, a = rec.get(q_key), rec.get(a_key)
+    if not isinstance(q, str) or not isinstance(a, str):
+        raise DataError(f"{source}: record {i} has no text in {q_key!r}/{a_key!r}")
+    return Example(q, a)
+
+
+def examples_from_records(records, source: str, fmt: str | None = None) -> list[Example]:
+    """Examples of ``records`` in format ``fmt`` (None: detected from the first record)."""
     records = list(records)
     if not records:
         raise DataError(f"{source}: no records")
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise DataError(f"{source}: record {i} is a {type(rec).__name__}, not an object with "
-                            "question/answer fields")
-    keys = set(records[0])
-    for q_key, a_key in FIELD_PAIRS:
-        if q_key in keys and a_key in keys:
-            break
-    else:
-        raise DataError(f"{source}: records need one of the field pairs "
-                        f"{', '.join('/'.join(p) for p in FIELD_PAIRS)}; found {sorted(keys)}")
-    out = []
-    for i, rec in enumerate(records):
-        q, a = rec.get(q_key), rec.get(a_key)
-        if not isinstance(q, str) or not isinstance(a, str):
-            raise DataError(f"{source}: record {i} has no text in {q_key!r}/{a_key!r}")
-        out.append(Example(q, a))
-    return out
+            raise DataError(f"{source}: record {i} is a {type(rec).__name__}, not an object "
+                            f"with the fields of one format: {EXPECTED}")
+    if fmt is None:
+        fmt = detect_format(records[0])
+        if fmt is None:
+            raise DataError(f"{source}: records in no known format: found fields "
+                            f"{sorted(records[0])}; expected {EXPECTED}")
+    elif fmt not in FORMATS:
+        raise DataError(f"--data-format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return [record_example(rec, fmt, source, i) for i, rec in enumerate(records)]
 
 
-def read_jsonl(path: str) -> list[Example]:
+def read_jsonl(path: str, fmt: str | None = None) -> list[Example]:
     """Examples of a .jsonl file (one JSON object a line) or a .json file (a list of objects,
     or {"data": [...]}); a DataError naming the file and line for anything else."""
     try:
@@ -216,7 +302,7 @@ def read_jsonl(path: str) -> list[Example]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-    return examples_from_records(records, path)
+    return examples_from_records(records, path, fmt)
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None, str | None]:
@@ -269,35 +355,42 @@ class DataSource:
     examples: list[Example]
     split: str | None = None
 
+    @property
+    def format(self) -> str:
+        return self.examples[0].fmt if self.examples else "qa"
+
     def fingerprint(self) -> dict:
         digest = hashlib.sha256()
         for ex in self.examples:
             digest.update(ex.question.encode())
             digest.update(b"\x00")
             digest.update(ex.answer.encode())
+            if ex.messages:
+                digest.update(json.dumps(ex.messages).encode())
             digest.update(b"\x01")
         first = self.examples[0].question if self.examples else ""
         return {"source": self.spec, "kind": self.kind, "split": self.split,
+                "format": self.format,
                 "n": len(self.examples), "distinct": len({ex.question for ex in self.examples}),
                 "sha256": digest.hexdigest()[:16],
                 "first_question_sha1": hashlib.sha1(first.encode()).hexdigest()[:12]}
 
 
-def _load_all(spec: str, purpose: str) -> tuple[str, list[Example], str | None]:
+def _load_all(spec: str, purpose: str, fmt=None) -> tuple[str, list[Example], str | None]:
     if os.path.isfile(spec):
-        return "jsonl", read_jsonl(spec), None
+        return "jsonl", read_jsonl(spec, fmt), None
     if spec.endswith((".jsonl", ".json")):
         raise DataError(f"data file {spec!r} not found")
     ds, split = load_hub(spec, purpose)
-    return "hub", examples_from_records(ds, spec), split
+    return "hub", examples_from_records(ds, spec, fmt), split
 
 
-def train_data(spec: str, n: int, seed: int) -> DataSource:
+def train_data(spec: str, n: int, seed: int, fmt: str | None = None) -> DataSource:
     """``n`` training examples in training order: generated from ``seed``, or read and shuffled
     with ``seed`` (cycling through reshuffled epochs if the source has fewer than ``n``)."""
     if spec in (GENERATED, "", None):
         return DataSource(GENERATED, "generated", generate(n, seed, "train"), "train")
-    kind, pool, split = _load_all(spec, "train")
+    kind, pool, split = _load_all(spec, "train", fmt)
     rng = random.Random(seed)
     out = []
     while len(out) < n:
@@ -307,18 +400,43 @@ def train_data(spec: str, n: int, seed: int) -> DataSource:
     return DataSource(spec, kind, out, split)
 
 
-def eval_data(spec: str, limit: int | None) -> DataSource:
+def eval_data(spec: str, limit: int | None, fmt: str | None = None,
+              metric: str | None = None) -> DataSource:
     """The evaluation examples in file order (the first ``limit``): the fixed generated test
     split, or a file / dataset split (GSM8K: test)."""
     if spec in (GENERATED, "", None):
         n = TEST_SIZE if not limit else min(limit, TEST_SIZE)
         return DataSource(GENERATED, "generated", generate(n, split="test"), "test")
-    kind, pool, split = _load_all(spec, "eval")
+    kind, pool, split = _load_all(spec, "eval", fmt)
     if limit:
         pool = pool[:limit]
-    for ex in pool:  # fail early on an unscoreable reference
-        ex.reference
+    if (metric or default_metric(pool[0].fmt)) == "numeric":
+        for ex in pool:  # fail early on an unscoreable reference
+            ex.reference
     return DataSource(spec, kind, pool, split)
+
+
+METRICS = ("numeric", "exact", "loss")
+
+
+def default_metric(fmt: str) -> str:
+    """qa (arithmetic, GSM8K): the number; every other format: held-out loss (free-form
+    answers rarely match exactly; ``--metric exact`` asks for it)."""
+    return "numeric" if fmt == "qa" else "loss"
+
+
+def check_metric(metric: str | None, fmt: str) -> str:
+    """The metric to use for data of format ``fmt`` (a DataError for a bad one)."""
+    metric = metric or default_metric(fmt)
+    if metric not in METRICS:
+        raise DataError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+    if fmt == "text" and metric != "loss":
+        raise DataError(f"--metric {metric}: plain text data has no reference answer; "
+                        "use --metric loss")
+    return metric
+
+
+
 
 
 def write_jsonl(examples, path: str) -> None:

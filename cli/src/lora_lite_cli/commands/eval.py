@@ -20,6 +20,9 @@ def eval_command(
     eval_data: str = typer.Option("generated", "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
     limit: int = typer.Option(100, "--eval-limit", "--limit", "-n", help="Evaluate the first N items (0: all); the same option as train's --eval-limit."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generation budget per answer."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="numeric (the answer's number), exact (the completion, stripped) or loss (held-out loss and perplexity on the completion tokens) (default: numeric for question/answer data, else loss)."),
+    data_format: Optional[str] = typer.Option(None, "--data-format", help="qa, chat, alpaca, prompt_completion or text (default: detected from the fields)."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Truncate examples to this many tokens for --metric loss."),
     batch_size: int = typer.Option(50, "--eval-batch-size", "--batch-size", "-b", help="Prompts per generation batch (train's --eval-batch-size)."),
     dtype: str = dtype_option(),
     quantize: Optional[str] = quantize_option(),
@@ -29,10 +32,11 @@ def eval_command(
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Where to write per-item predictions (default: eval_predictions.jsonl next to the adapter)."),
     as_json: bool = json_option(),
 ):
-    """Accuracy of the base model and of the adapted model on held-out problems.
+    """Accuracy (or held-out loss) of the base model and of the adapted model on held-out data.
 
-    Greedy generation, scored as GSM8K: the last number after the last '####', else the last
-    number of the answer. Per-item predictions (output, extracted answer, correct) go to a JSONL file.
+    --metric numeric (question/answer data's default): greedy generation, scored as GSM8K: the
+    last number after the last '####', else the last number of the answer. exact: the stripped
+    completion equals the reference. loss: the loss and perplexity on the completion tokens. Per-item predictions (output, extracted answer, correct) go to a JSONL file.
     """
     import lora_lite as ll
 
@@ -47,7 +51,11 @@ def eval_command(
     check_adapter(adapter)  # a missing / foreign / truncated / refused adapter fails before loading a model
     name = model or model_of_adapter(str(adapter))
     out = err_console if as_json else console
-    examples = data_mod.eval_data(eval_data, limit or None)
+    try:
+        examples = data_mod.eval_data(eval_data, limit or None, data_format, metric)
+        metric = data_mod.check_metric(metric, examples.format)
+    except data_mod.DataError as e:
+        raise CLIError(str(e), 2) from None
     device = pick_device(device)
     set_threads(threads)
     with out.status(f"loading {name} ..."):
@@ -60,7 +68,8 @@ def eval_command(
             task = progress.add_task(label, total=len(examples.examples))
             t = time.perf_counter()
             res = eval_mod.evaluate(base_model, tokenizer, examples.examples, batch_size,
-                                    max_new_tokens, lambda k: progress.advance(task, k))
+                                    max_new_tokens, lambda k: progress.advance(task, k),
+                                    metric=metric, seq_len=seq_len)
         res["time_s"] = round(time.perf_counter() - t, 2)
         return res
 
@@ -70,14 +79,15 @@ def eval_command(
     pred_path = str(predictions or _predictions_path(adapter))
     write_predictions(pred_path, base_res, adapted_res)
 
-    def summary(res):
-        return None if res is None else {k: res[k] for k in ("accuracy", "correct", "n", "time_s")}
+    from ..training.reporting import eval_summary as summary
+    key = "loss" if metric == "loss" else "accuracy"
 
     meta = {"variant": ll.attached(base_model).cfg.variant}
     result = {"adapter": str(adapter), "variant": meta.get("variant"), "model": name,
               "eval_data": examples.fingerprint(), "max_new_tokens": max_new_tokens,
               "base": summary(base_res), "adapted": summary(adapted_res),
-              "gain": (adapted_res["accuracy"] - base_res["accuracy"]) if base_res else None,
+              "metric": metric,
+              "gain": (adapted_res[key] - base_res[key]) if base_res else None,
               "predictions": pred_path}
     if as_json:
         print_json(result)
@@ -85,10 +95,13 @@ def eval_command(
     from rich.table import Table
     table = Table(title=f"{meta.get('variant')} adapter {adapter} on {name}", title_justify="left")
     table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    table.add_column("correct", justify="right")
+    loss = metric == "loss"
+    table.add_column("held-out loss" if loss else f"accuracy ({metric})", justify="right")
+    table.add_column("perplexity" if loss else "correct", justify="right")
     for label, res in (("base", base_res), ("adapted", adapted_res)):
-        if res is not None:
+        if res is not None and loss:
+            table.add_row(label, f"{res['loss']:.4f}", f"{res['perplexity']:.4g}")
+        elif res is not None:
             table.add_row(label, f"{100 * res['accuracy']:.1f}%", f"{res['correct']}/{res['n']}")
     console.print(table)
     console.print(f"data: {examples.spec} ({examples.kind}, {len(examples.examples)} items); "

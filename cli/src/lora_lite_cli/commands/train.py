@@ -91,6 +91,12 @@ def print_summary(result, out):
     table.add_column(style="bold")
     table.add_column()
     base, adapted = ev.get("base"), ev.get("adapted")
+    if ev.get("metric") == "loss":
+        for label, res in (("held-out loss, base", base), ("held-out loss, adapted", adapted)):
+            if res:
+                table.add_row(label, f"{res['loss']:.4f}  (perplexity {res['perplexity']:.3g}, "
+                                     f"{res['tokens']} tokens)")
+        base = adapted = None
     if base:
         table.add_row("accuracy, base", f"{_pct(base['accuracy'])}  ({base['correct']}/{base['n']})")
     if adapted:
@@ -123,6 +129,10 @@ def train_command(
     model: Optional[str] = model_option(),
     train_data: Optional[str] = typer.Option(None, "--train-data", help="'generated' (default: built-in arithmetic problems), a .jsonl file, a dataset folder or a hub dataset NAME, NAME:CONFIG or NAME:CONFIG@SPLIT, e.g. meta-math/MetaMathQA."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
+    data_format: Optional[str] = typer.Option(None, "--data-format", help="Format of the data files: qa, chat, alpaca, prompt_completion or text (default: detected from the fields)."),
+    loss_on: Optional[str] = typer.Option(None, "--loss-on", help="completion: train on the completion / assistant turns only; all: on the prompt too (default: completion)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Evaluation: numeric (the answer's number), exact (the completion) or loss (held-out loss, perplexity) (default: numeric for question/answer data, else loss)."),
+    pack: bool = typer.Option(False, "--pack", help="Pack training examples into rows of --seq-len tokens (labels masked per example)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: 80)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per micro-batch, over all processes (default: 8)."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (default: 1)."),
@@ -168,6 +178,7 @@ def train_command(
     from ..training import runtime
 
     given = dict(model=model, train_data=train_data, eval_data=eval_data, steps=steps,
+                 data_format=data_format, loss_on=loss_on, metric=metric, pack=pack or None,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule,
                  warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, seq_len=seq_len,
                  targets=tuple(targets) if targets else None,

@@ -34,7 +34,9 @@ class Reporter:
 def eval_summary(result):
     if result is None:
         return None
-    return {k: result[k] for k in ("accuracy", "correct", "n", "time_s")}
+    keys = ("loss", "perplexity", "tokens") if result.get("metric") == "loss" else (
+        "accuracy", "correct")
+    return {k: result.get(k) for k in ("metric", *keys, "n", "time_s")}
 
 
 def plot_title(s, metrics):

@@ -26,7 +26,7 @@ from .. import evaluate as eval_mod
 from ..models import describe, load_model
 from . import fsdp as fsdp_mod
 from . import runtime
-from .batching import Batches, count_supervised, encode, loss_sum, model_inputs
+from .batching import Batches, count_supervised, encode, loss_sum, model_inputs, pack
 from .checkpoints import CHECKPOINT_DIR, read_shard, save_checkpoint, save_shard
 from .loop import Outcome, Trainer, TrainState, adapter_snapshot
 from .reporting import Reporter, eval_summary, train_metrics, write_json, write_run_files
@@ -57,8 +57,10 @@ class Run:
         self.variant = ll.get_variant(s.variant)
         self.reporter.status("reading data ...")  # a bad file fails before the model loads
         n_train = s.steps * s.grad_accum * s.batch_size
-        self.train_src = data_mod.train_data(s.train_data, n_train, s.seed)
-        self.eval_src = data_mod.eval_data(s.eval_data, s.eval_limit) if s.eval_limit else None
+        self.train_src = data_mod.train_data(s.train_data, n_train, s.seed, s.data_format)
+        self.eval_src = (data_mod.eval_data(s.eval_data, s.eval_limit, s.data_format, s.metric)
+                         if s.eval_limit else None)
+        self.metric = data_mod.check_metric(s.metric, self.eval_src.format) if self.eval_src else None
         self.fsdp, self.meta = runtime.is_fsdp(acc), runtime.meta_loading(acc)
         if self.meta:
             fsdp_mod.refuse_on_meta(s, self.variant)
@@ -69,7 +71,9 @@ class Run:
         self.model, self.tokenizer = load_model(s.model, s.dtype, s.quantize, where,
                                                 empty=self.meta and not acc.is_main_process)
         self.times["load_model_s"] = time.perf_counter() - t0
-        encoded, skipped = encode(self.tokenizer, self.train_src.examples, s.seq_len)
+        encoded, skipped = encode(self.tokenizer, self.train_src.examples, s.seq_len, s.loss_on)
+        if s.pack:
+            encoded = pack(encoded, s.seq_len)
         self.batches = Batches(encoded, s.batch_size, self.tokenizer.pad_token_id, acc.device,
                                acc.process_index, acc.num_processes)
         self.metrics = self._first_metrics(skipped, n_train)
@@ -87,7 +91,10 @@ class Run:
             "data": {"train": {**self.train_src.fingerprint(), "skipped_prompt_too_long": skipped,
                                "examples_used": n_train},
                      "eval": self.eval_src.fingerprint() if self.eval_src else None,
-                     "prompt": data_mod.PROMPT},
+                     "prompt": data_mod.PROMPT, "format": self.train_src.format,
+                     "loss_on": s.loss_on, "packed_rows": len(self.batches.encoded)
+                     if s.pack else None},
+            "metric": self.metric,
             "versions": {"torch": torch.__version__, "lora_lite": ll.__version__},
             "torch_threads": torch.get_num_threads(),
         }
@@ -117,7 +124,8 @@ class Run:
             result = eval_mod.evaluate(self.model, self.tokenizer, self.eval_src.examples,
                                        self.s.eval_batch_size, self.s.max_new_tokens,
                                        self.reporter.eval_advance, acc.process_index,
-                                       acc.num_processes, synced=self.fsdp)
+                                       acc.num_processes, synced=self.fsdp,
+                                       metric=self.metric, seq_len=self.s.seq_len)
         result["time_s"] = round(time.perf_counter() - t, 2)
         self.reporter.end_eval()
         return result
@@ -317,9 +325,12 @@ class Run:
         m["train"] = train_metrics(state, outcome, self.probe_before, probe_after)
         m["sanity"] = state.sanity
         m["eval"] = {"base": eval_summary(base_eval), "adapted": eval_summary(adapted_eval),
-                     "max_new_tokens": s.max_new_tokens}
+                     "max_new_tokens": s.max_new_tokens, "metric": self.metric}
         m["accuracy_before"] = base_eval["accuracy"] if base_eval else None
         m["accuracy_after"] = adapted_eval["accuracy"] if adapted_eval else None
+        if self.metric == "loss":
+            m["loss_before"] = base_eval["loss"] if base_eval else None
+            m["loss_after"] = adapted_eval["loss"] if adapted_eval else None
         m["time"] = {k: round(v, 2) for k, v in times.items()}
         m["memory"] = mem
         m["files"] = {"adapter": adapter_path}

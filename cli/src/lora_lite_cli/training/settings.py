@@ -20,7 +20,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 # options that may differ from the checkpoint's when resuming (they do not change the training)
-RESUME_FREE = {"output", "eval_limit", "eval_batch_size", "max_new_tokens", "device", "threads"}
+RESUME_FREE = {"output", "eval_limit", "eval_batch_size", "max_new_tokens", "device", "threads",
+               "metric"}
 
 
 class TrainError(CLIError):
@@ -38,6 +39,10 @@ class Settings:
     model: str = DEFAULT_MODEL
     train_data: str = data_mod.GENERATED
     eval_data: str = data_mod.GENERATED
+    data_format: str | None = None    # qa, chat, alpaca, prompt_completion, text (None: detected)
+    loss_on: str = "completion"       # completion (paired data: not the prompt) or all
+    metric: str | None = None         # numeric, exact or loss (None: by the eval data's format)
+    pack: bool = False                # pack training examples into rows of seq_len tokens
     steps: int = 80
     batch_size: int = 8
     grad_accum: int = 1
@@ -145,6 +150,11 @@ def check_settings(s: Settings) -> None:
     need(s.mixed_precision in MIXED_PRECISION, "--mixed-precision", s.mixed_precision,
          f"one of {', '.join(MIXED_PRECISION)}")
     need(s.quantize in (None, "4bit", "8bit"), "--quantize", s.quantize, "4bit or 8bit")
+    need(s.data_format in (None, *data_mod.FORMATS), "--data-format", s.data_format,
+         f"one of {', '.join(data_mod.FORMATS)}")
+    need(s.loss_on in ("completion", "all"), "--loss-on", s.loss_on, "completion or all")
+    need(s.metric in (None, *data_mod.METRICS), "--metric", s.metric,
+         f"one of {', '.join(data_mod.METRICS)}")
 
 
 def build_config(s: Settings):
