@@ -61,6 +61,11 @@ class LoRA(ll.Variant):
         return W + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float()), None
 
     @staticmethod
+    def param_delta(view, cfg):
+        # parameter targets (fused MoE experts): A (E, r, d_in), B (E, d_out, r) -> (E, d_out, d_in)
+        return cfg.scale * (view.lora_B @ view.lora_A)
+
+    @staticmethod
     def peft_config(cfg, target_names):
         return ll.peft_lora_config(target_names, cfg.r, cfg.alpha, use_rslora=cfg.use_rslora,
                                    **ll.peft_patterns(cfg, target_names))
