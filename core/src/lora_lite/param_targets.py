@@ -289,13 +289,17 @@ def resolve_stored(model, stored, where) -> list[ParamTarget]:
     """The model's parameters named by a file's stored list [[name, E, d_in, d_out], ...]."""
     from .errors import AdapterFileError
     modules = dict(model.named_modules())
-    out = []
+    out, seen = [], set()
     for entry in stored:
         if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in entry[1:])):
             raise AdapterFileError(f"{where}: param_targets entry {str(entry)[:80]!r} is not "
                                    "[name, experts, d_in, d_out]; the file is corrupt")
         name, experts, d_in, d_out = entry
+        if name in seen:
+            raise AdapterFileError(f"{where}: parameter target {name[:120]!r} is listed twice; "
+                                   "the file is corrupt")
+        seen.add(name)
         module_name, _, pname = name.rpartition(".")
         module = modules.get(module_name)
         param = module._parameters.get(pname) if module is not None else None

@@ -193,6 +193,9 @@ def load_peft(model, path, revision=None, subfolder=None) -> dict:
     failure the model is left as it was."""
     folder = resolve_folder(path, revision, subfolder)
     config, weights = read_peft_folder(folder)
+    if config.get("target_parameters"):  # fused parameters (MoE experts): lora_lite.peft_params
+        from .peft_params import load_peft_params
+        return load_peft_params(model, folder, config, weights)
     name, fields = variant_for(config, os.path.join(folder, CONFIG_FILE))
     if attached(model) is not None:
         raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
