@@ -8,7 +8,7 @@ def tiny_qwen3_moe(seed=0, hidden=32, experts=4):
     config = Qwen3MoeConfig(hidden_size=hidden, intermediate_size=48, moe_intermediate_size=24,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             num_experts=experts, num_experts_per_tok=2, vocab_size=64,
-                            decoder_sparse_step=1, mlp_only_layers=[], head_dim=8)
+                            decoder_sparse_step=1, mlp_only_layers=[], head_dim=hidden // 4)
     return Qwen3MoeForCausalLM(config).eval()
 
 
@@ -17,7 +17,7 @@ def tiny_mixtral(seed=0, hidden=32, experts=4):
     torch.manual_seed(seed)
     config = MixtralConfig(hidden_size=hidden, intermediate_size=24, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
-                           num_experts_per_tok=2, vocab_size=64, head_dim=8)
+                           num_experts_per_tok=2, vocab_size=64, head_dim=hidden // 4)
     return MixtralForCausalLM(config).eval()
 
 

@@ -264,3 +264,40 @@ def test_config_round_trips_target_parameters():
     assert ll.AdapterConfig.from_json(ll.config("lora").to_json()).target_parameters is None
     with pytest.raises(ll.ConfigError, match="target_parameters"):
         ll.config("lora", target_parameters=["(unclosed"])
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_quantized_base_experts_stay_full_precision(kind, tmp_path):
+    """bitsandbytes quantizes nn.Linear only: the attention projections become Linear4bit /
+    Linear8bitLt, the fused experts stay fp32 parameters, and both get adapters."""
+    pytest.importorskip("bitsandbytes")
+    from lora_lite.quantize import quantize_model
+
+    def make():
+        return quantize_model(tiny_qwen3_moe(hidden=64), kind)
+    model = make()
+    before = logits(model)
+    fused = {n: p.clone() for n, p in model.named_parameters() if p.dim() == 3}
+    state = ll.attach(model, ll.config("lora", r=2))
+    assert len(state.param_targets) == 4
+    assert all(type(t.layer).__name__ in ("Linear4bit", "Linear8bitLt") for t in state.targets)
+    assert all(getattr(pt.module, pt.param).dtype == torch.float32 for pt in state.param_targets)
+    with ll.disabled(model):  # (bnb's CPU 4bit inference kernel is off while attached)
+        base_attached = logits(model)
+    assert torch.equal(logits(model), base_attached)
+    model(ids(), labels=ids()).loss.backward()
+    assert all(getattr(pt.module, pt.tensor_name("lora_B")).grad.abs().sum() > 0
+               for pt in state.param_targets)
+    randomize(model)
+    adapted = logits(model)
+    ll.save(model, tmp_path / "q.safetensors")
+    ll.detach(model)
+    assert all(torch.equal(model.get_parameter(n), p) for n, p in fused.items())
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    if kind == "8bit":  # (4bit on CPU: attach turns bnb's repacked AVX512-BF16 inference path
+        assert torch.equal(logits(model), before)  # off and detach does not repack, as without MoE)
+    fresh = make()
+    logits(fresh)  # as the first model: bnb's CPU 4bit path repacks the weight on first use
+    ll.load(fresh, tmp_path / "q.safetensors")
+    got = logits(fresh)
+    assert torch.equal(got, adapted), (got - adapted).abs().max()
