@@ -32,6 +32,7 @@ from .file_checks import (FLOAT_DTYPES, MAX_TARGETS, check_entries, check_metada
 from .plugins import _version, get_variant, origin_mismatch, variant_origin
 from .layer_kinds import features, is_linear_like
 from . import param_targets as _params  # parameter targets (fused MoE experts)
+from . import trainable_modules as _heads  # modules trained in full (PEFT's modules_to_save)
 from .targets import Target
 
 FORMAT = "lora-lite"
@@ -55,6 +56,8 @@ def save(model, path) -> None:
             if name in persistent:
                 tensors[f"{t.name}.{name}"] = persistent[name].detach().to("cpu").contiguous().clone()
     tensors.update(_param_file_tensors(state))
+    tensors.update({k: v.detach().to("cpu").contiguous().clone()
+                    for k, v in _heads.trainable_tensors(state).items()})
     origin = variant_origin(state.cfg.variant)
     config_ = getattr(model, "config", None)
     metadata = {
@@ -68,6 +71,8 @@ def save(model, path) -> None:
         "targets": json.dumps([[t.name, t.role, t.d_in, t.d_out] for t in state.targets]),
         "base_model": str(getattr(config_, "_name_or_path", "") or ""),
     }
+    if state.trainable_modules:
+        metadata["trainable_modules"] = json.dumps(_heads.describe(state))
     if state.param_targets:
         metadata["param_targets"] = json.dumps([_params.describe(pt) for pt in state.param_targets])
     if state.cfg.overrides:
@@ -177,8 +182,9 @@ def load(model, path, *, revision=None, subfolder=None) -> None:
                           "attached; call ll.detach(model) first")
     targets = _resolve_targets(model, path, metadata, stored_targets)
     params = _stored_param_targets(model, path, metadata)
+    heads = _stored_heads(model, path, metadata)
     expected = _expected_tensors(path, variant, cfg, stored_targets, shapes,
-                                 _params.expected_param_tensors(variant, cfg, params))
+                                 {**_params.expected_param_tensors(variant, cfg, params), **heads})
     stored = _read_tensors(path, expected)
     attach(model, cfg, _skip_group_init=True, _targets=targets, _param_targets=params)
     try:
@@ -194,6 +200,13 @@ def load(model, path, *, revision=None, subfolder=None) -> None:
             for key, tensor in _params.param_tensors(state).items():
                 if key in stored:
                     tensor.copy_(stored[key])
+            held = _heads.trainable_tensors(state)
+            if sorted(held) != sorted(heads):
+                raise AdapterFileError(f"{path}: the file's trainable modules "
+                                       f"{short(sorted(heads)[:3])} are not what its config "
+                                       f"selects on this model ({short(sorted(held)[:3])})")
+            for key, tensor in held.items():
+                tensor.copy_(stored[key])
     except BaseException:
         detach(model)
         raise
@@ -258,6 +271,28 @@ def _stored_param_targets(model, path, metadata) -> list:
         raise AdapterFileError(f"{path}: lists {len(stored)} parameter targets, more than "
                                f"{MAX_TARGETS}; it was not written by ll.save")
     return _params.resolve_stored(model, stored, path)
+
+
+def _stored_heads(model, path, metadata) -> dict:
+    """{'<module>.<parameter>': shape} of the trainable modules the file lists."""
+    if "trainable_modules" not in metadata:
+        return {}
+    stored = stored_json(path, metadata, "trainable_modules", list)
+    modules, out = dict(model.named_modules()), {}
+    for entry in stored[:MAX_TARGETS + 1]:
+        ok = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+              and isinstance(entry[1], list) and all(isinstance(p, str) for p in entry[1]))
+        module = modules.get(entry[0]) if ok else None
+        if module is None:
+            raise AdapterFileError(f"{path}: trainable module {short(str(entry))} is not a module "
+                                   "of this model; the adapter was made for another model")
+        params = dict(module.named_parameters())
+        for pname in entry[1]:
+            if pname not in params:
+                raise AdapterFileError(f"{path}: trainable module {short(entry[0])!r} has no "
+                                       f"parameter {short(pname)!r} here")
+            out[f"{entry[0]}.{pname}"] = tuple(params[pname].shape)
+    return out
 
 
 def _expected_tensors(path, variant, cfg, stored_targets, shapes, expected_params=None) -> dict:

@@ -18,6 +18,7 @@ import torch
 
 from .errors import AttachError
 from . import param_targets as _params  # parameter targets (fused MoE experts)
+from . import trainable_modules as _heads  # modules trained in full (PEFT's modules_to_save)
 from .plugins import get_variant, variant_origin
 from .targets import Target, find_targets
 from .variant import hook_kind, make_tensor
@@ -38,6 +39,7 @@ class AttachState:
     requires_grad: list = field(default_factory=list)  # (param, flag before attach)
     undo_guard: object = None
     param_targets: list = field(default_factory=list)  # lora_lite.param_targets.ParamTarget
+    trainable_modules: list = field(default_factory=list)  # lora_lite.trainable_modules
 
 
 def attached(model) -> AttachState | None:
@@ -77,7 +79,12 @@ def attach(model, cfg, calibration_data=None, *, _skip_group_init=False,
         targets = []  # target_parameters alone: those parameters only (as PEFT)
     else:
         targets = find_targets(model, cfg)
+    heads = _heads.find_trainable(model, cfg)
+    if heads:  # a head trained in full gets no adapter on top
+        probe = [_heads.TrainableModule(n, m) for n, m in heads]
+        targets = [t for t in targets if not _heads.inside(t.name, probe)]
     state = AttachState(cfg, variant, targets, param_targets=params)
+    state.__dict__["_heads_found"] = heads
     setattr(model, STATE_ATTR, state)
     try:
         _attach(model, state, calibration_data, _skip_group_init)
@@ -123,6 +130,7 @@ def _attach(model, state, calibration_data, skip_group_init):
         if "output" in kind:
             state.handles.append(t.layer.register_forward_hook(_output_hook))
     _params.attach_params(model, state, generator)
+    _heads.attach_trainable(state, state.__dict__.pop("_heads_found", []))
     if callable(getattr(variant, "group_init", None)) and not skip_group_init:
         variant.group_init(model, state.targets, state.cfg, calibration_data)
 
@@ -206,6 +214,7 @@ def _undo(model, state):
             if name in vars(layer):
                 delattr(layer, name)
     _params.undo_params(state)
+    _heads.undo_trainable(state)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
     if state.undo_guard is not None:
@@ -232,4 +241,5 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     if state is None:
         raise AttachError("no lora-lite adapter is attached to this model")
     return [p for p in adapter_tensors(model).values()
-            if isinstance(p, torch.nn.Parameter) and p.requires_grad]
+            if isinstance(p, torch.nn.Parameter) and p.requires_grad] + list(
+                _heads.trainable_tensors(state).values())

@@ -57,6 +57,8 @@ def merge(model, dense: bool = False) -> dict:
     merged_params = _params.merged_params(state)
     variant_name = state.cfg.variant
     targets = list(state.targets)
+    from .trainable_modules import keep_trained
+    keep_trained(state)  # trained heads keep their trained values
     detach(model)
     _params.write_merged_params(model, merged_params)  # hooks, tensors, scratch and snapshots gone; base weights as they were
     modules = dict(model.named_modules())

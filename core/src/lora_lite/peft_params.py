@@ -91,18 +91,46 @@ def _split_tensors(stored, prefixes, where) -> tuple[dict, dict]:
     return per_param, rest
 
 
+def _split_heads(model, saved, rest, where) -> tuple[list, dict]:
+    """(full names of the modules_to_save modules, {'<module>.<parameter>': tensor}), popped
+    from ``rest``; every parameter of each module must be in the file."""
+    from .trainable_modules import matches
+    heads, tensors = [], {}
+    if not saved:
+        return heads, tensors
+    for mname, module in model.named_modules():
+        if not mname or not matches(mname, saved) or any(mname.startswith(h + ".") for h in heads):
+            continue
+        for pname, p in module.named_parameters():
+            key = f"{MODULE_PREFIX}{mname}.{pname}"
+            if key not in rest:
+                continue
+            value = rest.pop(key)
+            if tuple(value.shape) != tuple(p.shape):
+                raise AdapterFileError(f"{where}: {short(key)} has shape {tuple(value.shape)}, the "
+                                       f"model's has {tuple(p.shape)}")
+            tensors[f"{mname}.{pname}"] = value
+        if any(f"{mname}.{pname}" in tensors for pname, _ in module.named_parameters()):
+            heads.append(mname)
+            missing = [p for p, _ in module.named_parameters() if f"{mname}.{p}" not in tensors]
+            if missing:
+                raise AdapterFileError(f"{where}: modules_to_save {mname!r} lacks {missing[:3]}")
+    return heads, tensors
+
+
 def load_peft_params(model, folder, config, weights) -> dict:
     """ll.load of a PEFT folder whose config has ``target_parameters`` (and maybe
     ``target_modules``); on any failure the model is left as it was."""
     from .config import config as make_config
     from .peft_import import read_tensors, variant_for
     where = os.path.join(folder, "adapter_config.json")
-    wanted = config.get("target_parameters")
+    wanted = config.get("target_parameters") or []
     if not (isinstance(wanted, list) and all(isinstance(w, str) and w for w in wanted)
             and len(wanted) <= MAX_TARGETS):
         raise AdapterFileError(f"{where}: target_parameters={short(repr(wanted))} is not a list "
                                "of parameter names")
-    name, fields = variant_for({k: v for k, v in config.items() if k != "target_parameters"}, where)
+    name, fields = variant_for({k: v for k, v in config.items()
+                                if k not in ("target_parameters", "modules_to_save")}, where)
     if attached(model) is not None:
         raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
                           "attached; call ll.detach(model) first")
@@ -110,10 +138,11 @@ def load_peft_params(model, folder, config, weights) -> dict:
         params = matching_parameters(model, set(wanted))
     except AttachError as e:
         raise AdapterFileError(f"{where}: {e}") from None
-    if not params:
+    if wanted and not params:
         raise AdapterFileError(f"{where}: target_parameters {short(wanted[:3])} match no "
                                "parameter of this model; the adapter was made for another model")
     per_param, rest = _split_tensors(read_tensors(weights), peft_prefixes(params), weights)
+    heads, head_tensors = _split_heads(model, config.get("modules_to_save") or [], rest, where)
     linear = sorted({k[len(MODULE_PREFIX):].rsplit(".", 2)[0] for k in rest})
     if any(not k.startswith(MODULE_PREFIX) for k in rest) or any(
             not k.endswith((".lora_A.weight", ".lora_B.weight")) for k in rest):
@@ -122,6 +151,7 @@ def load_peft_params(model, folder, config, weights) -> dict:
     try:
         cfg = make_config(name, **fields, target_names=tuple(f"^{re.escape(n)}$" for n in linear),
                           target_parameters=tuple(f"^{re.escape(p.name)}$" for p in params),
+                          trainable_modules=tuple(heads),
                           target_roles=(), exclude_names=())
     except LoraLiteError as e:
         raise AdapterFileError(f"{folder}: {short(str(e), 300)}") from None
@@ -146,6 +176,9 @@ def load_peft_params(model, folder, config, weights) -> dict:
                 pcfg = state.cfg.for_target(pt.name)
                 variant.load_peft_param_state(_stacked_view(pt, pcfg, variant), pcfg,
                                               per_param[pt.name])
+            from .trainable_modules import trainable_tensors
+            for key, tensor in trainable_tensors(state).items():
+                tensor.copy_(head_tensors[key])
     except BaseException as e:
         detach(model)
         if isinstance(e, (LoraLiteError, RuntimeError, ValueError, KeyError, TypeError)):
