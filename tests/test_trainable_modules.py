@@ -127,3 +127,19 @@ def test_merge_keeps_the_trained_head():
     ll.merge(model)
     assert torch.equal(model.score.weight, head)
     torch.testing.assert_close(logits(model), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_head_of_the_wrong_shape_is_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+    pm = peft.get_peft_model(tiny_llama_cls(), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                               task_type="SEQ_CLS"))
+    pm.save_pretrained(tmp_path / "p")
+    weights = tmp_path / "p" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["base_model.model.score.weight"] = torch.zeros(5, 32)
+    save_file(tensors, weights)
+    model = tiny_llama_cls()
+    with pytest.raises(ll.AdapterFileError, match="score.weight has shape"):
+        ll.load(model, tmp_path / "p")
+    assert ll.attached(model) is None
