@@ -62,6 +62,9 @@ def test_head_trains_saves_reloads_and_detach_restores_it(arch, tmp_path):
     train(model)
     assert not torch.equal(head.weight, head_before)
     trained = logits(model)
+    with ll.disabled(model):  # the base model inside: its own head too
+        assert torch.equal(logits(model), before)
+    assert torch.equal(logits(model), trained)
     ll.save(model, tmp_path / "a.safetensors")
     ll.detach(model)
     assert torch.equal(head.weight, head_before) and torch.equal(logits(model), before)

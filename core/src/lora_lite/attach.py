@@ -182,9 +182,11 @@ def disabled(model):
     layers = [t.layer for t in state.targets] + [pt.module for pt in state.param_targets]
     for layer in layers:
         setattr(layer, _OFF, True)
+    trained = _heads.swap_in_originals(state)  # trained heads: their base values inside
     try:
         yield model
     finally:
+        trained()
         for layer in layers:
             if _OFF in vars(layer):
                 delattr(layer, _OFF)

@@ -84,6 +84,23 @@ def undo_trainable(state) -> None:
                 params[pname].copy_(original)
 
 
+def swap_in_originals(state):
+    """For ``ll.disabled``: the heads' original values in place; returns the undo."""
+    current = []
+    with torch.no_grad():
+        for tm in state.trainable_modules:
+            params = dict(tm.module.named_parameters())
+            for pname, original in tm.snapshot.items():
+                current.append((params[pname], params[pname].detach().clone()))
+                params[pname].copy_(original)
+
+    def undo():
+        with torch.no_grad():
+            for p, value in current:
+                p.copy_(value)
+    return undo
+
+
 def trainable_tensors(state) -> dict:
     """'<module>.<parameter>' -> Parameter of every trainable module."""
     return {f"{tm.name}.{pname}": p for tm in getattr(state, "trainable_modules", ())
