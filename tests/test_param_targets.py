@@ -301,3 +301,21 @@ def test_quantized_base_experts_stay_full_precision(kind, tmp_path):
     ll.load(fresh, tmp_path / "q.safetensors")
     got = logits(fresh)
     assert torch.equal(got, adapted), (got - adapted).abs().max()
+
+
+def test_gradient_checkpointing_same_loss_and_expert_gradients():
+    def run(checkpointing):
+        model = tiny_qwen3_moe().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ll.attach(model, ll.config("lora", r=2, target_parameters=[r"experts\.(gate_up|down)_proj$"]))
+        randomize(model)
+        loss = model(ids(), labels=ids()).loss
+        loss.backward()
+        return loss.detach(), {k: v.grad.clone() for k, v in ll.adapter_tensors(model).items()}
+    loss, grads = run(False)
+    loss_ckpt, grads_ckpt = run(True)
+    torch.testing.assert_close(loss_ckpt, loss, atol=1e-6, rtol=0)
+    assert grads.keys() == grads_ckpt.keys() and all(g.abs().sum() > 0 for g in grads.values())
+    for k in grads:
+        torch.testing.assert_close(grads_ckpt[k], grads[k], atol=1e-5, rtol=1e-5)
