@@ -79,12 +79,9 @@ def attach(model, cfg, calibration_data=None, *, _skip_group_init=False,
         targets = []  # target_parameters alone: those parameters only (as PEFT)
     else:
         targets = find_targets(model, cfg)
-    heads = _heads.find_trainable(model, cfg)
-    if heads:  # a head trained in full gets no adapter on top
-        probe = [_heads.TrainableModule(n, m) for n, m in heads]
-        targets = [t for t in targets if not _heads.inside(t.name, probe)]
-    state = AttachState(cfg, variant, targets, param_targets=params)
-    state.__dict__["_heads_found"] = heads
+    heads = [_heads.TrainableModule(n, m) for n, m in _heads.find_trainable(model, cfg)]
+    targets = [t for t in targets if not _heads.inside(t.name, heads)]  # trained in full instead
+    state = AttachState(cfg, variant, targets, param_targets=params, trainable_modules=heads)
     setattr(model, STATE_ATTR, state)
     try:
         _attach(model, state, calibration_data, _skip_group_init)
@@ -130,7 +127,7 @@ def _attach(model, state, calibration_data, skip_group_init):
         if "output" in kind:
             state.handles.append(t.layer.register_forward_hook(_output_hook))
     _params.attach_params(model, state, generator)
-    _heads.attach_trainable(state, state.__dict__.pop("_heads_found", []))
+    _heads.attach_trainable(state)
     if callable(getattr(variant, "group_init", None)) and not skip_group_init:
         variant.group_init(model, state.targets, state.cfg, calibration_data)
 

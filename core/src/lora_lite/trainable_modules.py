@@ -67,13 +67,12 @@ def inside(target_name, trainable) -> bool:
     return any(target_name == t.name or target_name.startswith(t.name + ".") for t in trainable)
 
 
-def attach_trainable(state, found) -> None:
-    for name, module in found:
-        tm = TrainableModule(name, module)
-        for pname, p in module.named_parameters():
+def attach_trainable(state) -> None:
+    """Snapshot each trainable module's parameters and make them trainable."""
+    for tm in state.trainable_modules:
+        for pname, p in tm.module.named_parameters():
             tm.snapshot[pname] = p.detach().clone()
             p.requires_grad_(True)
-        state.trainable_modules.append(tm)
 
 
 def undo_trainable(state) -> None:
