@@ -22,6 +22,8 @@ BASE_BAD = {
     "target_roles": [("reader", "sideways"), 5, (5,), None],
     "target_names": [5, (5,), ("(unclosed",), ("a{99999999999}",), (b"q_proj",), None],
     "exclude_names": [5, (None,), ("(unclosed",), (b"lm_head",)],
+    "target_parameters": [5, (5,), ("(unclosed",), ("a{99999999999}",), (b"experts",)],
+    "trainable_modules": [5, (5,), ("",), (b"score",), (None,)],
     "layers": [(True,), (-1,), (0.5,), ("0",), 5.0, True],
     "seed": [True, -1, 2 ** 64, 2 ** 70, 1.5, "0", None],
     "overrides": [5, (5,), (("q_proj", 5),), (("(unclosed", {}),), (("a{99999999999}", {}),),

@@ -102,7 +102,7 @@ def _pickle(d):
 BAD = {
     "missing config": (_missing_config, "adapter_config.json"),
     "pickle file": (_pickle, "pickle"),
-    "modules_to_save": (lambda d: lora_folder(d, modules_to_save=["lm_head"]), "modules_to_save"),
+    "modules_to_save": (lambda d: edit_config(lora_folder(d), modules_to_save=[5]), "modules_to_save"),
     "bias all": (lambda d: lora_folder(d, bias="all"), "bias='all'"),
     "rank 0": (lambda d: edit_config(lora_folder(d), r=0), "r=0"),
     # LoRA on embeddings imports (test_layer_kinds); DoRA's variant adapts linear layers only

@@ -27,10 +27,12 @@ from safetensors.torch import save_file
 from .attach import STATE_ATTR, attach, attached, detach
 from .config import AdapterConfig, with_resolved_targets
 from .errors import AdapterFileError, AdapterSaveError, AttachError, LoraLiteError
-from .file_checks import (FLOAT_DTYPES, check_entries, check_metadata, check_targets,
+from .file_checks import (FLOAT_DTYPES, MAX_TARGETS, check_entries, check_metadata, check_targets,
                           read_json_header, short, stored_json, target_configs)
 from .plugins import _version, get_variant, origin_mismatch, variant_origin
 from .layer_kinds import features, is_adaptable
+from . import param_targets as _params  # parameter targets (fused MoE experts)
+from . import trainable_modules as _heads  # modules trained in full (PEFT's modules_to_save)
 from .targets import Target
 
 FORMAT = "lora-lite"
@@ -53,6 +55,9 @@ def save(model, path) -> None:
         for name in state.tensor_names[t.name]:
             if name in persistent:
                 tensors[f"{t.name}.{name}"] = persistent[name].detach().to("cpu").contiguous().clone()
+    tensors.update(_param_file_tensors(state))
+    tensors.update({k: v.detach().to("cpu").contiguous().clone()
+                    for k, v in _heads.trainable_tensors(state).items()})
     origin = variant_origin(state.cfg.variant)
     config_ = getattr(model, "config", None)
     metadata = {
@@ -66,9 +71,24 @@ def save(model, path) -> None:
         "targets": json.dumps([[t.name, t.role, t.d_in, t.d_out] for t in state.targets]),
         "base_model": str(getattr(config_, "_name_or_path", "") or ""),
     }
+    if state.trainable_modules:
+        metadata["trainable_modules"] = json.dumps(_heads.describe(state))
+    if state.param_targets:
+        metadata["param_targets"] = json.dumps([_params.describe(pt) for pt in state.param_targets])
     if state.cfg.overrides:
         metadata["target_overrides"] = json.dumps(_resolved_overrides(state), sort_keys=True)
     _write_atomically(os.fspath(path), tensors, metadata)
+
+
+def _param_file_tensors(state) -> dict:
+    """The persistent parameter-target tensors, '<module path>.<spec>__<parameter>'."""
+    out = {}
+    for pt in state.param_targets:
+        persistent = pt.module.state_dict(keep_vars=True)
+        for name in state.tensor_names[pt.name]:
+            if name in persistent:
+                out[f"{pt.module_name}.{name}"] = persistent[name].detach().to("cpu").contiguous().clone()
+    return out
 
 
 def _resolved_overrides(state) -> dict:
@@ -161,9 +181,12 @@ def load(model, path, *, revision=None, subfolder=None) -> None:
         raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
                           "attached; call ll.detach(model) first")
     targets = _resolve_targets(model, path, metadata, stored_targets)
-    expected = _expected_tensors(path, variant, cfg, stored_targets, shapes)
+    params = _stored_param_targets(model, path, metadata)
+    heads = _stored_heads(model, path, metadata)
+    expected = _expected_tensors(path, variant, cfg, stored_targets, shapes,
+                                 {**_params.expected_param_tensors(variant, cfg, params), **heads})
     stored = _read_tensors(path, expected)
-    attach(model, cfg, _skip_group_init=True, _targets=targets)
+    attach(model, cfg, _skip_group_init=True, _targets=targets, _param_targets=params)
     try:
         with torch.no_grad():
             state = attached(model)
@@ -174,6 +197,16 @@ def load(model, path, *, revision=None, subfolder=None) -> None:
                         getattr(t.layer, tname).copy_(stored[key])
                 if callable(getattr(variant, "after_load", None)):
                     variant.after_load(t.layer, t.layer._lora_cfg)
+            for key, tensor in _params.param_tensors(state).items():
+                if key in stored:
+                    tensor.copy_(stored[key])
+            held = _heads.trainable_tensors(state)
+            if sorted(held) != sorted(heads):
+                raise AdapterFileError(f"{path}: the file's trainable modules "
+                                       f"{short(sorted(heads)[:3])} are not what its config "
+                                       f"selects on this model ({short(sorted(held)[:3])})")
+            for key, tensor in held.items():
+                tensor.copy_(stored[key])
     except BaseException:
         detach(model)
         raise
@@ -230,9 +263,42 @@ def _resolve_targets(model, path, metadata, stored_targets) -> list[Target]:
     return out
 
 
-def _expected_tensors(path, variant, cfg, stored_targets, shapes) -> dict:
+def _stored_param_targets(model, path, metadata) -> list:
+    """The parameter targets the file lists (none for a file without ``param_targets``)."""
+    if "param_targets" not in metadata:
+        return []
+    stored = stored_json(path, metadata, "param_targets", list)
+    if len(stored) > MAX_TARGETS:
+        raise AdapterFileError(f"{path}: lists {len(stored)} parameter targets, more than "
+                               f"{MAX_TARGETS}; it was not written by ll.save")
+    return _params.resolve_stored(model, stored, path)
+
+
+def _stored_heads(model, path, metadata) -> dict:
+    """{'<module>.<parameter>': shape} of the trainable modules the file lists."""
+    if "trainable_modules" not in metadata:
+        return {}
+    stored = stored_json(path, metadata, "trainable_modules", list)
+    modules, out = dict(model.named_modules()), {}
+    for entry in stored[:MAX_TARGETS + 1]:
+        ok = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+              and isinstance(entry[1], list) and all(isinstance(p, str) for p in entry[1]))
+        module = modules.get(entry[0]) if ok else None
+        if module is None:
+            raise AdapterFileError(f"{path}: trainable module {short(str(entry))} is not a module "
+                                   "of this model; the adapter was made for another model")
+        params = dict(module.named_parameters())
+        for pname in entry[1]:
+            if pname not in params:
+                raise AdapterFileError(f"{path}: trainable module {short(entry[0])!r} has no "
+                                       f"parameter {short(pname)!r} here")
+            out[f"{entry[0]}.{pname}"] = tuple(params[pname].shape)
+    return out
+
+
+def _expected_tensors(path, variant, cfg, stored_targets, shapes, expected_params=None) -> dict:
     """{key: shape} the variant stores on these targets, checked against the file's tensors."""
-    expected = {}
+    expected = dict(expected_params or {})
     for name, _, d_in, d_out in stored_targets:
         for tname, spec in variant.param_specs(d_in, d_out, cfg.for_target(name)).items():
             if spec.trainable or spec.persistent:

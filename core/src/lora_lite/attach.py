@@ -18,6 +18,8 @@ import torch
 
 from .errors import AttachError
 from .layer_kinds import check_layer_kinds
+from . import param_targets as _params  # parameter targets (fused MoE experts)
+from . import trainable_modules as _heads  # modules trained in full (PEFT's modules_to_save)
 from .plugins import get_variant, variant_origin
 from .targets import Target, find_targets
 from .variant import hook_kind, make_tensor
@@ -37,6 +39,8 @@ class AttachState:
     handles: list = field(default_factory=list)
     requires_grad: list = field(default_factory=list)  # (param, flag before attach)
     undo_guard: object = None
+    param_targets: list = field(default_factory=list)  # lora_lite.param_targets.ParamTarget
+    trainable_modules: list = field(default_factory=list)  # lora_lite.trainable_modules
 
 
 def attached(model) -> AttachState | None:
@@ -48,7 +52,7 @@ def needs_calibration(variant) -> bool:
 
 
 def attach(model, cfg, calibration_data=None, *, _skip_group_init=False,
-           _targets=None) -> AttachState:
+           _targets=None, _param_targets=None) -> AttachState:
     """Attach the adapter described by ``cfg`` to ``model`` (in place). Returns its state.
 
     ``_targets`` (for ``ll.load``): the already resolved target list; ``cfg``'s selection
@@ -69,9 +73,17 @@ def attach(model, cfg, calibration_data=None, *, _skip_group_init=False,
             f"variant {cfg.variant!r} initialises from data: pass calibration_data=[batch, ...] "
             "to ll.attach (batches as the model takes them, e.g. dicts with input_ids and "
             "attention_mask); the model was not changed")
-    targets = find_targets(model, cfg) if _targets is None else list(_targets)
+    params = _params.find_param_targets(model, cfg) if _param_targets is None else list(_param_targets)
+    if _targets is not None:
+        targets = list(_targets)
+    elif params and cfg.target_parameters and not cfg.target_names:
+        targets = []  # target_parameters alone: those parameters only (as PEFT)
+    else:
+        targets = find_targets(model, cfg)
+    heads = [_heads.TrainableModule(n, m) for n, m in _heads.find_trainable(model, cfg)]
+    targets = [t for t in targets if not _heads.inside(t.name, heads)]  # trained in full instead
     check_layer_kinds(variant, targets)
-    state = AttachState(cfg, variant, targets)
+    state = AttachState(cfg, variant, targets, param_targets=params, trainable_modules=heads)
     setattr(model, STATE_ATTR, state)
     try:
         _attach(model, state, calibration_data, _skip_group_init)
@@ -116,6 +128,8 @@ def _attach(model, state, calibration_data, skip_group_init):
             state.handles.append(t.layer.register_forward_pre_hook(_input_hook))
         if "output" in kind:
             state.handles.append(t.layer.register_forward_hook(_output_hook))
+    _params.attach_params(model, state, generator)
+    _heads.attach_trainable(state)
     if callable(getattr(variant, "group_init", None)) and not skip_group_init:
         variant.group_init(model, state.targets, state.cfg, calibration_data)
 
@@ -167,12 +181,14 @@ def disabled(model):
     state = attached(model)
     if state is None:
         raise AttachError("no lora-lite adapter is attached to this model")
-    layers = [t.layer for t in state.targets]
+    layers = [t.layer for t in state.targets] + [pt.module for pt in state.param_targets]
     for layer in layers:
         setattr(layer, _OFF, True)
+    trained = _heads.swap_in_originals(state)  # trained heads: their base values inside
     try:
         yield model
     finally:
+        trained()
         for layer in layers:
             if _OFF in vars(layer):
                 delattr(layer, _OFF)
@@ -201,6 +217,8 @@ def _undo(model, state):
         for name in _SCRATCH:
             if name in vars(layer):
                 delattr(layer, name)
+    _params.undo_params(state)
+    _heads.undo_trainable(state)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
     if state.undo_guard is not None:
@@ -218,6 +236,7 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
     for t in state.targets:
         for name in state.tensor_names[t.name]:
             out[f"{t.name}.{name}"] = getattr(t.layer, name)
+    out.update(_params.param_tensors(state))
     return out
 
 
@@ -226,4 +245,5 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     if state is None:
         raise AttachError("no lora-lite adapter is attached to this model")
     return [p for p in adapter_tensors(model).values()
-            if isinstance(p, torch.nn.Parameter) and p.requires_grad]
+            if isinstance(p, torch.nn.Parameter) and p.requires_grad] + list(
+                _heads.trainable_tensors(state).values())

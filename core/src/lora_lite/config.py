@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 ROLES = ("reader", "writer", "inner")
 _NOT_OVERRIDABLE = ("variant", "overrides", "dtype", "target_roles", "target_names",
-                    "exclude_names", "layers")
+                    "exclude_names", "layers", "target_parameters", "trainable_modules")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -41,6 +41,12 @@ class AdapterConfig:
     layers: tuple | None = None     # transformer block indices to adapt; None = all
     seed: int = 0                   # seeds the random init of adapter tensors
     overrides: tuple = ()           # ((regex on module name, {field: value}), ...): per target
+    target_parameters: tuple | None = None  # regexes on full parameter names (fused MoE experts,
+                                    # lora_lite.param_targets); None = the model's fused expert
+                                    # parameters when target_names is empty too; () = none
+    trainable_modules: tuple | None = None  # modules trained in full and saved (PEFT's
+                                    # modules_to_save: names or dotted suffixes); None = the task
+                                    # head of a *ForSequence/TokenClassification model; () = none
 
     uses_rank: ClassVar[bool] = True
 
@@ -48,6 +54,12 @@ class AdapterConfig:
         self.dtype = _as_dtype(self.dtype)
         for name in ("target_roles", "target_names", "exclude_names"):
             setattr(self, name, _as_tuple(name, getattr(self, name), "a list of strings"))
+        if self.target_parameters is not None:
+            self.target_parameters = _as_tuple("target_parameters", self.target_parameters,
+                                               "a list of regexes on parameter names, or None")
+        if self.trainable_modules is not None:
+            self.trainable_modules = _as_tuple("trainable_modules", self.trainable_modules,
+                                               "a list of module names, or None")
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = (self.layers,)
@@ -69,6 +81,9 @@ class AdapterConfig:
         _check(not bad, "target_roles", self.target_roles, f"a subset of {ROLES}")
         for name in ("target_names", "exclude_names"):
             _check_patterns(name, getattr(self, name))
+        _check_patterns("target_parameters", self.target_parameters or ())
+        _check(all(isinstance(n, str) and n for n in self.trainable_modules or ()),
+               "trainable_modules", self.trainable_modules, "a list of module names (strings)")
         if self.layers is not None:
             _check(all(_is_int(i) and i >= 0 for i in self.layers), "layers",
                    self.layers, "a list of non-negative layer indices, or None for all")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import param_targets as _params  # parameter targets (fused MoE experts)
 from .attach import attached, detach
 from .errors import AttachError
 from .layer_kinds import UNQUANTIZED_KINDS, features
@@ -53,9 +54,13 @@ def merge(model, dense: bool = False) -> dict:
     (fp32, or the layer's compute dtype) holding W' exactly."""
     state = attached(model)
     merged = merged_weights(model)
+    merged_params = _params.merged_params(state)
     variant_name = state.cfg.variant
     targets = list(state.targets)
-    detach(model)  # hooks, tensors, scratch and snapshots gone; base weights as they were
+    from .trainable_modules import keep_trained
+    keep_trained(state)  # trained heads keep their trained values
+    detach(model)
+    _params.write_merged_params(model, merged_params)  # hooks, tensors, scratch and snapshots gone; base weights as they were
     modules = dict(model.named_modules())
     layers = {}
     with torch.no_grad():
@@ -74,6 +79,7 @@ def merge(model, dense: bool = False) -> dict:
             stored = dense_weight(layer)
             err = ((stored - weight).abs().max() / weight.abs().max().clamp_min(1e-30)).item()
             layers[t.name] = {"backend": backend.name, "write_error": err}
+    layers.update({name: {"backend": "parameter", "write_error": 0.0} for name in merged_params})
     return {"variant": variant_name, "dense": dense, "layers": layers,
             "max_write_error": max(v["write_error"] for v in layers.values())}
 

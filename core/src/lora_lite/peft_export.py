@@ -47,11 +47,22 @@ def export_peft(model, folder, as_lora_rank: int | None = None) -> dict:
     base_name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     config = {"base_model_name_or_path": base_name or None, "task_type": None,
               "inference_mode": True, **config, "target_modules": names}
+    if state.param_targets:  # fused parameters (MoE experts): lora_lite.peft_params
+        config["target_parameters"] = [pt.name for pt in state.param_targets]
+    if state.trainable_modules:  # heads trained in full: PEFT's modules_to_save
+        config["modules_to_save"] = [tm.name for tm in state.trainable_modules]
+        tensors.update(_heads_tensors(state))
     write_folder(folder, config, tensors)
     errors = [v["relative_error"] for v in layers.values()]
     return {"folder": os.fspath(folder), "variant": state.cfg.variant,
             "peft_type": config["peft_type"], "as_lora_rank": as_lora_rank, "layers": layers,
             "max_relative_error": max(errors) if errors else 0.0}
+
+
+def _heads_tensors(state) -> dict:
+    from .trainable_modules import trainable_tensors
+    return {f"{MODULE_PREFIX}{k}": v.detach().to("cpu").contiguous().clone()
+            for k, v in trainable_tensors(state).items()}
 
 
 def _native(state, names):
@@ -77,12 +88,17 @@ def _native(state, names):
                     tensors[key] = value
                 else:
                     tensors[f"{MODULE_PREFIX}{t.name}.{key}"] = value
+    from .peft_params import export_tensors
+    tensors.update(export_tensors(state))
     return config, tensors, {}
 
 
 def _as_lora(model, state, names, rank):
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"as_lora_rank: got {rank!r}, expected a positive integer")
+    if state.param_targets:
+        raise AttachError("as_lora_rank does not convert parameter targets (fused experts); "
+                          "export natively (PEFT's target_parameters take plain low-rank adapters)")
     merged = merged_weights(model)
     tensors, layers = {}, {}
     with torch.no_grad():

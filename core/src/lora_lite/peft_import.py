@@ -119,10 +119,10 @@ def read_peft_folder(folder, root=None) -> tuple[dict, str]:
 
 
 def check_generic_fields(config, where):
-    if config.get("modules_to_save"):
-        raise AdapterFileError(f"{where}: modules_to_save={short(repr(config['modules_to_save']))}: "
-                               "the adapter "
-                               "carries full copies of whole modules, which lora-lite does not attach")
+    saved = config.get("modules_to_save")  # (trained heads: loaded by lora_lite.peft_params)
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(n, str) and n for n in saved)):
+        raise AdapterFileError(f"{where}: modules_to_save={short(repr(saved))} is not a list of "
+                               "module names")
     if config.get("bias") not in (None, "none"):
         raise AdapterFileError(f"{where}: bias={short(repr(config['bias']))}: the adapter trains "
                                "bias terms, "
@@ -199,6 +199,9 @@ def load_peft(model, path, revision=None, subfolder=None) -> dict:
     local = os.path.isdir(os.fspath(path))  # else a hub snapshot: links into the repo's blobs
     root = folder if local else hub_repo_root(folder, _checked_subfolder(path, subfolder))
     config, weights = read_peft_folder(folder, root)
+    if config.get("target_parameters") or config.get("modules_to_save"):  # lora_lite.peft_params
+        from .peft_params import load_peft_params
+        return load_peft_params(model, folder, config, weights)
     name, fields = variant_for(config, os.path.join(folder, CONFIG_FILE))
     if attached(model) is not None:
         raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "

@@ -68,6 +68,28 @@ class LoRA(ll.Variant):
         return W + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float()), None
 
     @staticmethod
+    def param_delta(view, cfg):
+        # parameter targets (fused MoE experts): A (E, r, d_in), B (E, d_out, r) -> (E, d_out, d_in)
+        return cfg.scale * (view.lora_B @ view.lora_A)
+
+    @staticmethod
+    def peft_param_state(view, cfg):
+        # PEFT's lora.ParamWrapper: lora_A (r·E, d_in) expert-major, lora_B (d_out, r·E) expert-minor
+        A, B = view.lora_A, view.lora_B                              # (E, r, d_in), (E, d_out, r)
+        E, r, _ = A.shape
+        return {"lora_A.weight": A.reshape(E * r, -1),
+                "lora_B.weight": B.permute(1, 2, 0).reshape(B.shape[1], r * E)}
+
+    @staticmethod
+    def load_peft_param_state(view, cfg, tensors):
+        E, r, d_in = view.lora_A.shape
+        d_out = view.lora_B.shape[1]
+        A = ll.peft_tensor(tensors, "lora_A.weight", (E * r, d_in)).reshape(E, r, d_in)
+        B = ll.peft_tensor(tensors, "lora_B.weight", (d_out, r * E)).reshape(d_out, r, E)
+        view.lora_A.copy_(A)
+        view.lora_B.copy_(B.permute(2, 0, 1))
+
+    @staticmethod
     def peft_config(cfg, target_names):
         return ll.peft_lora_config(target_names, cfg.r, cfg.alpha, use_rslora=cfg.use_rslora,
                                    **ll.peft_patterns(cfg, target_names))
