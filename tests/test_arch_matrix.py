@@ -18,12 +18,18 @@ from lora_lite.tiny_models import ARCHS
 from tiny_knobs import NOT_IDENTITY_AT_INIT, TINY_KNOBS
 
 VARIANTS = sorted(ll.variants())
+# Open defect (found when the parameter targets met the tiny GPT-OSS): OFT/BOFT on GPT-OSS's
+# transposed (E, in, out) expert parameters attach as the identity but their rotations get no
+# gradient. Strict, so the mark must go when it is fixed.
+OPEN_DEFECTS = {("gpt_oss", "oft"), ("gpt_oss", "boft")}
 
 
 @pytest.mark.parametrize("layers", [None, (0,)], ids=["all", "block0"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_cell(arch, variant, layers):
+def test_cell(arch, variant, layers, request):
+    if (arch, variant) in OPEN_DEFECTS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="no gradient on GPT-OSS experts"))
     m = run_cell(arch, variant, layers, TINY_KNOBS.get(variant))
     problems = cell_problems(m, layers)
     if variant in NOT_IDENTITY_AT_INIT:

@@ -89,21 +89,35 @@ def default_names(model, **kw):
     return [t.name for t in find_targets(model, ll.config("lora", r=2, **kw))]
 
 
-# PEFT's all-linear also wraps these models' fused routed experts (3-D parameters, not Linear):
-# parameter targets, the moe branch of issue 20. Strict: remove the mark once they are default.
-_PEFT_WRAPS_FUSED_EXPERTS = ("mixtral", "olmoe", "qwen3_moe")
-ALL_LINEAR_CASES = [pytest.param(a, marks=pytest.mark.xfail(strict=True, reason="fused experts"))
-                    if a in _PEFT_WRAPS_FUSED_EXPERTS else a for a in TRANSFORMERS_ARCHS]
+# PEFT's all-linear also wraps these models' fused routed experts (3-D parameters, not Linear) and
+# their router: lora-lite's defaults adapt the experts as parameter targets and leave the router
+# out by design (routing stays the base model's).
+_FUSED_EXPERT_ARCHS = ("mixtral", "olmoe", "qwen3_moe", "gpt_oss")
+_PEFT_WRAPS_EXPERTS = ("mixtral", "olmoe", "qwen3_moe")  # its all-linear leaves GPT-OSS's alone
+ALL_LINEAR_CASES = TRANSFORMERS_ARCHS
 
 
 @pytest.mark.parametrize("arch", ALL_LINEAR_CASES)
 def test_default_targets_are_peft_all_linear(arch):
-    """With no target_names: every nn.Linear / Conv1D but the output head, as PEFT's 'all-linear'."""
+    """With no target_names: every nn.Linear / Conv1D but the output head, as PEFT's 'all-linear';
+    on MoE models also the routed experts' module (through parameter targets), not the router."""
     from peft import LoraConfig, get_peft_model
-    ours = default_names(ARCHS[arch].build())
+
+    from lora_lite.param_targets import find_param_targets
+    model = ARCHS[arch].build()
+    ours = default_names(model)
+    experts = {t.module_name for t in find_param_targets(model, ll.config("lora"))}
     twin = get_peft_model(ARCHS[arch].build(), LoraConfig(r=2, target_modules="all-linear"))
     theirs = [n.removeprefix("base_model.model.") for n, m in twin.named_modules()
-              if hasattr(m, "lora_A") and not n.endswith(("lora_A", "lora_B"))]
+              if hasattr(m, "lora_A") and not n.endswith(("lora_A", "lora_B", ".base_layer"))]
+    if arch in _FUSED_EXPERT_ARCHS:
+        assert experts and (experts <= set(theirs)) == (arch in _PEFT_WRAPS_EXPERTS)
+        routers = {n for n in theirs if n.endswith((".mlp.gate", ".mlp.router"))}
+        assert not routers & set(ours)
+        theirs = [n for n in theirs if n not in routers]
+        ours = ours + sorted(experts & set(theirs))
+    else:
+        assert not experts
     assert sorted(ours) == sorted(theirs) and len(ours) >= 8
 
 

@@ -58,10 +58,15 @@ class ParamTarget:
 
 
 def expert_modules(model):
-    """(name, module) of every module holding fused expert weights: 3-D floating parameters."""
+    """(name, module) of every module holding fused expert weights: a module that says how many
+    experts it holds (``num_experts``, as transformers' MoE expert modules do) and has 3-D
+    floating parameters of that many experts. Other 3-D parameters (a Conv1d kernel, ViT's
+    position embeddings) are not experts."""
     for name, module in model.named_modules():
-        if name and any(p.dim() == 3 and p.is_floating_point()
-                        for p in module.parameters(recurse=False)):
+        experts = getattr(module, "num_experts", None)
+        if name and isinstance(experts, int) and experts > 1 and any(
+                p.dim() == 3 and p.is_floating_point() and p.shape[0] == experts
+                for p in module.parameters(recurse=False)):
             yield name, module
 
 
@@ -69,7 +74,8 @@ def default_expert_parameters(model) -> list[str]:
     """Full names of the routed experts' fused parameters (every 3-D floating parameter: the
     router's 2-D ``weight`` is never one)."""
     return [f"{n}.{p}" for n, m in expert_modules(model)
-            for p, t in m.named_parameters(recurse=False) if t.dim() == 3 and t.is_floating_point()]
+            for p, t in m.named_parameters(recurse=False)
+            if t.dim() == 3 and t.is_floating_point() and t.shape[0] == m.num_experts]
 
 
 def wanted_patterns(model, cfg) -> tuple:
