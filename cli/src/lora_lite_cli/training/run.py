@@ -166,8 +166,10 @@ class Run:
         tensors (meta loading replaces the meta tensors of ranks > 0 while wrapping)."""
         from transformers import get_scheduler
         s = self.s
+        fsdp1 = self.fsdp and not runtime.is_fsdp2(self.acc)
         if self.fsdp:
             self.metrics["loading"] = fsdp_mod.loading_figures(self.acc, self.model, self.meta)
+        if fsdp1:  # FSDP1 replaces the parameters while wrapping: AdamW gets the new ones
             (self.wrapped,) = runtime.prepare(self.acc, self.model)
             params = ll.trainable_parameters(self.model)
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -175,9 +177,9 @@ class Run:
         self.scheduler = get_scheduler(kind, optimizer, num_warmup_steps=s.warmup,
                                        num_training_steps=s.steps)
         self.probe = self.batches.whole(0)
-        if self.fsdp:
+        if fsdp1:
             (self.optimizer,) = runtime.prepare(self.acc, optimizer)
-        else:
+        else:  # DDP, one process, FSDP2 (accelerate maps AdamW onto the sharded DTensors)
             self.wrapped, self.optimizer = runtime.prepare(self.acc, self.model, optimizer)
         # DDP, FSDP, OptimizedModule (the whole model compiled, under FSDP), else the model
         self.metrics["trained_as"] = type(self.wrapped).__name__
@@ -186,7 +188,8 @@ class Run:
             self.metrics["compiled_regions"] = sum(isinstance(m, OptimizedModule)
                                                    for m in self.wrapped.modules())
         # what this rank holds: every parameter under DDP, about 1/N of them under FSDP
-        self.metrics["parameters_on_rank0"] = sum(p.numel() for p in self.wrapped.parameters())
+        self.metrics["parameters_on_rank0"] = sum(runtime.local_numel(p)
+                                                  for p in self.wrapped.parameters())
         if self.resume is None:
             state = TrainState()
             state.capture_rng()

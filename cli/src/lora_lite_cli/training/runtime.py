@@ -15,6 +15,8 @@ import time
 
 import torch
 
+import lora_lite as ll
+
 from .settings import Settings, TrainError
 
 
@@ -159,6 +161,8 @@ def cpu_fsdp_plugin():
     from accelerate.utils import FullyShardedDataParallelPlugin
     sync, meta = env_flag("FSDP_SYNC_MODULE_STATES"), env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
     saved = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
+    if os.environ.get("FSDP_VERSION", "1") == "2":  # FSDP2 has no sync_module_states
+        return FullyShardedDataParallelPlugin()
     plugin = FullyShardedDataParallelPlugin(sync_module_states=False,
                                             cpu_ram_efficient_loading=False)
     if saved is None:  # the plugin writes its value back into the environment
@@ -189,12 +193,20 @@ def fsdp_plugin(accelerator):
     return getattr(accelerator.state, "fsdp_plugin", None) if is_fsdp(accelerator) else None
 
 
+def is_fsdp2(accelerator) -> bool:
+    """FSDP2 (``fully_shard``, accelerate's ``fsdp_version: 2``): the layers keep their own
+    parameters, as DTensors sharded along dim 0 (the adapter's among them)."""
+    return getattr(fsdp_plugin(accelerator), "fsdp_version", 1) == 2
+
+
 def meta_loading(accelerator) -> bool:
     """FSDP with ``cpu_ram_efficient_loading``: only rank 0 reads the weights; the other ranks
     build the model on the meta device and receive rank 0's tensors when FSDP wraps it."""
     plugin = fsdp_plugin(accelerator)
-    return bool(plugin is not None and getattr(plugin, "cpu_ram_efficient_loading", False)
-                and getattr(plugin, "sync_module_states", False))
+    if plugin is None or not getattr(plugin, "cpu_ram_efficient_loading", False):
+        return False
+    # FSDP2: accelerate broadcasts rank 0's full state dict after fully_shard
+    return is_fsdp2(accelerator) or bool(getattr(plugin, "sync_module_states", False))
 
 
 @contextlib.contextmanager
@@ -223,7 +235,8 @@ def prepare(accelerator, *objects) -> tuple:
     with cpu_state_sync(accelerator):
         prepared = accelerator.prepare(*objects)
     accelerator.state.distributed_type = kind
-    return prepared if isinstance(prepared, tuple) else (prepared,)
+    # a tuple, or under FSDP2 a list (accelerate 1.16's _prepare_fsdp2)
+    return tuple(prepared) if isinstance(prepared, (tuple, list)) else (prepared,)
 
 
 def refuse_unsupported(accelerator) -> None:
@@ -237,10 +250,7 @@ def refuse_unsupported(accelerator) -> None:
                          "as shards); launch with torchrun, `accelerate launch --multi_gpu` "
                          "(DDP) or `accelerate launch --use_fsdp --fsdp_use_orig_params true`")
     plugin = fsdp_plugin(accelerator)
-    if getattr(plugin, "fsdp_version", 1) == 2:
-        raise TrainError("FSDP2 (fsdp_version 2) is not supported by lora-lite train yet: launch "
-                         "with --fsdp_version 1 --fsdp_use_orig_params true")
-    if not getattr(plugin, "use_orig_params", True):
+    if getattr(plugin, "fsdp_version", 1) == 1 and not getattr(plugin, "use_orig_params", True):
         raise TrainError("FSDP needs use_orig_params (the base is frozen, the adapter is not): "
                          "set fsdp_use_orig_params: true in the accelerate config or pass "
                          "--fsdp_use_orig_params true")
@@ -259,9 +269,10 @@ def clip_grad_norm(accelerator, wrapped, params, max_norm: float) -> torch.Tenso
     own (measured: a first gradient norm of 1.212 against one process's 1.217 once adapter
     tensors lay in rank 1's half of the shards). FSDP's ``clip_grad_norm_`` reduces over the
     ranks; the frozen base has no gradients, so the norm is the adapter's."""
-    if is_fsdp(accelerator):
+    if is_fsdp(accelerator) and not is_fsdp2(accelerator):
         accelerator.unscale_gradients()
         return fsdp_root(wrapped).clip_grad_norm_(max_norm)
+    # FSDP2: accelerate's DTensor-aware clipping reduces the shards' norms over the ranks
     return accelerator.clip_grad_norm_(params, max_norm)
 
 
@@ -279,8 +290,38 @@ def full_params(accelerator, wrapped, recurse: bool = True):
     theirs in their forward. Without FSDP: nothing to do."""
     if not is_fsdp(accelerator):
         return contextlib.nullcontext()
+    if is_fsdp2(accelerator):
+        # the layers gather their own base tensors in their forward
+        return full_adapter(fsdp_root(wrapped)) if recurse else contextlib.nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     return FSDP.summon_full_params(fsdp_root(wrapped), recurse=recurse, writeback=False)
+
+
+@contextlib.contextmanager
+def full_adapter(model):
+    """FSDP2: the adapter's DTensor shards replaced, on their layers, by the whole tensors
+    (``DTensor.full_tensor()``: every rank must enter), so ``ll.adapter_tensors``/``ll.save``
+    read plain tensors; the shards are put back after. FSDP2's state-dict hook re-shards only
+    an unsharded layer, so a layer between steps keeps what is set here."""
+    from torch.distributed.tensor import DTensor
+    state, swapped = ll.attached(model), []
+    for target in state.targets:
+        for name in state.tensor_names[target.name]:
+            shard = target.layer._parameters.get(name)
+            if isinstance(shard, DTensor):
+                whole = torch.nn.Parameter(shard.full_tensor(), requires_grad=shard.requires_grad)
+                target.layer._parameters[name] = whole
+                swapped.append((target.layer, name, shard))
+    try:
+        yield
+    finally:
+        for layer, name, shard in reversed(swapped):
+            layer._parameters[name] = shard
+
+
+def local_numel(tensor) -> int:
+    """Elements this rank holds: an FSDP2 DTensor's local shard, else the tensor."""
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).numel()
 
 
 def finish(accelerator) -> None:
