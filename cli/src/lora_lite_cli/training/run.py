@@ -27,7 +27,8 @@ from ..models import describe, load_model
 from . import fsdp as fsdp_mod
 from . import runtime
 from .batching import Batches, count_supervised, encode, loss_sum, model_inputs
-from .checkpoints import CHECKPOINT_DIR, read_shard, save_checkpoint, save_shard
+from .checkpoints import (CHECKPOINT_DIR, PORTABLE, load_portable_optimizer_state,
+                          portable_optimizer_state, read_shard, save_checkpoint, save_shard)
 from .loop import Outcome, Trainer, TrainState, adapter_snapshot
 from .reporting import Reporter, eval_summary, train_metrics, write_json, write_run_files
 from .settings import Settings, TrainError, build_config
@@ -199,7 +200,11 @@ class Run:
         saved = self.resume[1]
         if saved.get("optimizer_shards"):  # this rank's shard (checked: same world size)
             saved = {**saved, **read_shard(self.resume[0], self.acc.process_index)}
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("optimizer_format") == PORTABLE:
+            load_portable_optimizer_state(self.optimizer, ll.adapter_tensors(self.model),
+                                          saved["optimizer"])
+        else:  # an older checkpoint: indices of this run's parameters
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.acc.scaler is not None and saved.get("scaler"):
             self.acc.scaler.load_state_dict(saved["scaler"])
@@ -236,7 +241,11 @@ class Run:
     def checkpoint(self, state: TrainState, base_eval) -> RunResult:
         s, out_dir = self.s, self.s.output
         folder = os.path.join(out_dir, CHECKPOINT_DIR)
-        if self.fsdp:  # every rank's optimizer shard first: trainer.pt marks a whole checkpoint
+        fsdp1 = self.fsdp and not runtime.is_fsdp2(self.acc)
+        optimizer = None  # FSDP1: every rank's shard first (trainer.pt marks a whole checkpoint)
+        if not fsdp1:  # whole tensors by name, whatever the processes (every rank gathers)
+            optimizer = portable_optimizer_state(self.optimizer, ll.adapter_tensors(self.model))
+        else:
             torch_rng, python_rng = state.rng
             save_shard(folder, self.acc.process_index, {
                 "optimizer": self.optimizer.state_dict(), "torch_rng": torch_rng,
@@ -244,19 +253,20 @@ class Run:
             self.acc.wait_for_everyone()
         with runtime.full_params(self.acc, self.wrapped):
             if self.acc.is_main_process:
-                self._write_checkpoint(folder, state, base_eval)
+                self._write_checkpoint(folder, state, base_eval, optimizer)
         self.acc.wait_for_everyone()
         return RunResult("interrupted", out_dir, self.metrics,
                          f"interrupted at step {state.step}/{s.steps}: checkpoint saved to "
                          f"{folder}; resume with: lora-lite train --resume {folder}")
 
-    def _write_checkpoint(self, folder, state: TrainState, base_eval) -> None:
+    def _write_checkpoint(self, folder, state: TrainState, base_eval, optimizer) -> None:
         s, out_dir = self.s, self.s.output
         torch_rng, python_rng = state.rng
         save_checkpoint(folder, self.model, {
-            "optimizer_shards": self.acc.num_processes if self.fsdp else 0,
-            "step": state.step, "settings": s.to_dict(),
-            "optimizer": None if self.fsdp else self.optimizer.state_dict(),
+            "optimizer_shards": 0 if optimizer is not None else self.acc.num_processes,
+            "optimizer_format": PORTABLE if optimizer is not None else "shards",
+            "world_size": self.acc.num_processes,
+            "step": state.step, "settings": s.to_dict(), "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
             "torch_rng": torch_rng, "python_rng": python_rng, "losses": state.losses,
