@@ -68,7 +68,8 @@ class Run:
         # under FSDP the model stays on the CPU until FSDP moves each shard to the device
         where = "cpu" if self.fsdp and not s.quantize else str(acc.device)
         self.model, self.tokenizer = load_model(s.model, s.dtype, s.quantize, where,
-                                                empty=self.meta and not acc.is_main_process)
+                                                empty=self.meta and not acc.is_main_process,
+                                                quant_storage=self.fsdp)
         self.times["load_model_s"] = time.perf_counter() - t0
         encoded, skipped = encode(self.tokenizer, self.train_src.examples, s.seq_len)
         self.batches = Batches(encoded, s.batch_size, self.tokenizer.pad_token_id, acc.device,

@@ -99,9 +99,7 @@ def make_accelerator(s: Settings):
                          "loss scaler); on CPU use --mixed-precision bf16")
     wants_fsdp = fsdp_wanted()
     if s.quantize and wants_fsdp:
-        raise TrainError(f"--quantize {s.quantize} under FSDP is not supported (FSDP cannot shard "
-                         "bitsandbytes' packed integer weights); train the quantized base with "
-                         "DDP (torchrun, or accelerate launch --multi_gpu), or FSDP without --quantize")
+        refuse_quantized_fsdp(s.quantize)
     if launched_processes() > 1 and s.batch_size < launched_processes():
         raise TrainError(f"--batch-size {s.batch_size} is smaller than the "
                          f"{launched_processes()} processes")
@@ -121,6 +119,24 @@ def make_accelerator(s: Settings):
         fsdp_on_cpu(accelerator, plugin)
     refuse_unsupported(accelerator)
     return accelerator
+
+
+def refuse_quantized_fsdp(quantize: str) -> None:
+    """QLoRA under FSDP: a 4bit base whose packed weights live in float tensors
+    (bnb_4bit_quant_storage, set by ``models.load_model`` under FSDP) is sharded by FSDP2 like
+    the float weights. Refused in one line: 8bit (its int8 weights cannot be sharded), FSDP1
+    (use FSDP2) and meta-device loading (a quantized base is read by every rank)."""
+    why = None
+    if quantize != "4bit":
+        why = f"--quantize {quantize} under FSDP is not supported (its int8 weights cannot be sharded)"
+    elif os.environ.get("FSDP_VERSION", "1") != "2":
+        why = "--quantize 4bit under FSDP needs FSDP2 (launch with --fsdp_version 2)"
+    elif env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        why = ("--quantize 4bit under FSDP needs every rank to read the weights (launch with "
+               "--fsdp_cpu_ram_efficient_loading false)")
+    if why:
+        raise TrainError(f"{why}; or train the quantized base with DDP (torchrun, or accelerate "
+                         "launch --multi_gpu)")
 
 
 def dynamo_plugin(compile_model: bool, regional: bool = True):
