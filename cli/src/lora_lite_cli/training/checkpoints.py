@@ -109,20 +109,27 @@ def load_portable_optimizer_state(optimizer, named: dict, saved: dict) -> None:
     """Load ``portable_optimizer_state``'s dict: each whole tensor sharded like its parameter
     (FSDP2) or as it is."""
     order = parameter_names(optimizer, named)
-    if sorted(saved["state"]) != sorted(n for n in order if n in saved["state"]) or \
-            [n for g in saved["param_groups"] for n in g["params"]] != order:
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups) or any(
+            sorted(g["params"]) != sorted(parameter_names(mine, named))
+            for g, mine in zip(groups, optimizer.param_groups)) or not set(saved["state"]) <= set(order):
         raise TrainError("--resume: the checkpoint's optimizer state names other adapter tensors "
                          "than this run trains; start a new run from its " + ADAPTER_FILE)
     position = {n: i for i, n in enumerate(order)}
     state = {position[n]: {k: like(v, named[n]) for k, v in moments.items()}
              for n, moments in saved["state"].items()}
-    groups = [{**g, "params": [position[n] for n in g["params"]]} for g in saved["param_groups"]]
+    # torch pairs the saved groups' ids with this optimizer's parameters in order: this order
+    groups = [{**g, "params": [position[n] for n in parameter_names(mine, named)]}
+              for g, mine in zip(groups, optimizer.param_groups)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def parameter_names(optimizer, named: dict) -> list:
+def parameter_names(optimizer_or_group, named: dict) -> list:
+    """The names of the parameters an optimizer (or one of its param groups) holds, in order."""
     names = {id(p): n for n, p in named.items()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = optimizer_or_group.param_groups if hasattr(optimizer_or_group, "param_groups") \
+        else [optimizer_or_group]
+    return [names[id(p)] for g in groups for p in g["params"]]
 
 
 def whole(value):
