@@ -694,6 +694,12 @@ def test_sharded_engines_are_refused_up_front():
         runtime.refuse_unsupported(Fake())
     Fake.state.fsdp_plugin.use_orig_params = True
     runtime.refuse_unsupported(Fake())  # FSDP with use_orig_params is fine
+    Fake.state.fsdp_plugin = type("Plugin", (), {"fsdp_version": 2, "use_orig_params": None,
+                                                 "cpu_ram_efficient_loading": True})
+    with pytest.raises(training.TrainError, match="--fsdp_cpu_ram_efficient_loading false"):
+        runtime.refuse_unsupported(Fake())  # FSDP2 meta loading hung on CPU
+    Fake.state.fsdp_plugin.cpu_ram_efficient_loading = False
+    runtime.refuse_unsupported(Fake())  # FSDP2 (no use_orig_params) is fine
     Fake.distributed_type = "DistributedType.MULTI_CPU"
     runtime.refuse_unsupported(Fake())  # DDP is fine
 

@@ -266,6 +266,11 @@ def refuse_unsupported(accelerator) -> None:
                          "as shards); launch with torchrun, `accelerate launch --multi_gpu` "
                          "(DDP) or `accelerate launch --use_fsdp --fsdp_use_orig_params true`")
     plugin = fsdp_plugin(accelerator)
+    if getattr(plugin, "fsdp_version", 1) == 2 and getattr(plugin, "cpu_ram_efficient_loading", False):
+        # measured: 2 CPU processes (gloo) hung while loading, accelerate 1.16 / torch 2.13
+        raise TrainError("FSDP2 with fsdp_cpu_ram_efficient_loading is not supported by lora-lite "
+                         "train yet: launch with --fsdp_cpu_ram_efficient_loading false (every "
+                         "rank reads the weights), or FSDP1 (--fsdp_version 1) for meta loading")
     if getattr(plugin, "fsdp_version", 1) == 1 and not getattr(plugin, "use_orig_params", True):
         raise TrainError("FSDP needs use_orig_params (the base is frozen, the adapter is not): "
                          "set fsdp_use_orig_params: true in the accelerate config or pass "
