@@ -17,7 +17,9 @@ import torch
 
 import lora_lite as ll
 
+from . import shims
 from .settings import Settings, TrainError
+from .shims import cpu_fsdp_plugin  # noqa: F401  (tests, older imports)
 
 
 # torch.compile backend for --compile: inductor, or what LORA_LITE_COMPILE_BACKEND names (one
@@ -104,19 +106,15 @@ def make_accelerator(s: Settings):
         raise TrainError(f"--batch-size {s.batch_size} is smaller than the "
                          f"{launched_processes()} processes")
     if launched_processes() == 1:
-        # one process, maybe several runs (tests, notebooks): accelerate keeps its settings in
-        # process-wide singletons, so a run with other --mixed-precision starts them afresh
-        from accelerate.state import AcceleratorState, GradientState
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    plugin = cpu_fsdp_plugin() if on_cpu and wants_fsdp else None
+        shims.reset_accelerate_state()
+    plugin = shims.cpu_fsdp_plugin() if on_cpu and wants_fsdp else None
     # the scheduler steps once per optimizer step whatever the number of processes (the
     # global batch does not grow with them)
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=s.mixed_precision,
                               dynamo_plugin=dynamo_plugin(s.compile, regional=not wants_fsdp),
                               step_scheduler_with_optimizer=False, fsdp_plugin=plugin)
     if plugin is not None:
-        fsdp_on_cpu(accelerator, plugin)
+        shims.fsdp_on_cpu(accelerator, plugin)
     refuse_unsupported(accelerator)
     return accelerator
 
@@ -166,45 +164,6 @@ def fsdp_wanted() -> bool:
     return env_flag("ACCELERATE_USE_FSDP")
 
 
-def cpu_fsdp_plugin():
-    """accelerate's FSDP plugin for CPU processes, with the launcher's settings.
-
-    accelerate's plugin refuses ``sync_module_states`` (and so ``cpu_ram_efficient_loading``,
-    which needs it) without an accelerator device, only because it builds its ``param_init_fn``
-    (``to_empty`` onto the meta modules) for that device. Here the plugin is built with both off
-    and then given them with ``to_empty`` onto the CPU; torch's own CPU refusal is lifted for
-    the wrapping only (``cpu_state_sync``): gloo broadcasts CPU tensors."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    sync, meta = env_flag("FSDP_SYNC_MODULE_STATES"), env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
-    saved = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
-    if os.environ.get("FSDP_VERSION", "1") == "2":  # FSDP2 has no sync_module_states
-        return FullyShardedDataParallelPlugin()
-    plugin = FullyShardedDataParallelPlugin(sync_module_states=False,
-                                            cpu_ram_efficient_loading=False)
-    if saved is None:  # the plugin writes its value back into the environment
-        os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
-    else:
-        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = saved
-    plugin.cpu_ram_efficient_loading = meta
-    plugin.sync_module_states = sync or meta  # meta loading needs rank 0's states broadcast
-    if plugin.sync_module_states:
-        cpu = torch.device("cpu")
-        plugin.param_init_fn = lambda module: module.to_empty(device=cpu, recurse=False)
-    return plugin
-
-
-def fsdp_on_cpu(accelerator, plugin) -> None:
-    """``accelerate launch --use_fsdp`` on CPU processes: accelerate only turns FSDP on for
-    accelerator devices and would silently run DDP; torch's FSDP works on CPU with gloo, so the
-    state is switched to FSDP with the launcher's plugin settings (``prepare`` then wraps the
-    model in FSDP on the CPU)."""
-    from accelerate.utils import DistributedType
-    if accelerator.state.distributed_type == DistributedType.MULTI_CPU:
-        accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = plugin
-        accelerator.state.device = torch.device("cpu")  # FSDP compares it with the params' "cpu"
-
-
 def fsdp_plugin(accelerator):
     return getattr(accelerator.state, "fsdp_plugin", None) if is_fsdp(accelerator) else None
 
@@ -225,32 +184,12 @@ def meta_loading(accelerator) -> bool:
     return is_fsdp2(accelerator) or bool(getattr(plugin, "sync_module_states", False))
 
 
-@contextlib.contextmanager
-def cpu_state_sync(accelerator):
-    """While FSDP wraps a CPU model with ``sync_module_states``: torch refuses CPU tensors there
-    through one check (``_check_module_states_for_sync_module_states``) although gloo
-    broadcasts them; the check is skipped for the wrapping only. Elsewhere: nothing."""
-    plugin = fsdp_plugin(accelerator)
-    if plugin is None or not plugin.sync_module_states or accelerator.device.type != "cpu":
-        yield
-        return
-    from torch.distributed.fsdp import _init_utils
-    original = _init_utils._check_module_states_for_sync_module_states
-    _init_utils._check_module_states_for_sync_module_states = lambda module_states: None
-    try:
-        yield
-    finally:
-        _init_utils._check_module_states_for_sync_module_states = original
-
-
 def prepare(accelerator, *objects) -> tuple:
     """``accelerator.prepare`` that keeps the FSDP state ``fsdp_on_cpu`` set (accelerate
     re-derives MULTI_CPU from the CPU while preparing; left so, it would clip the gradient norm
     of each rank's shard alone). Always a tuple."""
-    kind = accelerator.state.distributed_type
-    with cpu_state_sync(accelerator):
+    with shims.cpu_state_sync(accelerator), shims.keep_distributed_type(accelerator):
         prepared = accelerator.prepare(*objects)
-    accelerator.state.distributed_type = kind
     # a tuple, or under FSDP2 a list (accelerate 1.16's _prepare_fsdp2)
     return tuple(prepared) if isinstance(prepared, (tuple, list)) else (prepared,)
 
@@ -291,8 +230,7 @@ def clip_grad_norm(accelerator, wrapped, params, max_norm: float) -> torch.Tenso
     tensors lay in rank 1's half of the shards). FSDP's ``clip_grad_norm_`` reduces over the
     ranks; the frozen base has no gradients, so the norm is the adapter's."""
     if is_fsdp(accelerator) and not is_fsdp2(accelerator):
-        accelerator.unscale_gradients()
-        return fsdp_root(wrapped).clip_grad_norm_(max_norm)
+        return shims.fsdp1_clip_grad_norm(accelerator, fsdp_root(wrapped), max_norm)
     # FSDP2: accelerate's DTensor-aware clipping reduces the shards' norms over the ranks
     return accelerator.clip_grad_norm_(params, max_norm)
 
