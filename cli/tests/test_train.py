@@ -611,6 +611,7 @@ def test_fsdp2_matches_one_process(fsdp2_run, fsdp_reference):
     ref_out, ref = fsdp_reference
     assert m["status"] == "completed" and m["world_size"] == 2 and m["distributed"] == "FSDP"
     assert m["trained_as"] == "FSDPLlamaForCausalLM"  # fully_shard shards in place
+    assert m["fsdp"]["fsdp_version"] == 2
     assert m["parameters_on_rank0"] <= 0.6 * m["model"]["parameters"]  # the base is sharded
     assert m["train"]["losses"] == pytest.approx(ref["train"]["losses"], rel=1e-5)
     assert m["sanity"]["first_grad_norm"] == pytest.approx(ref["sanity"]["first_grad_norm"], rel=1e-5)

@@ -98,7 +98,8 @@ class Run:
         plugin = runtime.fsdp_plugin(self.acc)
         if plugin is None:
             return None
-        return {"sync_module_states": bool(plugin.sync_module_states),
+        return {"fsdp_version": getattr(plugin, "fsdp_version", 1),
+                "sync_module_states": bool(plugin.sync_module_states),
                 "cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
                 "sharding_strategy": str(plugin.sharding_strategy).split(".")[-1]}
 

@@ -4,7 +4,9 @@
 launcher's environment, so the same command runs as one process, under ``torchrun
 --nproc_per_node N`` or under ``accelerate launch --num_processes N`` (gloo on CPU, nccl on
 CUDA): accelerate sets up the process group, wraps the model in DDP, autocasts the forward for
-``--mixed-precision`` (with a loss scaler for fp16) and compiles it for ``--compile``.
+``--mixed-precision`` (with a loss scaler for fp16) and compiles it for ``--compile``. Under
+``accelerate launch --use_fsdp`` the model is sharded: FSDP2 (``fsdp_version: 2``, the
+documented path) or FSDP1. Workarounds for the installed accelerate/torch are in ``shims``.
 """
 from __future__ import annotations
 
@@ -196,7 +198,7 @@ def prepare(accelerator, *objects) -> tuple:
 
 def refuse_unsupported(accelerator) -> None:
     """DeepSpeed and Megatron would hand ``ll.save`` shards of the adapter: refused up front.
-    FSDP is supported with ``use_orig_params`` (the frozen base and the trainable adapter share
+    FSDP2 is supported (not yet with meta loading); FSDP1 with ``use_orig_params`` (the frozen base and the trainable adapter share
     flat parameters; without it FSDP refuses mixed requires_grad and the optimizer would see
     flat shards instead of the adapter tensors)."""
     kind = str(accelerator.distributed_type).split(".")[-1]
