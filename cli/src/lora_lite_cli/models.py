@@ -77,12 +77,13 @@ def torch_dtype(dtype):
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None = None,
-               device: str = "cpu", empty: bool = False):
+               device: str = "cpu", empty: bool = False, quant_storage: bool = False):
     """(model, tokenizer) in eval mode. name: 'smollm2' (embedded), a .gguf file, a local
     folder or a hub id. The model's ``config._name_or_path`` is set to ``name`` so adapter files
     record a name that loads again. ``empty``: the architecture only, every tensor on the meta
     device (no weights read; FSDP's ranks > 0 under cpu_ram_efficient_loading, which get rank
-    0's tensors when FSDP wraps the model)."""
+    0's tensors when FSDP wraps the model). ``quant_storage``: 4bit weights packed into tensors
+    of ``dtype`` (bnb_4bit_quant_storage), which FSDP can shard like the float weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -104,7 +105,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None 
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kwargs)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
-                    path, dtype=dt, quantization_config=bnb_config(quantize, dt),
+                    path, dtype=dt, quantization_config=bnb_config(quantize, dt, quant_storage),
                     device_map={"": device})
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -139,11 +140,12 @@ def empty_model(path, dtype, kwargs):
     return model
 
 
-def bnb_config(quantize: str, compute_dtype):
+def bnb_config(quantize: str, compute_dtype, quant_storage: bool = False):
     from transformers import BitsAndBytesConfig
-    if quantize == "4bit":
+    if quantize == "4bit":  # quant_storage: the packed bytes in float tensors (FSDP shards them)
+        storage = {"bnb_4bit_quant_storage": compute_dtype} if quant_storage else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **storage)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 

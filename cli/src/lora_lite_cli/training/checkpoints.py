@@ -6,11 +6,13 @@ the scheduler and loss scaler after step N, and the RNG states taken at the *sta
 does. ``trainer.pt`` is written to a temporary file and renamed, so a checkpoint is never half
 written; the adapter file goes the same way through ``ll.save``.
 
-Under FSDP each rank's optimizer holds the AdamW state of its shard of the adapter only: every
-rank writes its own ``optimizer.rank{N}.pt`` (with its RNG states) before rank 0 writes
-``trainer.pt`` (which then records ``optimizer_shards = N processes``), and such a checkpoint
-resumes only under FSDP with the same number of processes (and the same FSDP settings, which
-decide the shards).
+The optimizer state is portable (``optimizer_format: portable``): whole tensors keyed by adapter
+tensor name, gathered from FSDP2's DTensor shards (the adapter and its AdamW moments are small),
+so a checkpoint written by N processes resumes with any number, under FSDP2, DDP or in one
+process. FSDP1 (flattened shards) keeps the older layout: every rank writes its own
+``optimizer.rank{N}.pt`` (with its RNG states) before rank 0 writes ``trainer.pt`` (which then
+records ``optimizer_shards = N processes``), and such a checkpoint resumes only under FSDP1 with
+the same number of processes and FSDP settings.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer.pt"
 ADAPTER_FILE = "adapter.safetensors"
 SHARD_FILE = "optimizer.rank{}.pt"
+PORTABLE = "portable"  # optimizer_format: whole tensors by adapter tensor name
 REQUIRED = ("step", "settings", "optimizer", "scheduler", "torch_rng", "python_rng", "losses",
             "lrs", "sanity", "adapter_before", "probe_before")
 
@@ -74,6 +77,13 @@ def check_shards(path: str, folder: str, state: dict, fsdp: bool, processes: int
     """A checkpoint with sharded optimizer state resumes only as it was written: under FSDP,
     with the same number of processes, every shard file present. One line otherwise."""
     shards = state.get("optimizer_shards")
+    if state.get("optimizer_format") == PORTABLE:
+        if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+            raise TrainError(f"--resume {path!r}: this checkpoint holds a portable optimizer "
+                             "state (whole tensors by name), which FSDP1's flattened shards "
+                             "cannot take; resume it under FSDP2 (--fsdp_version 2), DDP or one "
+                             "process")
+        return
     if state.get("sharded_optimizer") and not shards:
         raise TrainError(f"--resume {path!r}: this checkpoint comes from an FSDP run of an older "
                          "lora-lite that kept only rank 0's optimizer shard; its "
@@ -96,6 +106,61 @@ def check_shards(path: str, folder: str, state: dict, fsdp: bool, processes: int
         raise TrainError(f"--resume {path!r}: the checkpoint lacks {', '.join(missing)} (every "
                          "rank writes its optimizer shard); start a new run from its "
                          f"{ADAPTER_FILE}")
+
+
+def portable_optimizer_state(optimizer, named: dict) -> dict:
+    """The optimizer's state with whole tensors, keyed by adapter tensor name (``named``: name
+    -> the parameter the optimizer holds): the same file whatever the number of processes, so
+    any number resumes it. FSDP2's DTensor moments are gathered (every rank must call it)."""
+    order = parameter_names(optimizer, named)
+    saved = optimizer.state_dict()
+    state = {order[i]: {k: whole(v) for k, v in moments.items()}
+             for i, moments in saved["state"].items()}
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_portable_optimizer_state(optimizer, named: dict, saved: dict) -> None:
+    """Load ``portable_optimizer_state``'s dict: each whole tensor sharded like its parameter
+    (FSDP2) or as it is."""
+    order = parameter_names(optimizer, named)
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups) or any(
+            sorted(g["params"]) != sorted(parameter_names(mine, named))
+            for g, mine in zip(groups, optimizer.param_groups)) or not set(saved["state"]) <= set(order):
+        raise TrainError("--resume: the checkpoint's optimizer state names other adapter tensors "
+                         "than this run trains; start a new run from its " + ADAPTER_FILE)
+    position = {n: i for i, n in enumerate(order)}
+    state = {position[n]: {k: like(v, named[n]) for k, v in moments.items()}
+             for n, moments in saved["state"].items()}
+    # torch pairs the saved groups' ids with this optimizer's parameters in order: this order
+    groups = [{**g, "params": [position[n] for n in parameter_names(mine, named)]}
+              for g, mine in zip(groups, optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def parameter_names(optimizer_or_group, named: dict) -> list:
+    """The names of the parameters an optimizer (or one of its param groups) holds, in order."""
+    names = {id(p): n for n, p in named.items()}
+    groups = optimizer_or_group.param_groups if hasattr(optimizer_or_group, "param_groups") \
+        else [optimizer_or_group]
+    return [names[id(p)] for g in groups for p in g["params"]]
+
+
+def whole(value):
+    if hasattr(value, "full_tensor"):  # a DTensor shard (FSDP2)
+        value = value.full_tensor()
+    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+
+
+def like(value, param):
+    """``value`` (whole) placed as ``param`` is: this rank's shard of it for a DTensor."""
+    if hasattr(param, "device_mesh") and isinstance(value, torch.Tensor) \
+            and value.shape == param.shape:
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(value.to(param.to_local().device), param.device_mesh,
+                                 param.placements, src_data_rank=None)
+    return value
 
 
 def checkpoint_folder(path: str) -> str:

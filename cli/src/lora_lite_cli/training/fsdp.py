@@ -8,7 +8,8 @@ tensors), and FSDP's ``sync_module_states`` broadcasts rank 0's parameters and b
 (adapter tensors included: rank 0's init, weight-reading ones such as an SVD too, is what every
 rank trains) when it wraps the model, materialising each shard where it belongs. A variant
 that runs the model on data at attach (calibration) cannot do that on meta and is refused up
-front (``--quantize`` is refused under any FSDP, in ``runtime.make_accelerator``).
+front (``--quantize`` with meta loading is refused in ``runtime.refuse_quantized_fsdp``; FSDP2
+does not load on meta here: ``runtime.refuse_unsupported``).
 """
 from __future__ import annotations
 

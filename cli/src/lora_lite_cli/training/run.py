@@ -27,7 +27,8 @@ from ..models import describe, load_model
 from . import fsdp as fsdp_mod
 from . import runtime
 from .batching import Batches, count_supervised, encode, loss_sum, model_inputs, pack
-from .checkpoints import CHECKPOINT_DIR, read_shard, save_checkpoint, save_shard
+from .checkpoints import (CHECKPOINT_DIR, PORTABLE, load_portable_optimizer_state,
+                          portable_optimizer_state, read_shard, save_checkpoint, save_shard)
 from .loop import Outcome, Trainer, TrainState, adapter_snapshot
 from .reporting import Reporter, eval_summary, train_metrics, write_json, write_run_files
 from .settings import Settings, TrainError, build_config
@@ -69,7 +70,8 @@ class Run:
         # under FSDP the model stays on the CPU until FSDP moves each shard to the device
         where = "cpu" if self.fsdp and not s.quantize else str(acc.device)
         self.model, self.tokenizer = load_model(s.model, s.dtype, s.quantize, where,
-                                                empty=self.meta and not acc.is_main_process)
+                                                empty=self.meta and not acc.is_main_process,
+                                                quant_storage=self.fsdp)
         self.times["load_model_s"] = time.perf_counter() - t0
         encoded, skipped = encode(self.tokenizer, self.train_src.examples, s.seq_len, s.loss_on)
         if s.pack:
@@ -103,7 +105,8 @@ class Run:
         plugin = runtime.fsdp_plugin(self.acc)
         if plugin is None:
             return None
-        return {"sync_module_states": bool(plugin.sync_module_states),
+        return {"fsdp_version": getattr(plugin, "fsdp_version", 1),
+                "sync_module_states": bool(plugin.sync_module_states),
                 "cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
                 "sharding_strategy": str(plugin.sharding_strategy).split(".")[-1]}
 
@@ -178,8 +181,10 @@ class Run:
         tensors (meta loading replaces the meta tensors of ranks > 0 while wrapping)."""
         from transformers import get_scheduler
         s = self.s
+        fsdp1 = self.fsdp and not runtime.is_fsdp2(self.acc)
         if self.fsdp:
             self.metrics["loading"] = fsdp_mod.loading_figures(self.acc, self.model, self.meta)
+        if fsdp1:  # FSDP1 replaces the parameters while wrapping: AdamW gets the new ones
             (self.wrapped,) = runtime.prepare(self.acc, self.model)
             params = ll.trainable_parameters(self.model)
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -187,9 +192,9 @@ class Run:
         self.scheduler = get_scheduler(kind, optimizer, num_warmup_steps=s.warmup,
                                        num_training_steps=s.steps)
         self.probe = self.batches.whole(0)
-        if self.fsdp:
+        if fsdp1:
             (self.optimizer,) = runtime.prepare(self.acc, optimizer)
-        else:
+        else:  # DDP, one process, FSDP2 (accelerate maps AdamW onto the sharded DTensors)
             self.wrapped, self.optimizer = runtime.prepare(self.acc, self.model, optimizer)
         # DDP, FSDP, OptimizedModule (the whole model compiled, under FSDP), else the model
         self.metrics["trained_as"] = type(self.wrapped).__name__
@@ -198,7 +203,8 @@ class Run:
             self.metrics["compiled_regions"] = sum(isinstance(m, OptimizedModule)
                                                    for m in self.wrapped.modules())
         # what this rank holds: every parameter under DDP, about 1/N of them under FSDP
-        self.metrics["parameters_on_rank0"] = sum(p.numel() for p in self.wrapped.parameters())
+        self.metrics["parameters_on_rank0"] = sum(runtime.local_numel(p)
+                                                  for p in self.wrapped.parameters())
         if self.resume is None:
             state = TrainState()
             state.capture_rng()
@@ -208,7 +214,11 @@ class Run:
         saved = self.resume[1]
         if saved.get("optimizer_shards"):  # this rank's shard (checked: same world size)
             saved = {**saved, **read_shard(self.resume[0], self.acc.process_index)}
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("optimizer_format") == PORTABLE:
+            load_portable_optimizer_state(self.optimizer, ll.adapter_tensors(self.model),
+                                          saved["optimizer"])
+        else:  # an older checkpoint: indices of this run's parameters
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.acc.scaler is not None and saved.get("scaler"):
             self.acc.scaler.load_state_dict(saved["scaler"])
@@ -245,7 +255,11 @@ class Run:
     def checkpoint(self, state: TrainState, base_eval) -> RunResult:
         s, out_dir = self.s, self.s.output
         folder = os.path.join(out_dir, CHECKPOINT_DIR)
-        if self.fsdp:  # every rank's optimizer shard first: trainer.pt marks a whole checkpoint
+        fsdp1 = self.fsdp and not runtime.is_fsdp2(self.acc)
+        optimizer = None  # FSDP1: every rank's shard first (trainer.pt marks a whole checkpoint)
+        if not fsdp1:  # whole tensors by name, whatever the processes (every rank gathers)
+            optimizer = portable_optimizer_state(self.optimizer, ll.adapter_tensors(self.model))
+        else:
             torch_rng, python_rng = state.rng
             save_shard(folder, self.acc.process_index, {
                 "optimizer": self.optimizer.state_dict(), "torch_rng": torch_rng,
@@ -253,19 +267,20 @@ class Run:
             self.acc.wait_for_everyone()
         with runtime.full_params(self.acc, self.wrapped):
             if self.acc.is_main_process:
-                self._write_checkpoint(folder, state, base_eval)
+                self._write_checkpoint(folder, state, base_eval, optimizer)
         self.acc.wait_for_everyone()
         return RunResult("interrupted", out_dir, self.metrics,
                          f"interrupted at step {state.step}/{s.steps}: checkpoint saved to "
                          f"{folder}; resume with: lora-lite train --resume {folder}")
 
-    def _write_checkpoint(self, folder, state: TrainState, base_eval) -> None:
+    def _write_checkpoint(self, folder, state: TrainState, base_eval, optimizer) -> None:
         s, out_dir = self.s, self.s.output
         torch_rng, python_rng = state.rng
         save_checkpoint(folder, self.model, {
-            "optimizer_shards": self.acc.num_processes if self.fsdp else 0,
-            "step": state.step, "settings": s.to_dict(),
-            "optimizer": None if self.fsdp else self.optimizer.state_dict(),
+            "optimizer_shards": 0 if optimizer is not None else self.acc.num_processes,
+            "optimizer_format": PORTABLE if optimizer is not None else "shards",
+            "world_size": self.acc.num_processes,
+            "step": state.step, "settings": s.to_dict(), "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
             "torch_rng": torch_rng, "python_rng": python_rng, "losses": state.losses,

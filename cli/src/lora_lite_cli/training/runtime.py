@@ -4,7 +4,9 @@
 launcher's environment, so the same command runs as one process, under ``torchrun
 --nproc_per_node N`` or under ``accelerate launch --num_processes N`` (gloo on CPU, nccl on
 CUDA): accelerate sets up the process group, wraps the model in DDP, autocasts the forward for
-``--mixed-precision`` (with a loss scaler for fp16) and compiles it for ``--compile``.
+``--mixed-precision`` (with a loss scaler for fp16) and compiles it for ``--compile``. Under
+``accelerate launch --use_fsdp`` the model is sharded: FSDP2 (``fsdp_version: 2``, the
+documented path) or FSDP1. Workarounds for the installed accelerate/torch are in ``shims``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ import time
 
 import torch
 
+import lora_lite as ll
+
+from . import shims
 from .settings import Settings, TrainError
+from .shims import cpu_fsdp_plugin  # noqa: F401  (tests, older imports)
 
 
 # torch.compile backend for --compile: inductor, or what LORA_LITE_COMPILE_BACKEND names (one
@@ -97,28 +103,40 @@ def make_accelerator(s: Settings):
                          "loss scaler); on CPU use --mixed-precision bf16")
     wants_fsdp = fsdp_wanted()
     if s.quantize and wants_fsdp:
-        raise TrainError(f"--quantize {s.quantize} under FSDP is not supported (FSDP cannot shard "
-                         "bitsandbytes' packed integer weights); train the quantized base with "
-                         "DDP (torchrun, or accelerate launch --multi_gpu), or FSDP without --quantize")
+        refuse_quantized_fsdp(s.quantize)
     if launched_processes() > 1 and s.batch_size < launched_processes():
         raise TrainError(f"--batch-size {s.batch_size} is smaller than the "
                          f"{launched_processes()} processes")
     if launched_processes() == 1:
-        # one process, maybe several runs (tests, notebooks): accelerate keeps its settings in
-        # process-wide singletons, so a run with other --mixed-precision starts them afresh
-        from accelerate.state import AcceleratorState, GradientState
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    plugin = cpu_fsdp_plugin() if on_cpu and wants_fsdp else None
+        shims.reset_accelerate_state()
+    plugin = shims.cpu_fsdp_plugin() if on_cpu and wants_fsdp else None
     # the scheduler steps once per optimizer step whatever the number of processes (the
     # global batch does not grow with them)
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=s.mixed_precision,
                               dynamo_plugin=dynamo_plugin(s.compile, regional=not wants_fsdp),
                               step_scheduler_with_optimizer=False, fsdp_plugin=plugin)
     if plugin is not None:
-        fsdp_on_cpu(accelerator, plugin)
+        shims.fsdp_on_cpu(accelerator, plugin)
     refuse_unsupported(accelerator)
     return accelerator
+
+
+def refuse_quantized_fsdp(quantize: str) -> None:
+    """QLoRA under FSDP: a 4bit base whose packed weights live in float tensors
+    (bnb_4bit_quant_storage, set by ``models.load_model`` under FSDP) is sharded by FSDP2 like
+    the float weights. Refused in one line: 8bit (its int8 weights cannot be sharded), FSDP1
+    (use FSDP2) and meta-device loading (a quantized base is read by every rank)."""
+    why = None
+    if quantize != "4bit":
+        why = f"--quantize {quantize} under FSDP is not supported (its int8 weights cannot be sharded)"
+    elif os.environ.get("FSDP_VERSION", "1") != "2":
+        why = "--quantize 4bit under FSDP needs FSDP2 (launch with --fsdp_version 2)"
+    elif env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        why = ("--quantize 4bit under FSDP needs every rank to read the weights (launch with "
+               "--fsdp_cpu_ram_efficient_loading false)")
+    if why:
+        raise TrainError(f"{why}; or train the quantized base with DDP (torchrun, or accelerate "
+                         "launch --multi_gpu)")
 
 
 def dynamo_plugin(compile_model: bool, regional: bool = True):
@@ -148,87 +166,39 @@ def fsdp_wanted() -> bool:
     return env_flag("ACCELERATE_USE_FSDP")
 
 
-def cpu_fsdp_plugin():
-    """accelerate's FSDP plugin for CPU processes, with the launcher's settings.
-
-    accelerate's plugin refuses ``sync_module_states`` (and so ``cpu_ram_efficient_loading``,
-    which needs it) without an accelerator device, only because it builds its ``param_init_fn``
-    (``to_empty`` onto the meta modules) for that device. Here the plugin is built with both off
-    and then given them with ``to_empty`` onto the CPU; torch's own CPU refusal is lifted for
-    the wrapping only (``cpu_state_sync``): gloo broadcasts CPU tensors."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    sync, meta = env_flag("FSDP_SYNC_MODULE_STATES"), env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
-    saved = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
-    plugin = FullyShardedDataParallelPlugin(sync_module_states=False,
-                                            cpu_ram_efficient_loading=False)
-    if saved is None:  # the plugin writes its value back into the environment
-        os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
-    else:
-        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = saved
-    plugin.cpu_ram_efficient_loading = meta
-    plugin.sync_module_states = sync or meta  # meta loading needs rank 0's states broadcast
-    if plugin.sync_module_states:
-        cpu = torch.device("cpu")
-        plugin.param_init_fn = lambda module: module.to_empty(device=cpu, recurse=False)
-    return plugin
-
-
-def fsdp_on_cpu(accelerator, plugin) -> None:
-    """``accelerate launch --use_fsdp`` on CPU processes: accelerate only turns FSDP on for
-    accelerator devices and would silently run DDP; torch's FSDP works on CPU with gloo, so the
-    state is switched to FSDP with the launcher's plugin settings (``prepare`` then wraps the
-    model in FSDP on the CPU)."""
-    from accelerate.utils import DistributedType
-    if accelerator.state.distributed_type == DistributedType.MULTI_CPU:
-        accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = plugin
-        accelerator.state.device = torch.device("cpu")  # FSDP compares it with the params' "cpu"
-
-
 def fsdp_plugin(accelerator):
     return getattr(accelerator.state, "fsdp_plugin", None) if is_fsdp(accelerator) else None
+
+
+def is_fsdp2(accelerator) -> bool:
+    """FSDP2 (``fully_shard``, accelerate's ``fsdp_version: 2``): the layers keep their own
+    parameters, as DTensors sharded along dim 0 (the adapter's among them)."""
+    return getattr(fsdp_plugin(accelerator), "fsdp_version", 1) == 2
 
 
 def meta_loading(accelerator) -> bool:
     """FSDP with ``cpu_ram_efficient_loading``: only rank 0 reads the weights; the other ranks
     build the model on the meta device and receive rank 0's tensors when FSDP wraps it."""
     plugin = fsdp_plugin(accelerator)
-    return bool(plugin is not None and getattr(plugin, "cpu_ram_efficient_loading", False)
-                and getattr(plugin, "sync_module_states", False))
-
-
-@contextlib.contextmanager
-def cpu_state_sync(accelerator):
-    """While FSDP wraps a CPU model with ``sync_module_states``: torch refuses CPU tensors there
-    through one check (``_check_module_states_for_sync_module_states``) although gloo
-    broadcasts them; the check is skipped for the wrapping only. Elsewhere: nothing."""
-    plugin = fsdp_plugin(accelerator)
-    if plugin is None or not plugin.sync_module_states or accelerator.device.type != "cpu":
-        yield
-        return
-    from torch.distributed.fsdp import _init_utils
-    original = _init_utils._check_module_states_for_sync_module_states
-    _init_utils._check_module_states_for_sync_module_states = lambda module_states: None
-    try:
-        yield
-    finally:
-        _init_utils._check_module_states_for_sync_module_states = original
+    if plugin is None or not getattr(plugin, "cpu_ram_efficient_loading", False):
+        return False
+    # FSDP2: accelerate broadcasts rank 0's full state dict after fully_shard
+    return is_fsdp2(accelerator) or bool(getattr(plugin, "sync_module_states", False))
 
 
 def prepare(accelerator, *objects) -> tuple:
     """``accelerator.prepare`` that keeps the FSDP state ``fsdp_on_cpu`` set (accelerate
     re-derives MULTI_CPU from the CPU while preparing; left so, it would clip the gradient norm
     of each rank's shard alone). Always a tuple."""
-    kind = accelerator.state.distributed_type
-    with cpu_state_sync(accelerator):
+    with shims.cpu_state_sync(accelerator), shims.keep_distributed_type(accelerator):
         prepared = accelerator.prepare(*objects)
-    accelerator.state.distributed_type = kind
-    return prepared if isinstance(prepared, tuple) else (prepared,)
+    # a tuple, or under FSDP2 a list (accelerate 1.16's _prepare_fsdp2)
+    return tuple(prepared) if isinstance(prepared, (tuple, list)) else (prepared,)
 
 
 def refuse_unsupported(accelerator) -> None:
     """DeepSpeed and Megatron would hand ``ll.save`` shards of the adapter: refused up front.
-    FSDP is supported with ``use_orig_params`` (the frozen base and the trainable adapter share
+    FSDP2 is supported (not yet with meta loading); FSDP1 with ``use_orig_params`` (the frozen base and the trainable adapter share
     flat parameters; without it FSDP refuses mixed requires_grad and the optimizer would see
     flat shards instead of the adapter tensors)."""
     kind = str(accelerator.distributed_type).split(".")[-1]
@@ -237,10 +207,12 @@ def refuse_unsupported(accelerator) -> None:
                          "as shards); launch with torchrun, `accelerate launch --multi_gpu` "
                          "(DDP) or `accelerate launch --use_fsdp --fsdp_use_orig_params true`")
     plugin = fsdp_plugin(accelerator)
-    if getattr(plugin, "fsdp_version", 1) == 2:
-        raise TrainError("FSDP2 (fsdp_version 2) is not supported by lora-lite train yet: launch "
-                         "with --fsdp_version 1 --fsdp_use_orig_params true")
-    if not getattr(plugin, "use_orig_params", True):
+    if getattr(plugin, "fsdp_version", 1) == 2 and getattr(plugin, "cpu_ram_efficient_loading", False):
+        # measured: 2 CPU processes (gloo) hung while loading, accelerate 1.16 / torch 2.13
+        raise TrainError("FSDP2 with fsdp_cpu_ram_efficient_loading is not supported by lora-lite "
+                         "train yet: launch with --fsdp_cpu_ram_efficient_loading false (every "
+                         "rank reads the weights), or FSDP1 (--fsdp_version 1) for meta loading")
+    if getattr(plugin, "fsdp_version", 1) == 1 and not getattr(plugin, "use_orig_params", True):
         raise TrainError("FSDP needs use_orig_params (the base is frozen, the adapter is not): "
                          "set fsdp_use_orig_params: true in the accelerate config or pass "
                          "--fsdp_use_orig_params true")
@@ -259,9 +231,9 @@ def clip_grad_norm(accelerator, wrapped, params, max_norm: float) -> torch.Tenso
     own (measured: a first gradient norm of 1.212 against one process's 1.217 once adapter
     tensors lay in rank 1's half of the shards). FSDP's ``clip_grad_norm_`` reduces over the
     ranks; the frozen base has no gradients, so the norm is the adapter's."""
-    if is_fsdp(accelerator):
-        accelerator.unscale_gradients()
-        return fsdp_root(wrapped).clip_grad_norm_(max_norm)
+    if is_fsdp(accelerator) and not is_fsdp2(accelerator):
+        return shims.fsdp1_clip_grad_norm(accelerator, fsdp_root(wrapped), max_norm)
+    # FSDP2: accelerate's DTensor-aware clipping reduces the shards' norms over the ranks
     return accelerator.clip_grad_norm_(params, max_norm)
 
 
@@ -279,8 +251,38 @@ def full_params(accelerator, wrapped, recurse: bool = True):
     theirs in their forward. Without FSDP: nothing to do."""
     if not is_fsdp(accelerator):
         return contextlib.nullcontext()
+    if is_fsdp2(accelerator):
+        # the layers gather their own base tensors in their forward
+        return full_adapter(fsdp_root(wrapped)) if recurse else contextlib.nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     return FSDP.summon_full_params(fsdp_root(wrapped), recurse=recurse, writeback=False)
+
+
+@contextlib.contextmanager
+def full_adapter(model):
+    """FSDP2: the adapter's DTensor shards replaced, on their layers, by the whole tensors
+    (``DTensor.full_tensor()``: every rank must enter), so ``ll.adapter_tensors``/``ll.save``
+    read plain tensors; the shards are put back after. FSDP2's state-dict hook re-shards only
+    an unsharded layer, so a layer between steps keeps what is set here."""
+    from torch.distributed.tensor import DTensor
+    state, swapped = ll.attached(model), []
+    for target in state.targets:
+        for name in state.tensor_names[target.name]:
+            shard = target.layer._parameters.get(name)
+            if isinstance(shard, DTensor):
+                whole = torch.nn.Parameter(shard.full_tensor(), requires_grad=shard.requires_grad)
+                target.layer._parameters[name] = whole
+                swapped.append((target.layer, name, shard))
+    try:
+        yield
+    finally:
+        for layer, name, shard in reversed(swapped):
+            layer._parameters[name] = shard
+
+
+def local_numel(tensor) -> int:
+    """Elements this rank holds: an FSDP2 DTensor's local shard, else the tensor."""
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).numel()
 
 
 def finish(accelerator) -> None:
