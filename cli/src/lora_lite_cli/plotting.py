@@ -56,7 +56,9 @@ def accuracy_scatter(summaries, x_key, path, xlabel, log_x=False, title=""):
         ax.axhline(100 * befores[0], color="gray", linestyle="--", linewidth=1, label="base model")
         ax.legend(loc="lower right", fontsize=8)
     if log_x:
+        from matplotlib.ticker import NullFormatter
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy after training (%)")
     ax.set_title(title, fontsize=9)
