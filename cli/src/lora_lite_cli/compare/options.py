@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import click
-
 from ..app import CLIError, parse_layers
 from ..training.settings import Settings
 
@@ -16,7 +14,7 @@ REFUSED = {"variant": "use --variants", "resume": "a compare resumes by itself: 
 RENAMED = {"compile_model": "compile"}
 
 
-def train_command() -> click.Command:
+def train_command():
     from typer.main import get_command
     from ..app import app
     from .. import commands  # noqa: F401  (registers train on `app`)
@@ -28,7 +26,9 @@ def given_from_args(args: list[str]) -> dict:
     cmd = train_command()
     try:
         ctx = cmd.make_context("lora-lite compare", list(args), resilient_parsing=False)
-    except click.exceptions.UsageError as e:
+    except Exception as e:  # click's UsageError (typer may bring its own copy of click)
+        if not hasattr(e, "format_message"):
+            raise
         raise CLIError(f"{e.format_message()} (compare takes train's options, see "
                        "`lora-lite train --help`)", 2) from None
     fields = {f.name for f in dataclasses.fields(Settings)}
