@@ -123,12 +123,28 @@ def test_seeds_give_mean_and_spread_reusing_seed_0(first):
     (["--variants", "lora", "--steps", "0"], "--steps 0"),
     (["--variants", "lora", "--force", "hra"], "--force hra: not one of --variants"),
     (["--variants", "lora", "--seeds", "0"], "--seeds 0"),
+    (["--variants", "lora", "--set", "lora.lr=fast"], "expected a float for lr"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     result = compare(*args, "--output", str(tmp_path / "out"), expect=2)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
     assert not (tmp_path / "out").exists()  # refused before anything ran or was written
+
+
+def test_per_variant_settings_and_knobs_override_the_common_ones(tmp_path):
+    from lora_lite_cli.compare import plan
+    sets = plan.per_variant_sets(["hra.lr=0.01", "lora.rank=2", "lora.targets=k_proj$",
+                                  "hra.r=2"], ["lora", "hra"])
+    jobs = plan.make_jobs(["lora", "hra"], {"lr": 1e-3, "steps": 4}, sets, 2, str(tmp_path))
+    lora0, lora1, hra0, hra1 = jobs
+    assert (lora0.settings.rank, lora0.settings.lr, lora0.settings.targets) == (2, 1e-3, ("k_proj$",))
+    assert (hra0.settings.lr, hra0.settings.knobs["r"]) == (0.01, "2")
+    assert (lora0.seed, lora1.seed) == (0, 1) and lora0.fingerprint != lora1.fingerprint
+    # the base evaluation does not depend on the variant, its training settings or the seed
+    assert len({j.base_fingerprint for j in jobs}) == 1
+    assert lora0.settings.output == lora0.run_dir and lora0.result_path.endswith(
+        f"runs/lora-{lora0.fingerprint}.json")
 
 
 def test_wilson_interval():

@@ -57,20 +57,46 @@ class Job:
         return os.path.join(self.out_dir, RUNS_DIR, f"base-{self.base_fingerprint}.json")
 
 
-def per_variant_sets(pairs, variants) -> dict[str, dict[str, str]]:
-    """['hra.r=4', 'lora.alpha=8'] -> {'hra': {'r': '4'}, 'lora': {'alpha': '8'}}."""
-    out: dict[str, dict[str, str]] = {v: {} for v in variants}
+# training settings one variant may set for itself with --set VARIANT.name=value (the data,
+# budget and seed stay common to all)
+PER_VARIANT_SETTINGS = ("lr", "rank", "alpha", "targets", "layers", "calibration", "schedule",
+                        "warmup", "weight_decay", "grad_clip")
+
+
+def per_variant_sets(pairs, variants) -> dict[str, dict]:
+    """['hra.r=4', 'ia3.lr=5e-3'] -> {'hra': {'knobs': {'r': '4'}, 'settings': {}},
+    'ia3': {'knobs': {}, 'settings': {'lr': 0.005}}, ...}: a training setting of
+    PER_VARIANT_SETTINGS (typed here), else a knob of the variant's config (typed later)."""
+    out = {v: {"knobs": {}, "settings": {}} for v in variants}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         variant, dot, knob = key.strip().partition(".")
+        knob = knob.strip().replace("-", "_")
         if not sep or not dot or not variant or not knob:
             raise CLIError(f"--set {pair!r}: expected VARIANT.knob=value, e.g. --set "
-                           f"{(list(variants) or ['lora'])[0]}.alpha=8", 2)
+                           f"{list(variants)[0]}.alpha=8", 2)
         if variant not in out:
             raise CLIError(f"--set {pair!r}: {variant!r} is not one of --variants "
                            f"({', '.join(variants)})", 2)
-        out[variant][knob.strip().replace("-", "_")] = value.strip()
+        if knob in PER_VARIANT_SETTINGS:
+            out[variant]["settings"][knob] = _setting(knob, value.strip(), pair)
+        else:
+            out[variant]["knobs"][knob] = value.strip()
     return out
+
+
+def _setting(name: str, text: str, pair: str):
+    from ..app import parse_layers
+    if name == "targets":
+        return (text,)
+    if name == "layers":
+        return parse_layers(text)
+    default = next(f.default for f in dataclasses.fields(Settings) if f.name == name)
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise CLIError(f"--set {pair!r}: expected a {type(default).__name__} for {name}",
+                       2) from None
 
 
 def make_jobs(variants, given: dict, sets: dict, seeds: int, out_dir: str) -> list[Job]:
@@ -83,7 +109,9 @@ def make_jobs(variants, given: dict, sets: dict, seeds: int, out_dir: str) -> li
     jobs = []
     for variant in variants:
         for seed in range(first_seed, first_seed + seeds):
-            values = {**given, "seed": seed, "device": device, "knobs": sets.get(variant) or None,
+            own = sets.get(variant) or {}
+            values = {**given, **own.get("settings", {}), "seed": seed, "device": device,
+                      "knobs": own.get("knobs") or None,
                       "output": os.path.join(out_dir, RUNS_DIR, "pending")}
             s = training.resolve_settings(variant, values)
             training.build_config(s)
