@@ -188,3 +188,37 @@ def test_report_opens_in_headless_chromium_with_its_plots(first, tmp_path):
     plain.write_text(text.split("<h2>Accuracy vs trainable")[0] + "</body></html>")
     htmlcheck.screenshot(str(plain), str(tmp_path / "plain.png"))
     assert any("no plot shown" in p for p in htmlcheck.screenshot_problems(str(tmp_path / "plain.png")))
+
+
+def test_an_interrupted_job_stops_the_sweep_and_keeps_what_finished(tmp_path, monkeypatch):
+    """The worker answers Ctrl-C with exit code 130 (its checkpoint kept): the sweep stops
+    there, the finished result stays, the later jobs do not start."""
+    from lora_lite_cli.compare import plan, sweep
+    jobs = plan.make_jobs(["lora", "hra", "ia3"], {"steps": 4}, {}, 1, str(tmp_path))
+    started = []
+
+    def fake_run_one(job, ui):
+        started.append(job.variant)
+        if job.variant == "hra":
+            return 130, ""
+        os.makedirs(os.path.dirname(job.result_path), exist_ok=True)
+        Path(job.result_path).write_text("{}")
+        return 0, ""
+    monkeypatch.setattr(sweep, "run_one", fake_run_one)
+    outcome = sweep.run_jobs(jobs)
+    assert outcome.interrupted and started == ["lora", "hra"]
+    assert outcome.ran == [jobs[0].name] and os.path.exists(jobs[0].result_path)
+    # the same sweep again: lora is reused, hra and ia3 run
+    started.clear()
+    monkeypatch.setattr(sweep, "run_one", lambda job, ui: (started.append(job.variant), (0, ""))[1])
+    outcome = sweep.run_jobs(jobs)
+    assert outcome.skipped == [jobs[0].name] and started == ["hra", "ia3"]
+
+
+def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    from lora_lite_cli.compare import plan, sweep
+    jobs = plan.make_jobs(["lora", "hra"], {"steps": 4}, {}, 1, str(tmp_path))
+    monkeypatch.setattr(sweep, "run_one", lambda job, ui: (2, "model not found")
+                        if job.variant == "lora" else (0, ""))
+    outcome = sweep.run_jobs(jobs)
+    assert outcome.failed == {jobs[0].name: "model not found"} and outcome.ran == [jobs[1].name]
