@@ -8,8 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ..app import (CLIError, MultiValueCommand, app, console, err_console, handle_errors,
-                   sets_option)
+from ..app import CLIError, MultiValueCommand, app, console, err_console, handle_errors
 
 
 class SweepUI:
@@ -61,7 +60,7 @@ class SweepUI:
 def compare_command(
     ctx: typer.Context,
     variants: Optional[List[str]] = typer.Option(None, "--variants", help="Variants to compare, space- or comma-separated (default: every installed variant)."),
-    sets: Optional[List[str]] = sets_option("--set hra.r=4; VARIANT.knob=value"),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="One variant's setting, VARIANT.name=value, repeatable: lr, rank, alpha, targets, layers, calibration, schedule, warmup, weight_decay, grad_clip, or a knob of its config (e.g. --set hra.lr=1e-3 --set hra.r=4)."),
     seeds: int = typer.Option(1, "--seeds", help="Seeds per variant, from --seed on (default: 1): mean and spread per variant."),
     force: Optional[List[str]] = typer.Option(None, "--force", help="Re-run this variant even if its result is stored (repeatable)."),
     output: Path = typer.Option(Path("lora-lite-compare"), "--output", "-o", help="Output folder: results.json, results.md, PNG plots, report.html, runs/."),
@@ -69,8 +68,8 @@ def compare_command(
 ):
     """Train each variant on the same data, budget and seed, back to back, and compare them.
 
-    Every other option is one of `lora-lite train`'s (--model, --steps, --train-data, ...) and
-    applies to every variant; each variant keeps its own train defaults (lr, targets, ...)
+    Every other option is one of `lora-lite train`'s (--model, --steps, --train-data, ...; see
+    `lora-lite train --help`) and applies to every variant; each variant keeps its own train defaults (lr, targets, ...)
     unless an option overrides them. A result already stored for the same settings is reused,
     so re-running a finished or interrupted compare only runs what is missing.
     """
