@@ -79,7 +79,8 @@ def variant_summary(variant: str, runs: list[dict]) -> dict:
         "variant": variant, "seeds": [r["seed"] for r in runs],
         "statuses": sorted({r["status"] for r in runs}),
         "trainable_params": first["trainable_params"], "adapter_bytes": first["adapter_bytes"],
-        "config": first["config"],
+        "config": first["config"], "lr": (first["settings"] or {}).get("lr"),
+        "targets": (first["settings"] or {}).get("targets"),
         "accuracy_before": _spread([r["before"]["accuracy"] for r in runs if r["before"]]),
         "accuracy_after": _spread([a["accuracy"] for a in after]),
         "accuracy_after_pooled_ci95": list(ci) if ci else None,
@@ -113,7 +114,7 @@ def accuracy_cell(spread, ci=None) -> str:
     return text
 
 
-TABLE_HEADER = ("variant", "trainable params", "adapter KB", "accuracy before %",
+TABLE_HEADER = ("variant", "lr", "targets", "trainable params", "adapter KB", "accuracy before %",
                 "accuracy after % (95% CI)", "gain (points)", "step time s", "train time s",
                 "peak memory MB")
 
@@ -124,7 +125,10 @@ def table_rows(summaries: list[dict]) -> list[tuple]:
         before, after = v["accuracy_before"], v["accuracy_after"]
         gain = (after["mean"] - before["mean"]) if before and after else None
         mem = v["peak_cuda_mb"] or v["peak_rss_mb"]
-        rows.append((v["variant"], f"{v['trainable_params']:,}" if v["trainable_params"] else "-",
+        targets = ", ".join(v["targets"] or ()) or "(the variant's own)"
+        rows.append((v["variant"], "-" if v["lr"] is None else f"{v['lr']:g}",
+                     targets,
+                     f"{v['trainable_params']:,}" if v["trainable_params"] else "-",
                      f"{v['adapter_bytes'] / 1024:,.1f}" if v["adapter_bytes"] else "-",
                      accuracy_cell(before), accuracy_cell(after, v["accuracy_after_pooled_ci95"]),
                      "-" if gain is None else f"{100 * gain:+.1f}",
@@ -139,7 +143,8 @@ def markdown(results: dict) -> str:
     lines = [f"`{results['command']}`", "", machine_line(results), "",
              "| " + " | ".join(TABLE_HEADER) + " |",
              "|" + "|".join("---" for _ in TABLE_HEADER) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results["variants"])]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+              for row in table_rows(results["variants"])]
     return "\n".join(lines) + "\n"
 
 
