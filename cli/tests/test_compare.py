@@ -124,6 +124,7 @@ def test_seeds_give_mean_and_spread_reusing_seed_0(first):
     (["--variants", "lora", "--force", "hra"], "--force hra: not one of --variants"),
     (["--variants", "lora", "--seeds", "0"], "--seeds 0"),
     (["--variants", "lora", "--set", "lora.lr=fast"], "expected a float for lr"),
+    (["--variants", "lora", "--model", "/no/such/model"], "/no/such/model"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     result = compare(*args, "--output", str(tmp_path / "out"), expect=2)
@@ -222,3 +223,14 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch):
                         if job.variant == "lora" else (0, ""))
     outcome = sweep.run_jobs(jobs)
     assert outcome.failed == {jobs[0].name: "model not found"} and outcome.ran == [jobs[1].name]
+
+
+def test_a_worker_error_is_one_line_naming_the_run_and_its_log(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    result = compare("--variants", "lora", "--model", str(tiny_dir), *SMALL, "--train-data",
+                     str(tmp_path / "missing.jsonl"), "--output", str(out), expect=1)
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: 1 run(s) failed, first lora-") and "missing.jsonl" in line
+    log = line.split("(log: ")[1].rstrip(")")
+    assert os.path.exists(log) and "missing.jsonl" in open(log).read()
+    assert results_json(out)["sweep"]["failed"] and not list((out / "runs").glob("lora-*.json"))

@@ -103,10 +103,12 @@ def make_jobs(variants, given: dict, sets: dict, seeds: int, out_dir: str) -> li
     """Resolved, checked settings for every (variant, seed): a bad knob or option fails here,
     before anything trains (ConfigError / TrainError, exit 2)."""
     from .. import training
+    from ..models import resolve
     from ..training import runtime
     first_seed = given.get("seed") or 0
     device = runtime.pick_device(given.get("device"))
     jobs = []
+    resolve(given.get("model") or Settings.model)  # a missing model fails here, once
     for variant in variants:
         for seed in range(first_seed, first_seed + seeds):
             own = sets.get(variant) or {}

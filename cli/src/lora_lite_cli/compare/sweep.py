@@ -102,6 +102,8 @@ def run_one(job: Job, ui) -> tuple[int, str]:
     except KeyboardInterrupt:  # the worker got the same Ctrl-C: let it write its checkpoint
         rc = _wait_after_interrupt(proc)
     reader.join(timeout=5)
+    with open(os.path.join(job.run_dir, "worker.log"), "w", encoding="utf-8") as f:
+        f.writelines(errors)  # the worker's stderr: warnings, the error, a traceback if any
     load = sampler.summary()
     if rc in (0, 3) and os.path.exists(job.result_path):
         with open(job.result_path, encoding="utf-8") as f:
@@ -110,7 +112,10 @@ def run_one(job: Job, ui) -> tuple[int, str]:
         write_json(job.result_path, result)
     last = [e.strip() for e in errors if e.strip()]
     message = next((e for e in reversed(last) if e.startswith("error:")), last[-1] if last else "")
-    return rc, message.removeprefix("error:").strip()
+    message = message.removeprefix("error:").strip()
+    if rc not in (0, 3, 130):
+        message += f" (log: {os.path.join(job.run_dir, 'worker.log')})"
+    return rc, message
 
 
 def _wait_after_interrupt(proc) -> int:
