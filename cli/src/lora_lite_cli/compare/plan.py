@@ -1,8 +1,8 @@
 """The jobs of a comparison: one per (variant, seed), each with a settings fingerprint.
 
 A job's result lives at ``runs/<variant>-<fingerprint>.json``; the fingerprint hashes every
-setting that changes the run (not the output folder or the thread count), so the same command
-finds its finished results again. The base model's evaluation is stored per *base* fingerprint
+setting that changes the run (not the output folder or the thread count) and the version of the
+plugin providing the variant, so the same command finds its finished results again. The base model's evaluation is stored per *base* fingerprint
 (the settings the base model's accuracy depends on), shared by every variant and seed.
 """
 from __future__ import annotations
@@ -118,7 +118,8 @@ def make_jobs(variants, given: dict, sets: dict, seeds: int, out_dir: str) -> li
             s = training.resolve_settings(variant, values)
             training.build_config(s)
             d = s.to_dict()
-            fp = fingerprint({k: v for k, v in d.items() if k not in NOT_FINGERPRINTED})
+            fp = fingerprint({**{k: v for k, v in d.items() if k not in NOT_FINGERPRINTED},
+                              "plugin": _plugin_of(variant)})
             base_fp = fingerprint({k: v for k, v in d.items() if k not in NOT_IN_BASE})
             job = Job(variant, seed, s, fp, base_fp, out_dir)
             s.output = job.run_dir
@@ -126,5 +127,8 @@ def make_jobs(variants, given: dict, sets: dict, seeds: int, out_dir: str) -> li
     return jobs
 
 
-def settings_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(Settings)}
+def _plugin_of(variant: str) -> list:
+    """The distribution and version providing ``variant``: upgrading it re-runs the variant."""
+    import lora_lite as ll
+    origin = ll.plugins.variant_origin(variant)
+    return [origin.distribution, origin.version]
