@@ -32,7 +32,7 @@ from . import __version__
 EXIT_CODES = ("0 ok; 1 failed; 2 bad input (usage, unknown variant, bad number, missing model or "
               "file, refused adapter file or checkpoint); 3 non-finite training (the last good "
               "adapter is kept); 130 interrupted (Ctrl-C or SIGTERM)")
-APP_HELP = ("LoRA-family adapters attached with forward hooks: list, attach, train, evaluate, "
+APP_HELP = ("LoRA-family adapters attached with forward hooks: list, attach, train, compare, evaluate, "
             f"cost.\n\nExit codes: {EXIT_CODES}.")
 # options that take several values: `--variants a b` is read as `--variants a --variants b`
 MULTI_VALUE_OPTIONS = ("--variants",)

@@ -29,3 +29,67 @@ def loss_curve(losses, lrs, path, title=""):
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# -- lora-lite compare: one chart over all variants -----------------------------------------------
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def accuracy_scatter(summaries, x_key, path, xlabel, log_x=False, title=""):
+    """Adapted accuracy (mean over seeds, bar = spread) of each variant against ``x_key``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for v in summaries:
+        x, acc = v.get(x_key), v.get("accuracy_after")
+        if not x or not acc:
+            continue
+        ax.errorbar([x], [100 * acc["mean"]], yerr=[100 * acc["std"]], fmt="o", capsize=3,
+                    markersize=7)
+        ax.annotate(v["variant"], (x, 100 * acc["mean"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    befores = [v["accuracy_before"]["mean"] for v in summaries if v.get("accuracy_before")]
+    if befores:
+        ax.axhline(100 * befores[0], color="gray", linestyle="--", linewidth=1, label="base model")
+        ax.legend(loc="lower right", fontsize=8)
+    if log_x:
+        from matplotlib.ticker import NullFormatter
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy after training (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(runs, path, title=""):
+    """The training loss per step of every run on one chart (one colour per variant)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    colours, labelled = {}, set()
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for r in runs:
+        if not r.get("losses"):
+            continue
+        colour = colours.setdefault(r["variant"], cycle[len(colours) % len(cycle)])
+        label = None if r["variant"] in labelled else r["variant"]
+        labelled.add(r["variant"])
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], color=colour, linewidth=1.4,
+                alpha=0.85, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (mean per supervised token)")
+    ax.set_title(title, fontsize=9)
+    if labelled:
+        ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
