@@ -20,6 +20,7 @@ import lora_lite as ll
 from ..training.run import Run, _run
 from ..training import runtime
 from ..training.reporting import Reporter, write_json
+from ..training.signals import StopRequest
 from ..training.settings import Settings
 
 
@@ -86,8 +87,9 @@ def work(job: dict) -> int:
             shared = json.load(f)
     acc = runtime.make_accelerator(s)
     try:
-        r = SharedBaseRun(s, EventReporter(), None, acc, shared=shared)
-        result = _run(r)
+        with StopRequest() as stop:  # Ctrl-C/SIGTERM: the run checkpoints, the sweep keeps the rest
+            r = SharedBaseRun(s, EventReporter(), None, acc, shared=shared)
+            result = _run(r, stop)
     finally:
         runtime.finish(acc)
     if result.status == "interrupted":
