@@ -9,12 +9,17 @@
     ll.load(model, "a.safetensors")   # fresh base + file -> the adapted model
     ll.merge(model)                   # fold the adapter into the base: a plain model again
     ll.export_peft(model, "folder")   # a PEFT adapter folder (ll.load reads those too)
+    ll.load(model, "b.safetensors", name="chat")   # several adapters, each under a name
+    ll.use(model, ["default", "chat"], weights=[1.0, 0.5])   # the active set, summed
+    with ll.rows(model, ["chat", None, "default"]): model(**batch)   # one adapter per row
 
 Variants come from plugins (entry-point group ``lora_lite``); core ships none. The installed
 plugins' config classes are attributes too, as in upstream lora-lite: ``ll.LoRAConfig(r=8)``.
 """
 from .adapter_file import load, read_header, save
-from .attach import adapter_tensors, attach, attached, detach, disabled, trainable_parameters
+from .attach import (adapter_names, adapter_tensors, attach, attached, detach, set_trainable,
+                     trainable_parameters)
+from .routing import disabled, forward_mixed, rows, use, using
 from .calibration import call_model, stream_inputs
 from .config import AdapterConfig, check, config
 from .errors import (AdapterFileError, AdapterSaveError, AttachError, ConfigError, LoraLiteError,
@@ -34,12 +39,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "ConfigError", "LoraLiteError",
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
-    "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
+    "adapter_names", "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
     "config", "dense_weight", "detach", "disabled", "export_peft", "find_targets",
     "get_plugin_manager", "get_variant", "hook_kind", "hookimpl", "installed_plugins", "load",
     "merge", "peft_lora_config", "peft_lora_fields", "peft_patterns", "peft_tensor", "problems",
-    "read_header", "rewrites_base", "save",
-    "set_dense_weight", "stream_inputs", "trainable_parameters", "variants",
+    "forward_mixed", "read_header", "rewrites_base", "rows", "save",
+    "set_dense_weight", "set_trainable", "use", "using", "stream_inputs", "trainable_parameters", "variants",
 ]
 
 

@@ -20,7 +20,8 @@ import re
 import torch
 from safetensors import safe_open
 
-from .attach import attach, attached, detach
+from .attach import DEFAULT, attach, check_can_attach, detach
+from .slots import as_adapter
 from . import file_checks
 from .config import config as make_config, with_resolved_targets
 from .errors import AdapterFileError, AttachError, LoraLiteError
@@ -187,16 +188,14 @@ def read_tensors(weights) -> dict:
     return stored
 
 
-def load_peft(model, path, revision=None, subfolder=None) -> dict:
+def load_peft(model, path, revision=None, subfolder=None, name=DEFAULT) -> dict:
     """Attach the PEFT adapter at ``path`` (folder or hub id; a hub ``revision``, a
     ``subfolder`` of either) to ``model``; returns {"variant", "peft_type", "targets"}. On any
-    failure the model is left as it was."""
+    failure the model is left as it was. ``name``: the adapter's name on the model."""
+    adapter = name
     folder = resolve_folder(path, revision, subfolder)
     config, weights = read_peft_folder(folder)
     name, fields = variant_for(config, os.path.join(folder, CONFIG_FILE))
-    if attached(model) is not None:
-        raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
-                          "attached; call ll.detach(model) first")
     per_module = tensors_by_module(model, weights)
     names = sorted(per_module)
     try:
@@ -210,13 +209,15 @@ def load_peft(model, path, revision=None, subfolder=None) -> dict:
         raise AdapterFileError(f"{folder}: the adapter's modules {names[:3]} do not all resolve to "
                                "linear layers of this model")
     variant = get_variant(name)
-    attach(model, cfg, _skip_group_init=True)
+    check_can_attach(model, cfg, variant, adapter)
+    state = attach(model, cfg, _skip_group_init=True, name=adapter)
     try:
         with torch.no_grad():
-            for t in attached(model).targets:
-                variant.load_peft_state(t.layer, t.layer._lora_cfg, per_module[t.name])
+            for t in state.targets:
+                with as_adapter(t.layer, adapter):
+                    variant.load_peft_state(t.layer, t.layer._lora_cfg, per_module[t.name])
     except BaseException as e:
-        detach(model)
+        detach(model, name=adapter)
         if isinstance(e, (LoraLiteError, RuntimeError, ValueError, KeyError, TypeError, IndexError)):
             reason = short(" ".join(str(e).split()), 300)  # one line
             raise AdapterFileError(f"{folder}: the tensors do not fit variant {name!r}: "
