@@ -20,6 +20,7 @@ from .adapter_file import load, read_header, save
 from .attach import (adapter_names, adapter_tensors, attach, attached, detach, set_trainable,
                      trainable_parameters)
 from .routing import disabled, forward_mixed, rows, use, using
+from .combine import combine
 from .calibration import call_model, stream_inputs
 from .config import AdapterConfig, check, config
 from .errors import (AdapterFileError, AdapterSaveError, AttachError, ConfigError, LoraLiteError,
@@ -40,7 +41,7 @@ __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "ConfigError", "LoraLiteError",
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
     "adapter_names", "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
-    "config", "dense_weight", "detach", "disabled", "export_peft", "find_targets",
+    "combine", "config", "dense_weight", "detach", "disabled", "export_peft", "find_targets",
     "get_plugin_manager", "get_variant", "hook_kind", "hookimpl", "installed_plugins", "load",
     "merge", "peft_lora_config", "peft_lora_fields", "peft_patterns", "peft_tensor", "problems",
     "forward_mixed", "read_header", "rewrites_base", "rows", "save",

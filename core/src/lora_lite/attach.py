@@ -177,8 +177,12 @@ def _attach(model, state, reg, calibration_data, skip_group_init):
                 variant.init(t.layer, t.layer._lora_cfg)
         _hook(t.layer, hook_kind(variant))
     if callable(getattr(variant, "group_init", None)) and not skip_group_init:
-        with as_adapter_everywhere([t.layer for t in state.targets], state.name):
-            variant.group_init(model, state.targets, state.cfg, calibration_data)
+        before, reg.routing.active = reg.routing.active, [(state.name, 1.0)]  # as if alone
+        try:
+            with as_adapter_everywhere([t.layer for t in state.targets], state.name):
+                variant.group_init(model, state.targets, state.cfg, calibration_data)
+        finally:
+            reg.routing.active = before
 
 
 def _make_tensors(t, state, specs, generator) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 DEFAULT = "default"
 SCRATCH = ("_lora_cfg", "_lora_variant", "_lora_role", "_lora_name", "_lora_probe")
 SLOTS = "_lora_slots"
+_SWAPPED, _ASIDE, _SAVED = "_lora_swapped", "_lora_aside", "_lora_saved"  # during as_adapter
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
@@ -77,32 +78,54 @@ def _adapter_keys(layer):
 
 @contextlib.contextmanager
 def as_adapter(layer, name):
-    """Inside: ``layer.lora_*`` and ``layer._lora_cfg`` etc. are adapter ``name``'s."""
-    if name == DEFAULT:
+    """Inside: ``layer.lora_*`` and ``layer._lora_cfg`` etc. are adapter ``name``'s. Re-entrant:
+    a call inside (a forward run from ``group_init``) for another adapter swaps that one in and
+    back."""
+    current = layer.__dict__.get(_SWAPPED, DEFAULT)
+    if current == name:
         yield layer
         return
-    mine, slot = slots(layer), slots(layer)[name]
-    default = mine.get(DEFAULT)
-    aside = {a: _pop(layer, a) for a in (default.attrs.values() if default else ())
-             if a in layer._parameters or a in layer._buffers}
-    scratch = {k: layer.__dict__.pop(k) for k in SCRATCH if k in layer.__dict__}
-    for tensor, attr in slot.attrs.items():
-        _put(layer, tensor, _pop(layer, attr))
-    set_scratch(layer, slot)
-    others = {a for n, s in mine.items() if n not in (name, DEFAULT) for a in s.attrs.values()}
+    if current != DEFAULT:
+        _swap_out(layer, current)
+    if name != DEFAULT:
+        _swap_in(layer, name)
     try:
         yield layer
     finally:
-        slot.attrs = {}
-        for key in _adapter_keys(layer):
-            if key not in others:
-                slot.attrs[key] = stored_name(key, name)
-                _put(layer, stored_name(key, name), _pop(layer, key))
-        for k in SCRATCH:
-            layer.__dict__.pop(k, None)
-        layer.__dict__.update(scratch)
-        for attr, entry in aside.items():
-            _put(layer, attr, entry)
+        if name != DEFAULT:
+            _swap_out(layer, name)
+        if current != DEFAULT:
+            _swap_in(layer, current)
+
+
+def _swap_in(layer, name):
+    mine = slots(layer)
+    default = mine.get(DEFAULT)
+    layer.__dict__[_ASIDE] = {a: _pop(layer, a) for a in (default.attrs.values() if default else ())
+                              if a in layer._parameters or a in layer._buffers}
+    layer.__dict__[_SAVED] = {k: layer.__dict__.pop(k) for k in SCRATCH if k in layer.__dict__}
+    for tensor, attr in mine[name].attrs.items():
+        if attr in layer._parameters or attr in layer._buffers:
+            _put(layer, tensor, _pop(layer, attr))
+    set_scratch(layer, mine[name])
+    layer.__dict__[_SWAPPED] = name
+
+
+def _swap_out(layer, name):
+    mine = slots(layer)
+    slot = mine[name]
+    others = {a for n, s in mine.items() if n not in (name, DEFAULT) for a in s.attrs.values()}
+    slot.attrs = {}
+    for key in _adapter_keys(layer):
+        if key not in others:
+            slot.attrs[key] = stored_name(key, name)
+            _put(layer, stored_name(key, name), _pop(layer, key))
+    for k in SCRATCH:
+        layer.__dict__.pop(k, None)
+    layer.__dict__.update(layer.__dict__.pop(_SAVED))
+    for attr, entry in layer.__dict__.pop(_ASIDE).items():
+        _put(layer, attr, entry)
+    del layer.__dict__[_SWAPPED]
 
 
 @contextlib.contextmanager
