@@ -176,3 +176,34 @@ def test_input_changing_adapters_refuse_a_weighted_set(model):
         ll.use(model, ["a", "b"])
     with pytest.raises(ll.AttachError, match="weight 1"):
         ll.use(model, "a", weights=[0.5])
+
+
+def test_a_peft_folder_with_several_adapters_loads_each_under_its_name(model, batch, tmp_path):
+    import peft
+    base = type(model)(model.config)
+    base.load_state_dict(model.state_dict())
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    twin = peft.get_peft_model(base, cfg)
+    twin.add_adapter("chat", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                             init_lora_weights=False))
+    twin.save_pretrained(tmp_path)  # default at the top, chat/ in a subfolder
+    assert (tmp_path / "chat" / "adapter_config.json").is_file()
+    assert ll.load_peft_adapters(model, tmp_path) == ["default", "chat"]
+    for name in ("default", "chat"):
+        twin.set_adapter(name)
+        with ll.using(model, name):
+            assert (logits(model, batch) - logits(twin, batch)).abs().max() < 1e-5
+
+
+def test_a_multi_adapter_folder_with_a_taken_name_changes_nothing(model, tmp_path):
+    import peft
+    base = type(model)(model.config)
+    base.load_state_dict(model.state_dict())
+    twin = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    twin.save_pretrained(tmp_path)
+    _adapters(model, ("a",))
+    ll.attach(model, lora_cfg())
+    before = snapshot_state(model)
+    with pytest.raises(ll.AdapterFileError, match="already has an adapter named 'default'"):
+        ll.load_peft_adapters(model, tmp_path)
+    assert state_equal(snapshot_state(model), before)

@@ -28,6 +28,7 @@ from .errors import (AdapterFileError, AdapterSaveError, AttachError, ConfigErro
 from .hookspecs import hookimpl
 from .merge import merge
 from .peft_export import export_peft
+from .peft_folders import load_peft_adapters
 from .peft_import import peft_tensor
 from .peft_lora import peft_lora_config, peft_lora_fields, peft_patterns
 from .plugins import get_plugin_manager, get_variant, installed_plugins, problems, variants
@@ -42,7 +43,7 @@ __all__ = [
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
     "adapter_names", "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
     "combine", "config", "dense_weight", "detach", "disabled", "export_peft", "find_targets",
-    "get_plugin_manager", "get_variant", "hook_kind", "hookimpl", "installed_plugins", "load",
+    "get_plugin_manager", "load_peft_adapters", "get_variant", "hook_kind", "hookimpl", "installed_plugins", "load",
     "merge", "peft_lora_config", "peft_lora_fields", "peft_patterns", "peft_tensor", "problems",
     "forward_mixed", "read_header", "rewrites_base", "rows", "save",
     "set_dense_weight", "set_trainable", "use", "using", "stream_inputs", "trainable_parameters", "variants",
