@@ -207,3 +207,16 @@ def test_a_multi_adapter_folder_with_a_taken_name_changes_nothing(model, tmp_pat
     with pytest.raises(ll.AdapterFileError, match="already has an adapter named 'default'"):
         ll.load_peft_adapters(model, tmp_path)
     assert state_equal(snapshot_state(model), before)
+
+
+def test_export_peft_by_name_is_that_adapter(model, batch, tmp_path):
+    import peft
+    _adapters(model, ("a", "b"))
+    base = type(model)(model.config)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k})
+    with pytest.raises(ll.AttachError, match="several adapters.*name="):
+        ll.export_peft(model, tmp_path / "x")
+    ll.export_peft(model, tmp_path / "b", name="b")
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "b")
+    with ll.using(model, "b"):
+        assert (logits(model, batch) - logits(theirs, batch)).abs().max() < 1e-5

@@ -71,12 +71,10 @@ def _factors(states, how):
             with as_adapter(t.layer, s.name):
                 A, B, scale = s.variant.lowrank_factors(t.layer, t.layer._lora_cfg)
             out.setdefault(t.name, []).append((A.detach().float(), B.detach().float(), float(scale)))
-    if how != "cat":
-        ranks = {A.shape[0] for pieces in out.values() for A, _, _ in pieces}
-        if len({tuple(A.shape[0] for A, _, _ in pieces) for pieces in out.values()}) > 1 or \
-                any(len({A.shape[0] for A, _, _ in p}) > 1 for p in out.values()):
-            raise AttachError(f"how={how!r} needs adapters of one rank, got ranks {sorted(ranks)}; "
-                              "use how='svd' or 'cat'")
+    ranks = {A.shape[0] for pieces in out.values() for A, _, _ in pieces}
+    if how != "cat" and len(ranks) > 1:
+        raise AttachError(f"how={how!r} needs adapters of one rank, got ranks {sorted(ranks)}; "
+                          "use how='svd' or 'cat'")
     return out
 
 
@@ -124,8 +122,9 @@ def combine(model, names, weights, how="svd", name="combined", rank=None, densit
     sink_cls = lowrank_sink(sink)
     errors = {}
     if how == "svd":
-        rank = rank or max(s.cfg.r for s in states if hasattr(s.cfg, "r")) if rank is None else rank
-        if not isinstance(rank, int) or rank < 1:
+        if rank is None:  # as PEFT: the largest rank among the adapters
+            rank = max((getattr(s.cfg, "r", 0) for s in states), default=0) or None
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"rank={rank!r}: give a positive integer rank")
         pieces, errors = _svd(model, states, weights, rank)
     else:

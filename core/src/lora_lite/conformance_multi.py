@@ -120,8 +120,8 @@ def _weighted_sum(fail, cls, model, batch, tol):
     want = y + weights[0] * (parts[1] - y) + weights[1] * (parts[2] - y)
     err = (got.float() - want.float()).abs().max().item()
     if not err <= tol:
-        fail(f"a weighted active set is not y + sum w_i (f_i - y) at {layer._lora_slots and ''}"
-             f"the first target: max difference {err:.3g} > {tol:g}")
+        fail(f"a weighted active set is not y + sum w_i (f_i - y) at the first target: max "
+             f"difference {err:.3g} > {tol:g}")
     return err
 
 

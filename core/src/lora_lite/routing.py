@@ -61,8 +61,9 @@ def _has(layer, name, kind):
 
 def _check_batch(layer, plan, n):
     if n != plan.batch:
-        raise AttachError(f"{slots(layer) and next(iter(slots(layer).values())).target}: ll.rows "
-                          f"assigned {plan.batch} rows, this forward has a batch of {n}")
+        target = next(iter(slots(layer).values())).target
+        raise AttachError(f"{target}: ll.rows assigned {plan.batch} rows, this forward has a batch "
+                          f"of {n}; give one adapter (or None) per row of the batch")
 
 
 def output_hook(layer, args, y):
