@@ -47,10 +47,7 @@ def eval_command(
 
     if quantize not in (None, "4bit", "8bit"):
         raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
-    adapters = list(adapter)
-    for path in adapters:
-        check_adapter(path)  # a missing / foreign / truncated / refused adapter fails before loading a model
-    mix_set = _mix(mix, adapters)
+    adapters, mix_set = _checked(adapter, mix)  # bad adapters / --mix fail before a model loads
     adapter = adapters[0]
     name = model or model_of_adapter(str(adapter))
     out = err_console if as_json else console
@@ -80,9 +77,6 @@ def eval_command(
     pred_path = str(predictions or _predictions_path(adapter))
     write_predictions(pred_path, base_res, adapted_res)
 
-    def summary(res):
-        return None if res is None else {k: res[k] for k in ("accuracy", "correct", "n", "time_s")}
-
     meta = {"variant": ll.attached(base_model).cfg.variant}
     result = {"adapter": str(adapter), "variant": meta.get("variant"), "model": name,
               "eval_data": examples.fingerprint(), "max_new_tokens": max_new_tokens,
@@ -111,6 +105,18 @@ def _predictions_path(adapter) -> Path:
     if Path(adapter).exists():
         return Path(adapter).with_name("eval_predictions.jsonl")
     return Path("eval_predictions.jsonl")
+
+
+def summary(res):
+    return None if res is None else {k: res[k] for k in ("accuracy", "correct", "n", "time_s")}
+
+
+def _checked(adapters, mix):
+    """The --adapter list, each checked (missing / foreign / truncated / refused), and --mix."""
+    adapters = list(adapters)
+    for path in adapters:
+        check_adapter(path)
+    return adapters, _mix(mix, adapters)
 
 
 def _stem(path) -> str:
@@ -154,15 +160,15 @@ def _several(ll, model, adapters, mix_set, run, base_res, name, examples) -> dic
             write_predictions(str(_predictions_path(path).with_name(
                 f"eval_predictions.{_stem(path)}.jsonl")), base_res, res)
         rows.append({"adapter": title, "variant": ll.attached(model, names[0]).cfg.variant,
-                     **{k: res[k] for k in ("accuracy", "correct", "n", "time_s")},
+                     **summary(res),
                      "gain": res["accuracy"] - base_res["accuracy"] if base_res else None})
     for label, path in zip(labels, adapters):
         score(str(path), [label], None, path)
     if mix_set:
         title = "mix " + ",".join(f"{_stem(adapters[i])}={w:g}" for i, w in mix_set.items())
         score(title, [labels[i] for i in mix_set], list(mix_set.values()))
-    base = None if base_res is None else {k: base_res[k] for k in ("accuracy", "correct", "n", "time_s")}
-    return {"model": name, "eval_data": examples.fingerprint(), "base": base, "adapters": rows}
+    return {"model": name, "eval_data": examples.fingerprint(), "base": summary(base_res),
+            "adapters": rows}
 
 
 def _show_several(result):
