@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import AttachError
-from .slots import as_adapter, slots
+from .slots import _SWAPPED as SWAPPED
+from .slots import DEFAULT, as_adapter, slots
 from .variant import hook_kind, rewrites_base
 
 OFF = "_lora_off"  # set on the target layers inside ``disabled(model)``
@@ -46,13 +47,20 @@ def adapter_dtype(layer):
 
 
 def _run_output(layer, name, x, y):
-    with as_adapter(layer, name):
+    with _as(layer, name):
         return layer._lora_variant.forward(layer, x.to(adapter_dtype(layer)), y).to(y.dtype)
 
 
 def _run_input(layer, name, x):
-    with as_adapter(layer, name):
+    with _as(layer, name):
         return layer._lora_variant.forward_input(layer, x.to(adapter_dtype(layer))).to(x.dtype)
+
+
+def _as(layer, name):
+    """as_adapter, without its cost on the single default adapter's path (nothing to swap)."""
+    if name == DEFAULT and not layer.__dict__.get(SWAPPED):
+        return contextlib.nullcontext(layer)
+    return as_adapter(layer, name)
 
 
 def _has(layer, name, kind):
