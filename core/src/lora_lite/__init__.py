@@ -9,12 +9,18 @@
     ll.load(model, "a.safetensors")   # fresh base + file -> the adapted model
     ll.merge(model)                   # fold the adapter into the base: a plain model again
     ll.export_peft(model, "folder")   # a PEFT adapter folder (ll.load reads those too)
+    ll.load(model, "b.safetensors", name="chat")   # several adapters, each under a name
+    ll.use(model, ["default", "chat"], weights=[1.0, 0.5])   # the active set, summed
+    with ll.rows(model, ["chat", None, "default"]): model(**batch)   # one adapter per row
 
 Variants come from plugins (entry-point group ``lora_lite``); core ships none. The installed
 plugins' config classes are attributes too, as in upstream lora-lite: ``ll.LoRAConfig(r=8)``.
 """
 from .adapter_file import load, read_header, save
-from .attach import adapter_tensors, attach, attached, detach, disabled, trainable_parameters
+from .attach import (adapter_names, adapter_tensors, attach, attached, detach, set_trainable,
+                     trainable_parameters)
+from .routing import disabled, forward_mixed, rows, use, using
+from .combine import combine
 from .calibration import call_model, stream_inputs
 from .config import AdapterConfig, check, config
 from .errors import (AdapterFileError, AdapterSaveError, AttachError, ConfigError, LoraLiteError,
@@ -22,6 +28,7 @@ from .errors import (AdapterFileError, AdapterSaveError, AttachError, ConfigErro
 from .hookspecs import hookimpl
 from .merge import merge
 from .peft_export import export_peft
+from .peft_folders import load_peft_adapters
 from .peft_import import peft_tensor
 from .layer_kinds import kind_family, project_in, project_out
 from .peft_lora import (load_peft_low_rank_state, peft_low_rank_state, peft_lora_config,
@@ -45,13 +52,14 @@ __version__ = _installed_version("lora-lite")
 __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "ConfigError", "LoraLiteError",
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
-    "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model", "check",
-    "config", "dense_weight", "detach", "disabled", "export_peft", "find_targets",
-    "get_plugin_manager", "get_variant", "hook_kind", "hookimpl", "installed_plugins",
-    "kind_family", "load", "load_peft_low_rank_state", "merge", "peft_low_rank_state",
-    "project_in", "project_out", "peft_lora_config", "peft_lora_fields", "peft_patterns", "peft_tensor", "problems",
-    "read_header", "rewrites_base", "save",
-    "set_dense_weight", "stream_inputs", "trainable_parameters", "variants",
+    "adapter_names", "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model",
+    "check", "combine", "config", "dense_weight", "detach", "disabled", "export_peft",
+    "find_targets", "forward_mixed", "get_plugin_manager", "get_variant", "hook_kind", "hookimpl",
+    "installed_plugins", "kind_family", "load", "load_peft_adapters", "load_peft_low_rank_state",
+    "merge", "peft_lora_config", "peft_lora_fields", "peft_low_rank_state", "peft_patterns",
+    "peft_tensor", "problems", "project_in", "project_out", "read_header", "rewrites_base",
+    "rows", "save", "set_dense_weight", "set_trainable", "stream_inputs", "trainable_parameters",
+    "use", "using", "variants",
 ]
 
 

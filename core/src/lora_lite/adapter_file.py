@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .attach import STATE_ATTR, attach, attached, detach
+from .attach import DEFAULT, attach, check_can_attach, detach, one_adapter
+from .slots import as_adapter, slots
 from .config import AdapterConfig, with_resolved_targets
 from .errors import AdapterFileError, AdapterSaveError, AttachError, LoraLiteError
 from .file_checks import (FLOAT_DTYPES, MAX_TARGETS, check_entries, check_metadata, check_targets,
@@ -39,22 +40,22 @@ FORMAT = "lora-lite"
 FORMAT_VERSION = "1"
 
 
-def save(model, path) -> None:
-    """Write the attached adapter to ``path`` atomically (temp file in the same folder + rename).
+def save(model, path, name=None) -> None:
+    """Write the attached adapter (``name``, or the only one) to ``path`` atomically (temp file in
+    the same folder + rename). A named adapter's file is the same as a default one's: the name is
+    the model's, not the file's (``ll.load(..., name=)`` picks one).
 
     Re-saving over a file keeps its permissions (a new file gets 0666 minus the umask) and a
     symlink keeps pointing at the rewritten file. On failure the previous file is intact and the
     error (an ``AdapterSaveError``, an OSError) names ``path``.
     """
-    state = attached(model)
-    if state is None:
-        raise AttachError("nothing to save: no lora-lite adapter is attached to this model")
+    state = one_adapter(model, name, "save")
     tensors = {}
     for t in state.targets:
         persistent = t.layer.state_dict(keep_vars=True)
-        for name in state.tensor_names[t.name]:
-            if name in persistent:
-                tensors[f"{t.name}.{name}"] = persistent[name].detach().to("cpu").contiguous().clone()
+        for tensor, attr in slots(t.layer)[state.name].attrs.items():
+            if attr in persistent and attr in state.tensor_names[t.name]:
+                tensors[f"{t.name}.{tensor}"] = persistent[attr].detach().to("cpu").contiguous().clone()
     tensors.update(_param_file_tensors(state))
     tensors.update({k: v.detach().to("cpu").contiguous().clone()
                     for k, v in _heads.trainable_tensors(state).items()})
@@ -96,7 +97,7 @@ def _resolved_overrides(state) -> dict:
     ``overrides`` as resolved at attach, read from the layers (no regex is run)."""
     common, out = state.cfg.to_dict(), {}
     for t in state.targets:
-        own = t.layer._lora_cfg.to_dict()
+        own = slots(t.layer)[state.name].cfg.to_dict()
         diff = {k: v for k, v in own.items() if k != "overrides" and common.get(k) != v}
         if diff:
             out[t.name] = diff
@@ -162,14 +163,15 @@ def read_header(path) -> tuple[dict, dict]:
     return metadata, shapes
 
 
-def load(model, path, *, revision=None, subfolder=None) -> None:
-    """Attach the adapter stored at ``path`` to ``model`` (a fresh base). Everything is checked
+def load(model, path, *, revision=None, subfolder=None, name=DEFAULT) -> None:
+    """Attach the adapter stored at ``path`` to ``model`` under ``name`` (a fresh base, or one
+    holding other adapters under other names). Everything is checked
     before the model is touched; on any failure the model is left as it was. ``path`` may also be
     a PEFT adapter folder or a hub adapter id ("org/name", downloaded by huggingface_hub at
     ``revision``), either with the adapter in ``subfolder``: see ``lora_lite.peft_import``."""
     from .peft_import import is_peft_source, load_peft
     if is_peft_source(path):
-        return load_peft(model, path, revision, subfolder)
+        return load_peft(model, path, revision, subfolder, name=name)
     path = os.fspath(path)
     if revision is not None or subfolder is not None:
         raise AdapterFileError(f"{path}: revision / subfolder apply to PEFT adapter folders and "
@@ -177,26 +179,25 @@ def load(model, path, *, revision=None, subfolder=None) -> None:
     metadata, shapes = read_header(path)
     variant, cfg, stored_targets = _stored_adapter(path, metadata)
     cfg = with_resolved_targets(cfg, target_configs(path, metadata, cfg, stored_targets))
-    if attached(model) is not None:
-        raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
-                          "attached; call ll.detach(model) first")
+    check_can_attach(model, cfg, variant, name)
     targets = _resolve_targets(model, path, metadata, stored_targets)
     params = _stored_param_targets(model, path, metadata)
     heads = _stored_heads(model, path, metadata)
     expected = _expected_tensors(path, variant, cfg, stored_targets, shapes,
                                  {**_params.expected_param_tensors(variant, cfg, params), **heads})
     stored = _read_tensors(path, expected)
-    attach(model, cfg, _skip_group_init=True, _targets=targets, _param_targets=params)
+    state = attach(model, cfg, _skip_group_init=True, _targets=targets, _param_targets=params,
+                   name=name)
     try:
         with torch.no_grad():
-            state = attached(model)
             for t in state.targets:
-                for tname in state.tensor_names[t.name]:
-                    key = f"{t.name}.{tname}"
+                for tensor, attr in slots(t.layer)[name].attrs.items():
+                    key = f"{t.name}.{tensor}"
                     if key in stored:
-                        getattr(t.layer, tname).copy_(stored[key])
+                        getattr(t.layer, attr).copy_(stored[key])
                 if callable(getattr(variant, "after_load", None)):
-                    variant.after_load(t.layer, t.layer._lora_cfg)
+                    with as_adapter(t.layer, name):
+                        variant.after_load(t.layer, t.layer._lora_cfg)
             for key, tensor in _params.param_tensors(state).items():
                 if key in stored:
                     tensor.copy_(stored[key])
@@ -208,7 +209,7 @@ def load(model, path, *, revision=None, subfolder=None) -> None:
             for key, tensor in held.items():
                 tensor.copy_(stored[key])
     except BaseException:
-        detach(model)
+        detach(model, name=name)
         raise
 
 

@@ -4,7 +4,9 @@ Per base (fp32, bitsandbytes 4bit / 8bit): identity at init; gradients on every 
 adapter tensor and on nothing else; an optimizer step changes the output; attach rewrites the
 base weight exactly when ``rewrites_weight`` says so for the config; the base is not changed by
 training; save -> load on a fresh base reproduces the output; the file holds only
-adapter tensors; detach restores the state_dict bit for bit. On fp32, when the variant declares
+adapter tensors; detach restores the state_dict bit for bit; several named adapters of the
+variant switch, sum, share a mixed batch exactly, save / load and detach by name
+(``lora_lite.conformance_multi``). On fp32, when the variant declares
 them: PEFT parity (``peft_config`` + ``peft_state``) and merge exactness (``merged_weight``).
 The first failure raises ``VariantCheckFailed`` with a one-line reason; otherwise the measured
 figures are returned. An unregistered class is registered in-process for the duration.
@@ -18,6 +20,7 @@ import torch
 
 from .attach import attach, attached
 from .config import config as make_config
+from .conformance_multi import check_multi
 from .plugins import register_plugin, unregister_plugin, variant_problem, variants
 from .testbed import BASES, logits, make_batch, measure_invariants, model_maker, perturb
 from .variant import rewrites_base
@@ -37,13 +40,16 @@ def _fail(reason):
 
 def check_variant(variant, cfg=None, *, bases=("fp32",), calibration_data=None, batch=None,
                   bias=False, steps=2, lr=1e-2, identity_tol=1e-5, reload_tol=1e-5,
-                  parity_tol=1e-5, merge_tol=1e-5, peft=True, merge=True, **cfg_fields) -> dict:
+                  parity_tol=1e-5, merge_tol=1e-5, peft=True, merge=True, multi=True,
+                  mix_tol=None, **cfg_fields) -> dict:
     """Check ``variant`` (a class, registered or not, or a registered name) on tiny random Llamas.
 
     cfg: a config of the variant, else ``ll.config(name, **{r: 4, q_proj/v_proj} | cfg_fields)``.
     bases: any of "fp32", "4bit", "8bit"; bias: projections with random biases.
     identity_tol / reload_tol: a float, or {base: float}; tolerances on max |logit difference|.
     peft / merge: False skips those checks even when the variant declares them.
+    multi: the named-adapter checks of ``lora_lite.conformance_multi`` on every base (mix_tol:
+    the mixed-batch tolerance, default 1e-6 on fp32 and reload_tol on 4bit / 8bit).
     Returns {"variant", "trainable", "bases": {base: figures}, "peft_parity", "merge_err"}
     (None where a check did not apply).
     """
@@ -61,6 +67,10 @@ def check_variant(variant, cfg=None, *, bases=("fp32",), calibration_data=None, 
             tol = lambda t: t[base] if isinstance(t, dict) else t  # noqa: E731
             figures = _check_base(cls, cfg, base, batch, calibration_data, bias, steps, lr,
                                   tol(identity_tol), tol(reload_tol))
+            if multi and "skipped" not in figures:
+                mix = tol(mix_tol) if mix_tol is not None else (1e-6 if base == "fp32" else tol(reload_tol))
+                figures["multi"] = check_multi(_fail, cls, cfg, model_maker(base, bias=bias),
+                                               calibration_data, tol(reload_tol), mix)
             out["bases"][base] = figures
             out["trainable"] = figures["trainable"]
         _check_declarations(cls, cfg)

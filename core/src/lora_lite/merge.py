@@ -13,17 +13,17 @@ import torch
 from torch import nn
 
 from . import param_targets as _params  # parameter targets (fused MoE experts)
-from .attach import attached, detach
+from .attach import detach, one_adapter, registry
+from .slots import as_adapter
 from .errors import AttachError
 from .layer_kinds import UNQUANTIZED_KINDS, features
 from .weights import backend_for, dense_weight, forget_base_weight
 
 
-def merged_weights(model) -> dict:
-    """{target name: (W', b' or None)} of the attached adapter, fp32; nothing is changed."""
-    state = attached(model)
-    if state is None:
-        raise AttachError("nothing to merge: no lora-lite adapter is attached to this model")
+def merged_weights(model, name=None) -> dict:
+    """{target name: (W', b' or None)} of the attached adapter (``name``, or the only one), fp32;
+    nothing is changed."""
+    state = one_adapter(model, name, "merge")
     variant = state.variant
     if not getattr(variant, "mergeable", True):
         raise AttachError(f"variant {state.cfg.variant!r} cannot be merged: "
@@ -34,7 +34,8 @@ def merged_weights(model) -> dict:
     out = {}
     with torch.no_grad():
         for t in state.targets:
-            weight, bias = variant.merged_weight(t.layer, t.layer._lora_cfg)
+            with as_adapter(t.layer, state.name):
+                weight, bias = variant.merged_weight(t.layer, t.layer._lora_cfg)
             weight = weight.detach().float()
             if tuple(weight.shape) != (t.d_out, t.d_in):
                 raise AttachError(f"{t.name}: merged_weight gave shape {tuple(weight.shape)}, the "
@@ -52,8 +53,12 @@ def merge(model, dense: bool = False) -> dict:
     write_error = max|W_stored − W'| / max|W'| (0 on fp32, the requantization error on bnb, the
     cast error on bf16/fp16). ``dense=True`` replaces quantized layers by plain nn.Linear layers
     (fp32, or the layer's compute dtype) holding W' exactly."""
-    state = attached(model)
+    reg = registry(model)
+    if reg is not None and len(reg.states) > 1:
+        raise AttachError(f"this model has several adapters ({', '.join(reg.states)}); merge folds "
+                          "one: ll.detach(model, name=...) the others, or ll.combine them first")
     merged = merged_weights(model)
+    state = one_adapter(model, None, "merge")
     merged_params = _params.merged_params(state)
     variant_name = state.cfg.variant
     targets = list(state.targets)

@@ -21,7 +21,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .attach import attached
+from .attach import one_adapter
+from .slots import as_adapter
 from .errors import AttachError, ConfigError
 from .merge import merged_weights
 from .peft_lora import peft_lora_config, peft_low_rank_state
@@ -32,13 +33,12 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MODULE_PREFIX = "base_model.model."
 
 
-def export_peft(model, folder, as_lora_rank: int | None = None) -> dict:
+def export_peft(model, folder, as_lora_rank: int | None = None, name=None) -> dict:
     """Write ``folder``/adapter_config.json + adapter_model.safetensors; returns a report
     {"folder", "peft_type", "as_lora_rank", "layers": {name: {"relative_error"}} (SVD only),
-    "max_relative_error"}. Everything is computed before the folder is written."""
-    state = attached(model)
-    if state is None:
-        raise AttachError("nothing to export: no lora-lite adapter is attached to this model")
+    "max_relative_error"}. Everything is computed before the folder is written. ``name``: which
+    adapter (needed when the model holds several)."""
+    state = one_adapter(model, name, "export")
     names = [t.name for t in state.targets]
     if as_lora_rank is None:
         config, tensors, layers = _native(state, names)
@@ -76,7 +76,9 @@ def _native(state, names):
     tensors = {}
     with torch.no_grad():
         for t in state.targets:
-            for key, value in variant.peft_state(t.layer, t.layer._lora_cfg).items():
+            with as_adapter(t.layer, state.name):
+                pieces = variant.peft_state(t.layer, t.layer._lora_cfg)
+            for key, value in pieces.items():
                 value = value.detach().to("cpu").contiguous().clone()
                 if key.startswith("base_model."):  # shared by all targets
                     if key in tensors and not (tensors[key].shape == value.shape
@@ -99,7 +101,7 @@ def _as_lora(model, state, names, rank):
     if state.param_targets:
         raise AttachError("as_lora_rank does not convert parameter targets (fused experts); "
                           "export natively (PEFT's target_parameters take plain low-rank adapters)")
-    merged = merged_weights(model)
+    merged = merged_weights(model, name=state.name)
     tensors, layers = {}, {}
     with torch.no_grad():
         for t in state.targets:

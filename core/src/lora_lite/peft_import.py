@@ -20,7 +20,8 @@ import re
 import torch
 from safetensors import safe_open
 
-from .attach import attach, attached, detach
+from .attach import DEFAULT, attach, check_can_attach, detach
+from .slots import as_adapter
 from . import file_checks
 from .config import config as make_config, with_resolved_targets
 from .errors import AdapterFileError, AttachError, LoraLiteError
@@ -191,21 +192,22 @@ def read_tensors(weights) -> dict:
     return stored
 
 
-def load_peft(model, path, revision=None, subfolder=None) -> dict:
+def load_peft(model, path, revision=None, subfolder=None, name=DEFAULT) -> dict:
     """Attach the PEFT adapter at ``path`` (folder or hub id; a hub ``revision``, a
     ``subfolder`` of either) to ``model``; returns {"variant", "peft_type", "targets"}. On any
-    failure the model is left as it was."""
+    failure the model is left as it was. ``name``: the adapter's name on the model."""
+    adapter = name
     folder = resolve_folder(path, revision, subfolder)
     local = os.path.isdir(os.fspath(path))  # else a hub snapshot: links into the repo's blobs
     root = folder if local else hub_repo_root(folder, _checked_subfolder(path, subfolder))
     config, weights = read_peft_folder(folder, root)
     if config.get("target_parameters") or config.get("modules_to_save"):  # lora_lite.peft_params
         from .peft_params import load_peft_params
+        if adapter != DEFAULT:
+            raise AttachError(f"{folder}: a PEFT folder with target_parameters or modules_to_save "
+                              "loads as the model's one adapter for now; load it without name=")
         return load_peft_params(model, folder, config, weights)
     name, fields = variant_for(config, os.path.join(folder, CONFIG_FILE))
-    if attached(model) is not None:
-        raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
-                          "attached; call ll.detach(model) first")
     per_module = tensors_by_module(model, weights)
     names = sorted(per_module)
     fields = fields_for_tensors(name, fields, per_module, os.path.join(folder, CONFIG_FILE))
@@ -222,15 +224,17 @@ def load_peft(model, path, revision=None, subfolder=None) -> dict:
         raise AdapterFileError(f"{folder}: the adapter's modules {names[:3]} do not all resolve to "
                                "linear layers of this model")
     variant = get_variant(name)
+    check_can_attach(model, cfg, variant, adapter)
     check_adapter_sizes(os.path.join(folder, CONFIG_FILE), variant, cfg,
                         [t for t in find_targets(model, cfg)])
-    attach(model, cfg, _skip_group_init=True)
+    state = attach(model, cfg, _skip_group_init=True, name=adapter)
     try:
         with torch.no_grad():
-            for t in attached(model).targets:
-                variant.load_peft_state(t.layer, t.layer._lora_cfg, per_module[t.name])
+            for t in state.targets:
+                with as_adapter(t.layer, adapter):
+                    variant.load_peft_state(t.layer, t.layer._lora_cfg, per_module[t.name])
     except BaseException as e:
-        detach(model)
+        detach(model, name=adapter)
         if isinstance(e, (LoraLiteError, RuntimeError, ValueError, KeyError, TypeError, IndexError)):
             reason = short(" ".join(str(e).split()), 300)  # one line
             raise AdapterFileError(f"{folder}: the tensors do not fit variant {name!r}: "

@@ -89,6 +89,7 @@ class Variant:
     # cfg.rewrite_base). Ask ``rewrites_base(variant, cfg)``; check_variant holds it to the truth.
     rewrites_weight: bool = False
     needs_calibration: bool = False   # attach() must get calibration_data
+    mixed_batch: bool = True          # rows of a batch are independent (ll.rows may mix adapters)
     supports_quantized: bool = True   # works on bitsandbytes 4bit/8bit bases
     paper: str = ""
     # -- what lora-lite-cli's training and reports use (all optional) --------------------------

@@ -57,7 +57,17 @@ def figures_row(fig: dict) -> dict:
             "identity": {b: f.get("identity_err") for b, f in bases.items()},
             "reload": {b: f.get("reload_err") for b, f in bases.items()},
             "detach_bitexact": all(f.get("detach_bitexact", True) for f in bases.values()),
-            "peft_parity": fig["peft_parity"], "merge_err": fig["merge_err"]}
+            "peft_parity": fig["peft_parity"], "merge_err": fig["merge_err"],
+            "mixed": _mixed(bases)}
+
+
+def _mixed(bases) -> str:
+    """The named-adapter check in one cell: the worst mixed-batch error, or why none ran."""
+    multi = [f["multi"] for f in bases.values() if isinstance(f.get("multi"), dict)]
+    if any("multi" in m for m in multi):
+        return "refused"  # a base-rewriting variant: alone on its model
+    errs = [m["mix_err"] for m in multi if m.get("mix_err") is not None]
+    return _num(max(errs)) if errs else "-"
 
 
 def _markdown(rows, bases):
@@ -78,12 +88,12 @@ def _table(rows, bases):
     table = Table(title="lora-lite check (tiny random Llama, r=4 on q_proj/v_proj unless set; "
                   "max |logit difference|)", title_justify="left")
     for col in ["variant", *[f"identity {b}" for b in bases], *[f"reload {b}" for b in bases],
-                "PEFT parity", "merge", "trainable", "detach"]:
+                "PEFT parity", "merge", "mixed batch", "trainable", "detach"]:
         table.add_column(col, no_wrap=True)
     for r in rows:
         table.add_row(r["variant"], *[_num(r["identity"].get(b)) for b in bases],
                       *[_num(r["reload"].get(b)) for b in bases], _num(r["peft_parity"]),
-                      _num(r["merge_err"]), f"{r['trainable']:,}",
+                      _num(r["merge_err"]), r["mixed"], f"{r['trainable']:,}",
                       "bit-exact" if r["detach_bitexact"] else "[red]differs[/]")
     return table
 

@@ -1,13 +1,16 @@
-"""``lora-lite eval``: accuracy of a base model and of the same model with an adapter file."""
+"""``lora-lite eval``: accuracy of a base model and of the same model with an adapter file, or
+with each of several (``--adapter A --adapter B``: one base load, each attached under a name) and
+a weighted set of them (``--mix A=1,B=0.5``, names = the adapters' file stems)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from ..adapters import check_adapter, model_of_adapter
+from ..training.reporting import eval_summary as summary
 from ..app import (CLIError, app, console, dtype_option, err_console, handle_errors, json_option,
                    print_json, quantize_option, threads_option)
 
@@ -15,7 +18,7 @@ from ..app import (CLIError, app, console, dtype_option, err_console, handle_err
 @app.command("eval")
 @handle_errors
 def eval_command(
-    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter file (.safetensors written by lora-lite), a PEFT adapter folder, or a hub adapter id (org/name: its config and safetensors weights only, through huggingface_hub)."),
+    adapter: List[Path] = typer.Option(..., "--adapter", "-a", help="Repeatable. Adapter file (.safetensors written by lora-lite), a PEFT adapter folder, or a hub adapter id (org/name: its config and safetensors weights only, through huggingface_hub)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one recorded in the adapter file, else the embedded smollm2)."),
     eval_data: str = typer.Option("generated", "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
     limit: int = typer.Option(100, "--eval-limit", "--limit", "-n", help="Evaluate the first N items (0: all); the same option as train's --eval-limit."),
@@ -30,6 +33,7 @@ def eval_command(
     threads: Optional[int] = threads_option(),
     base: bool = typer.Option(True, "--base/--no-base", help="Also evaluate the base model."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Where to write per-item predictions (default: eval_predictions.jsonl next to the adapter)."),
+    mix: Optional[str] = typer.Option(None, "--mix", help="With several --adapter: also score this weighted set, e.g. A=1,B=0.5 (A, B: the adapters' file stems)."),
     as_json: bool = json_option(),
 ):
     """Accuracy (or held-out loss) of the base model and of the adapted model on held-out data.
@@ -48,7 +52,8 @@ def eval_command(
 
     if quantize not in (None, "4bit", "8bit"):
         raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
-    check_adapter(adapter)  # a missing / foreign / truncated / refused adapter fails before loading a model
+    adapters, mix_set = _checked(adapter, mix)  # bad adapters / --mix fail before a model loads
+    adapter = adapters[0]
     name = model or model_of_adapter(str(adapter))
     out = err_console if as_json else console
     try:
@@ -56,6 +61,8 @@ def eval_command(
         metric = data_mod.check_metric(metric, examples.format)
     except data_mod.DataError as e:
         raise CLIError(str(e), 2) from None
+    if metric == "loss" and len(adapters) > 1:
+        raise CLIError("--metric loss scores one --adapter at a time for now; run eval per adapter", 2)
     device = pick_device(device)
     set_threads(threads)
     with out.status(f"loading {name} ..."):
@@ -74,14 +81,15 @@ def eval_command(
         return res
 
     base_res = run("base model") if base else None
+    if len(adapters) > 1:
+        result = _several(ll, base_model, adapters, mix_set, run, base_res, name, examples)
+        return print_json(result) if as_json else _show_several(result)
     ll.load(base_model, adapter)
     adapted_res = run("adapted model")
     pred_path = str(predictions or _predictions_path(adapter))
     write_predictions(pred_path, base_res, adapted_res)
 
-    from ..training.reporting import eval_summary as summary
     key = "loss" if metric == "loss" else "accuracy"
-
     meta = {"variant": ll.attached(base_model).cfg.variant}
     result = {"adapter": str(adapter), "variant": meta.get("variant"), "model": name,
               "eval_data": examples.fingerprint(), "max_new_tokens": max_new_tokens,
@@ -114,3 +122,73 @@ def _predictions_path(adapter) -> Path:
     if Path(adapter).exists():
         return Path(adapter).with_name("eval_predictions.jsonl")
     return Path("eval_predictions.jsonl")
+
+
+def _checked(adapters, mix):
+    """The --adapter list, each checked (missing / foreign / truncated / refused), and --mix."""
+    adapters = list(adapters)
+    for path in adapters:
+        check_adapter(path)
+    return adapters, _mix(mix, adapters)
+
+
+def _stem(path) -> str:
+    return Path(path).name.removesuffix(".safetensors")
+
+
+def _mix(text, adapters):
+    """{adapter index: weight} of ``--mix A=1,B=0.5``, checked before any model loads."""
+    if text is None:
+        return None
+    import math
+    stems = [_stem(p) for p in adapters]
+    if len(adapters) < 2 or len(set(stems)) != len(stems):
+        raise CLIError("--mix needs two or more --adapter files with distinct names", 2)
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if key not in stems or not math.isfinite(weight) or stems.index(key) in out:
+            raise CLIError(f"--mix {text!r}: give NAME=WEIGHT pairs, NAME among {', '.join(stems)}, "
+                           "each once, with finite weights", 2)
+        out[stems.index(key)] = weight
+    return out
+
+
+def _several(ll, model, adapters, mix_set, run, base_res, name, examples) -> dict:
+    """Each adapter scored alone (and the --mix set), all on one loaded base."""
+    labels = [f"a{i}" for i in range(len(adapters))]
+    for label, path in zip(labels, adapters):
+        ll.load(model, path, name=label)
+    rows = []
+
+    def score(title, names, weights, path=None):
+        with ll.using(model, names, weights):
+            res = run(title)
+        if path is not None:
+            from ..training.reporting import write_predictions
+            write_predictions(str(_predictions_path(path).with_name(
+                f"eval_predictions.{_stem(path)}.jsonl")), base_res, res)
+        rows.append({"adapter": title, "variant": ll.attached(model, names[0]).cfg.variant,
+                     **summary(res),
+                     "gain": res["accuracy"] - base_res["accuracy"] if base_res else None})
+    for label, path in zip(labels, adapters):
+        score(str(path), [label], None, path)
+    if mix_set:
+        title = "mix " + ",".join(f"{_stem(adapters[i])}={w:g}" for i, w in mix_set.items())
+        score(title, [labels[i] for i in mix_set], list(mix_set.values()))
+    return {"model": name, "eval_data": examples.fingerprint(), "base": summary(base_res),
+            "adapters": rows}
+
+
+def _show_several(result):
+    from rich.table import Table
+    table = Table(title=f"{len(result['adapters'])} adapters on {result['model']}", title_justify="left")
+    for column in ("model", "accuracy", "correct"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in ([{"adapter": "base", **result["base"]}] if result["base"] else []) + result["adapters"]:
+        table.add_row(row["adapter"], f"{100 * row['accuracy']:.1f}%", f"{row['correct']}/{row['n']}")
+    console.print(table)

@@ -67,6 +67,21 @@ class LoRA(ll.Variant):
         W = ll.dense_weight(layer)                                   # (d_out, d_in) fp32
         return W + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float()), None
 
+    # -- combining (ll.combine): read the factors, and be what a combination is made of -------
+    @staticmethod
+    def lowrank_factors(layer, cfg):
+        return layer.lora_A, layer.lora_B, cfg.scale                 # delta = scale · B A
+
+    @staticmethod
+    def lowrank_config(rank, target_names):
+        return LoRAConfig(r=rank, alpha=float(rank), target_names=tuple(target_names),
+                          target_roles=())                           # unit scale, as PEFT's
+
+    @staticmethod
+    def load_lowrank(layer, cfg, A, B):
+        layer.lora_A.copy_(A.to(layer.lora_A.dtype))
+        layer.lora_B.copy_(B.to(layer.lora_B.dtype))
+
     @staticmethod
     def param_delta(view, cfg):
         # parameter targets (fused MoE experts): A (E, r, d_in), B (E, d_out, r) -> (E, d_out, d_in)
