@@ -18,10 +18,7 @@ from lora_lite.tiny_models import ARCHS
 from tiny_knobs import NOT_IDENTITY_AT_INIT, TINY_KNOBS
 
 VARIANTS = sorted(ll.variants())
-# Open defect (found when the parameter targets met the tiny GPT-OSS): OFT/BOFT on GPT-OSS's
-# transposed (E, in, out) expert parameters attach as the identity but their rotations get no
-# gradient. Strict, so the mark must go when it is fixed.
-OPEN_DEFECTS = {("gpt_oss", "oft"), ("gpt_oss", "boft")}
+OPEN_DEFECTS: set = set()  # (arch, variant) cells known to fail, marked xfail(strict=True)
 
 
 @pytest.mark.parametrize("layers", [None, (0,)], ids=["all", "block0"])

@@ -37,6 +37,7 @@ from .errors import AttachError
 from .variant import make_tensor
 
 SEP = "__"           # tensor name = f"{spec name}{SEP}{parameter name}"
+_HOOKS_ATTR = "_lora_param_hooks"  # the owning module's two hook handles
 _OFF = "_lora_off"   # the flag attach.disabled() sets on every target layer
 _PARAMS_ATTR = "_lora_param_targets"
 
@@ -180,8 +181,8 @@ def attach_params(model, state, generator) -> None:
         by_module.setdefault(id(pt.module), (pt.module, []))[1].append((pt, cfg))
     for module, entries in by_module.values():
         module.__dict__[_PARAMS_ATTR] = (variant, entries)
-        state.handles.append(module.register_forward_pre_hook(_substitute))
-        state.handles.append(module.register_forward_hook(_put_back, always_call=True))
+        module.__dict__[_HOOKS_ATTR] = (module.register_forward_pre_hook(_substitute),
+                                        module.register_forward_hook(_put_back, always_call=True))
 
 
 def undo_params(state) -> None:
@@ -190,6 +191,8 @@ def undo_params(state) -> None:
         module.__dict__.pop(pt.param, None)
         module.__dict__.pop(_PARAMS_ATTR, None)
         module.__dict__.pop(_OFF, None)
+        for handle in module.__dict__.pop(_HOOKS_ATTR, ()):
+            handle.remove()
         for name in state.tensor_names.get(pt.name, []):
             if name in module._parameters:
                 del module._parameters[name]

@@ -211,10 +211,9 @@ class BOFT(ll.Variant):
     @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)                            # (d_out, d_in) fp32
-        with torch.no_grad():
-            eye = torch.eye(W.shape[1], dtype=torch.float32, device=layer.lora_R.device)
-            M = apply_butterfly(eye, cayley_blocks(layer.lora_R.float()))
-        return layer.lora_s.detach().float()[:, None] * (W @ M.T), None
+        eye = torch.eye(W.shape[1], dtype=torch.float32, device=layer.lora_R.device)
+        M = apply_butterfly(eye, cayley_blocks(layer.lora_R.float()))   # differentiable: see OFT's
+        return layer.lora_s.float()[:, None] * (W @ M.T), None
 
     @staticmethod
     def peft_config(cfg, target_names):

@@ -91,11 +91,10 @@ def rotation_blocks(layer, cfg, d_in) -> torch.Tensor:
 
 
 def merged_rotation(layer, cfg, d_in) -> torch.Tensor:
-    """R (d_in, d_in) with x' = x R, built by rotating the identity's rows (merge only)."""
+    """R (d_in, d_in) with x' = x R, built by rotating the identity's rows; differentiable in
+    lora_R (parameter targets train through merged_weight)."""
     eye = torch.eye(d_in, dtype=torch.float32, device=layer.lora_R.device)
-    with torch.no_grad():
-        blocks = rotation_blocks(layer, cfg, d_in).float()
-    return rotate_blocks(eye, blocks)
+    return rotate_blocks(eye, rotation_blocks(layer, cfg, d_in).float())
 
 
 def peft_type_of(peft_config) -> str:
