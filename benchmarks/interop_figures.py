@@ -22,11 +22,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
+from interop_cases import THIRD_PARTY, THIRD_PARTY_SRC, adapted_model, installed, rel_err  # noqa: E402
+
 import lora_lite as ll  # noqa: E402
 import lora_lite.plugins as plugins  # noqa: E402
 from lora_lite.testing import logits, make_batch, quantize, same_kernel_logits, tiny_llama  # noqa: E402
-from interop_cases import (THIRD_PARTY, THIRD_PARTY_SRC, adapted_model,  # noqa: E402
-                           installed, rel_err)
 
 BATCH = make_batch()
 

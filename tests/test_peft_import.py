@@ -7,11 +7,13 @@ import os
 
 import pytest
 import torch
+from interop_cases import (
+    rel_err,
+    third_party_variant,  # noqa: F401  (fixture)
+)
 
 import lora_lite as ll
 from lora_lite.testing import logits, make_batch, snapshot_state, state_equal, tiny_llama
-from interop_cases import third_party_variant  # noqa: F401  (fixture)
-from interop_cases import rel_err
 
 peft = pytest.importorskip("peft")
 BATCH = make_batch()

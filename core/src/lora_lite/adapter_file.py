@@ -24,16 +24,25 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .attach import DEFAULT, attach, check_can_attach, detach, one_adapter
-from .slots import as_adapter, slots
-from .config import AdapterConfig, with_resolved_targets
-from .errors import AdapterFileError, AdapterSaveError, AttachError, LoraLiteError
-from .file_checks import (FLOAT_DTYPES, MAX_TARGETS, check_entries, check_metadata, check_targets,
-                          read_json_header, short, stored_json, target_configs)
-from .plugins import _version, get_variant, origin_mismatch, variant_origin
-from .layer_kinds import features, is_adaptable
 from . import param_targets as _params  # parameter targets (fused MoE experts)
 from . import trainable_modules as _heads  # modules trained in full (PEFT's modules_to_save)
+from .attach import DEFAULT, attach, check_can_attach, detach, one_adapter
+from .config import AdapterConfig, with_resolved_targets
+from .errors import AdapterFileError, AdapterSaveError, LoraLiteError
+from .file_checks import (
+    FLOAT_DTYPES,
+    MAX_TARGETS,
+    check_entries,
+    check_metadata,
+    check_targets,
+    read_json_header,
+    short,
+    stored_json,
+    target_configs,
+)
+from .layer_kinds import features, is_adaptable
+from .plugins import _version, get_variant, origin_mismatch, variant_origin
+from .slots import as_adapter, slots
 from .targets import Target
 
 FORMAT = "lora-lite"

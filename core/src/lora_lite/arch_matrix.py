@@ -158,7 +158,9 @@ def placement(arch, variant) -> dict:
     count, "left_out": {"output head", "embeddings", "convolutions", "fused experts" (modules
     holding 3-D parameters), "other linear": counts}} (docs/models.md's table)."""
     import re
+
     from torch import nn
+
     from .layer_kinds import kind_family
     from .targets import linear_layers, output_head_ids
     model = ARCHS[arch].build()

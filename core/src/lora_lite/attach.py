@@ -26,8 +26,18 @@ from .errors import AttachError
 from .layer_kinds import check_layer_kinds
 from .plugins import get_variant, variant_origin
 from .routing import OFF, ROUTING, Routing, adapter_dtype, disabled, input_hook, output_hook  # noqa: F401
-from .slots import DEFAULT, SCRATCH, SLOTS, Slot, as_adapter, as_adapter_everywhere, check_name
-from .slots import set_scratch, slots, stored_name
+from .slots import (
+    DEFAULT,
+    SCRATCH,
+    SLOTS,
+    Slot,
+    as_adapter,
+    as_adapter_everywhere,
+    check_name,
+    set_scratch,
+    slots,
+    stored_name,
+)
 from .targets import Target, find_targets
 from .variant import hook_kind, make_tensor, rewrites_base
 from .weights import guard_training, restore_base_weight

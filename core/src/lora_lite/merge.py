@@ -14,9 +14,9 @@ from torch import nn
 
 from . import param_targets as _params  # parameter targets (fused MoE experts)
 from .attach import detach, one_adapter, registry
-from .slots import as_adapter
 from .errors import AttachError
 from .layer_kinds import UNQUANTIZED_KINDS, features
+from .slots import as_adapter
 from .weights import backend_for, dense_weight, forget_base_weight
 
 

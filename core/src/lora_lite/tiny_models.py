@@ -19,8 +19,8 @@ through two Conv1d. Also as functions: ``tiny_qwen3_moe()``, ``tiny_mixtral()``,
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -16,8 +16,9 @@ contract; ``lora_lite.testing.check_variant`` checks a variant against it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 import torch
 

@@ -3,19 +3,26 @@
 explicit dense reference W_res + U C diag(S) Vh (PEFT has none of these methods), the residual
 rebuilt at load after a data-driven re-selection, the Cayley rotation, the arrow block,
 gradients at step 0, config validation."""
-import copy
-import os
 import warnings
 
 import pytest
 import torch
-
-import lora_lite as ll
-from lora_lite.testing import (BASES, check_variant, logits, make_batch, model_maker, quantize,
-                               snapshot_state, state_equal, tiny_llama)
 from lora_lite_antipasto import residual_error
 from lora_lite_antipasto.antipasto_rot import cayley_blocks
 from lora_lite_antipasto.basis import direction_scores
+
+import lora_lite as ll
+from lora_lite.testing import (
+    BASES,
+    check_variant,
+    logits,
+    make_batch,
+    model_maker,
+    quantize,
+    snapshot_state,
+    state_equal,
+    tiny_llama,
+)
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (check_variant, logits, make_batch, measure_invariants, quantize,
-                               tiny_llama)
+from lora_lite.testing import check_variant, logits, make_batch, measure_invariants, quantize, tiny_llama
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (BASES, backward_lm, check_variant, logits, make_batch,
-                               model_maker, peft_layer_pairs, tiny_llama, train_steps)
+from lora_lite.testing import (
+    BASES,
+    backward_lm,
+    check_variant,
+    logits,
+    make_batch,
+    model_maker,
+    peft_layer_pairs,
+    train_steps,
+)
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 

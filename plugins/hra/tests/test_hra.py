@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (bf16_figures, check_variant, logits, make_batch, model_maker,
-                               perturb, tiny_llama)
+from lora_lite.testing import bf16_figures, check_variant, logits, make_batch, model_maker, perturb, tiny_llama
 from lora_lite.weights import guard_training
 
 KWARGS = dict(r=4, target_names=[r"q_proj$", r"v_proj$"])

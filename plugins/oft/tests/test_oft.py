@@ -5,13 +5,13 @@ factor-by-factor paths, never a d_in × d_in matrix in the hook, config validati
 import copy
 import warnings
 
+import lora_lite_oft.boft as boft_module
 import pytest
 import torch
+from lora_lite_oft.rotations import rotate_blocks
 
 import lora_lite as ll
-import lora_lite_oft.boft as boft_module
 from lora_lite.testing import check_variant, logits, make_batch, quantize, tiny_llama
-from lora_lite_oft.rotations import rotate_blocks
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 

@@ -27,8 +27,15 @@ from ..models import describe, load_model
 from . import fsdp as fsdp_mod
 from . import runtime
 from .batching import Batches, count_supervised, encode, loss_sum, model_inputs, pack
-from .checkpoints import (CHECKPOINT_DIR, PORTABLE, load_portable_optimizer_state,
-                          portable_optimizer_state, read_shard, save_checkpoint, save_shard)
+from .checkpoints import (
+    CHECKPOINT_DIR,
+    PORTABLE,
+    load_portable_optimizer_state,
+    portable_optimizer_state,
+    read_shard,
+    save_checkpoint,
+    save_shard,
+)
 from .loop import Outcome, Trainer, TrainState, adapter_snapshot
 from .reporting import Reporter, eval_summary, train_metrics, write_json, write_run_files
 from .settings import Settings, TrainError, build_config

@@ -23,7 +23,6 @@ from . import shims
 from .settings import Settings, TrainError
 from .shims import cpu_fsdp_plugin  # noqa: F401  (tests, older imports)
 
-
 # torch.compile backend for --compile: inductor, or what LORA_LITE_COMPILE_BACKEND names (one
 # accelerate knows, e.g. "aot_eager" to debug, or "eager", dynamo's graph capture without
 # inductor's code generation: seconds instead of minutes, which the tests use)
