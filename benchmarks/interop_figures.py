@@ -53,7 +53,7 @@ def merge_errors(name):
     ll.merge(model)
     row = {"merge_fp32": rel_err(logits(model, BATCH), adapted)}
     for kind in ("4bit", "8bit"):
-        model, _ = adapted_model(name, make_model=lambda: quantize(tiny_llama(), kind))
+        model, _ = adapted_model(name, make_model=lambda kind=kind: quantize(tiny_llama(), kind))
         adapted = same_kernel_logits(model, BATCH)
         report = ll.merge(model)
         row[f"requant_{kind}"] = report["max_write_error"]

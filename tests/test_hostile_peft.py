@@ -32,7 +32,7 @@ def good_folder(tmp_path_factory):
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4,
                                                               target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     model.save_pretrained(str(folder))

@@ -42,7 +42,7 @@ def peft_folder(config, folder, seed=3):
     model = peft.get_peft_model(tiny_llama(), config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     model.eval().save_pretrained(str(folder))

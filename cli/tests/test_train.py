@@ -119,7 +119,8 @@ def test_grad_accum_and_jsonl_data(tiny_dir, tmp_path):
     assert one["data"]["train"]["kind"] == "jsonl" and one["data"]["eval"]["n"] == 3
     assert one["data"]["train"]["sha256"] == two["data"]["train"]["sha256"]
     assert two["train"]["losses"] == pytest.approx(one["train"]["losses"], rel=1e-5)
-    a, b = adapter_tensors(tmp_path / "b4" / "adapter.safetensors"), adapter_tensors(tmp_path / "b2x2" / "adapter.safetensors")
+    a = adapter_tensors(tmp_path / "b4" / "adapter.safetensors")
+    b = adapter_tensors(tmp_path / "b2x2" / "adapter.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 

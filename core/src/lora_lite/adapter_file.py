@@ -10,7 +10,8 @@ and, when the config has per-target ``overrides``, target_overrides (JSON {targe
 A file is untrusted input. ``read_header`` checks its structure and bounds what it may hold
 (``MAX_*`` in ``lora_lite.file_checks``); ``load`` attaches to the stored, resolved target list
 (and per-target overrides) and never re-runs the stored ``target_names`` / ``exclude_names`` /
-``overrides`` regexes over the model's module names, so no file can make loading slow. Tensors must be floating point and finite. Every refusal is an
+``overrides`` regexes over the model's module names, so no file can make loading slow. Tensors must be floating point
+and finite. Every refusal is an
 ``AdapterFileError`` raised before the model is touched.
 """
 from __future__ import annotations

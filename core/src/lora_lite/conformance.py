@@ -64,13 +64,13 @@ def check_variant(variant, cfg=None, *, bases=("fp32",), calibration_data=None, 
         batch = batch if batch is not None else make_batch()
         out = {"variant": cls.name, "bases": {}, "peft_parity": None, "merge_err": None}
         for base in bases:
-            tol = lambda t: t[base] if isinstance(t, dict) else t  # noqa: E731
+            reload = _per_base(reload_tol, base)
             figures = _check_base(cls, cfg, base, batch, calibration_data, bias, steps, lr,
-                                  tol(identity_tol), tol(reload_tol))
+                                  _per_base(identity_tol, base), reload)
             if multi and "skipped" not in figures:
-                mix = tol(mix_tol) if mix_tol is not None else (1e-6 if base == "fp32" else tol(reload_tol))
+                mix = _per_base(mix_tol, base) if mix_tol is not None else (1e-6 if base == "fp32" else reload)
                 figures["multi"] = check_multi(_fail, cls, cfg, model_maker(base, bias=bias),
-                                               calibration_data, tol(reload_tol), mix)
+                                               calibration_data, reload, mix)
             out["bases"][base] = figures
             out["trainable"] = figures["trainable"]
         _check_declarations(cls, cfg)
@@ -79,6 +79,11 @@ def check_variant(variant, cfg=None, *, bases=("fp32",), calibration_data=None, 
             out.update(_check_fp32_extras(cls, cfg, batch, calibration_data, bias, parity_tol,
                                           merge_tol, peft, merge))
     return out
+
+
+def _per_base(tol, base):
+    """A tolerance given per base ({base: value}) or one for all."""
+    return tol[base] if isinstance(tol, dict) else tol
 
 
 def _defaults(cls) -> dict:

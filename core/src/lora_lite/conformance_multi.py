@@ -38,7 +38,7 @@ def check_multi(fail, cls, cfg, make_model, calibration_data, tol, rows_tol) -> 
             return {"multi": "refused: the variant rewrites the base"}
         fail("a second adapter was attached next to one that rewrites the base weight; "
              "attach must refuse it")
-    for i, name in enumerate(NAMES[1:], start=1):
+    for name in NAMES[1:]:
         attach(model, cfg, calibration_data=calibration_data, name=name)
     for i, name in enumerate(NAMES):
         _move_off_init(model, name, seed=10 + i)

@@ -65,7 +65,8 @@ def merge(model, dense: bool = False) -> dict:
     from .trainable_modules import keep_trained
     keep_trained(state)  # trained heads keep their trained values
     detach(model)
-    _params.write_merged_params(model, merged_params)  # hooks, tensors, scratch and snapshots gone; base weights as they were
+    # hooks, tensors, scratch and snapshots gone; base weights as they were
+    _params.write_merged_params(model, merged_params)
     modules = dict(model.named_modules())
     layers = {}
     with torch.no_grad():

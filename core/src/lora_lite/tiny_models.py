@@ -1,4 +1,5 @@
-"""Tiny random models of 21 architectures (decoders, MoE decoders, encoders, seq2seq, vision, audio), built from transformers configs (no download), for tests.
+"""Tiny random models of 21 architectures (decoders, MoE decoders, encoders, seq2seq, vision, audio), built from
+transformers configs (no download), for tests.
 
     from lora_lite.tiny_models import ARCHS, build
     model, batch = build("gpt2")               # fp32, eval mode, 2 blocks, width 32

@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
-Init = Union[str, Callable[[torch.Tensor, torch.Generator], None]]
+Init = str | Callable[[torch.Tensor, torch.Generator], None]
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,9 @@ def quantized_reference_errors(base, seed=0):
         undo = guard_training(model)
         same_kernel, wrong_order = layer(xR), layer(xR_wrong)
         undo()
-    err = lambda a: (got - a).abs().max().item()
+
+    def err(a):
+        return (got - a).abs().max().item()
     return err(same_kernel), err(dense), err(wrong_order), got.abs().max().item()
 
 

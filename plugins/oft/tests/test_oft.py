@@ -199,7 +199,7 @@ def test_export_to_peft_and_gradients(variant, peft_butterfly, tmp_path):
     mine = [p.grad for p in ll.trainable_parameters(ours)]
     peft_grads = [p.grad for n, p in theirs.named_parameters() if p.requires_grad]
     assert len(mine) == len(peft_grads)
-    for a, b in zip(mine, peft_grads):
+    for a, b in zip(mine, peft_grads, strict=True):
         assert (a.reshape(-1) - b.reshape(-1)).abs().max() <= 1e-5 * b.abs().max() + 1e-9
 
 

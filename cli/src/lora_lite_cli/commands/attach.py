@@ -75,7 +75,9 @@ def attach_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub name."),
     targets: list[str] | None = typer.Option(
-        None, "--targets", "-t", help="Regex on layer names, repeatable (default: the variant's own, else q_proj$ and v_proj$)."),
+        None, "--targets", "-t",
+        help="Regex on layer names, repeatable (default: the variant's own, else q_proj$ and v_proj$).",
+    ),
     rank: int | None = rank_option(),
     alpha: float | None = typer.Option(None, "--alpha", help="LoRA scale numerator: s = alpha / r."),
     layers: str | None = layers_option(),
@@ -83,12 +85,17 @@ def attach_command(
     dtype: str = dtype_option(),
     quantize: str | None = quantize_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the adapter's random init."),
-    save: Path | None = typer.Option(None, "--save", help="Write the freshly attached adapter to this .safetensors file."),
+    save: Path | None = typer.Option(
+        None, "--save",
+        help="Write the freshly attached adapter to this .safetensors file.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Attach a variant to a model and show what it touched and its identity error.
 
-    Lists the adapted layers (name, role, shape, adapter parameters), the total trainable parameters and the identity error at init: max |logit difference| between base and adapted model on a fixed random 2x16 input. --save writes the initial adapter.
+    Lists the adapted layers (name, role, shape, adapter parameters), the total trainable parameters and the identity
+    error at init: max |logit difference| between base and adapted model on a fixed random 2x16 input. --save writes the
+    initial adapter.
     """
     import torch
 

@@ -30,11 +30,20 @@ def combine_command(
     adapters: list[Path] = typer.Argument(..., help="Adapter files (.safetensors) or PEFT folders, of one base model."),
     output: Path = typer.Option(..., "--output", "-o", help="The combined adapter file to write (.safetensors)."),
     how: str = typer.Option("svd", "--how", help="linear, cat, svd, ties, dare_linear, dare_ties or magnitude_prune."),
-    weights: str | None = typer.Option(None, "--weights", "-w", help="Comma-separated weights, one per adapter (default 1 each)."),
-    rank: int | None = typer.Option(None, "--rank", "-r", help="svd: the rank of the result (default: the largest rank)."),
+    weights: str | None = typer.Option(
+        None, "--weights", "-w",
+        help="Comma-separated weights, one per adapter (default 1 each).",
+    ),
+    rank: int | None = typer.Option(
+        None, "--rank", "-r",
+        help="svd: the rank of the result (default: the largest rank).",
+    ),
     density: float | None = typer.Option(None, "--density", help="ties / dare / magnitude_prune: the fraction kept."),
     seed: int = typer.Option(0, "--seed", help="dare: the seed of the random pruning."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Base model (default: the one recorded with the first adapter)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m",
+        help="Base model (default: the one recorded with the first adapter).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """Combine adapters into one new adapter file."""
@@ -50,7 +59,7 @@ def combine_command(
     with out.status(f"loading {name} ..."):
         base, _ = load_base_model(name, "float32")
     names = [f"a{i}" for i in range(len(adapters))]
-    for label, path in zip(names, adapters):
+    for label, path in zip(names, adapters, strict=True):
         ll.load(base, path, name=label)
     report = ll.combine(base, names, ws, how=how, name="combined", rank=rank, density=density,
                         seed=seed)

@@ -57,12 +57,31 @@ class SweepUI:
 @handle_errors
 def compare_command(
     ctx: typer.Context,
-    variants: list[str] | None = typer.Option(None, "--variants", help="Variants to compare, space- or comma-separated (default: every installed variant)."),
-    sets: list[str] | None = typer.Option(None, "--set", help="One variant's setting, VARIANT.name=value, repeatable: lr, rank, alpha, targets, layers, calibration, schedule, warmup, weight_decay, grad_clip, or a knob of its config (e.g. --set hra.lr=1e-3 --set hra.r=4)."),
-    seeds: int = typer.Option(1, "--seeds", help="Seeds per variant, from --seed on (default: 1): mean and spread per variant."),
-    force: list[str] | None = typer.Option(None, "--force", help="Re-run this variant even if its result is stored (repeatable)."),
-    output: Path = typer.Option(Path("lora-lite-compare"), "--output", "-o", help="Output folder: results.json, results.md, PNG plots, report.html, runs/."),
-    markdown: bool = typer.Option(False, "--markdown", help="Print the results table as Markdown on stdout (for a README)."),
+    variants: list[str] | None = typer.Option(
+        None, "--variants",
+        help="Variants to compare, space- or comma-separated (default: every installed variant).",
+    ),
+    sets: list[str] | None = typer.Option(
+        None, "--set",
+        help="One variant's setting, VARIANT.name=value, repeatable: lr, rank, alpha, targets, layers, calibration, "
+        "schedule, warmup, weight_decay, grad_clip, or a knob of its config (e.g. --set hra.lr=1e-3 --set hra.r=4).",
+    ),
+    seeds: int = typer.Option(
+        1, "--seeds",
+        help="Seeds per variant, from --seed on (default: 1): mean and spread per variant.",
+    ),
+    force: list[str] | None = typer.Option(
+        None, "--force",
+        help="Re-run this variant even if its result is stored (repeatable).",
+    ),
+    output: Path = typer.Option(
+        Path("lora-lite-compare"), "--output", "-o",
+        help="Output folder: results.json, results.md, PNG plots, report.html, runs/.",
+    ),
+    markdown: bool = typer.Option(
+        False, "--markdown",
+        help="Print the results table as Markdown on stdout (for a README).",
+    ),
 ):
     """Train each variant on the same data, budget and seed, back to back, and compare them.
 

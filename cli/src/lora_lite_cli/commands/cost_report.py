@@ -165,9 +165,14 @@ def cost_report_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub name."),
     variants: list[str] | None = typer.Option(
-        None, "--variants", help="Variants to measure: --variants lora hra, --variants lora,hra or the option repeated (default: every installed one)."),
+        None, "--variants",
+        help="Variants to measure: --variants lora hra, --variants lora,hra or the option repeated "
+        "(default: every installed one).",
+    ),
     targets: list[str] | None = typer.Option(
-        None, "--targets", "-t", help="Regex on layer names, repeatable (default: each variant's own, else q_proj$ and v_proj$)."),
+        None, "--targets", "-t",
+        help="Regex on layer names, repeatable (default: each variant's own, else q_proj$ and v_proj$).",
+    ),
     rank: int | None = rank_option(),
     layers: str | None = layers_option(),
     sets: list[str] | None = typer.Option(
@@ -180,14 +185,17 @@ def cost_report_command(
     quantize: str | None = quantize_option(),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
     compare: str | None = typer.Option(
-        None, "--compare", help="'peft': add PEFT's row for every variant PEFT also has, measured interleaved in the same run."),
+        None, "--compare",
+        help="'peft': add PEFT's row for every variant PEFT also has, measured interleaved in the same run.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     as_markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables."),
     out: Path | None = typer.Option(None, "--out", help="Also write the report as JSON to this file."),
 ):
     """Measure what each variant costs on one model, optionally next to PEFT.
 
-    Trainable parameters, added MACs per token (analytic, checked against torch's FlopCounterMode: FLOPs = 2 x MACs), forward and training-step time (medians), peak memory and init time. A base row (full fine-tuning) comes first.
+    Trainable parameters, added MACs per token (analytic, checked against torch's FlopCounterMode: FLOPs = 2 x MACs),
+    forward and training-step time (medians), peak memory and init time. A base row (full fine-tuning) comes first.
     """
     from .. import cost
 

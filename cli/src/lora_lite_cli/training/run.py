@@ -300,7 +300,7 @@ class Run:
         write_json(os.path.join(out_dir, "metrics.json"), self.metrics)
 
     def finish(self, state: TrainState, outcome: Outcome, base_eval) -> RunResult:
-        s, acc, model = self.s, self.acc, self.model
+        s, model = self.s, self.model
         model.eval()
         self.times["train_s"] = state.train_s
         sanity = state.sanity
