@@ -20,6 +20,7 @@ import json
 import os
 import stat
 import tempfile
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -173,12 +174,13 @@ def read_header(path) -> tuple[dict, dict]:
     return metadata, shapes
 
 
-def load(model, path, *, revision=None, subfolder=None, name=DEFAULT) -> None:
+def load(model, path, *, revision=None, subfolder=None, name=DEFAULT) -> dict | None:
     """Attach the adapter stored at ``path`` to ``model`` under ``name`` (a fresh base, or one
     holding other adapters under other names). Everything is checked
     before the model is touched; on any failure the model is left as it was. ``path`` may also be
     a PEFT adapter folder or a hub adapter id ("org/name", downloaded by huggingface_hub at
-    ``revision``), either with the adapter in ``subfolder``: see ``lora_lite.peft_import``."""
+    ``revision``), either with the adapter in ``subfolder``: see ``lora_lite.peft_import``
+    (which returns its report; None for a lora-lite file)."""
     from .peft_import import is_peft_source, load_peft
     if is_peft_source(path):
         return load_peft(model, path, revision, subfolder, name=name)
@@ -221,9 +223,10 @@ def load(model, path, *, revision=None, subfolder=None, name=DEFAULT) -> None:
     except BaseException:
         detach(model, name=name)
         raise
+    return None
 
 
-def _stored_adapter(path, metadata) -> tuple[type, AdapterConfig, list]:
+def _stored_adapter(path, metadata) -> tuple[Any, AdapterConfig, list]:
     """(variant class, config, target list) the metadata describes, each checked."""
     variant_name = metadata.get("variant", "")
     if not variant_name:

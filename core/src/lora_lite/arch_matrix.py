@@ -29,7 +29,7 @@ from .targets import find_targets, layer_index
 from .testing import snapshot_state, state_equal
 from .tiny_models import ARCHS
 
-_BASES = {}
+_BASES: dict = {}
 
 
 def base(arch):
@@ -127,7 +127,9 @@ def merge_error(pristine, path, arch, batch, trained):
     from .merge import merge
     model = copy.deepcopy(pristine)
     load(model, path)
-    variant = attached(model).variant
+    state = attached(model)
+    assert state is not None, "load attached the adapter"
+    variant = state.variant
     if not getattr(variant, "mergeable", True) or not callable(getattr(variant, "merged_weight", None)):
         return None
     merge(model)

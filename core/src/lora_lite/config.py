@@ -10,7 +10,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -149,7 +149,7 @@ class AdapterConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown} for variant "
                               f"{d.get('variant')!r}; known fields: {sorted(known)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return target(**kwargs)
 
     @classmethod

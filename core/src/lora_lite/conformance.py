@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import NoReturn
 
 import torch
 
@@ -34,7 +35,7 @@ class VariantCheckFailed(AssertionError):
     """A variant broke an invariant of the contract; the message says which, in one line."""
 
 
-def _fail(reason):
+def _fail(reason) -> NoReturn:
     raise VariantCheckFailed(" ".join(str(reason).split()))
 
 
@@ -180,7 +181,7 @@ def _check_fp32_extras(cls, cfg, batch, calibration_data, bias, parity_tol, merg
     ours_out, base_out = logits(ours, batch), logits(base, batch)
     if not (ours_out - base_out).abs().max().item() > 10 * parity_tol:
         _fail("the perturbed adapter still computes the identity: parity would prove nothing")
-    out = {}
+    out: dict[str, float | None] = {}
     if merge and callable(getattr(cls, "merged_weight", None)):
         out["merge_err"] = _merge_error(cls, ours, merge_tol)
     if peft and callable(getattr(cls, "peft_config", None)):
@@ -192,9 +193,11 @@ def _merge_error(cls, model, tol) -> float:
     """max over targets of |layer(x) - (x W'^T + b')| / max(1, |layer(x)|) on random x."""
     worst = 0.0
     g = torch.Generator().manual_seed(0)
+    state = attached(model)
+    assert state is not None, "the conformance model has an adapter attached"
     with torch.no_grad():
-        for t in attached(model).targets:
-            W, b = cls.merged_weight(t.layer, attached(model).cfg)
+        for t in state.targets:
+            W, b = cls.merged_weight(t.layer, state.cfg)
             if tuple(W.shape) != (t.d_out, t.d_in):
                 _fail(f"merged_weight of {t.name} has shape {tuple(W.shape)}, expected "
                       f"{(t.d_out, t.d_in)}")
@@ -213,13 +216,14 @@ def _peft_parity(cls, cfg, ours, ours_out, base, batch, tol) -> float | None:
     import peft
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     state = attached(ours)
+    assert state is not None, "the conformance model has an adapter attached"
     names = [t.name for t in state.targets]
     spec = cls.peft_config(cfg, names)
     if spec is None:
         return None  # PEFT has no counterpart
     spec = {**copy.deepcopy(spec), "target_modules": names}  # as export_peft writes it
     theirs = peft.get_peft_model(base, peft.get_peft_config(spec))
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for t in state.targets:
         for key, value in cls.peft_state(t.layer, t.layer._lora_cfg).items():
             # keys starting base_model. are shared by all targets (e.g. VeRA's projections)

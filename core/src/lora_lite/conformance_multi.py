@@ -127,7 +127,9 @@ def _weighted_sum(fail, cls, model, batch, tol):
 
 def _first_target(model):
     from .attach import attached
-    return attached(model, NAMES[0]).targets[0].layer
+    state = attached(model, NAMES[0])
+    assert state is not None, f"check_multi attached {NAMES[0]!r}"
+    return state.targets[0].layer
 
 
 def _mixed(fail, model, batch, tol) -> float:

@@ -163,7 +163,7 @@ def tensors_by_module(model, weights) -> dict[str, dict]:
     """{module name: {tensor key relative to the module: tensor}}; model-level tensors (keys
     starting with base_model. but not base_model.model.) go to every module."""
     modules = dict(model.named_modules())
-    keys = {}  # {module name: {tensor key relative to the module: key in the file}}
+    keys: dict[str, dict[str, str]] = {}  # {module name: {tensor key relative to the module: key in the file}}
     shared = {}
     for key in weights_entries(weights):
         if not key.startswith(MODULE_PREFIX):

@@ -101,7 +101,7 @@ def _guarded(call, on_error):
 
 
 class _Registry:
-    def __init__(self):
+    def __init__(self) -> None:
         self.pm = pluggy.PluginManager("lora_lite")
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
@@ -195,7 +195,7 @@ def _offer(out: Collected, offers: dict, info: PluginInfo, cls):
     name = getattr(cls, "name", None)
     name = name if isinstance(name, str) else None
     hint = f"report it to the plugin's author or uninstall {info.distribution}"
-    failed = []
+    failed: list[str] = []
     problem = _guarded(lambda: variant_problem(cls), failed.append)
     if failed:
         problem = f"variant {cls!r} could not be checked: {failed[0]}"

@@ -140,7 +140,7 @@ def refuse_unadaptable(model, names):
 
 def describe_candidates(model, limit=16) -> str:
     """'leaf (d_in->d_out), ...' over the distinct leaf names of the linear-like layers."""
-    seen = {}
+    seen: dict[str, str] = {}
     for name, module in linear_layers(model):
         leaf = re.sub(r"(?:^|\.)\d+(?=\.|$)", ".N", name).lstrip(".")
         seen.setdefault(leaf, "{}->{}".format(*features(module)))
