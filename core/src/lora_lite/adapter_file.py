@@ -11,8 +11,7 @@ A file is untrusted input. ``read_header`` checks its structure and bounds what 
 (``MAX_*`` in ``lora_lite.file_checks``); ``load`` attaches to the stored, resolved target list
 (and per-target overrides) and never re-runs the stored ``target_names`` / ``exclude_names`` /
 ``overrides`` regexes over the model's module names, so no file can make loading slow. Tensors must be floating point
-and finite. Every refusal is an
-``AdapterFileError`` raised before the model is touched.
+and finite. Every refusal is an ``AdapterFileError`` raised before the model is touched.
 """
 from __future__ import annotations
 

@@ -6,8 +6,7 @@ Selection, in order:
    transformers' Conv1D, bitsandbytes 4bit/8bit, plugin kinds), minus ``exclude_names`` and the
    projections inside ``nn.MultiheadAttention`` (it reads their weights directly, so hooks on
    them would never run; a name selecting one, or a grouped / transposed conv, is refused). The defaults are the linear
-   family;
-   names may also select nn.Embedding and nn.Conv1d/2d/3d (the variant's ``layer_kinds`` then
+   family; names may also select nn.Embedding and nn.Conv1d/2d/3d (the variant's ``layer_kinds`` then
    decide, at attach).
 2. Names: ``target_names`` regexes (``re.search``). When empty, the variant's own
    ``default_target_names(model)`` if it has one (ia3: the k/v projections of this

@@ -198,8 +198,7 @@ def prepare(accelerator, *objects) -> tuple:
 def refuse_unsupported(accelerator) -> None:
     """DeepSpeed and Megatron would hand ``ll.save`` shards of the adapter: refused up front.
     FSDP2 is supported (not yet with meta loading); FSDP1 with ``use_orig_params`` (the frozen base and the trainable
-    adapter share
-    flat parameters; without it FSDP refuses mixed requires_grad and the optimizer would see
+    adapter share flat parameters; without it FSDP refuses mixed requires_grad and the optimizer would see
     flat shards instead of the adapter tensors)."""
     kind = str(accelerator.distributed_type).split(".")[-1]
     if kind in ("DEEPSPEED", "MEGATRON_LM"):

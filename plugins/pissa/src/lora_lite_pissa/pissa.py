@@ -12,8 +12,7 @@ write, so at init the function moves by E = Q(W_res) − W_res. ``quant_iters`` 
 adapter to what the stored residual leaves out, alternating as LoftQ does (Li et al. 2023,
 https://arxiv.org/abs/2310.08659): B A ← top-r SVD of (W − Q(W_res)) / s, then W_res ← W − s·B A
 is requantized, k times, ending on a refit. Each refit is the best rank-r correction for the residual actually stored.
-When the write
-is exact (an fp32 base) nothing is refit: A, B and W_res are plain PiSSA.
+When the write is exact (an fp32 base) nothing is refit: A, B and W_res are plain PiSSA.
 
 ``rewrite_base=False`` (the default) leaves the base weight alone and keeps the residual
 implicit instead: y' = y + s·(x Aᵀ) Bᵀ − s·(x A0ᵀ) B0ᵀ, with A0, B0 the init factors as frozen,
