@@ -1,6 +1,6 @@
 # The two commands a newcomer runs:
 #   make train   install everything, then fine-tune the embedded default model (offline)
-#   make test    install everything, build + check every wheel, run the whole test suite
+#   make test    install everything, lint (ruff, mypy), build + check every wheel, run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,7 @@ VARIANT ?= hra
 DISTS := core $(wildcard cli) $(patsubst %/pyproject.toml,%,$(sort $(wildcard plugins/*/pyproject.toml)))
 ALL_DISTS := $(DISTS) $(wildcard third_party_example)
 
-.PHONY: install wheels test train gpu-check clean
+.PHONY: install wheels lint test train gpu-check clean
 
 $(VENV)/.installed: requirements-dev.txt $(foreach d,$(ALL_DISTS),$(d)/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ wheels: install
 	for d in $(ALL_DISTS); do $(PY) -m build --wheel --no-isolation --outdir dist/wheels ./$$d > /dev/null || exit 1; done
 	$(VENV)/bin/twine check --strict dist/wheels/*.whl
 
+# ruff over the repo and mypy over core, both configured in pyproject.toml
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 # one pass: the multi-process training tests (torchrun, accelerate launch) run with the rest
-test: wheels
+test: wheels lint
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 -q
 
 # on a CUDA machine: every variant trains 20 steps in bf16 and on bnb 4bit / 8bit layers, plus

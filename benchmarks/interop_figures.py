@@ -22,11 +22,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
+from interop_cases import THIRD_PARTY, THIRD_PARTY_SRC, adapted_model, installed, rel_err  # noqa: E402
+
 import lora_lite as ll  # noqa: E402
 import lora_lite.plugins as plugins  # noqa: E402
 from lora_lite.testing import logits, make_batch, quantize, same_kernel_logits, tiny_llama  # noqa: E402
-from interop_cases import (THIRD_PARTY, THIRD_PARTY_SRC, adapted_model,  # noqa: E402
-                           installed, rel_err)
 
 BATCH = make_batch()
 
@@ -53,7 +53,7 @@ def merge_errors(name):
     ll.merge(model)
     row = {"merge_fp32": rel_err(logits(model, BATCH), adapted)}
     for kind in ("4bit", "8bit"):
-        model, _ = adapted_model(name, make_model=lambda: quantize(tiny_llama(), kind))
+        model, _ = adapted_model(name, make_model=lambda kind=kind: quantize(tiny_llama(), kind))
         adapted = same_kernel_logits(model, BATCH)
         report = ll.merge(model)
         row[f"requant_{kind}"] = report["max_write_error"]

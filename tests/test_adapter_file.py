@@ -4,14 +4,13 @@ import os
 
 import pytest
 import torch
+from lltest import assert_untouched, lora_cfg
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora_lite as ll
 import lora_lite.adapter_file as adapter_file
 from lora_lite.testing import logits, snapshot_state, tiny_llama
-
-from lltest import assert_untouched, lora_cfg
 
 
 @pytest.fixture

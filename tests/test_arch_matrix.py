@@ -11,11 +11,11 @@ import tempfile
 
 import pytest
 import torch
+from tiny_knobs import NOT_IDENTITY_AT_INIT, TINY_KNOBS
 
 import lora_lite as ll
 from lora_lite.arch_matrix import base, calibration, cell_problems, default_config, run_cell
 from lora_lite.tiny_models import ARCHS
-from tiny_knobs import NOT_IDENTITY_AT_INIT, TINY_KNOBS
 
 VARIANTS = sorted(ll.variants())
 OPEN_DEFECTS: set = set()  # (arch, variant) cells known to fail, marked xfail(strict=True)

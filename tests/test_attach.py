@@ -3,11 +3,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from lltest import QV, assert_untouched, hooks_count, lora_cfg, registered
 
 import lora_lite as ll
 from lora_lite.testing import logits, snapshot_state, state_equal
-
-from lltest import QV, assert_untouched, hooks_count, lora_cfg, registered
 
 
 def test_attach_registers_tensors_and_hooks_without_replacing_modules(model, batch):

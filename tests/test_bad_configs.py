@@ -7,11 +7,10 @@ import re
 
 import pytest
 import torch
+from lltest import QV, assert_untouched
 
 import lora_lite as ll
 from lora_lite.testing import logits, make_batch, snapshot_state, tiny_llama
-
-from lltest import QV, assert_untouched
 
 NAN, INF = float("nan"), float("inf")
 # the base fields, by name: values that must be refused on every variant

@@ -25,7 +25,11 @@ def run(script, args):
                           text=True, timeout=600, cwd=ROOT)
 
 
-@pytest.mark.parametrize("script,extra", SIDE_BY_SIDE, ids=lambda v: " ".join(v) if isinstance(v, list) else Path(v).stem)
+def _case_id(v):
+    return " ".join(v) if isinstance(v, list) else Path(v).stem
+
+
+@pytest.mark.parametrize("script,extra", SIDE_BY_SIDE, ids=_case_id)
 def test_side_by_side_benchmark_runs(script, extra):
     out = run(script, TINY + extra)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import VariantCheckFailed, check_variant, measure_invariants, make_batch, \
-    model_maker
+from lora_lite.testing import VariantCheckFailed, check_variant, make_batch, measure_invariants, model_maker
 
 
 @dataclass

@@ -8,13 +8,18 @@ with ``load_state_dict(strict=True)``. Base-rewriting variants (opt-in ``rewrite
 show the original weight in ``state_dict()`` (fp32 and bnb 4bit), while computing with W_res."""
 import pytest
 import torch
+from interop_cases import (
+    adapted_model,
+    calibration,
+    installed,
+    rel_err,
+    third_party_variant,  # noqa: F401  (fixture)
+)
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import lora_lite as ll
 from lora_lite.testing import logits, make_batch, quantize, snapshot_state, state_equal, tiny_llama
-from interop_cases import third_party_variant  # noqa: F401  (fixture)
-from interop_cases import adapted_model, calibration, installed, rel_err
 
 BATCH = make_batch()
 pytestmark = pytest.mark.usefixtures("third_party_variant")

@@ -1,12 +1,11 @@
 """ll.combine against PEFT's add_weighted_adapter with the same adapters, weights and seed."""
 import pytest
 import torch
+from lltest import lora_cfg
+from test_multi_adapter import _adapters
 
 import lora_lite as ll
 from lora_lite.testing import logits, snapshot_state, state_equal
-
-from lltest import lora_cfg
-from test_multi_adapter import _adapters
 
 
 def _peft_twin(model, names):

@@ -3,10 +3,10 @@ fp16/bf16 bases train fp32 adapter weights; after attach they follow ``model.to(
 ``.half()`` / ``.bfloat16()`` and the hook runs the variant's math in their current dtype."""
 import pytest
 import torch
+from tiny_knobs import NOT_IDENTITY_AT_INIT, TINY_KNOBS
 
 import lora_lite as ll
 from lora_lite.tiny_models import ARCHS
-from tiny_knobs import NOT_IDENTITY_AT_INIT, TINY_KNOBS
 
 ARCH = ARCHS["llama"]
 VARIANTS = sorted(ll.variants())

@@ -9,11 +9,11 @@ import copy
 
 import pytest
 import torch
+from tiny_knobs import TINY_KNOBS
 
 import lora_lite as ll
 from lora_lite.arch_matrix import calibration, tiny_config
 from lora_lite.tiny_models import ARCHS
-from tiny_knobs import TINY_KNOBS
 
 VARIANTS = sorted(ll.variants())
 ARCH = ARCHS["llama"]

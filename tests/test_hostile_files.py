@@ -8,14 +8,13 @@ import time
 
 import pytest
 import torch
+from lltest import assert_untouched, lora_cfg
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora_lite as ll
 import lora_lite.file_checks as file_checks
 from lora_lite.testing import logits, snapshot_state, tiny_llama
-
-from lltest import assert_untouched, lora_cfg
 
 # catastrophic backtracking on any name of >= ~30 [a-z_.0-9] characters (minutes per name);
 # the first alternative still selects the layers the adapter was trained on
@@ -194,6 +193,7 @@ def test_hostile_file_is_refused_cleanly(good_file, tmp_path, batch, case):
 def test_cli_exits_2_on_a_hostile_file(good_file, tmp_path):
     """The CLI maps lora-lite errors to exit code 2; a raw TypeError would exit 1."""
     import typer
+
     from lora_lite_cli.app import handle_errors
     bad = with_metadata(good_file, tmp_path / "bad.safetensors", targets="5")
 

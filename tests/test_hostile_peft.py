@@ -32,7 +32,7 @@ def good_folder(tmp_path_factory):
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4,
                                                               target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     model.save_pretrained(str(folder))
@@ -251,6 +251,7 @@ def test_every_field_of_peft_loraconfig_is_classified():
     """PEFT is the oracle: a field its LoraConfig has that lora-lite neither knows nor refuses
     would be ignored silently; this fails when a PEFT release adds one (classify it)."""
     import dataclasses
+
     from lora_lite import peft_lora
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     assert fields - set(peft_lora.KNOWN_FIELDS) - set(peft_lora.UNSUPPORTED_FIELDS) == set()

@@ -5,6 +5,7 @@ import tempfile
 
 import pytest
 import torch
+from tiny_knobs import TINY_KNOBS
 from torch import nn
 
 import lora_lite as ll
@@ -12,7 +13,6 @@ from lora_lite.arch_matrix import calibration, tiny_config
 from lora_lite.layer_kinds import features
 from lora_lite.testing import snapshot_state, state_equal
 from lora_lite.tiny_models import ARCHS
-from tiny_knobs import TINY_KNOBS
 
 KIND_TARGETS = [r"^emb$", r"^conv1$", r"^conv2$", r"^fc$"]
 

@@ -5,14 +5,19 @@ import dataclasses
 
 import pytest
 import torch
+from interop_cases import (
+    adapted_model,
+    biased_llama,
+    installed,
+    perturb,
+    rel_err,
+    third_party_variant,  # noqa: F401  (fixture)
+)
+from lltest import QV, hooks_count, registered
 from torch import nn
 
 import lora_lite as ll
-from lora_lite.testing import (logits, make_batch, quantize, same_kernel_logits, snapshot_state,
-                               state_equal, tiny_llama)
-from interop_cases import third_party_variant  # noqa: F401  (fixture)
-from interop_cases import adapted_model, biased_llama, installed, perturb, rel_err
-from lltest import QV, hooks_count, registered
+from lora_lite.testing import logits, make_batch, quantize, same_kernel_logits, snapshot_state, state_equal, tiny_llama
 
 BATCH = make_batch()
 pytestmark = pytest.mark.usefixtures("third_party_variant")

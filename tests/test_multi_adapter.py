@@ -2,11 +2,10 @@
 batches (also under generate), training one adapter, save / load by name, and the refusals."""
 import pytest
 import torch
+from lltest import hooks_count, lora_cfg
 
 import lora_lite as ll
 from lora_lite.testing import logits, snapshot_state, state_equal
-
-from lltest import hooks_count, lora_cfg
 
 ROWS = ["a", "b", None, "c", "d", "a", None, "b"]
 

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from moe_models import MOE_MODELS, ids, tiny_qwen3_moe
 from torch import nn
 
 import lora_lite as ll
 from lora_lite.errors import AdapterFileError, AttachError
 from lora_lite.toy_plugins import gain_variant, registered
-from moe_models import MOE_MODELS, ids, tiny_qwen3_moe
 
 ARCHS = sorted(MOE_MODELS)
 

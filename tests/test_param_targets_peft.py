@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from moe_models import MOE_MODELS, ids
 from safetensors.torch import load_file
+from test_param_targets import Holder
 
 import lora_lite as ll
-from moe_models import MOE_MODELS, ids
-from test_param_targets import Holder
 
 peft = pytest.importorskip("peft")
 ARCHS = ["mixtral", "qwen3_moe"]

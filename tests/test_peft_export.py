@@ -5,11 +5,19 @@ import json
 
 import pytest
 import torch
+from interop_cases import (
+    PEFT_SHARED,
+    THIRD_PARTY,
+    adapted_model,
+    biased_llama,
+    installed,
+    make_config,
+    rel_err,
+    third_party_variant,  # noqa: F401  (fixture)
+)
 
 import lora_lite as ll
 from lora_lite.testing import logits, make_batch, tiny_llama
-from interop_cases import third_party_variant  # noqa: F401  (fixture)
-from interop_cases import PEFT_SHARED, THIRD_PARTY, adapted_model, biased_llama, installed, make_config, rel_err
 
 peft = pytest.importorskip("peft")
 BATCH = make_batch()

@@ -9,12 +9,11 @@ import shutil
 
 import pytest
 import torch
+from lltest import assert_untouched
 from typer.testing import CliRunner
 
 import lora_lite as ll
 from lora_lite.testing import logits, make_batch, snapshot_state, tiny_llama
-
-from lltest import assert_untouched
 
 peft = pytest.importorskip("peft")
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -151,6 +150,7 @@ def test_revision_on_a_lora_lite_file_is_refused(tmp_path):
 def test_eval_takes_a_hub_adapter_id(hub, tmp_path, monkeypatch):
     """`lora-lite eval --adapter org/name` checks and loads it through the same hub code."""
     from tinymodel import save_tiny_model
+
     from lora_lite_cli import models
     from lora_lite_cli.app import get_app
     model_dir = save_tiny_model(tmp_path / "model")

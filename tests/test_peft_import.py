@@ -7,11 +7,13 @@ import os
 
 import pytest
 import torch
+from interop_cases import (
+    rel_err,
+    third_party_variant,  # noqa: F401  (fixture)
+)
 
 import lora_lite as ll
 from lora_lite.testing import logits, make_batch, snapshot_state, state_equal, tiny_llama
-from interop_cases import third_party_variant  # noqa: F401  (fixture)
-from interop_cases import rel_err
 
 peft = pytest.importorskip("peft")
 BATCH = make_batch()
@@ -40,7 +42,7 @@ def peft_folder(config, folder, seed=3):
     model = peft.get_peft_model(tiny_llama(), config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     model.eval().save_pretrained(str(folder))

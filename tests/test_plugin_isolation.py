@@ -128,7 +128,7 @@ def test_variant_with_bad_tensor_names_is_reported_and_refused_by_attach():
     [problem] = problems_of("acme-adapters")
     assert "param_specs names tensor(s) ['gain']" in problem and "must start with 'lora_'" in problem
     assert "report it to the plugin's author or uninstall acme-adapters" in problem
-    model, x = Tiny(), torch.randn(3, 8)
+    model = Tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ll.AttachError, match=r"acme-adapters.*'gain'.*must start with 'lora_'"):
         ll.attach(model, ll.config("iso_badnames", target_names=[r"q_proj$"]))

@@ -6,13 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from lltest import QV
 
 import lora_lite as ll
 import lora_lite.plugins as plugins
-
 from lora_lite.testing import gain_variant, registered
-
-from lltest import QV
 
 
 def variants_in_subprocess(env_value):
@@ -95,6 +93,7 @@ def test_builtin_distributions_are_exactly_the_ones_this_repository_ships():
     """The clash rule trusts BUILTIN_DISTRIBUTIONS; it must list every plugins/*/ distribution
     (and core), and not the third-party example, which is written as a stranger would."""
     import pathlib
+
     import tomllib
     root = pathlib.Path(__file__).resolve().parents[1]
     shipped = {plugins.normalize_distribution(

@@ -1,11 +1,10 @@
 import pytest
 import torch
+from lltest import lora_cfg
 from torch import nn
 
 import lora_lite as ll
 from lora_lite.targets import find_targets
-
-from lltest import lora_cfg
 
 
 def roles(model, **kw):

@@ -89,7 +89,7 @@ def test_export_to_peft_keeps_the_head_and_peft_folders_load(arch, tmp_path):
         r=2, target_modules=["query", "value"] if arch == "bert" else ["q_proj", "v_proj"],
         task_type="SEQ_CLS"))
     with torch.no_grad():
-        for n, p in pm.named_parameters():
+        for _, p in pm.named_parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     pm.eval()

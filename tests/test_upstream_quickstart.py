@@ -39,7 +39,7 @@ def test_a_missing_config_class_says_what_is_installed_and_names_a_package_only_
         only_plugins):
     only_plugins("lora-lite-lora")
     with pytest.raises(AttributeError) as err:
-        ll.HRAConfig
+        _ = ll.HRAConfig
     assert "no installed plugin provides a config class of that name" in str(err.value)
     assert "installed: LoRAConfig" in str(err.value) and "pip install" not in str(err.value)
     assert not hasattr(ll, "NoSuchThing")
@@ -51,4 +51,4 @@ def test_a_missing_config_class_says_what_is_installed_and_names_a_package_only_
             register(type("HRA", (), {"name": "hra"}))
     plugins.register_plugin(Broken, "broken-hra", distribution="lora-lite-hra")
     with pytest.raises(AttributeError, match=r"HRAConfig.*plugin 'lora-lite-hra'"):
-        ll.HRAConfig
+        _ = ll.HRAConfig

@@ -2,11 +2,11 @@
 pyproject reads it (hatch's version source), each declares a lora-lite range that admits it, and
 the installed metadata and ``__version__`` agree with it."""
 import re
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import lora_lite
 import lora_lite_cli

@@ -1,12 +1,11 @@
 """Dense-weight access on nn.Linear and bitsandbytes 4bit (nf4, fp4) and 8bit layers, on CPU."""
 import pytest
 import torch
+from lltest import lora_cfg
 from torch import nn
 
 import lora_lite as ll
 from lora_lite.testing import logits, quantize, snapshot_state, state_equal, tiny_llama
-
-from lltest import lora_cfg
 
 
 def quantized_linear(kind, seed=0):

@@ -1,7 +1,6 @@
 """``lora-lite attach`` on a tiny local model: targets, parameters, identity, --save, calibration."""
 import json
 
-import pytest
 import torch
 from typer.testing import CliRunner
 

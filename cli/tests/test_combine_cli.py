@@ -32,7 +32,9 @@ def test_combine_svd_writes_the_combination(tiny_dir, tmp_path):
     report = json.loads(result.stdout)
     assert report["rank"] == 8 and report["max_relative_error"] < 1e-4  # rank 8 holds 4 + 4
     model, _ = models.load_model(tiny_dir)
-    ll.load(model, a, name="a"); ll.load(model, b, name="b"); ll.load(model, out, name="c")
+    ll.load(model, a, name="a")
+    ll.load(model, b, name="b")
+    ll.load(model, out, name="c")
     ids = torch.tensor([[5, 17, 33, 60, 2, 41]])
     with torch.no_grad(), ll.using(model, ["a", "b"], [1.0, 0.5]):
         want = model(ids).logits

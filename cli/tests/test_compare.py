@@ -4,7 +4,6 @@ re-run (nothing re-trained, nothing re-evaluated), a deleted result re-run alone
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -7,7 +7,6 @@ import pytest
 
 from lora_lite_cli import data
 
-
 # -- answer extraction -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, expected", [

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from tinymodel import save_tiny_model
 from typer.testing import CliRunner
 
-from tinymodel import save_tiny_model
 import lora_lite as ll
 from lora_lite_cli import evaluate, models
 from lora_lite_cli.app import get_app

@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-
 from tinymodel import save_tiny_model
+
 from lora_lite_cli import models
 
 

@@ -6,10 +6,9 @@ import shutil
 
 import pytest
 import torch
+from tinymodel import save_tiny_model
 from typer.testing import CliRunner
 
-from tinymodel import save_tiny_model
-import lora_lite as ll
 from lora_lite_cli import data, evaluate, models
 from lora_lite_cli.app import get_app
 from lora_lite_cli.training import batching

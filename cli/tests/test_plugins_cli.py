@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-import lora_lite_cli.commands.plugins as plugins_module
 import lora_lite as ll
+import lora_lite_cli.commands.plugins as plugins_module
 from lora_lite.plugins import register_plugin, unregister_plugin
 from lora_lite_cli.app import get_app
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tinymodel import save_tiny_model
 from typer.testing import CliRunner
 
-from tinymodel import save_tiny_model
 import lora_lite as ll
 from lora_lite_cli import models, training
-from lora_lite_cli.training import batching, loop, runtime
 from lora_lite_cli.app import get_app
 from lora_lite_cli.commands import train as train_cmd
+from lora_lite_cli.training import batching, loop, runtime
 
 runner = CliRunner()
 SMALL = ["--steps", "4", "--batch-size", "4", "--eval-limit", "4", "--max-new-tokens", "6",
@@ -119,7 +119,8 @@ def test_grad_accum_and_jsonl_data(tiny_dir, tmp_path):
     assert one["data"]["train"]["kind"] == "jsonl" and one["data"]["eval"]["n"] == 3
     assert one["data"]["train"]["sha256"] == two["data"]["train"]["sha256"]
     assert two["train"]["losses"] == pytest.approx(one["train"]["losses"], rel=1e-5)
-    a, b = adapter_tensors(tmp_path / "b4" / "adapter.safetensors"), adapter_tensors(tmp_path / "b2x2" / "adapter.safetensors")
+    a = adapter_tensors(tmp_path / "b4" / "adapter.safetensors")
+    b = adapter_tensors(tmp_path / "b2x2" / "adapter.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
@@ -727,6 +728,7 @@ def test_meta_loading_refuses_what_meta_cannot_do(tiny_dir):
     """Calibrated variants are refused up front, on every rank, in one line (--quantize: under
     any FSDP, test_what_fsdp_cannot_do_is_refused_up_front)."""
     from types import SimpleNamespace
+
     from lora_lite_cli.training import fsdp
     eva = ll.get_variant("eva")
     for settings, variant, needle in [
@@ -820,6 +822,7 @@ def test_portable_optimizer_state_round_trips_by_name_and_refuses_other_tensors(
 
 def test_file_vs_tensors_sees_a_changed_or_missing_tensor(tmp_path):
     from safetensors.torch import save_file
+
     from lora_lite_cli.training.run import file_vs_tensors
     tensors = {"a.lora_A": torch.ones(2, 3), "a.lora_B": torch.zeros(3, 2)}
     save_file(tensors, str(tmp_path / "f.safetensors"))

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tinymodel import save_tiny_model
 from typer.testing import CliRunner
 
 from lora_lite_cli.app import get_app
 from lora_lite_cli.training.run import enable_gradient_checkpointing
 from lora_lite_cli.training.settings import TrainError
-from tinymodel import save_tiny_model
 
 runner = CliRunner()
 SMALL = ["--steps", "3", "--batch-size", "2", "--eval-limit", "0", "--seq-len", "160",

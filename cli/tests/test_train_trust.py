@@ -13,7 +13,6 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-import lora_lite as ll
 from lora_lite.testing import gain_variant, registered
 from lora_lite_cli.app import get_app
 

@@ -84,7 +84,9 @@ def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import click
+
         from lora_lite import LoraLiteError
+
         from .models import ModelNotFound
         try:
             return fn(*args, **kwargs)
@@ -193,8 +195,9 @@ def get_app() -> typer.Typer:
     way adds nothing, and a command whose name is taken (built-in or another plugin's) is
     refused with a warning naming the distribution. Plugin commands get ``handle_errors``.
     """
-    from . import commands  # noqa: F401  (imports register the built-in commands on `app`)
     from lora_lite.plugins import hook, registry
+
+    from . import commands  # noqa: F401  (imports register the built-in commands on `app`)
 
     cli = _new_typer()
     cli.registered_callback = app.registered_callback

@@ -542,7 +542,7 @@ def _ratio(a, b):
 
 def _paired(turns, kind) -> tuple:
     """(median, min, max) of lora-lite / PEFT over the interleaved turns."""
-    pairs = [a / b for a, b in zip(turns[kind]["lora-lite"], turns[kind]["peft"]) if b > 0]
+    pairs = [a / b for a, b in zip(turns[kind]["lora-lite"], turns[kind]["peft"], strict=True) if b > 0]
     if not pairs:
         return None, None, None
     return _median(pairs), min(pairs), max(pairs)

@@ -412,7 +412,7 @@ def eval_data(spec: str, limit: int | None, fmt: str | None = None,
         pool = pool[:limit]
     if (metric or default_metric(pool[0].fmt)) == "numeric":
         for ex in pool:  # fail early on an unscoreable reference
-            ex.reference
+            _ = ex.reference
     return DataSource(spec, kind, pool, split)
 
 

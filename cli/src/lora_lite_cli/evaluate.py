@@ -129,7 +129,7 @@ def evaluate(model, tokenizer, examples, batch_size=50, max_new_tokens=32, on_ba
                       if rendered else examples[0].question] * (share - len(questions))
     outputs = generate_answers(model, tokenizer, questions, batch_size, max_new_tokens, on_batch,
                                synced, rendered)[:len(mine)]
-    preds = [predict(i, examples[i], text, metric) for i, text in zip(mine, outputs)]
+    preds = [predict(i, examples[i], text, metric) for i, text in zip(mine, outputs, strict=False)]
     if world_size > 1:
         import torch.distributed as dist
         gathered = [None] * world_size

@@ -84,7 +84,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None 
     device (no weights read; FSDP's ranks > 0 under cpu_ram_efficient_loading, which get rank
     0's tensors when FSDP wraps the model). ``quant_storage``: 4bit weights packed into tensors
     of ``dtype`` (bnb_4bit_quant_storage), which FSDP can shard like the float weights."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     if quantize not in (None, *QUANTIZE_KINDS):

@@ -17,26 +17,32 @@ Variants come from plugins (entry-point group ``lora_lite``); core ships none. T
 plugins' config classes are attributes too, as in upstream lora-lite: ``ll.LoRAConfig(r=8)``.
 """
 from .adapter_file import load, read_header, save
-from .attach import (adapter_names, adapter_tensors, attach, attached, detach, set_trainable,
-                     trainable_parameters)
-from .routing import disabled, forward_mixed, rows, use, using
-from .combine import combine
+from .attach import adapter_names, adapter_tensors, attach, attached, detach, set_trainable, trainable_parameters
 from .calibration import call_model, stream_inputs
+from .combine import combine
 from .config import AdapterConfig, check, config
-from .errors import (AdapterFileError, AdapterSaveError, AttachError, ConfigError, LoraLiteError,
-                     VariantContractError, VariantNotInstalled)
+from .errors import (
+    AdapterFileError,
+    AdapterSaveError,
+    AttachError,
+    ConfigError,
+    LoraLiteError,
+    VariantContractError,
+    VariantNotInstalled,
+)
 from .hookspecs import hookimpl
+from .layer_kinds import kind_family, project_in, project_out
 from .merge import merge
 from .peft_export import export_peft
 from .peft_folders import load_peft_adapters
 from .peft_import import peft_tensor
-from .layer_kinds import kind_family, project_in, project_out
-from .peft_lora import (load_peft_low_rank_state, peft_low_rank_state, peft_lora_config,
-                        peft_lora_fields, peft_patterns)
+from .peft_lora import load_peft_low_rank_state, peft_lora_config, peft_lora_fields, peft_low_rank_state, peft_patterns
 from .plugins import get_plugin_manager, get_variant, installed_plugins, problems, variants
+from .routing import disabled, forward_mixed, rows, use, using
 from .targets import Target, find_targets
 from .variant import ParamSpec, Variant, hook_kind, rewrites_base
 from .weights import base_dense_weight, dense_weight, set_dense_weight
+
 
 def _installed_version(distribution):
     """The version the installed distribution reports (all come from the repository's VERSION)."""

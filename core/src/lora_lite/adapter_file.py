@@ -10,8 +10,8 @@ and, when the config has per-target ``overrides``, target_overrides (JSON {targe
 A file is untrusted input. ``read_header`` checks its structure and bounds what it may hold
 (``MAX_*`` in ``lora_lite.file_checks``); ``load`` attaches to the stored, resolved target list
 (and per-target overrides) and never re-runs the stored ``target_names`` / ``exclude_names`` /
-``overrides`` regexes over the model's module names, so no file can make loading slow. Tensors must be floating point and finite. Every refusal is an
-``AdapterFileError`` raised before the model is touched.
+``overrides`` regexes over the model's module names, so no file can make loading slow. Tensors must be floating point
+and finite. Every refusal is an ``AdapterFileError`` raised before the model is touched.
 """
 from __future__ import annotations
 
@@ -19,21 +19,31 @@ import json
 import os
 import stat
 import tempfile
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .attach import DEFAULT, attach, check_can_attach, detach, one_adapter
-from .slots import as_adapter, slots
-from .config import AdapterConfig, with_resolved_targets
-from .errors import AdapterFileError, AdapterSaveError, AttachError, LoraLiteError
-from .file_checks import (FLOAT_DTYPES, MAX_TARGETS, check_entries, check_metadata, check_targets,
-                          read_json_header, short, stored_json, target_configs)
-from .plugins import _version, get_variant, origin_mismatch, variant_origin
-from .layer_kinds import features, is_adaptable
 from . import param_targets as _params  # parameter targets (fused MoE experts)
 from . import trainable_modules as _heads  # modules trained in full (PEFT's modules_to_save)
+from .attach import DEFAULT, attach, check_can_attach, detach, one_adapter
+from .config import AdapterConfig, with_resolved_targets
+from .errors import AdapterFileError, AdapterSaveError, LoraLiteError
+from .file_checks import (
+    FLOAT_DTYPES,
+    MAX_TARGETS,
+    check_entries,
+    check_metadata,
+    check_targets,
+    read_json_header,
+    short,
+    stored_json,
+    target_configs,
+)
+from .layer_kinds import features, is_adaptable
+from .plugins import _version, get_variant, origin_mismatch, variant_origin
+from .slots import as_adapter, slots
 from .targets import Target
 
 FORMAT = "lora-lite"
@@ -163,12 +173,13 @@ def read_header(path) -> tuple[dict, dict]:
     return metadata, shapes
 
 
-def load(model, path, *, revision=None, subfolder=None, name=DEFAULT) -> None:
+def load(model, path, *, revision=None, subfolder=None, name=DEFAULT) -> dict | None:
     """Attach the adapter stored at ``path`` to ``model`` under ``name`` (a fresh base, or one
     holding other adapters under other names). Everything is checked
     before the model is touched; on any failure the model is left as it was. ``path`` may also be
     a PEFT adapter folder or a hub adapter id ("org/name", downloaded by huggingface_hub at
-    ``revision``), either with the adapter in ``subfolder``: see ``lora_lite.peft_import``."""
+    ``revision``), either with the adapter in ``subfolder``: see ``lora_lite.peft_import``
+    (which returns its report; None for a lora-lite file)."""
     from .peft_import import is_peft_source, load_peft
     if is_peft_source(path):
         return load_peft(model, path, revision, subfolder, name=name)
@@ -211,9 +222,10 @@ def load(model, path, *, revision=None, subfolder=None, name=DEFAULT) -> None:
     except BaseException:
         detach(model, name=name)
         raise
+    return None
 
 
-def _stored_adapter(path, metadata) -> tuple[type, AdapterConfig, list]:
+def _stored_adapter(path, metadata) -> tuple[Any, AdapterConfig, list]:
     """(variant class, config, target list) the metadata describes, each checked."""
     variant_name = metadata.get("variant", "")
     if not variant_name:

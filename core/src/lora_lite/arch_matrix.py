@@ -29,7 +29,7 @@ from .targets import find_targets, layer_index
 from .testing import snapshot_state, state_equal
 from .tiny_models import ARCHS
 
-_BASES = {}
+_BASES: dict = {}
 
 
 def base(arch):
@@ -127,7 +127,9 @@ def merge_error(pristine, path, arch, batch, trained):
     from .merge import merge
     model = copy.deepcopy(pristine)
     load(model, path)
-    variant = attached(model).variant
+    state = attached(model)
+    assert state is not None, "load attached the adapter"
+    variant = state.variant
     if not getattr(variant, "mergeable", True) or not callable(getattr(variant, "merged_weight", None)):
         return None
     merge(model)
@@ -158,7 +160,9 @@ def placement(arch, variant) -> dict:
     count, "left_out": {"output head", "embeddings", "convolutions", "fused experts" (modules
     holding 3-D parameters), "other linear": counts}} (docs/models.md's table)."""
     import re
+
     from torch import nn
+
     from .layer_kinds import kind_family
     from .targets import linear_layers, output_head_ids
     model = ARCHS[arch].build()

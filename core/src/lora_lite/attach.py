@@ -17,6 +17,7 @@ adapter tensors' current dtype and cast the result to the base output's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,11 +27,24 @@ from .errors import AttachError
 from .layer_kinds import check_layer_kinds
 from .plugins import get_variant, variant_origin
 from .routing import OFF, ROUTING, Routing, adapter_dtype, disabled, input_hook, output_hook  # noqa: F401
-from .slots import DEFAULT, SCRATCH, SLOTS, Slot, as_adapter, as_adapter_everywhere, check_name
-from .slots import set_scratch, slots, stored_name
+from .slots import (
+    DEFAULT,
+    SCRATCH,
+    SLOTS,
+    Slot,
+    as_adapter,
+    as_adapter_everywhere,
+    check_name,
+    set_scratch,
+    slots,
+    stored_name,
+)
 from .targets import Target, find_targets
 from .variant import hook_kind, make_tensor, rewrites_base
 from .weights import guard_training, restore_base_weight
+
+if TYPE_CHECKING:
+    from .config import AdapterConfig
 
 REGISTRY_ATTR = "_lora_lite_adapters"
 _HOOKS = "_lora_hooks"
@@ -38,8 +52,8 @@ _HOOKS = "_lora_hooks"
 
 @dataclass
 class AttachState:
-    cfg: object
-    variant: type
+    cfg: AdapterConfig
+    variant: Any  # the variant class: a duck-typed plugin contract, optional hooks looked up by name
     targets: list[Target]
     tensor_names: dict = field(default_factory=dict)  # target name -> [attribute names on the layer]
     name: str = DEFAULT
@@ -50,7 +64,7 @@ class AttachState:
 @dataclass
 class Registry:
     """The adapters of one model, by name, and what the first attach changed on the base."""
-    states: dict = field(default_factory=dict)
+    states: dict[str, AttachState] = field(default_factory=dict)
     routing: Routing = field(default_factory=Routing)
     requires_grad: list = field(default_factory=list)  # (param, flag before the first attach)
     undo_guard: object = None
@@ -337,9 +351,12 @@ def trainable_parameters(model, name=None) -> list[torch.nn.Parameter]:
     """The adapter parameters that train: every adapter's, or with ``name`` (one or a list) only
     those adapters'. Adapters not named keep their tensors and stay active if they are."""
     names = [name] if isinstance(name, str) else name
+    tensors: list[torch.Tensor]
     if names is None:
-        tensors = adapter_tensors(model).values()
-        states = list(registry(model).states.values())
+        tensors = list(adapter_tensors(model).values())  # raises when no adapter is attached
+        reg = registry(model)
+        assert reg is not None
+        states = list(reg.states.values())
     else:
         tensors = [p for n in names for p in adapter_tensors(model, n).values()]
         states = [one_adapter(model, n, "train") for n in names]

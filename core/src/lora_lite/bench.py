@@ -133,7 +133,7 @@ def interleaved_calls(fns: dict, warmup: int, rounds: int, device) -> dict[str, 
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {name: {"wall": [], "cpu": []} for name in fns}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
     for i in range(rounds):
         for name in turn_order(list(fns), i):
             wall, cpu = timed(fns[name], device)

@@ -83,10 +83,10 @@ def _factorwise(factors, weights, how, density, generator, majority_sign):
     out = {}
     for target, pieces in factors.items():
         if how == "cat":
-            A = torch.cat([a * w * s for (a, _, s), w in zip(pieces, weights)], dim=0)
+            A = torch.cat([a * w * s for (a, _, s), w in zip(pieces, weights, strict=True)], dim=0)
             out[target] = (A, torch.cat([b for _, b, _ in pieces], dim=1))
             continue
-        ws = [w * s for (_, _, s), w in zip(pieces, weights)]
+        ws = [w * s for (_, _, s), w in zip(pieces, weights, strict=True)]
         wa = [math.copysign(math.sqrt(abs(v)), v if v != 0 else 1.0) for v in ws]
         wb = [math.sqrt(abs(v)) for v in ws]
         A = combine_tensors(how, [a for a, _, _ in pieces], wa, density, generator, majority_sign)
@@ -98,7 +98,7 @@ def _factorwise(factors, weights, how, density, generator, majority_sign):
 def _svd(model, states, weights, rank):
     """{target: (A, B)} rank-``rank`` of Σ w_i ΔW_i, and {target: relative error}."""
     deltas = {}
-    for s, w in zip(states, weights):
+    for s, w in zip(states, weights, strict=True):
         merged = merged_weights(model, name=s.name)
         for t in s.targets:
             delta = merged[t.name][0] - base_dense_weight(t.layer).float()

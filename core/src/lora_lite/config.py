@@ -10,7 +10,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -106,7 +106,7 @@ class AdapterConfig:
                    f"per-target fields among {sorted(allowed)}")
             _check_override_values(self, pattern, values)
 
-    def for_target(self, name: str) -> "AdapterConfig":
+    def for_target(self, name: str) -> AdapterConfig:
         """This config as it applies to the layer ``name``: for each field, the first
         ``overrides`` pair whose regex is found in the name sets it (as PEFT's rank_pattern and
         alpha_pattern do). Without a match, ``self``. A config loaded from a file answers from
@@ -139,7 +139,7 @@ class AdapterConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AdapterConfig":
+    def from_dict(cls, d: dict) -> AdapterConfig:
         """Rebuild a config; on the base class, the subclass is found from ``d['variant']``."""
         target = cls
         if cls is AdapterConfig:
@@ -149,11 +149,11 @@ class AdapterConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown} for variant "
                               f"{d.get('variant')!r}; known fields: {sorted(known)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return target(**kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> "AdapterConfig":
+    def from_json(cls, text: str) -> AdapterConfig:
         return cls.from_dict(json.loads(text))
 
     @classmethod
@@ -198,7 +198,7 @@ def _as_dtype(value):
 _RESOLVED = "_resolved_targets"  # instance attribute, not a field: ignored by ==, to_dict, replace
 
 
-def with_resolved_targets(cfg, per_target: dict) -> "AdapterConfig":
+def with_resolved_targets(cfg, per_target: dict) -> AdapterConfig:
     """``cfg``, answering ``for_target(name)`` from ``per_target`` ({name: config}) for those
     names, so that a file's stored override regexes are never run (see ll.load)."""
     object.__setattr__(cfg, _RESOLVED, dict(per_target))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import NoReturn
 
 import torch
 
@@ -34,7 +35,7 @@ class VariantCheckFailed(AssertionError):
     """A variant broke an invariant of the contract; the message says which, in one line."""
 
 
-def _fail(reason):
+def _fail(reason) -> NoReturn:
     raise VariantCheckFailed(" ".join(str(reason).split()))
 
 
@@ -64,13 +65,13 @@ def check_variant(variant, cfg=None, *, bases=("fp32",), calibration_data=None, 
         batch = batch if batch is not None else make_batch()
         out = {"variant": cls.name, "bases": {}, "peft_parity": None, "merge_err": None}
         for base in bases:
-            tol = lambda t: t[base] if isinstance(t, dict) else t  # noqa: E731
+            reload = _per_base(reload_tol, base)
             figures = _check_base(cls, cfg, base, batch, calibration_data, bias, steps, lr,
-                                  tol(identity_tol), tol(reload_tol))
+                                  _per_base(identity_tol, base), reload)
             if multi and "skipped" not in figures:
-                mix = tol(mix_tol) if mix_tol is not None else (1e-6 if base == "fp32" else tol(reload_tol))
+                mix = _per_base(mix_tol, base) if mix_tol is not None else (1e-6 if base == "fp32" else reload)
                 figures["multi"] = check_multi(_fail, cls, cfg, model_maker(base, bias=bias),
-                                               calibration_data, tol(reload_tol), mix)
+                                               calibration_data, reload, mix)
             out["bases"][base] = figures
             out["trainable"] = figures["trainable"]
         _check_declarations(cls, cfg)
@@ -79,6 +80,11 @@ def check_variant(variant, cfg=None, *, bases=("fp32",), calibration_data=None, 
             out.update(_check_fp32_extras(cls, cfg, batch, calibration_data, bias, parity_tol,
                                           merge_tol, peft, merge))
     return out
+
+
+def _per_base(tol, base):
+    """A tolerance given per base ({base: value}) or one for all."""
+    return tol[base] if isinstance(tol, dict) else tol
 
 
 def _defaults(cls) -> dict:
@@ -175,7 +181,7 @@ def _check_fp32_extras(cls, cfg, batch, calibration_data, bias, parity_tol, merg
     ours_out, base_out = logits(ours, batch), logits(base, batch)
     if not (ours_out - base_out).abs().max().item() > 10 * parity_tol:
         _fail("the perturbed adapter still computes the identity: parity would prove nothing")
-    out = {}
+    out: dict[str, float | None] = {}
     if merge and callable(getattr(cls, "merged_weight", None)):
         out["merge_err"] = _merge_error(cls, ours, merge_tol)
     if peft and callable(getattr(cls, "peft_config", None)):
@@ -187,9 +193,11 @@ def _merge_error(cls, model, tol) -> float:
     """max over targets of |layer(x) - (x W'^T + b')| / max(1, |layer(x)|) on random x."""
     worst = 0.0
     g = torch.Generator().manual_seed(0)
+    state = attached(model)
+    assert state is not None, "the conformance model has an adapter attached"
     with torch.no_grad():
-        for t in attached(model).targets:
-            W, b = cls.merged_weight(t.layer, attached(model).cfg)
+        for t in state.targets:
+            W, b = cls.merged_weight(t.layer, state.cfg)
             if tuple(W.shape) != (t.d_out, t.d_in):
                 _fail(f"merged_weight of {t.name} has shape {tuple(W.shape)}, expected "
                       f"{(t.d_out, t.d_in)}")
@@ -208,13 +216,14 @@ def _peft_parity(cls, cfg, ours, ours_out, base, batch, tol) -> float | None:
     import peft
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     state = attached(ours)
+    assert state is not None, "the conformance model has an adapter attached"
     names = [t.name for t in state.targets]
     spec = cls.peft_config(cfg, names)
     if spec is None:
         return None  # PEFT has no counterpart
     spec = {**copy.deepcopy(spec), "target_modules": names}  # as export_peft writes it
     theirs = peft.get_peft_model(base, peft.get_peft_config(spec))
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for t in state.targets:
         for key, value in cls.peft_state(t.layer, t.layer._lora_cfg).items():
             # keys starting base_model. are shared by all targets (e.g. VeRA's projections)

@@ -38,7 +38,7 @@ def check_multi(fail, cls, cfg, make_model, calibration_data, tol, rows_tol) -> 
             return {"multi": "refused: the variant rewrites the base"}
         fail("a second adapter was attached next to one that rewrites the base weight; "
              "attach must refuse it")
-    for i, name in enumerate(NAMES[1:], start=1):
+    for name in NAMES[1:]:
         attach(model, cfg, calibration_data=calibration_data, name=name)
     for i, name in enumerate(NAMES):
         _move_off_init(model, name, seed=10 + i)
@@ -127,7 +127,9 @@ def _weighted_sum(fail, cls, model, batch, tol):
 
 def _first_target(model):
     from .attach import attached
-    return attached(model, NAMES[0]).targets[0].layer
+    state = attached(model, NAMES[0])
+    assert state is not None, f"check_multi attached {NAMES[0]!r}"
+    return state.targets[0].layer
 
 
 def _mixed(fail, model, batch, tol) -> float:

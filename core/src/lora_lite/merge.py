@@ -14,9 +14,9 @@ from torch import nn
 
 from . import param_targets as _params  # parameter targets (fused MoE experts)
 from .attach import detach, one_adapter, registry
-from .slots import as_adapter
 from .errors import AttachError
 from .layer_kinds import UNQUANTIZED_KINDS, features
+from .slots import as_adapter
 from .weights import backend_for, dense_weight, forget_base_weight
 
 
@@ -65,7 +65,8 @@ def merge(model, dense: bool = False) -> dict:
     from .trainable_modules import keep_trained
     keep_trained(state)  # trained heads keep their trained values
     detach(model)
-    _params.write_merged_params(model, merged_params)  # hooks, tensors, scratch and snapshots gone; base weights as they were
+    # hooks, tensors, scratch and snapshots gone; base weights as they were
+    _params.write_merged_params(model, merged_params)
     modules = dict(model.named_modules())
     layers = {}
     with torch.no_grad():

@@ -162,7 +162,7 @@ def attach_params(model, state, generator) -> None:
     variant = state.variant
     if state.param_targets:
         check_variant_can(variant, state.cfg)
-    by_module = {}
+    by_module: dict = {}
     for pt in state.param_targets:
         cfg = state.cfg.for_target(pt.name)
         names = state.tensor_names.setdefault(pt.name, [])

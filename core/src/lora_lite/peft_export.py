@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import save_file
 
 from .attach import one_adapter
-from .slots import as_adapter
 from .errors import AttachError, ConfigError
 from .merge import merged_weights
 from .peft_lora import peft_lora_config, peft_low_rank_state
+from .slots import as_adapter
 from .weights import base_dense_weight
 
 CONFIG_FILE = "adapter_config.json"

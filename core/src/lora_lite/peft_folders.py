@@ -30,7 +30,8 @@ def peft_adapter_folders(folder) -> dict:
 def load_peft_adapters(model, folder) -> list[str]:
     """Attach every adapter of a (multi-adapter) PEFT folder under its name; all or none."""
     found = peft_adapter_folders(folder)
-    taken = [n for n in found if registry(model) is not None and n in registry(model).states]
+    reg = registry(model)
+    taken = [n for n in found if reg is not None and n in reg.states]
     if taken:
         raise AdapterFileError(f"{os.fspath(folder)}: this model already has an adapter named "
                                f"{taken[0]!r}; detach it first")

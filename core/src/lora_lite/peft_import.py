@@ -20,17 +20,25 @@ import re
 import torch
 from safetensors import safe_open
 
-from .attach import DEFAULT, attach, check_can_attach, detach
-from .slots import as_adapter
 from . import file_checks
-from .config import config as make_config, with_resolved_targets
+from .attach import DEFAULT, attach, check_can_attach, detach
+from .config import config as make_config
+from .config import with_resolved_targets
 from .errors import AdapterFileError, AttachError, LoraLiteError
 from .file_checks import short
-from .peft_checks import (check_adapter_sizes, check_contained, check_field_types, check_finite,
-                          read_config, resolved_patterns, weights_entries)
+from .layer_kinds import check_layer_kinds, is_adaptable
+from .peft_checks import (
+    check_adapter_sizes,
+    check_contained,
+    check_field_types,
+    check_finite,
+    read_config,
+    resolved_patterns,
+    weights_entries,
+)
 from .peft_export import CONFIG_FILE, MODULE_PREFIX, WEIGHTS_FILE
 from .plugins import get_variant, variants
-from .layer_kinds import check_layer_kinds, is_adaptable
+from .slots import as_adapter
 from .targets import find_targets
 
 PICKLE_FILE = "adapter_model.bin"
@@ -155,7 +163,7 @@ def tensors_by_module(model, weights) -> dict[str, dict]:
     """{module name: {tensor key relative to the module: tensor}}; model-level tensors (keys
     starting with base_model. but not base_model.model.) go to every module."""
     modules = dict(model.named_modules())
-    keys = {}  # {module name: {tensor key relative to the module: key in the file}}
+    keys: dict[str, dict[str, str]] = {}  # {module name: {tensor key relative to the module: key in the file}}
     shared = {}
     for key in weights_entries(weights):
         if not key.startswith(MODULE_PREFIX):

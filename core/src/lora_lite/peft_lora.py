@@ -74,7 +74,7 @@ def peft_lora_fields(peft_config: dict, holds: str, refused_inits=()) -> dict:
         raise ConfigError(f"init_lora_weights={peft_config['init_lora_weights']!r}: this adapter "
                           "is relative to a rewritten base; convert it to plain LoRA in PEFT "
                           "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
-    overrides = [(rf"(^|\.){re.escape(p)}$", {"r": int(r)})
+    overrides: list[tuple[str, dict[str, float]]] = [(rf"(^|\.){re.escape(p)}$", {"r": int(r)})
                  for p, r in (peft_config.get("rank_pattern") or {}).items()]
     overrides += [(rf"(^|\.){re.escape(p)}$", {"alpha": float(a)})
                   for p, a in (peft_config.get("alpha_pattern") or {}).items()]

@@ -28,7 +28,7 @@ NEST = ".base_layer"
 
 def peft_prefixes(param_targets) -> dict:
     """{parameter target name: its key prefix in PEFT's file (without the trailing dot)}."""
-    per_module = {}
+    per_module: dict[str, list] = {}  # module name -> its ParamTargets
     for pt in param_targets:
         per_module.setdefault(pt.module_name, []).append(pt)
     out = {}
@@ -79,7 +79,8 @@ def matching_parameters(model, wanted) -> list:
 
 def _split_tensors(stored, prefixes, where) -> tuple[dict, dict]:
     """({parameter target: {relative key: tensor}}, {other key: tensor})."""
-    per_param, rest = {name: {} for name in prefixes}, dict(stored)
+    per_param: dict[str, dict] = {name: {} for name in prefixes}
+    rest = dict(stored)
     for name, prefix in prefixes.items():
         for key in [k for k in rest if k.startswith(prefix + ".")]:
             rel = key[len(prefix) + 1:]
@@ -95,7 +96,8 @@ def _split_heads(model, saved, rest, where) -> tuple[list, dict]:
     """(full names of the modules_to_save modules, {'<module>.<parameter>': tensor}), popped
     from ``rest``; every parameter of each module must be in the file."""
     from .trainable_modules import matches
-    heads, tensors = [], {}
+    heads: list[str] = []
+    tensors: dict[str, torch.Tensor] = {}
     if not saved:
         return heads, tensors
     for mname, module in model.named_modules():
@@ -131,8 +133,9 @@ def load_peft_params(model, folder, config, weights) -> dict:
                                "of parameter names")
     name, fields = variant_for({k: v for k, v in config.items()
                                 if k not in ("target_parameters", "modules_to_save")}, where)
-    if attached(model) is not None:
-        raise AttachError(f"this model already has a {attached(model).cfg.variant!r} adapter "
+    present = attached(model)
+    if present is not None:
+        raise AttachError(f"this model already has a {present.cfg.variant!r} adapter "
                           "attached; call ll.detach(model) first")
     try:
         params = matching_parameters(model, set(wanted))
@@ -159,7 +162,7 @@ def load_peft_params(model, folder, config, weights) -> dict:
     if not callable(getattr(variant, "load_peft_param_state", None)):
         raise AdapterFileError(f"{where}: variant {name!r} cannot read PEFT's target_parameters "
                                "tensors (no load_peft_param_state)")
-    per_linear = {n: {} for n in linear}
+    per_linear: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linear}
     for key, value in rest.items():
         module, _, rel = key[len(MODULE_PREFIX):].rpartition(".lora_")
         per_linear[module][f"lora_{rel}"] = value
@@ -169,6 +172,7 @@ def load_peft_params(model, folder, config, weights) -> dict:
         raise AdapterFileError(f"{folder}: {short(str(e), 300)}") from None
     try:
         state = attached(model)
+        assert state is not None, "attach just succeeded"
         with torch.no_grad():
             for t in state.targets:
                 variant.load_peft_state(t.layer, t.layer._lora_cfg, per_linear[t.name])

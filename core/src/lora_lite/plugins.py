@@ -101,7 +101,7 @@ def _guarded(call, on_error):
 
 
 class _Registry:
-    def __init__(self):
+    def __init__(self) -> None:
         self.pm = pluggy.PluginManager("lora_lite")
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
@@ -175,7 +175,7 @@ class _Registry:
         offers: dict[str, list] = {}  # name -> [(class, PluginInfo)], one per distribution
         for impl in self._by_distribution(self.pm.hook.register_variants):
             info = self.info[impl.plugin_name]
-            _guarded(lambda: impl.function(register=lambda cls: _offer(out, offers, info, cls)),
+            _guarded(lambda impl=impl, info=info: impl.function(register=lambda cls: _offer(out, offers, info, cls)),
                      lambda error, _info=info: out.problems.append(PluginProblem(
                          _info.distribution, f"register_variants raised {error}",
                          f"fix or uninstall {_info.distribution}")))
@@ -183,7 +183,7 @@ class _Registry:
             _settle(out, name, providers)
         for impl in self.pm.hook.register_weight_backends.get_hookimpls()[::-1]:
             dist = self.info[impl.plugin_name].distribution
-            _guarded(lambda: impl.function(register=out.backends.append),
+            _guarded(lambda impl=impl: impl.function(register=out.backends.append),
                      lambda error, _dist=dist: out.problems.append(PluginProblem(
                          _dist, f"register_weight_backends raised {error}", "fix the plugin")))
         return out
@@ -195,7 +195,7 @@ def _offer(out: Collected, offers: dict, info: PluginInfo, cls):
     name = getattr(cls, "name", None)
     name = name if isinstance(name, str) else None
     hint = f"report it to the plugin's author or uninstall {info.distribution}"
-    failed = []
+    failed: list[str] = []
     problem = _guarded(lambda: variant_problem(cls), failed.append)
     if failed:
         problem = f"variant {cls!r} could not be checked: {failed[0]}"
@@ -223,7 +223,7 @@ def _settle(out: Collected, name: str, providers: list):
     if keeper is not None:
         out.variants[name], out.origin[name] = keeper
         keeper[1].variants.append(name)
-    for cls, info in providers:
+    for _, info in providers:
         if keeper is not None and info is keeper[1]:
             continue
         info.variants.append(qualified_name(info.distribution, name))

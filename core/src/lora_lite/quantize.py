@@ -22,6 +22,7 @@ def quantize_model(model, kind: str, skip=("lm_head",)):
             if type(child) is not nn.Linear or any(s in full for s in skip):
                 continue
             w = child.weight.data.clone()
+            new: nn.Module
             has_bias = child.bias is not None
             if kind in ("4bit", "nf4", "fp4"):
                 qtype = "fp4" if kind == "fp4" else "nf4"

@@ -145,12 +145,12 @@ def active_plan(model, names, weights=None) -> list:
         raise ValueError(f"weights must be finite numbers, got {weights}; the active set was not changed")
     _known(reg, names)
     inputs = [n for n in names if "input" in hook_kind(reg.states[n].variant)]
-    for n, w in zip(names, weights):
+    for n, w in zip(names, weights, strict=True):
         if n in inputs and (w != 1.0 or _shares_layer(reg, inputs, n)):
             raise AttachError(f"adapter {n!r} ({reg.states[n].cfg.variant}) changes its layers' "
                               "input; it can be active only alone among input-changing adapters "
                               "on a layer and at weight 1")
-    return list(zip(names, weights))
+    return list(zip(names, weights, strict=True))
 
 
 def _shares_layer(reg, inputs, name):

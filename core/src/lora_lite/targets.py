@@ -5,8 +5,8 @@ Selection, in order:
 1. Candidates: every module some layer kind handles (``lora_lite.layer_kinds``: nn.Linear,
    transformers' Conv1D, bitsandbytes 4bit/8bit, plugin kinds), minus ``exclude_names`` and the
    projections inside ``nn.MultiheadAttention`` (it reads their weights directly, so hooks on
-   them would never run; a name selecting one, or a grouped / transposed conv, is refused). The defaults are the linear family;
-   names may also select nn.Embedding and nn.Conv1d/2d/3d (the variant's ``layer_kinds`` then
+   them would never run; a name selecting one, or a grouped / transposed conv, is refused). The defaults are the linear
+   family; names may also select nn.Embedding and nn.Conv1d/2d/3d (the variant's ``layer_kinds`` then
    decide, at attach).
 2. Names: ``target_names`` regexes (``re.search``). When empty, the variant's own
    ``default_target_names(model)`` if it has one (ia3: the k/v projections of this
@@ -139,10 +139,10 @@ def refuse_unadaptable(model, names):
 
 def describe_candidates(model, limit=16) -> str:
     """'leaf (d_in->d_out), ...' over the distinct leaf names of the linear-like layers."""
-    seen = {}
+    seen: dict[str, str] = {}
     for name, module in linear_layers(model):
         leaf = re.sub(r"(?:^|\.)\d+(?=\.|$)", ".N", name).lstrip(".")
-        seen.setdefault(leaf, "%d->%d" % features(module))
+        seen.setdefault(leaf, "{}->{}".format(*features(module)))
     items = [f"{k} ({v})" for k, v in seen.items()]
     more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more

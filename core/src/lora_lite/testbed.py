@@ -122,8 +122,8 @@ def measure_invariants(make_model, cfg, batch, calibration_data=None, steps=3, l
     """Run the invariants of the variant contract on fresh models from ``make_model()``.
 
     Returns the measured figures (``check_variant`` judges them; tests and reports print them):
-    identity_err, rewrote_base (attach wrote into a base weight), trainable, grad_norm_first, grad_norm_after_eval, zero_grad_adapters (count)
-    and zero_grad_names, base_grad_leaks (count) and leak_names, base_changed, trained_delta,
+    identity_err, rewrote_base (attach wrote into a base weight), trainable, grad_norm_first, grad_norm_after_eval,
+    zero_grad_adapters (count) and zero_grad_names, base_grad_leaks (count) and leak_names, base_changed, trained_delta,
     reload_err, file_keys, file_bytes, detach_bitexact, detach_logits_err.
     """
     model = make_model()

@@ -12,9 +12,24 @@ for the parity check. None of them is a runtime dependency of lora-lite; nothing
 """
 from .conformance import VariantCheckFailed, check_variant
 from .quantize import quantize_model as quantize
-from .testbed import (BASES, backward_lm, bf16_figures, clone_model, logits, loss_of, make_batch,
-                      measure_invariants, model_maker, peft_layer_pairs, perturb,
-                      same_kernel_logits, snapshot_state, state_equal, tiny_llama, train_steps)
+from .testbed import (
+                      BASES,
+                      backward_lm,
+                      bf16_figures,
+                      clone_model,
+                      logits,
+                      loss_of,
+                      make_batch,
+                      measure_invariants,
+                      model_maker,
+                      peft_layer_pairs,
+                      perturb,
+                      same_kernel_logits,
+                      snapshot_state,
+                      state_equal,
+                      tiny_llama,
+                      train_steps,
+)
 from .toy_plugins import gain_variant, plugin_of, registered
 
 __all__ = ["BASES", "VariantCheckFailed", "backward_lm", "bf16_figures", "check_variant", "clone_model",

@@ -1,4 +1,5 @@
-"""Tiny random models of 21 architectures (decoders, MoE decoders, encoders, seq2seq, vision, audio), built from transformers configs (no download), for tests.
+"""Tiny random models of 21 architectures (decoders, MoE decoders, encoders, seq2seq, vision, audio), built from
+transformers configs (no download), for tests.
 
     from lora_lite.tiny_models import ARCHS, build
     model, batch = build("gpt2")               # fp32, eval mode, 2 blocks, width 32
@@ -19,8 +20,8 @@ through two Conv1d. Also as functions: ``tiny_qwen3_moe()``, ``tiny_mixtral()``,
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -47,7 +47,7 @@ def find_trainable(model, cfg) -> list[tuple[str, torch.nn.Module]]:
     wanted = wanted_names(model, cfg)
     if not wanted:
         return []
-    found = []
+    found: list[tuple[str, torch.nn.Module]] = []
     for name, module in model.named_modules():
         if name and matches(name, wanted) and not any(name.startswith(f + ".") for f, _ in found):
             found.append((name, module))

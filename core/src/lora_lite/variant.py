@@ -16,12 +16,12 @@ contract; ``lora_lite.testing.check_variant`` checks a variant against it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import torch
 
-Init = Union[str, Callable[[torch.Tensor, torch.Generator], None]]
+Init = str | Callable[[torch.Tensor, torch.Generator], None]
 
 
 @dataclass(frozen=True)

@@ -3,19 +3,26 @@
 explicit dense reference W_res + U C diag(S) Vh (PEFT has none of these methods), the residual
 rebuilt at load after a data-driven re-selection, the Cayley rotation, the arrow block,
 gradients at step 0, config validation."""
-import copy
-import os
 import warnings
 
 import pytest
 import torch
-
-import lora_lite as ll
-from lora_lite.testing import (BASES, check_variant, logits, make_batch, model_maker, quantize,
-                               snapshot_state, state_equal, tiny_llama)
 from lora_lite_antipasto import residual_error
 from lora_lite_antipasto.antipasto_rot import cayley_blocks
 from lora_lite_antipasto.basis import direction_scores
+
+import lora_lite as ll
+from lora_lite.testing import (
+    BASES,
+    check_variant,
+    logits,
+    make_batch,
+    model_maker,
+    quantize,
+    snapshot_state,
+    state_equal,
+    tiny_llama,
+)
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
@@ -136,8 +143,8 @@ def reference_rotation(params, bs, max_angle):
         T = torch.zeros(bs, bs, dtype=torch.float64)
         T[tuple(torch.triu_indices(bs, bs, 1))] = row
         K = a * torch.tanh(0.5 * (T - T.T) / a)
-        I = torch.eye(bs, dtype=torch.float64)
-        blocks.append(torch.linalg.inv(I - K / 2) @ (I + K / 2))
+        eye = torch.eye(bs, dtype=torch.float64)
+        blocks.append(torch.linalg.inv(eye - K / 2) @ (eye + K / 2))
     return torch.block_diag(*blocks)
 
 
@@ -358,8 +365,8 @@ def test_after_load_rebuilds_the_residual_of_reselected_directions(name, tmp_pat
     ll.load(fresh, path)
     assert (logits(fresh, batch) - trained).abs().max() < 1e-6
     differs = 0
-    for (n, ours), (_, theirs), (_, crop) in zip(adapted_layers(model), adapted_layers(fresh),
-                                                 adapted_layers(plain)):
+    for (_, ours), (_, theirs), (_, crop) in zip(adapted_layers(model), adapted_layers(fresh),
+                                                 adapted_layers(plain), strict=True):
         for t in FACTORS:
             assert torch.equal(getattr(ours, t), getattr(theirs, t))
         assert torch.equal(theirs.weight, ours.weight)  # the residual, rebuilt bit for bit
@@ -378,7 +385,7 @@ def test_after_load_on_4bit_base_after_reselection(tmp_path):
     fresh = quantize(tiny_llama(), "4bit")
     ll.load(fresh, tmp_path / "a.safetensors")
     assert (logits(fresh, batch) - trained).abs().max() < 1e-6
-    for (_, ours), (_, theirs) in zip(adapted_layers(model), adapted_layers(fresh)):
+    for (_, ours), (_, theirs) in zip(adapted_layers(model), adapted_layers(fresh), strict=True):
         assert torch.equal(ll.dense_weight(theirs), ll.dense_weight(ours))
         assert residual_error(theirs) < 0.15  # nf4 error of the residual, relative to max|W|
 

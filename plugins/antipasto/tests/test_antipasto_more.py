@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (check_variant, logits, make_batch, measure_invariants, quantize,
-                               tiny_llama)
+from lora_lite.testing import check_variant, logits, make_batch, measure_invariants, quantize, tiny_llama
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
@@ -148,7 +147,7 @@ def test_rewrite_base_opt_in(name):
     assert (logits(rewritten, batch) - logits(kept, batch)).abs().max() < 1e-5   # same at init
     randomize(kept)
     with torch.no_grad():
-        for a, b in zip(ll.trainable_parameters(kept), ll.trainable_parameters(rewritten)):
+        for a, b in zip(ll.trainable_parameters(kept), ll.trainable_parameters(rewritten), strict=True):
             b.copy_(a)
     assert (logits(rewritten, batch) - logits(kept, batch)).abs().max() < 1e-4
     ll.detach(rewritten)

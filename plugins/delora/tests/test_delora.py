@@ -6,8 +6,16 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (BASES, backward_lm, check_variant, logits, make_batch,
-                               model_maker, peft_layer_pairs, tiny_llama)
+from lora_lite.testing import (
+    BASES,
+    backward_lm,
+    check_variant,
+    logits,
+    make_batch,
+    model_maker,
+    peft_layer_pairs,
+    tiny_llama,
+)
 
 TARGETS = [r"q_proj$", r"v_proj$"]
 # tiny_llama: q_proj 64->64, v_proj 64->32, two layers; per target r(d_in+d_out) + 1 (λ)

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (BASES, backward_lm, check_variant, logits, make_batch,
-                               model_maker, peft_layer_pairs, tiny_llama, train_steps)
+from lora_lite.testing import (
+    BASES,
+    backward_lm,
+    check_variant,
+    logits,
+    make_batch,
+    model_maker,
+    peft_layer_pairs,
+    train_steps,
+)
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
@@ -57,7 +65,8 @@ def peft_pair(kind="fp32+bias"):
 
 def test_registered_through_entry_point():
     v = ll.variants()["dora"]
-    assert v.config.__name__ == "DoRAConfig" and v.config.knobs() == {"factored_norm": True, "cache_weight": False, "use_rslora": False}
+    assert v.config.__name__ == "DoRAConfig"
+    assert v.config.knobs() == {"factored_norm": True, "cache_weight": False, "use_rslora": False}
     assert v.paper.endswith("2402.09353") and not v.rewrites_weight
 
 

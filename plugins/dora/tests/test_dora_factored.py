@@ -6,11 +6,10 @@ import warnings
 
 import pytest
 import torch
+from lora_lite_dora.dora import row_norm
 
 import lora_lite as ll
-from lora_lite.testing import (BASES, check_variant, logits, make_batch, model_maker, quantize,
-                               tiny_llama, train_steps)
-from lora_lite_dora.dora import row_norm
+from lora_lite.testing import BASES, check_variant, logits, make_batch, model_maker, quantize, tiny_llama, train_steps
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 

@@ -9,8 +9,17 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (BASES, check_variant, logits, make_batch, model_maker, quantize,
-                               snapshot_state, state_equal, tiny_llama)
+from lora_lite.testing import (
+    BASES,
+    check_variant,
+    logits,
+    make_batch,
+    model_maker,
+    quantize,
+    snapshot_state,
+    state_equal,
+    tiny_llama,
+)
 
 TARGETS = [r"q_proj$", r"v_proj$"]
 TRAINABLE = 2 * (4 * (64 + 64) + 4 * (64 + 32))  # tiny_llama q_proj 64->64, v_proj 64->32, r=4

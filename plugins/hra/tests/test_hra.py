@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (bf16_figures, check_variant, logits, make_batch, model_maker,
-                               perturb, tiny_llama)
+from lora_lite.testing import bf16_figures, check_variant, logits, make_batch, model_maker, perturb, tiny_llama
 from lora_lite.weights import guard_training
 
 KWARGS = dict(r=4, target_names=[r"q_proj$", r"v_proj$"])
@@ -86,7 +85,9 @@ def quantized_reference_errors(base, seed=0):
         undo = guard_training(model)
         same_kernel, wrong_order = layer(xR), layer(xR_wrong)
         undo()
-    err = lambda a: (got - a).abs().max().item()
+
+    def err(a):
+        return (got - a).abs().max().item()
     return err(same_kernel), err(dense), err(wrong_order), got.abs().max().item()
 
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (bf16_figures, check_variant, logits, make_batch, model_maker,
-                               perturb, tiny_llama)
+from lora_lite.testing import bf16_figures, check_variant, logits, make_batch, model_maker, perturb, tiny_llama
 
 SETUPS = {  # variant -> (config kwargs, target layers on tiny_llama, trainable count)
     # tiny_llama: hidden 64, 4 heads, 2 kv heads (k/v out 32), intermediate 128, 2 layers

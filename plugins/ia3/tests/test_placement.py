@@ -29,7 +29,7 @@ def leaves(names, example):
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
 def test_default_placement(arch):
     model = ARCHS[arch].build()
-    for variant, want in zip(("ia3", "ia3_ff"), EXPECTED[arch]):
+    for variant, want in zip(("ia3", "ia3_ff"), EXPECTED[arch], strict=True):
         names = [t.name for t in ll.find_targets(model, ll.config(variant))]
         assert leaves(names, next(iter(want))) == want, (variant, names)
 

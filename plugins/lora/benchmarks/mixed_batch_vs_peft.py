@@ -62,15 +62,15 @@ def main():
         assert gap < 1e-4, f"K={k}: the two sides differ by {gap:.3g}"
         print(f"K={k}: same function (max |logit difference| {gap:.2g})")
 
-        def run_ours():
+        def run_ours(ours=ours, rows=rows):
             with torch.no_grad(), ll.rows(ours, rows):
                 ours(**batch)
 
-        def run_theirs():
+        def run_theirs(theirs=theirs, rows=rows):
             with torch.no_grad():
                 theirs(**batch, adapter_names=rows)
 
-        def run_single():
+        def run_single(ours=ours, names=names):
             with torch.no_grad(), ll.using(ours, names[0]):
                 ours(**batch)
         times = bench.interleaved_calls({"ours": run_ours, "peft": run_theirs, "single": run_single},

@@ -1,6 +1,5 @@
 """LoRA: the conformance kit on fp32, 4bit and 8bit bases, PEFT parity, tensor shapes."""
 import pytest
-import torch
 
 import lora_lite as ll
 from lora_lite.testing import check_variant, logits, make_batch, perturb, tiny_llama

@@ -5,13 +5,13 @@ factor-by-factor paths, never a d_in × d_in matrix in the hook, config validati
 import copy
 import warnings
 
+import lora_lite_oft.boft as boft_module
 import pytest
 import torch
+from lora_lite_oft.rotations import rotate_blocks
 
 import lora_lite as ll
-import lora_lite_oft.boft as boft_module
 from lora_lite.testing import check_variant, logits, make_batch, quantize, tiny_llama
-from lora_lite_oft.rotations import rotate_blocks
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
@@ -199,7 +199,7 @@ def test_export_to_peft_and_gradients(variant, peft_butterfly, tmp_path):
     mine = [p.grad for p in ll.trainable_parameters(ours)]
     peft_grads = [p.grad for n, p in theirs.named_parameters() if p.requires_grad]
     assert len(mine) == len(peft_grads)
-    for a, b in zip(mine, peft_grads):
+    for a, b in zip(mine, peft_grads, strict=True):
         assert (a.reshape(-1) - b.reshape(-1)).abs().max() <= 1e-5 * b.abs().max() + 1e-9
 
 

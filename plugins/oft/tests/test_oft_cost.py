@@ -2,7 +2,6 @@
 PEFT equivalent from peft_config, their analytic MACs from added_macs, their notes."""
 import lora_lite as ll
 from lora_lite.testing import tiny_llama
-
 from lora_lite_cli import cost
 
 

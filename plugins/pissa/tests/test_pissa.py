@@ -9,9 +9,19 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import (BASES, backward_lm, check_variant, logits, make_batch,
-                               model_maker, peft_layer_pairs, snapshot_state, state_equal,
-                               tiny_llama, train_steps)
+from lora_lite.testing import (
+    BASES,
+    backward_lm,
+    check_variant,
+    logits,
+    make_batch,
+    model_maker,
+    peft_layer_pairs,
+    snapshot_state,
+    state_equal,
+    tiny_llama,
+    train_steps,
+)
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
@@ -224,6 +234,7 @@ def test_cost_comparison_is_against_peft_pissa_not_the_export():
     """cost-report --compare peft puts PEFT's PiSSA (rank r, base rewritten at init) next to
     lora-lite's, not the rank-2r LoRA that export_peft writes."""
     import peft
+
     from lora_lite_cli import cost
     V, cfg = ll.get_variant("pissa"), ll.config("pissa", r=4, target_names=[r"q_proj$"])
     config, init = cost.peft_spec(V, cfg, ["model.layers.0.self_attn.q_proj"])

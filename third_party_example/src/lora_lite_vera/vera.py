@@ -70,7 +70,7 @@ def _fingerprint(A, B):
 
 # (seed, r, d_in, d_out, dtype, device, "A"|"B") -> the tensor every such layer shares.
 # Weak values: once the last adapter using a pair is detached, the pair is freed.
-_shared: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class VeRA(ll.Variant):

@@ -3,14 +3,27 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
 
-from ..app import (app, build_config, dtype_option, layers_option, quantize_option, rank_option,
-                   sets_option, variant_option, console, err_console, handle_errors, load_base_model,
-                   parse_layers, parse_sets, print_json)
+from ..app import (
+    app,
+    build_config,
+    console,
+    dtype_option,
+    err_console,
+    handle_errors,
+    layers_option,
+    load_base_model,
+    parse_layers,
+    parse_sets,
+    print_json,
+    quantize_option,
+    rank_option,
+    sets_option,
+    variant_option,
+)
 from ..models import DEFAULT_MODEL
 
 PROBE_BATCH, PROBE_SEQ = 2, 16          # the fixed input of the identity check
@@ -61,25 +74,34 @@ def attach_command(
     variant: str = variant_option(...),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub name."),
-    targets: Optional[List[str]] = typer.Option(
-        None, "--targets", "-t", help="Regex on layer names, repeatable (default: the variant's own, else q_proj$ and v_proj$)."),
-    rank: Optional[int] = rank_option(),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA scale numerator: s = alpha / r."),
-    layers: Optional[str] = layers_option(),
-    sets: Optional[List[str]] = sets_option("--set lambda0=0.1"),
+    targets: list[str] | None = typer.Option(
+        None, "--targets", "-t",
+        help="Regex on layer names, repeatable (default: the variant's own, else q_proj$ and v_proj$).",
+    ),
+    rank: int | None = rank_option(),
+    alpha: float | None = typer.Option(None, "--alpha", help="LoRA scale numerator: s = alpha / r."),
+    layers: str | None = layers_option(),
+    sets: list[str] | None = sets_option("--set lambda0=0.1"),
     dtype: str = dtype_option(),
-    quantize: Optional[str] = quantize_option(),
+    quantize: str | None = quantize_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the adapter's random init."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Write the freshly attached adapter to this .safetensors file."),
+    save: Path | None = typer.Option(
+        None, "--save",
+        help="Write the freshly attached adapter to this .safetensors file.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Attach a variant to a model and show what it touched and its identity error.
 
-    Lists the adapted layers (name, role, shape, adapter parameters), the total trainable parameters and the identity error at init: max |logit difference| between base and adapted model on a fixed random 2x16 input. --save writes the initial adapter.
+    Lists the adapted layers (name, role, shape, adapter parameters), the total trainable parameters and the identity
+    error at init: max |logit difference| between base and adapted model on a fixed random 2x16 input. --save writes the
+    initial adapter.
     """
     import torch
+
     import lora_lite as ll
     from lora_lite.testing import same_kernel_logits
+
     from ..app import CLIError
 
     if quantize not in (None, "4bit", "8bit"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -101,11 +100,11 @@ def _table(rows, bases):
 @app.command("check")
 @handle_errors
 def check_command(
-    variants: List[str] = typer.Argument(..., help="Installed variant names, or 'all'."),
-    quantize: Optional[List[str]] = typer.Option(
+    variants: list[str] = typer.Argument(..., help="Installed variant names, or 'all'."),
+    quantize: list[str] | None = typer.Option(
         None, "--quantize", help="Also check on a bitsandbytes base: 4bit, 8bit (repeat or a,b)."),
-    rank: Optional[int] = typer.Option(None, "--rank", help=f"Rank (default {CHECK_RANK})."),
-    sets: Optional[List[str]] = typer.Option(None, "--set", help="knob=value for the config."),
+    rank: int | None = typer.Option(None, "--rank", help=f"Rank (default {CHECK_RANK})."),
+    sets: list[str] | None = typer.Option(None, "--set", help="knob=value for the config."),
     identity_tol: float = typer.Option(1e-5, "--identity-tol",
                                        help="Largest identity error accepted at init."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),

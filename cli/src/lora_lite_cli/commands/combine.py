@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -28,14 +27,23 @@ def _weights(text, count):
 @app.command("combine")
 @handle_errors
 def combine_command(
-    adapters: List[Path] = typer.Argument(..., help="Adapter files (.safetensors) or PEFT folders, of one base model."),
+    adapters: list[Path] = typer.Argument(..., help="Adapter files (.safetensors) or PEFT folders, of one base model."),
     output: Path = typer.Option(..., "--output", "-o", help="The combined adapter file to write (.safetensors)."),
     how: str = typer.Option("svd", "--how", help="linear, cat, svd, ties, dare_linear, dare_ties or magnitude_prune."),
-    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Comma-separated weights, one per adapter (default 1 each)."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="svd: the rank of the result (default: the largest rank)."),
-    density: Optional[float] = typer.Option(None, "--density", help="ties / dare / magnitude_prune: the fraction kept."),
+    weights: str | None = typer.Option(
+        None, "--weights", "-w",
+        help="Comma-separated weights, one per adapter (default 1 each).",
+    ),
+    rank: int | None = typer.Option(
+        None, "--rank", "-r",
+        help="svd: the rank of the result (default: the largest rank).",
+    ),
+    density: float | None = typer.Option(None, "--density", help="ties / dare / magnitude_prune: the fraction kept."),
     seed: int = typer.Option(0, "--seed", help="dare: the seed of the random pruning."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one recorded with the first adapter)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m",
+        help="Base model (default: the one recorded with the first adapter).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """Combine adapters into one new adapter file."""
@@ -51,7 +59,7 @@ def combine_command(
     with out.status(f"loading {name} ..."):
         base, _ = load_base_model(name, "float32")
     names = [f"a{i}" for i in range(len(adapters))]
-    for label, path in zip(names, adapters):
+    for label, path in zip(names, adapters, strict=True):
         ll.load(base, path, name=label)
     report = ll.combine(base, names, ws, how=how, name="combined", rank=rank, density=density,
                         seed=seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -15,8 +14,7 @@ class SweepUI:
     """A bar for the whole sweep and one for the running job's phase (train, eval)."""
 
     def __init__(self, out_console):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         self.console = out_console
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -59,12 +57,31 @@ class SweepUI:
 @handle_errors
 def compare_command(
     ctx: typer.Context,
-    variants: Optional[List[str]] = typer.Option(None, "--variants", help="Variants to compare, space- or comma-separated (default: every installed variant)."),
-    sets: Optional[List[str]] = typer.Option(None, "--set", help="One variant's setting, VARIANT.name=value, repeatable: lr, rank, alpha, targets, layers, calibration, schedule, warmup, weight_decay, grad_clip, or a knob of its config (e.g. --set hra.lr=1e-3 --set hra.r=4)."),
-    seeds: int = typer.Option(1, "--seeds", help="Seeds per variant, from --seed on (default: 1): mean and spread per variant."),
-    force: Optional[List[str]] = typer.Option(None, "--force", help="Re-run this variant even if its result is stored (repeatable)."),
-    output: Path = typer.Option(Path("lora-lite-compare"), "--output", "-o", help="Output folder: results.json, results.md, PNG plots, report.html, runs/."),
-    markdown: bool = typer.Option(False, "--markdown", help="Print the results table as Markdown on stdout (for a README)."),
+    variants: list[str] | None = typer.Option(
+        None, "--variants",
+        help="Variants to compare, space- or comma-separated (default: every installed variant).",
+    ),
+    sets: list[str] | None = typer.Option(
+        None, "--set",
+        help="One variant's setting, VARIANT.name=value, repeatable: lr, rank, alpha, targets, layers, calibration, "
+        "schedule, warmup, weight_decay, grad_clip, or a knob of its config (e.g. --set hra.lr=1e-3 --set hra.r=4).",
+    ),
+    seeds: int = typer.Option(
+        1, "--seeds",
+        help="Seeds per variant, from --seed on (default: 1): mean and spread per variant.",
+    ),
+    force: list[str] | None = typer.Option(
+        None, "--force",
+        help="Re-run this variant even if its result is stored (repeatable).",
+    ),
+    output: Path = typer.Option(
+        Path("lora-lite-compare"), "--output", "-o",
+        help="Output folder: results.json, results.md, PNG plots, report.html, runs/.",
+    ),
+    markdown: bool = typer.Option(
+        False, "--markdown",
+        help="Print the results table as Markdown on stdout (for a README).",
+    ),
 ):
     """Train each variant on the same data, budget and seed, back to back, and compare them.
 
@@ -74,6 +91,7 @@ def compare_command(
     so re-running a finished or interrupted compare only runs what is missing.
     """
     import lora_lite as ll
+
     from ..compare import plan, report, results, sweep
     from ..compare.options import given_from_args
 

@@ -3,14 +3,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
 
-from ..app import (CLIError, MultiValueCommand, app, dtype_option, layers_option, quantize_option,
-                   rank_option, build_config, console, err_console, handle_errors,
-                   jsonable, load_base_model, one_line, parse_layers, parse_sets, print_json, warn)
+from ..app import (
+    CLIError,
+    MultiValueCommand,
+    app,
+    build_config,
+    console,
+    dtype_option,
+    err_console,
+    handle_errors,
+    jsonable,
+    layers_option,
+    load_base_model,
+    one_line,
+    parse_layers,
+    parse_sets,
+    print_json,
+    quantize_option,
+    rank_option,
+    warn,
+)
 from ..models import DEFAULT_MODEL
 
 
@@ -148,30 +164,38 @@ def _split(values) -> list[str]:
 def cost_report_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub name."),
-    variants: Optional[List[str]] = typer.Option(
-        None, "--variants", help="Variants to measure: --variants lora hra, --variants lora,hra or the option repeated (default: every installed one)."),
-    targets: Optional[List[str]] = typer.Option(
-        None, "--targets", "-t", help="Regex on layer names, repeatable (default: each variant's own, else q_proj$ and v_proj$)."),
-    rank: Optional[int] = rank_option(),
-    layers: Optional[str] = layers_option(),
-    sets: Optional[List[str]] = typer.Option(
+    variants: list[str] | None = typer.Option(
+        None, "--variants",
+        help="Variants to measure: --variants lora hra, --variants lora,hra or the option repeated "
+        "(default: every installed one).",
+    ),
+    targets: list[str] | None = typer.Option(
+        None, "--targets", "-t",
+        help="Regex on layer names, repeatable (default: each variant's own, else q_proj$ and v_proj$).",
+    ),
+    rank: int | None = rank_option(),
+    layers: str | None = layers_option(),
+    sets: list[str] | None = typer.Option(
         None, "--set", help="variant.knob=value (one variant) or knob=value (every variant that has it); repeatable."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence of the random input."),
     batch: int = typer.Option(2, "--batch", help="Sequences per batch."),
     repeats: int = typer.Option(5, "--repeats", help="Timed runs per measurement (the median is shown)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed runs before timing."),
     dtype: str = dtype_option(),
-    quantize: Optional[str] = quantize_option(),
+    quantize: str | None = quantize_option(),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
-    compare: Optional[str] = typer.Option(
-        None, "--compare", help="'peft': add PEFT's row for every variant PEFT also has, measured interleaved in the same run."),
+    compare: str | None = typer.Option(
+        None, "--compare",
+        help="'peft': add PEFT's row for every variant PEFT also has, measured interleaved in the same run.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     as_markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the report as JSON to this file."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the report as JSON to this file."),
 ):
     """Measure what each variant costs on one model, optionally next to PEFT.
 
-    Trainable parameters, added MACs per token (analytic, checked against torch's FlopCounterMode: FLOPs = 2 x MACs), forward and training-step time (medians), peak memory and init time. A base row (full fine-tuning) comes first.
+    Trainable parameters, added MACs per token (analytic, checked against torch's FlopCounterMode: FLOPs = 2 x MACs),
+    forward and training-step time (medians), peak memory and init time. A base row (full fine-tuning) comes first.
     """
     from .. import cost
 

@@ -5,42 +5,82 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from ..adapters import check_adapter, model_of_adapter
+from ..app import (
+    CLIError,
+    app,
+    console,
+    dtype_option,
+    err_console,
+    handle_errors,
+    json_option,
+    print_json,
+    quantize_option,
+    threads_option,
+)
 from ..training.reporting import eval_summary as summary
-from ..app import (CLIError, app, console, dtype_option, err_console, handle_errors, json_option,
-                   print_json, quantize_option, threads_option)
 
 
 @app.command("eval")
 @handle_errors
 def eval_command(
-    adapter: List[Path] = typer.Option(..., "--adapter", "-a", help="Repeatable. Adapter file (.safetensors written by lora-lite), a PEFT adapter folder, or a hub adapter id (org/name: its config and safetensors weights only, through huggingface_hub)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one recorded in the adapter file, else the embedded smollm2)."),
-    eval_data: str = typer.Option("generated", "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
-    limit: int = typer.Option(100, "--eval-limit", "--limit", "-n", help="Evaluate the first N items (0: all); the same option as train's --eval-limit."),
+    adapter: list[Path] = typer.Option(
+        ..., "--adapter", "-a",
+        help="Repeatable. Adapter file (.safetensors written by lora-lite), a PEFT adapter folder, or a hub adapter id "
+        "(org/name: its config and safetensors weights only, through huggingface_hub).",
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m",
+        help="Base model (default: the one recorded in the adapter file, else the embedded smollm2).",
+    ),
+    eval_data: str = typer.Option(
+        "generated", "--eval-data",
+        help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. "
+        "openai/gsm8k.",
+    ),
+    limit: int = typer.Option(
+        100, "--eval-limit", "--limit", "-n",
+        help="Evaluate the first N items (0: all); the same option as train's --eval-limit.",
+    ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generation budget per answer."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="numeric (the answer's number), exact (the completion, stripped) or loss (held-out loss and perplexity on the completion tokens) (default: numeric for question/answer data, else loss)."),
-    data_format: Optional[str] = typer.Option(None, "--data-format", help="qa, chat, alpaca, prompt_completion or text (default: detected from the fields)."),
+    metric: str | None = typer.Option(
+        None, "--metric",
+        help="numeric (the answer's number), exact (the completion, stripped) or loss (held-out loss and perplexity on "
+        "the completion tokens) (default: numeric for question/answer data, else loss).",
+    ),
+    data_format: str | None = typer.Option(
+        None, "--data-format",
+        help="qa, chat, alpaca, prompt_completion or text (default: detected from the fields).",
+    ),
     seq_len: int = typer.Option(256, "--seq-len", help="Truncate examples to this many tokens for --metric loss."),
-    batch_size: int = typer.Option(50, "--eval-batch-size", "--batch-size", "-b", help="Prompts per generation batch (train's --eval-batch-size)."),
+    batch_size: int = typer.Option(
+        50, "--eval-batch-size", "--batch-size", "-b",
+        help="Prompts per generation batch (train's --eval-batch-size).",
+    ),
     dtype: str = dtype_option(),
-    quantize: Optional[str] = quantize_option(),
+    quantize: str | None = quantize_option(),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-    threads: Optional[int] = threads_option(),
+    threads: int | None = threads_option(),
     base: bool = typer.Option(True, "--base/--no-base", help="Also evaluate the base model."),
-    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Where to write per-item predictions (default: eval_predictions.jsonl next to the adapter)."),
-    mix: Optional[str] = typer.Option(None, "--mix", help="With several --adapter: also score this weighted set, e.g. A=1,B=0.5 (A, B: the adapters' file stems)."),
+    predictions: Path | None = typer.Option(
+        None, "--predictions",
+        help="Where to write per-item predictions (default: eval_predictions.jsonl next to the adapter).",
+    ),
+    mix: str | None = typer.Option(
+        None, "--mix",
+        help="With several --adapter: also score this weighted set, e.g. A=1,B=0.5 (A, B: the adapters' file stems).",
+    ),
     as_json: bool = json_option(),
 ):
     """Accuracy (or held-out loss) of the base model and of the adapted model on held-out data.
 
     --metric numeric (question/answer data's default): greedy generation, scored as GSM8K: the
     last number after the last '####', else the last number of the answer. exact: the stripped
-    completion equals the reference. loss: the loss and perplexity on the completion tokens. Per-item predictions (output, extracted answer, correct) go to a JSONL file.
+    completion equals the reference. loss: the loss and perplexity on the completion tokens. Per-item predictions
+    (output, extracted answer, correct) go to a JSONL file.
     """
     import lora_lite as ll
 
@@ -161,7 +201,7 @@ def _mix(text, adapters):
 def _several(ll, model, adapters, mix_set, run, base_res, name, examples) -> dict:
     """Each adapter scored alone (and the --mix set), all on one loaded base."""
     labels = [f"a{i}" for i in range(len(adapters))]
-    for label, path in zip(labels, adapters):
+    for label, path in zip(labels, adapters, strict=True):
         ll.load(model, path, name=label)
     rows = []
 
@@ -175,7 +215,7 @@ def _several(ll, model, adapters, mix_set, run, base_res, name, examples) -> dic
         rows.append({"adapter": title, "variant": ll.attached(model, names[0]).cfg.variant,
                      **summary(res),
                      "gain": res["accuracy"] - base_res["accuracy"] if base_res else None})
-    for label, path in zip(labels, adapters):
+    for label, path in zip(labels, adapters, strict=True):
         score(str(path), [label], None, path)
     if mix_set:
         title = "mix " + ",".join(f"{_stem(adapters[i])}={w:g}" for i, w in mix_set.items())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,13 +17,34 @@ FORMATS = ("merged", "peft")
 @app.command("export")
 @handle_errors
 def export_command(
-    adapter: Path = typer.Option(..., "--adapter", "-a", help="Adapter file (.safetensors written by lora-lite) or a PEFT adapter folder."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder to write (created; a non-empty one is refused unless --overwrite)."),
-    format: str = typer.Option(..., "--format", "-f", help="merged: a save_pretrained folder (weights, config, tokenizer) with the adapter folded in; peft: adapter_config.json + adapter_model.safetensors."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one recorded with the adapter, else the embedded smollm2)."),
-    as_lora_rank: Optional[int] = typer.Option(None, "--as-lora-rank", help="peft only: export the weight delta as a plain LoRA of this rank (truncated SVD; exact at full rank). Needed for variants PEFT lacks."),
+    adapter: Path = typer.Option(
+        ..., "--adapter", "-a",
+        help="Adapter file (.safetensors written by lora-lite) or a PEFT adapter folder.",
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o",
+        help="Folder to write (created; a non-empty one is refused unless --overwrite).",
+    ),
+    format: str = typer.Option(
+        ..., "--format", "-f",
+        help="merged: a save_pretrained folder (weights, config, tokenizer) with the adapter folded in; peft: "
+        "adapter_config.json + adapter_model.safetensors.",
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m",
+        help="Base model (default: the one recorded with the adapter, else the embedded smollm2).",
+    ),
+    as_lora_rank: int | None = typer.Option(
+        None, "--as-lora-rank",
+        help="peft only: export the weight delta as a plain LoRA of this rank (truncated SVD; exact at full rank). "
+        "Needed for variants PEFT lacks.",
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16, float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output: its previous contents are moved aside to OUTPUT.previous-N (never deleted)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="Replace a non-empty --output: its previous contents are moved aside to OUTPUT.previous-N (never "
+        "deleted).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ):
     """Write the adapter as a merged model (``--format merged``) or a PEFT folder (``--format peft``)."""

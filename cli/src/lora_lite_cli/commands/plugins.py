@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import List, Optional
 
 import typer
 from rich.table import Table
 
-from ..app import (CLIError, app, command_problems, console, err_console, handle_errors,
-                   print_json, warn)
+from ..app import CLIError, app, command_problems, console, err_console, handle_errors, print_json, warn
 
 
 def plugins_data() -> dict:
@@ -101,10 +99,10 @@ def _summarise_change(before: dict, after: dict | None):
 @app.command("install")
 @handle_errors
 def install_command(
-    packages: Optional[List[str]] = typer.Argument(
+    packages: list[str] | None = typer.Argument(
         None, help="Distributions to install: names on PyPI, wheel files, folders."),
     upgrade: bool = typer.Option(False, "--upgrade", "-U", help="Upgrade to the newest version."),
-    editable: Optional[str] = typer.Option(
+    editable: str | None = typer.Option(
         None, "--editable", "-e", help="Install a local plugin folder in editable mode."),
     force_reinstall: bool = typer.Option(False, "--force-reinstall",
                                          help="Reinstall even if the same version is installed."),
@@ -145,7 +143,7 @@ def install_command(
 @app.command("uninstall")
 @handle_errors
 def uninstall_command(
-    packages: List[str] = typer.Argument(..., help="Distributions to uninstall."),
+    packages: list[str] = typer.Argument(..., help="Distributions to uninstall."),
     yes: bool = typer.Option(True, "--yes/--ask", "-y",
                              help="Do not ask for confirmation (default), or let pip ask."),
 ):

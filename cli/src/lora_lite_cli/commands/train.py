@@ -2,22 +2,43 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
-from ..app import (CLIError, app, console, dtype_option, err_console, handle_errors, json_option,
-                   layers_option, model_option, parse_layers, parse_sets, print_json,
-                   quantize_option, rank_option, sets_option, targets_option, threads_option,
-                   variant_option)
+from ..app import (
+    CLIError,
+    app,
+    console,
+    dtype_option,
+    err_console,
+    handle_errors,
+    json_option,
+    layers_option,
+    model_option,
+    parse_layers,
+    parse_sets,
+    print_json,
+    quantize_option,
+    rank_option,
+    sets_option,
+    targets_option,
+    threads_option,
+    variant_option,
+)
 
 
 class RichReporter:
     """Progress bars on rank 0: training (step, loss, lr, tokens/s, ETA) and evaluation."""
 
     def __init__(self, out_console, enabled=True):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         self.console, self.enabled = out_console, enabled
         self.columns = dict(
             train=[TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -125,42 +146,112 @@ def print_summary(result, out):
 @app.command("train")
 @handle_errors
 def train_command(
-    variant: Optional[str] = variant_option(),
-    model: Optional[str] = model_option(),
-    train_data: Optional[str] = typer.Option(None, "--train-data", help="'generated' (default: built-in arithmetic problems), a .jsonl file, a dataset folder or a hub dataset NAME, NAME:CONFIG or NAME:CONFIG@SPLIT, e.g. meta-math/MetaMathQA."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. openai/gsm8k."),
-    data_format: Optional[str] = typer.Option(None, "--data-format", help="Format of the data files: qa, chat, alpaca, prompt_completion or text (default: detected from the fields)."),
-    loss_on: Optional[str] = typer.Option(None, "--loss-on", help="completion: train on the completion / assistant turns only; all: on the prompt too (default: completion)."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="Evaluation: numeric (the answer's number), exact (the completion) or loss (held-out loss, perplexity) (default: numeric for question/answer data, else loss)."),
-    pack: bool = typer.Option(False, "--pack", help="Pack training examples into rows of --seq-len tokens (labels masked per example)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: 80)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per micro-batch, over all processes (default: 8)."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (default: 1)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the variant's own, see `lora-lite variants --json`)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="LR schedule: cosine, linear or constant (default: cosine)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 0)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0)."),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the adapter gradient norm, 0 for no clipping (default: 1.0)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Truncate training examples to this many tokens (default: 256)."),
-    targets: Optional[List[str]] = targets_option(),
-    layers: Optional[str] = layers_option(),
-    rank: Optional[int] = rank_option(),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Scale numerator, s = alpha / r (default: per variant, 16)."),
-    sets: Optional[List[str]] = sets_option(),
-    dtype: Optional[str] = dtype_option(None),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="Autocast the forward: no, bf16 or fp16 (fp16: CUDA only, with a loss scaler); the adapter's master weights stay float32 (default: no)."),
+    variant: str | None = variant_option(),
+    model: str | None = model_option(),
+    train_data: str | None = typer.Option(
+        None, "--train-data",
+        help="'generated' (default: built-in arithmetic problems), a .jsonl file, a dataset folder or a hub dataset "
+        "NAME, NAME:CONFIG or NAME:CONFIG@SPLIT, e.g. meta-math/MetaMathQA.",
+    ),
+    eval_data: str | None = typer.Option(
+        None, "--eval-data",
+        help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. "
+        "openai/gsm8k.",
+    ),
+    data_format: str | None = typer.Option(
+        None, "--data-format",
+        help="Format of the data files: qa, chat, alpaca, prompt_completion or text (default: detected from the "
+        "fields).",
+    ),
+    loss_on: str | None = typer.Option(
+        None, "--loss-on",
+        help="completion: train on the completion / assistant turns only; all: on the prompt too (default: "
+        "completion).",
+    ),
+    metric: str | None = typer.Option(
+        None, "--metric",
+        help="Evaluation: numeric (the answer's number), exact (the completion) or loss (held-out loss, perplexity) "
+        "(default: numeric for question/answer data, else loss).",
+    ),
+    pack: bool = typer.Option(
+        False, "--pack",
+        help="Pack training examples into rows of --seq-len tokens (labels masked per example).",
+    ),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: 80)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", "-b",
+        help="Examples per micro-batch, over all processes (default: 8).",
+    ),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (default: 1)."),
+    lr: float | None = typer.Option(
+        None, "--lr",
+        help="Peak learning rate (default: the variant's own, see `lora-lite variants --json`).",
+    ),
+    schedule: str | None = typer.Option(
+        None, "--schedule",
+        help="LR schedule: cosine, linear or constant (default: cosine).",
+    ),
+    warmup: int | None = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 0)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0)."),
+    grad_clip: float | None = typer.Option(
+        None, "--grad-clip",
+        help="Clip the adapter gradient norm, 0 for no clipping (default: 1.0).",
+    ),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len",
+        help="Truncate training examples to this many tokens (default: 256).",
+    ),
+    targets: list[str] | None = targets_option(),
+    layers: str | None = layers_option(),
+    rank: int | None = rank_option(),
+    alpha: float | None = typer.Option(
+        None, "--alpha",
+        help="Scale numerator, s = alpha / r (default: per variant, 16).",
+    ),
+    sets: list[str] | None = sets_option(),
+    dtype: str | None = dtype_option(None),
+    mixed_precision: str | None = typer.Option(
+        None, "--mixed-precision",
+        help="Autocast the forward: no, bf16 or fp16 (fp16: CUDA only, with a loss scaler); the adapter's master "
+        "weights stay float32 (default: no).",
+    ),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the adapted model for training."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute each block's activations in the backward pass (less activation memory, more compute; the same loss and gradients)."),
-    quantize: Optional[str] = quantize_option(),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order/generation and adapter init (default: 0)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint folder (written on Ctrl-C) with its settings."),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on the first N held-out items, 0 to skip evaluation (default: 100)."),
-    eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Prompts per generation batch (default: 50)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget per answer (default: 32)."),
-    calibration: Optional[int] = typer.Option(None, "--calibration-batches", help="Training micro-batches given to data-initialised variants at attach (default: per variant)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: cpu)."),
-    threads: Optional[int] = threads_option(),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing",
+        help="Recompute each block's activations in the backward pass (less activation memory, more compute; the same "
+        "loss and gradients).",
+    ),
+    quantize: str | None = quantize_option(),
+    seed: int | None = typer.Option(
+        None, "--seed",
+        help="Seed of data order/generation and adapter init (default: 0).",
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o",
+        help="Run folder (default: lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>).",
+    ),
+    resume: Path | None = typer.Option(
+        None, "--resume",
+        help="Continue from a checkpoint folder (written on Ctrl-C) with its settings.",
+    ),
+    eval_limit: int | None = typer.Option(
+        None, "--eval-limit",
+        help="Evaluate on the first N held-out items, 0 to skip evaluation (default: 100).",
+    ),
+    eval_batch_size: int | None = typer.Option(
+        None, "--eval-batch-size",
+        help="Prompts per generation batch (default: 50).",
+    ),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens",
+        help="Generation budget per answer (default: 32).",
+    ),
+    calibration: int | None = typer.Option(
+        None, "--calibration-batches",
+        help="Training micro-batches given to data-initialised variants at attach (default: per variant).",
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: cpu)."),
+    threads: int | None = threads_option(),
     as_json: bool = json_option("the metrics"),
 ):
     """Fine-tune an adapter and measure it: base and adapted accuracy on held-out problems.

@@ -14,6 +14,7 @@ def variant_info(name, cls) -> dict:
     """What the CLI shows about one variant (plain data, also the --json record)."""
     import lora_lite as ll
     from lora_lite.plugins import variant_origin
+
     from ..defaults import variant_defaults
     origin = variant_origin(name)
     defaults = {f.name: f.default for f in dataclasses.fields(cls.config)}

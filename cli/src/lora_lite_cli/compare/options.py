@@ -16,8 +16,9 @@ RENAMED = {"compile_model": "compile"}
 
 def train_command():
     from typer.main import get_command
-    from ..app import app
+
     from .. import commands  # noqa: F401  (registers train on `app`)
+    from ..app import app
     return get_command(app).commands["train"]
 
 

@@ -2,8 +2,8 @@
 
 A job's result lives at ``runs/<variant>-<fingerprint>.json``; the fingerprint hashes every
 setting that changes the run (not the output folder or the thread count) and the version of the
-plugin providing the variant, so the same command finds its finished results again. The base model's evaluation is stored per *base* fingerprint
-(the settings the base model's accuracy depends on), shared by every variant and seed.
+plugin providing the variant, so the same command finds its finished results again. The base model's evaluation is
+stored per *base* fingerprint (the settings the base model's accuracy depends on), shared by every variant and seed.
 """
 from __future__ import annotations
 

@@ -17,11 +17,11 @@ import time
 
 import lora_lite as ll
 
-from ..training.run import Run, _run
 from ..training import runtime
 from ..training.reporting import Reporter, write_json
-from ..training.signals import StopRequest
+from ..training.run import Run, _run
 from ..training.settings import Settings
+from ..training.signals import StopRequest
 
 
 class EventReporter(Reporter):
@@ -67,6 +67,7 @@ class SharedBaseRun(Run):
 def host() -> dict:
     import torch
     import transformers
+
     from .. import __version__ as cli_version
     info = {"node": platform.node(), "platform": platform.platform(),
             "python": platform.python_version(), "cpus": os.cpu_count(),

@@ -23,7 +23,6 @@ import torch
 from .. import data as data_mod
 from .settings import TrainError
 
-
 LOSS_ON = ("completion", "all")
 
 

@@ -127,7 +127,7 @@ def load_portable_optimizer_state(optimizer, named: dict, saved: dict) -> None:
     groups = saved["param_groups"]
     if len(groups) != len(optimizer.param_groups) or any(
             sorted(g["params"]) != sorted(parameter_names(mine, named))
-            for g, mine in zip(groups, optimizer.param_groups)) or not set(saved["state"]) <= set(order):
+            for g, mine in zip(groups, optimizer.param_groups, strict=True)) or not set(saved["state"]) <= set(order):
         raise TrainError("--resume: the checkpoint's optimizer state names other adapter tensors "
                          "than this run trains; start a new run from its " + ADAPTER_FILE)
     position = {n: i for i, n in enumerate(order)}
@@ -135,7 +135,7 @@ def load_portable_optimizer_state(optimizer, named: dict, saved: dict) -> None:
              for n, moments in saved["state"].items()}
     # torch pairs the saved groups' ids with this optimizer's parameters in order: this order
     groups = [{**g, "params": [position[n] for n in parameter_names(mine, named)]}
-              for g, mine in zip(groups, optimizer.param_groups)]
+              for g, mine in zip(groups, optimizer.param_groups, strict=True)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

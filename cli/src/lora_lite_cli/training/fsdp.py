@@ -13,8 +13,6 @@ does not load on meta here: ``runtime.refuse_unsupported``).
 """
 from __future__ import annotations
 
-import torch
-
 import lora_lite as ll
 
 from .settings import TrainError

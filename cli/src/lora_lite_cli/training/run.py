@@ -27,8 +27,15 @@ from ..models import describe, load_model
 from . import fsdp as fsdp_mod
 from . import runtime
 from .batching import Batches, count_supervised, encode, loss_sum, model_inputs, pack
-from .checkpoints import (CHECKPOINT_DIR, PORTABLE, load_portable_optimizer_state,
-                          portable_optimizer_state, read_shard, save_checkpoint, save_shard)
+from .checkpoints import (
+    CHECKPOINT_DIR,
+    PORTABLE,
+    load_portable_optimizer_state,
+    portable_optimizer_state,
+    read_shard,
+    save_checkpoint,
+    save_shard,
+)
 from .loop import Outcome, Trainer, TrainState, adapter_snapshot
 from .reporting import Reporter, eval_summary, train_metrics, write_json, write_run_files
 from .settings import Settings, TrainError, build_config
@@ -293,7 +300,7 @@ class Run:
         write_json(os.path.join(out_dir, "metrics.json"), self.metrics)
 
     def finish(self, state: TrainState, outcome: Outcome, base_eval) -> RunResult:
-        s, acc, model = self.s, self.acc, self.model
+        s, model = self.s, self.model
         model.eval()
         self.times["train_s"] = state.train_s
         sanity = state.sanity

@@ -23,7 +23,6 @@ from . import shims
 from .settings import Settings, TrainError
 from .shims import cpu_fsdp_plugin  # noqa: F401  (tests, older imports)
 
-
 # torch.compile backend for --compile: inductor, or what LORA_LITE_COMPILE_BACKEND names (one
 # accelerate knows, e.g. "aot_eager" to debug, or "eager", dynamo's graph capture without
 # inductor's code generation: seconds instead of minutes, which the tests use)
@@ -198,8 +197,8 @@ def prepare(accelerator, *objects) -> tuple:
 
 def refuse_unsupported(accelerator) -> None:
     """DeepSpeed and Megatron would hand ``ll.save`` shards of the adapter: refused up front.
-    FSDP2 is supported (not yet with meta loading); FSDP1 with ``use_orig_params`` (the frozen base and the trainable adapter share
-    flat parameters; without it FSDP refuses mixed requires_grad and the optimizer would see
+    FSDP2 is supported (not yet with meta loading); FSDP1 with ``use_orig_params`` (the frozen base and the trainable
+    adapter share flat parameters; without it FSDP refuses mixed requires_grad and the optimizer would see
     flat shards instead of the adapter tensors)."""
     kind = str(accelerator.distributed_type).split(".")[-1]
     if kind in ("DEEPSPEED", "MEGATRON_LM"):

@@ -78,7 +78,7 @@ class Settings:
         return d
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "Settings":
+    def from_dict(cls, saved: dict) -> Settings:
         """Settings stored by ``to_dict`` (a checkpoint); unknown keys refused, missing keys
         take today's defaults (a checkpoint of an older version)."""
         names = {f.name for f in dataclasses.fields(cls)}

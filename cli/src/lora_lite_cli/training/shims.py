@@ -54,9 +54,9 @@ def cpu_fsdp_plugin():
 
 
 def fsdp_on_cpu(accelerator, plugin) -> None:
-    """[shim 1: accelerate <= 1.16, FSDP1 and FSDP2 on CPU] ``accelerate launch --use_fsdp`` on CPU processes: accelerate only turns FSDP on for
-    accelerator devices and would silently run DDP; torch's FSDP works on CPU with gloo, so the
-    state is switched to FSDP with the launcher's plugin settings (``prepare`` then wraps the
+    """[shim 1: accelerate <= 1.16, FSDP1 and FSDP2 on CPU] ``accelerate launch --use_fsdp`` on CPU processes:
+    accelerate only turns FSDP on for accelerator devices and would silently run DDP; torch's FSDP works on CPU with
+    gloo, so the state is switched to FSDP with the launcher's plugin settings (``prepare`` then wraps the
     model in FSDP on the CPU)."""
     from accelerate.utils import DistributedType
     if accelerator.state.distributed_type == DistributedType.MULTI_CPU:
@@ -67,8 +67,8 @@ def fsdp_on_cpu(accelerator, plugin) -> None:
 
 @contextlib.contextmanager
 def cpu_state_sync(accelerator):
-    """[shim 3: torch <= 2.13, FSDP1 on CPU] While FSDP wraps a CPU model with ``sync_module_states``: torch refuses CPU tensors there
-    through one check (``_check_module_states_for_sync_module_states``) although gloo
+    """[shim 3: torch <= 2.13, FSDP1 on CPU] While FSDP wraps a CPU model with ``sync_module_states``: torch refuses CPU
+    tensors there through one check (``_check_module_states_for_sync_module_states``) although gloo
     broadcasts them; the check is skipped for the wrapping only. Elsewhere: nothing."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is None or not getattr(plugin, "sync_module_states", False) or accelerator.device.type != "cpu":

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 import lora_lite as ll
 
-from .basis import (GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, check_number, expand,
-                    project)
+from .basis import GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, check_number, expand, project
 
 
 @dataclass

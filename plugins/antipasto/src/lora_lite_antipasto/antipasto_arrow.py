@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import lora_lite as ll
 
 from .antipasto import AntiPaSTOConfig, gain
-from .basis import GAIN_TRAIN_DEFAULTS, SVDBasisVariant, expand, project
+from .basis import GAIN_TRAIN_DEFAULTS, SVDBasisVariant, project
 
 
 @dataclass

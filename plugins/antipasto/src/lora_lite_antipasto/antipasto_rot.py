@@ -20,8 +20,7 @@ import torch
 
 import lora_lite as ll
 
-from .basis import (GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, check_number, expand,
-                    project)
+from .basis import GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, check_number, expand, project
 
 ROTATE_BASES = ("V", "U", "both", "none")
 

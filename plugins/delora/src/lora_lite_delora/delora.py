@@ -93,8 +93,8 @@ class DeLoRA(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "DELORA", "target_modules": list(target_names), "r": cfg.r, "delora_lambda": cfg.lambda0, "bias": "none",
-                "init_weights": True, "module_dropout": 0.0}
+        return {"peft_type": "DELORA", "target_modules": list(target_names), "r": cfg.r, "delora_lambda": cfg.lambda0,
+                "bias": "none", "init_weights": True, "module_dropout": 0.0}
 
     @staticmethod
     def peft_state(layer, cfg):

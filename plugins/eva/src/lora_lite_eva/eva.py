@@ -11,8 +11,8 @@ Statistics are streamed, never stored: each batch's rows (from ``ll.stream_input
 already dropped) are folded into the second moment C = XᵀX (d_in × d_in, float64), and A is
 the top-r eigenvectors of C, which are exactly the top-r right singular vectors of X. Memory is
 one d_in × d_in matrix per target on the layer's device whatever N is (128 MiB at d_in = 4096),
-one pass over the data, and the result is exact and independent of batch order. (An incremental SVD would keep only r × d_in per target
-but is approximate: PEFT's truncates to r components after every batch, draws a randomized
+one pass over the data, and the result is exact and independent of batch order. (An incremental SVD would keep only r ×
+d_in per target but is approximate: PEFT's truncates to r components after every batch, draws a randomized
 low-rank SVD, and loops over the data until the components stop moving.) Consecutive targets
 fed the same tensor (q/k/v, gate/up) reuse one product XᵀX per batch.
 

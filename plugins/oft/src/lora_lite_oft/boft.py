@@ -250,7 +250,7 @@ class BOFT(ll.Variant):
             warnings.warn(f"boft: the PEFT config says boft_n_butterfly_factor="
                           f"{fields['n_butterfly_factor']} but its tensors hold one butterfly "
                           "factor (PEFT without its CUDA extension trains one): loaded with "
-                          "n_butterfly_factor=1, as PEFT's own loader does", UserWarning)
+                          "n_butterfly_factor=1, as PEFT's own loader does", UserWarning, stacklevel=2)
             fields["n_butterfly_factor"] = 1
         return fields
 

@@ -31,8 +31,15 @@ import torch
 import lora_lite as ll
 from lora_lite.config import is_finite_number
 
-from .rotations import (at_least_fp32, cayley_exact, cayley_neumann, coft_project,
-                        identity_dropout, rotate_blocks, skew_from_packed)
+from .rotations import (
+    at_least_fp32,
+    cayley_exact,
+    cayley_neumann,
+    coft_project,
+    identity_dropout,
+    rotate_blocks,
+    skew_from_packed,
+)
 
 
 @dataclass

@@ -11,8 +11,8 @@ Quantized bases (bitsandbytes 4bit/8bit): W is the dequantized weight and W_res 
 write, so at init the function moves by E = Q(W_res) − W_res. ``quant_iters`` = k > 0 refits the
 adapter to what the stored residual leaves out, alternating as LoftQ does (Li et al. 2023,
 https://arxiv.org/abs/2310.08659): B A ← top-r SVD of (W − Q(W_res)) / s, then W_res ← W − s·B A
-is requantized, k times, ending on a refit. Each refit is the best rank-r correction for the residual actually stored. When the write
-is exact (an fp32 base) nothing is refit: A, B and W_res are plain PiSSA.
+is requantized, k times, ending on a refit. Each refit is the best rank-r correction for the residual actually stored.
+When the write is exact (an fp32 base) nothing is refit: A, B and W_res are plain PiSSA.
 
 ``rewrite_base=False`` (the default) leaves the base weight alone and keeps the residual
 implicit instead: y' = y + s·(x Aᵀ) Bᵀ − s·(x A0ᵀ) B0ᵀ, with A0, B0 the init factors as frozen,
@@ -63,18 +63,24 @@ def principal_factors(W, cfg):
     return A.to(cfg.dtype), B.to(cfg.dtype)
 
 
+def _write_once(layer, W, A, B, cfg):
+    """Writes W − s·B A into the base; returns (what the base now stores, whether it is exact)."""
+    residual = W - (cfg.scale * B.float()) @ A.float()  # PEFT's order of operations
+    ll.set_dense_weight(layer, residual)
+    stored = ll.dense_weight(layer)
+    return stored, torch.equal(stored, residual)
+
+
 def write_residual(layer, W, A, B, cfg):
     """W_res = W − s·B A into the base (requantized on bnb), refit ``quant_iters`` times."""
-    for refit in range(cfg.quant_iters + 1):
-        if refit:  # fit the adapter to what the stored residual leaves out of W
-            A, B = principal_factors(W - stored, cfg)
-            if refit == cfg.quant_iters:
-                break                                     # keep the residual this fit is for
-        residual = W - (cfg.scale * B.float()) @ A.float()  # PEFT's order of operations
-        ll.set_dense_weight(layer, residual)
-        stored = ll.dense_weight(layer)
-        if torch.equal(stored, residual):                 # exact write: nothing to refit
+    stored, exact = _write_once(layer, W, A, B, cfg)
+    for refit in range(1, cfg.quant_iters + 1):
+        if exact:                                         # exact write: nothing to refit
             break
+        A, B = principal_factors(W - stored, cfg)         # fit the adapter to what the stored residual leaves out of W
+        if refit == cfg.quant_iters:
+            break                                         # keep the residual this fit is for
+        stored, exact = _write_once(layer, W, A, B, cfg)
     return A, B
 
 

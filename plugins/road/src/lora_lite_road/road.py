@@ -107,8 +107,8 @@ class RoAd(ll.Variant):
 
     @staticmethod
     def peft_config(cfg, target_names):
-        return {"peft_type": "ROAD", "target_modules": list(target_names), "variant": cfg.road_variant, "group_size": cfg.group_size,
-                "init_weights": True}
+        return {"peft_type": "ROAD", "target_modules": list(target_names), "variant": cfg.road_variant,
+                "group_size": cfg.group_size, "init_weights": True}
 
     @staticmethod
     def peft_state(layer, cfg):
