@@ -233,3 +233,10 @@ def test_a_worker_error_is_one_line_naming_the_run_and_its_log(tiny_dir, tmp_pat
     log = line.split("(log: ")[1].rstrip(")")
     assert os.path.exists(log) and "missing.jsonl" in open(log).read()
     assert results_json(out)["sweep"]["failed"] and not list((out / "runs").glob("lora-*.json"))
+
+
+def test_every_run_of_a_sweep_gets_one_thread_count():
+    from lora_lite_cli.commands.compare import with_sweep_threads
+    chosen = with_sweep_threads({"steps": 4})
+    assert isinstance(chosen["threads"], int) and chosen["threads"] >= 1
+    assert with_sweep_threads({"threads": 3})["threads"] == 3

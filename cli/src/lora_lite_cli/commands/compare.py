@@ -103,7 +103,7 @@ def compare_command(
     unplanned = sorted(set(force or ()) - set(names))
     if unplanned:
         raise CLIError(f"--force {unplanned[0]}: not one of --variants ({', '.join(names)})", 2)
-    given = given_from_args(ctx.args)
+    given = with_sweep_threads(given_from_args(ctx.args))
     out_dir = str(output.resolve())
     jobs = _jobs(plan, names, given, plan.per_variant_sets(sets, names), seeds, out_dir)
     outcome = sweep.run_jobs(jobs, set(force or ()), SweepUI(err_console if markdown else console))
@@ -118,6 +118,16 @@ def compare_command(
     if outcome.failed:
         name, message = next(iter(outcome.failed.items()))
         raise CLIError(f"{len(outcome.failed)} run(s) failed, first {name}: {message}", 1)
+
+
+def with_sweep_threads(given: dict) -> dict:
+    """``given`` with one torch thread count for every run of the sweep: --threads, else the
+    count the machine's load gives now (each worker picking its own made runs at different loads
+    train on different thread counts)."""
+    if given.get("threads") is None:
+        from ..training.runtime import auto_threads
+        given = {**given, "threads": auto_threads()}
+    return given
 
 
 def _variant_names(variants) -> list[str]:
