@@ -34,11 +34,11 @@ import torch
 from torch import nn
 
 from .errors import AttachError
+from .routing import OFF as _OFF  # the flag ll.disabled() sets on every adapted module
 from .variant import make_tensor
 
 SEP = "__"           # tensor name = f"{spec name}{SEP}{parameter name}"
 _HOOKS_ATTR = "_lora_param_hooks"  # the owning module's two hook handles
-_OFF = "_lora_off"   # the flag attach.disabled() sets on every target layer
 _PARAMS_ATTR = "_lora_param_targets"
 
 
