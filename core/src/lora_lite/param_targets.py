@@ -53,6 +53,7 @@ class ParamTarget:
     d_out: int
     transposed: bool     # stored (E, d_in, d_out) instead of (E, d_out, d_in)
     ndim: int
+    host: nn.Module | None = None  # the module whose call reads the parameter (None: ``module``)
 
     def tensor_name(self, spec_name: str) -> str:
         return f"{spec_name}{SEP}{self.param}"
@@ -92,6 +93,13 @@ def wanted_patterns(model, cfg) -> tuple:
 
 
 def find_param_targets(model, cfg) -> list[ParamTarget]:
+    from .mha import mha_param_targets  # nn.MultiheadAttention selected by target_names
+    found = mha_param_targets(model, cfg)
+    names = {pt.name for pt in found}
+    return found + [pt for pt in _named_param_targets(model, cfg) if pt.name not in names]
+
+
+def _named_param_targets(model, cfg) -> list[ParamTarget]:
     patterns = wanted_patterns(model, cfg)
     if not patterns:
         return []
@@ -162,8 +170,11 @@ def attach_params(model, state, generator) -> None:
     variant = state.variant
     if state.param_targets:
         check_variant_can(variant, state.cfg)
+    from .mha import hosts
+    readers = hosts(model)  # an attention's out_proj.weight is read by the attention's call
     by_module: dict = {}
     for pt in state.param_targets:
+        pt.host = pt.host or readers.get(id(pt.module), pt.module)
         cfg = state.cfg.for_target(pt.name)
         names = state.tensor_names.setdefault(pt.name, [])
         device = getattr(pt.module, pt.param).device
@@ -178,7 +189,7 @@ def attach_params(model, state, generator) -> None:
             else:
                 pt.module.register_buffer(tname, stacked, persistent=spec.persistent)
             names.append(tname)
-        by_module.setdefault(id(pt.module), (pt.module, []))[1].append((pt, cfg))
+        by_module.setdefault(id(pt.host), (pt.host, []))[1].append((pt, cfg))
     for module, entries in by_module.values():
         module.__dict__[_PARAMS_ATTR] = (variant, entries)
         module.__dict__[_HOOKS_ATTR] = (module.register_forward_pre_hook(_substitute),
@@ -189,10 +200,11 @@ def undo_params(state) -> None:
     for pt in getattr(state, "param_targets", ()):
         module = pt.module
         module.__dict__.pop(pt.param, None)
-        module.__dict__.pop(_PARAMS_ATTR, None)
         module.__dict__.pop(_OFF, None)
-        for handle in module.__dict__.pop(_HOOKS_ATTR, ()):
-            handle.remove()
+        for owner in {id(m): m for m in (module, pt.host) if m is not None}.values():
+            owner.__dict__.pop(_PARAMS_ATTR, None)
+            for handle in owner.__dict__.pop(_HOOKS_ATTR, ()):
+                handle.remove()
         for name in state.tensor_names.get(pt.name, []):
             if name in module._parameters:
                 del module._parameters[name]
@@ -255,19 +267,19 @@ def adapted_weight(pt, cfg, variant, weight):
     return stored_layout(pt, torch.stack(merged)).to(weight.dtype)
 
 
-def _substitute(module, args):
-    if module.__dict__.get(_OFF):
-        return None
-    variant, entries = module.__dict__[_PARAMS_ATTR]
-    for pt, cfg in entries:
-        module.__dict__[pt.param] = adapted_weight(pt, cfg, variant, module._parameters[pt.param])
+def _substitute(host, args):
+    variant, entries = host.__dict__[_PARAMS_ATTR]
+    for pt, cfg in entries:  # pt.module: host itself, or the attention's out_proj
+        if not pt.module.__dict__.get(_OFF):
+            pt.module.__dict__[pt.param] = adapted_weight(pt, cfg, variant,
+                                                          pt.module._parameters[pt.param])
     return None
 
 
-def _put_back(module, args, output):
-    entries = module.__dict__.get(_PARAMS_ATTR, (None, ()))[1]
+def _put_back(host, args, output):
+    entries = host.__dict__.get(_PARAMS_ATTR, (None, ()))[1]
     for pt, _ in entries:
-        module.__dict__.pop(pt.param, None)
+        pt.module.__dict__.pop(pt.param, None)
     return None
 
 

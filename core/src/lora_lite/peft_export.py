@@ -39,7 +39,8 @@ def export_peft(model, folder, as_lora_rank: int | None = None, name=None) -> di
     "max_relative_error"}. Everything is computed before the folder is written. ``name``: which
     adapter (needed when the model holds several)."""
     state = one_adapter(model, name, "export")
-    names = [t.name for t in state.targets]
+    from .mha import attention_names  # nn.MultiheadAttention: a target module, as in PEFT
+    names = [t.name for t in state.targets] + attention_names(state.param_targets)
     if as_lora_rank is None:
         config, tensors, layers = _native(state, names)
     else:
@@ -47,8 +48,10 @@ def export_peft(model, folder, as_lora_rank: int | None = None, name=None) -> di
     base_name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     config = {"base_model_name_or_path": base_name or None, "task_type": None,
               "inference_mode": True, **config, "target_modules": names}
-    if state.param_targets:  # fused parameters (MoE experts): lora_lite.peft_params
-        config["target_parameters"] = [pt.name for pt in state.param_targets]
+    fused = [pt.name for pt in state.param_targets if pt.host is pt.module
+             and pt.name.rpartition(".")[0] not in names]  # (an attention's are target_modules)
+    if fused:  # fused parameters (MoE experts): lora_lite.peft_params
+        config["target_parameters"] = fused
     if state.trainable_modules:  # heads trained in full: PEFT's modules_to_save
         config["modules_to_save"] = [tm.name for tm in state.trainable_modules]
         tensors.update(_heads_tensors(state))

@@ -209,7 +209,9 @@ def load_peft(model, path, revision=None, subfolder=None, name=DEFAULT) -> dict:
     local = os.path.isdir(os.fspath(path))  # else a hub snapshot: links into the repo's blobs
     root = folder if local else hub_repo_root(folder, _checked_subfolder(path, subfolder))
     config, weights = read_peft_folder(folder, root)
-    if config.get("target_parameters") or config.get("modules_to_save"):  # lora_lite.peft_params
+    from .mha import names_attention
+    if (config.get("target_parameters") or config.get("modules_to_save")  # lora_lite.peft_params
+            or names_attention(model, weights)):  # nn.MultiheadAttention: lora_lite.mha
         from .peft_params import load_peft_params
         if adapter != DEFAULT:
             raise AttachError(f"{folder}: a PEFT folder with target_parameters or modules_to_save "

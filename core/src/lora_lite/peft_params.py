@@ -28,10 +28,14 @@ NEST = ".base_layer"
 
 def peft_prefixes(param_targets) -> dict:
     """{parameter target name: its key prefix in PEFT's file (without the trailing dot)}."""
+    from .mha import peft_prefix  # nn.MultiheadAttention: PEFT's own layout (lora_lite.mha)
     per_module: dict[str, list] = {}  # module name -> its ParamTargets
-    for pt in param_targets:
-        per_module.setdefault(pt.module_name, []).append(pt)
     out = {}
+    for pt in param_targets:
+        if peft_prefix(pt) is not None:
+            out[pt.name] = MODULE_PREFIX + str(peft_prefix(pt))
+        else:
+            per_module.setdefault(pt.module_name, []).append(pt)
     for module_name, pts in per_module.items():
         order = [p for p, _ in pts[0].module.named_parameters(recurse=False)]
         pts = sorted(pts, key=lambda p: order.index(p.param))
@@ -141,6 +145,8 @@ def load_peft_params(model, folder, config, weights) -> dict:
         params = matching_parameters(model, set(wanted))
     except AttachError as e:
         raise AdapterFileError(f"{where}: {e}") from None
+    from .mha import peft_targets
+    params += peft_targets(model, weights, where)  # nn.MultiheadAttention modules (lora_lite.mha)
     if wanted and not params:
         raise AdapterFileError(f"{where}: target_parameters {short(wanted[:3])} match no "
                                "parameter of this model; the adapter was made for another model")

@@ -5,7 +5,9 @@ Selection, in order:
 1. Candidates: every module some layer kind handles (``lora_lite.layer_kinds``: nn.Linear,
    transformers' Conv1D, bitsandbytes 4bit/8bit, plugin kinds), minus ``exclude_names`` and the
    projections inside ``nn.MultiheadAttention`` (it reads their weights directly, so hooks on
-   them would never run; a name selecting one, or a grouped / transposed conv, is refused). The defaults are the linear
+   them would never run; a name selecting the attention adapts its in_proj_weight and
+   out_proj.weight as parameter targets, ``lora_lite.mha``; one selecting only its out_proj, or a
+   grouped / transposed conv, is refused). The defaults are the linear
    family; names may also select nn.Embedding and nn.Conv1d/2d/3d (the variant's ``layer_kinds`` then
    decide, at attach).
 2. Names: ``target_names`` regexes (``re.search``). When empty, the variant's own
@@ -119,16 +121,12 @@ def linear_layers(model, accept=is_linear_like) -> list[tuple[str, nn.Module]]:
 
 def refuse_unadaptable(model, names):
     """A name selecting a layer lora-lite cannot adapt is refused in one line rather than
-    skipped: nn.MultiheadAttention (it reads its projection weights directly, no hookable call)
-    or its out_proj, and convolutions outside the conv kind (grouped, non-zero padding,
-    transposed)."""
+    skipped: an nn.MultiheadAttention's out_proj alone (its forward never runs; the attention
+    itself is adapted through its weights, ``lora_lite.mha``), and convolutions outside the conv
+    kind (grouped, non-zero padding, transposed)."""
+    from .mha import refuse_out_proj_alone
+    refuse_out_proj_alone(model, names)  # the attention itself is a parameter target (lora_lite.mha)
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) and any(
-                re.search(p, n) for p in names for n in (name, f"{name}.out_proj")):
-            raise AttachError(
-                f"{name} is an nn.MultiheadAttention (layer kind 'multihead_attention'): lora-lite "
-                "cannot hook its projections (it reads their weights directly); leave it out of "
-                "target_names")
         if (isinstance(module, nn.modules.conv._ConvNd) and not is_adaptable(module)
                 and any(re.search(p, name) for p in names)):
             raise AttachError(
@@ -186,7 +184,9 @@ def find_targets(model, cfg) -> list[Target]:
             continue
         found.append(Target(name, module, role, d_in, d_out))
     if not found:
-        raise AttachError(no_match_message(model, cfg, names))
+        from .mha import matched
+        if not matched(model, cfg, tuple(cfg.target_names)):  # else: attentions only, adapted as parameter targets
+            raise AttachError(no_match_message(model, cfg, names))
     return found
 
 
