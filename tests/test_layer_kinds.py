@@ -1,5 +1,6 @@
 """nn.Embedding and nn.Conv1d/Conv2d as targets (PEFT's LoRA layouts), the variants' layer_kinds
-refusal, nn.MultiheadAttention's refusal, and the default targets staying "all-linear"."""
+refusal, the refusal of an nn.MultiheadAttention's out_proj alone, and the default targets
+staying "all-linear"."""
 import copy
 import tempfile
 
@@ -182,7 +183,9 @@ def test_the_refusal_fires_for_a_linear_only_variant():
         ll.attach(model, ll.config("linear_only_gain", target_names=["^fc$"]))  # linear: fine
 
 
-def test_multihead_attention_is_refused_in_one_line():
+def test_multihead_attention_out_proj_alone_is_refused_in_one_line():
+    """Naming the attention adapts its weights (tests/test_mha.py); naming only its out_proj,
+    whose forward never runs, is refused."""
     class WithMHA(nn.Module):
         def __init__(self):
             super().__init__()
@@ -191,10 +194,11 @@ def test_multihead_attention_is_refused_in_one_line():
 
         def forward(self, x):
             return self.fc(self.attn(x, x, x)[0])
-    for names in (["^attn$"], [r"attn\.out_proj"]):
-        with pytest.raises(ll.AttachError, match="nn.MultiheadAttention.*multihead_attention") as e:
-            ll.attach(WithMHA(), ll.config("lora", r=2, target_names=names))
-        assert "\n" not in str(e.value)
+    with pytest.raises(ll.AttachError, match="nn.MultiheadAttention.*multihead_attention") as e:
+        ll.attach(WithMHA(), ll.config("lora", r=2, target_names=[r"attn\.out_proj"]))
+    assert "\n" not in str(e.value)
+    state = ll.attach(WithMHA(), ll.config("lora", r=2, target_names=["^attn$"]))
+    assert [pt.name for pt in state.param_targets] == ["attn.in_proj_weight", "attn.out_proj.weight"]
     ll.attach(WithMHA(), ll.config("lora", r=2))  # defaults: fc only, as before
 
 

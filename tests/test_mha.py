@@ -272,3 +272,60 @@ def test_every_variant_adapts_the_attention_or_refuses_in_one_line(variant):
     assert torch.isfinite(out).all() and (out - ref).abs().max() > 0
     ll.detach(model)
     assert state_equal(snapshot_state(model), before) and torch.equal(model(X), ref)
+
+
+def test_an_out_proj_that_is_no_linear_is_refused_in_one_line():
+    model = toy()
+    model.attn.out_proj = nn.Identity()
+    with pytest.raises(ll.AttachError, match=r"attn is an nn.MultiheadAttention .* out_proj is a "
+                                             r"Identity, not an nn.Linear") as e:
+        ll.attach(model, ll.config("lora", r=2, target_names=["^attn$"]))
+    assert "\n" not in str(e.value) and ll.attached(model) is None
+
+
+def test_exclude_names_and_layers_filter_attentions():
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(AttnToy() for _ in range(2))
+
+        def forward(self, x):
+            for block in self.layers:
+                x = block(x)
+            return x
+    names = lambda **kw: [pt.name for pt in ll.attach(Blocks(), ll.config(  # noqa: E731
+        "lora", r=2, target_names=["attn$"], **kw)).param_targets]
+    assert names(layers=[1]) == ["layers.1.attn.in_proj_weight", "layers.1.attn.out_proj.weight"]
+    assert names(exclude_names=[r"layers\.0\."]) == names(layers=[1])
+    assert len(names()) == 4
+
+
+def peft_folder(tmp_path, base=None):
+    p = peft_lora(base or toy())
+    p.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_a_peft_attention_folder_for_a_separate_qkv_model_is_refused(tmp_path):
+    folder = peft_folder(tmp_path)
+    torch.manual_seed(0)
+    model = AttnToy(kdim=4)
+    before = snapshot_state(model)
+    with pytest.raises(ll.AdapterFileError, match="separate q/k/v") as e:
+        ll.load(model, folder)
+    assert "\n" not in str(e.value) and ll.attached(model) is None
+    assert state_equal(snapshot_state(model), before)
+
+
+def test_a_peft_attention_tensor_of_the_wrong_shape_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    folder = peft_folder(tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.attn.lora_B.weight"] = torch.zeros(2 * WIDTH, 2)  # (3E, r) expected
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = toy()
+    before = snapshot_state(model)
+    with pytest.raises(ll.AdapterFileError, match="lora_B.weight") as e:
+        ll.load(model, folder)
+    assert "\n" not in str(e.value) and ll.attached(model) is None
+    assert state_equal(snapshot_state(model), before)
