@@ -329,3 +329,29 @@ def test_a_peft_attention_tensor_of_the_wrong_shape_is_refused(tmp_path):
         ll.load(model, folder)
     assert "\n" not in str(e.value) and ll.attached(model) is None
     assert state_equal(snapshot_state(model), before)
+
+
+def test_inference_fast_path_sees_the_adapted_weights():
+    """Under no_grad in eval, torch takes MultiheadAttention's fused fast path; it reads the
+    same attributes, so it computes the adapted attention too."""
+    model = toy()
+    lora(model)
+    randomize(model)
+    adapted = model(X)
+    calls, native = [], torch._native_multi_head_attention
+    try:
+        torch._native_multi_head_attention = lambda *a, **k: calls.append(1) or native(*a, **k)
+        with torch.no_grad():
+            fast = model(X)
+    finally:
+        torch._native_multi_head_attention = native
+    assert calls and (fast - adapted).abs().max() < 1e-5
+
+
+def test_docs_name_the_variants_that_adapt_the_attention():
+    """docs/models.md lists the built-in variants that adapt an nn.MultiheadAttention."""
+    import pathlib
+    from lora_lite.param_targets import refusal_reason
+    adapting = sorted(v for v in ll.variants() if not refusal_reason(ll.get_variant(v)))
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    assert f"({', '.join(adapting)})" in " ".join(doc.split())
