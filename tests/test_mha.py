@@ -351,6 +351,7 @@ def test_inference_fast_path_sees_the_adapted_weights():
 def test_docs_name_the_variants_that_adapt_the_attention():
     """docs/models.md lists the built-in variants that adapt an nn.MultiheadAttention."""
     import pathlib
+
     from lora_lite.param_targets import refusal_reason
     adapting = sorted(v for v in ll.variants() if not refusal_reason(ll.get_variant(v)))
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
