@@ -356,3 +356,19 @@ def test_docs_name_the_variants_that_adapt_the_attention():
     adapting = sorted(v for v in ll.variants() if not refusal_reason(ll.get_variant(v)))
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
     assert f"({', '.join(adapting)})" in " ".join(doc.split())
+
+
+def test_transformer_encoder_layer_under_no_grad_runs_the_adapted_attention():
+    """nn.TransformerEncoderLayer's inference fast path reads self_attn's weights without calling
+    it; torch skips that path when a submodule has hooks, so the adapter is seen there too."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(WIDTH, HEADS, 16, dropout=0.0, batch_first=True).eval()
+    with torch.no_grad():
+        ref = model(X)
+    state = ll.attach(model, ll.config("lora", r=2, target_names=["self_attn$"]))
+    assert [pt.name for pt in state.param_targets] == ["self_attn.in_proj_weight", "self_attn.out_proj.weight"]
+    randomize(model)
+    adapted = model(X)
+    with torch.no_grad():
+        fast = model(X)
+    assert (adapted - ref).abs().max() > 1e-2 and (fast - adapted).abs().max() < 1e-5
