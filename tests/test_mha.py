@@ -262,7 +262,8 @@ def test_every_variant_adapts_the_attention_or_refuses_in_one_line(variant):
         with pytest.raises(ll.AttachError) as e:
             ll.attach(model, cfg, calibration_data=[X])
         message = str(e.value)
-        assert "\n" not in message and "attn" in message and "'multihead_attention'" in message
+        assert "\n" not in message and "cannot adapt attn (nn.MultiheadAttention, layer kind " \
+            "'multihead_attention')" in message
         assert ll.attached(model) is None and state_equal(snapshot_state(model), before)
         return
     ll.attach(model, cfg)
@@ -372,3 +373,13 @@ def test_transformer_encoder_layer_under_no_grad_runs_the_adapted_attention():
     with torch.no_grad():
         fast = model(X)
     assert (adapted - ref).abs().max() > 1e-2 and (fast - adapted).abs().max() < 1e-5
+
+
+def test_attention_adapters_are_the_models_one_default_adapter(tmp_path):
+    folder = peft_folder(tmp_path)
+    model = toy()
+    with pytest.raises(ll.AttachError, match="nn.MultiheadAttention loads as the model's one adapter"):
+        ll.load(model, folder, name="other")
+    with pytest.raises(ll.AttachError, match="one adapter per model"):
+        ll.attach(model, ll.config("lora", r=2, target_names=["^attn$"]), name="other")
+    assert ll.attached(model) is None

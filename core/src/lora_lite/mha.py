@@ -24,7 +24,6 @@ from torch import nn
 from .errors import AttachError
 
 KIND = "multihead_attention"
-WEIGHTS = ("in_proj_weight", "out_proj.weight")
 
 
 def _what(name) -> str:

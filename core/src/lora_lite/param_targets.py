@@ -174,7 +174,8 @@ def attach_params(model, state, generator) -> None:
     readers = hosts(model)  # an attention's out_proj.weight is read by the attention's call
     by_module: dict = {}
     for pt in state.param_targets:
-        pt.host = pt.host or readers.get(id(pt.module), pt.module)
+        if pt.host is None:
+            pt.host = readers.get(id(pt.module), pt.module)
         cfg = state.cfg.for_target(pt.name)
         names = state.tensor_names.setdefault(pt.name, [])
         device = getattr(pt.module, pt.param).device

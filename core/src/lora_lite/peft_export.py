@@ -48,8 +48,8 @@ def export_peft(model, folder, as_lora_rank: int | None = None, name=None) -> di
     base_name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     config = {"base_model_name_or_path": base_name or None, "task_type": None,
               "inference_mode": True, **config, "target_modules": names}
-    fused = [pt.name for pt in state.param_targets if pt.host is pt.module
-             and pt.name.rpartition(".")[0] not in names]  # (an attention's are target_modules)
+    from .mha import peft_prefix  # (an attention's weights go under target_modules)
+    fused = [pt.name for pt in state.param_targets if peft_prefix(pt) is None]
     if fused:  # fused parameters (MoE experts): lora_lite.peft_params
         config["target_parameters"] = fused
     if state.trainable_modules:  # heads trained in full: PEFT's modules_to_save

@@ -214,8 +214,9 @@ def load_peft(model, path, revision=None, subfolder=None, name=DEFAULT) -> dict:
             or names_attention(model, weights)):  # nn.MultiheadAttention: lora_lite.mha
         from .peft_params import load_peft_params
         if adapter != DEFAULT:
-            raise AttachError(f"{folder}: a PEFT folder with target_parameters or modules_to_save "
-                              "loads as the model's one adapter for now; load it without name=")
+            raise AttachError(f"{folder}: a PEFT folder with target_parameters, modules_to_save or an "
+                              "nn.MultiheadAttention loads as the model's one adapter for now; load "
+                              "it without name=")
         return load_peft_params(model, folder, config, weights)
     name, fields = variant_for(config, os.path.join(folder, CONFIG_FILE))
     per_module = tensors_by_module(model, weights)
