@@ -4,6 +4,7 @@ re-run (nothing re-trained, nothing re-evaluated), a deleted result re-run alone
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -322,3 +323,33 @@ def assert_adapters_close(run_dir, ref_dir, tol=1e-6):
     assert got.keys() == want.keys()
     for k in want:
         assert torch.allclose(got[k], want[k], atol=tol, rtol=0), k
+
+
+def test_metric_loss_reports_heldout_loss_and_plots_it(tiny_dir, tmp_path):
+    """With --metric loss (the default for plain text) the table showed empty accuracy columns
+    ("-") and the plots were empty; now they hold the held-out loss before and after (and the
+    perplexity), and the scatter plots are loss plots."""
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The number {i} comes after {i - 1} and before {i + 1}."}) + "\n"
+                            for i in range(1, 13)))
+    out = tmp_path / "out"
+    compare("--variants", "lora", "ia3", "--model", str(tiny_dir), *SMALL, "--train-data", str(data),
+            "--eval-data", str(data), "--metric", "loss", "--output", str(out))
+    got = results_json(out)
+    assert got["metric"] == "loss"
+    for v in got["variants"]:
+        assert v["loss_before"]["mean"] > 0 and v["loss_after"]["mean"] > 0
+        assert v["perplexity_after"]["mean"] > 1 and v["accuracy_after"] is None
+    for r in got["runs"]:
+        assert r["before"]["metric"] == "loss" and r["after"]["tokens"] > 0
+    md = (out / "results.md").read_text()
+    assert "| held-out loss before | held-out loss after | change | perplexity after |" in md
+    lora_row = next(line for line in md.splitlines() if line.startswith("| lora |"))
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", lora_row.strip("|"))]  # not the targets' \|
+    assert float(cells[5]) == pytest.approx(got["variants"][0]["loss_before"]["mean"], abs=1e-4)
+    assert float(cells[6]) == pytest.approx(got["variants"][0]["loss_after"]["mean"], abs=1e-4)
+    for name in ("loss_vs_params.png", "loss_vs_step_time.png", "loss_curves.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "accuracy_vs_params.png").exists()
+    html_text = (out / "report.html").read_text()
+    assert "Held-out loss vs trainable parameters" in html_text and "Accuracy vs" not in html_text

@@ -164,7 +164,7 @@ def _print_end(data, files, markdown, results):
         typer.echo(results.markdown(data))
         return
     table = Table(title="lora-lite compare", title_justify="left")
-    for h in results.TABLE_HEADER:
+    for h in results.table_header(data):
         table.add_column(h)
     for row in results.table_rows(data["variants"]):
         table.add_row(*row)
