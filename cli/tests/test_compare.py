@@ -4,11 +4,13 @@ re-run (nothing re-trained, nothing re-evaluated), a deleted result re-run alone
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lora_lite_cli.app import get_app
@@ -197,7 +199,7 @@ def test_an_interrupted_job_stops_the_sweep_and_keeps_what_finished(tmp_path, mo
     jobs = plan.make_jobs(["lora", "hra", "ia3"], {"steps": 4}, {}, 1, str(tmp_path))
     started = []
 
-    def fake_run_one(job, ui):
+    def fake_run_one(job, ui, fresh=False):
         started.append(job.variant)
         if job.variant == "hra":
             return 130, ""
@@ -210,7 +212,7 @@ def test_an_interrupted_job_stops_the_sweep_and_keeps_what_finished(tmp_path, mo
     assert outcome.ran == [jobs[0].name] and os.path.exists(jobs[0].result_path)
     # the same sweep again: lora is reused, hra and ia3 run
     started.clear()
-    monkeypatch.setattr(sweep, "run_one", lambda job, ui: (started.append(job.variant), (0, ""))[1])
+    monkeypatch.setattr(sweep, "run_one", lambda job, ui, fresh=False: (started.append(job.variant), (0, ""))[1])
     outcome = sweep.run_jobs(jobs)
     assert outcome.skipped == [jobs[0].name] and started == ["hra", "ia3"]
 
@@ -218,7 +220,7 @@ def test_an_interrupted_job_stops_the_sweep_and_keeps_what_finished(tmp_path, mo
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch):
     from lora_lite_cli.compare import plan, sweep
     jobs = plan.make_jobs(["lora", "hra"], {"steps": 4}, {}, 1, str(tmp_path))
-    monkeypatch.setattr(sweep, "run_one", lambda job, ui: (2, "model not found")
+    monkeypatch.setattr(sweep, "run_one", lambda job, ui, fresh=False: (2, "model not found")
                         if job.variant == "lora" else (0, ""))
     outcome = sweep.run_jobs(jobs)
     assert outcome.failed == {jobs[0].name: "model not found"} and outcome.ran == [jobs[1].name]
@@ -240,3 +242,114 @@ def test_every_run_of_a_sweep_gets_one_thread_count():
     chosen = with_sweep_threads({"steps": 4})
     assert isinstance(chosen["threads"], int) and chosen["threads"] >= 1
     assert with_sweep_threads({"threads": 3})["threads"] == 3
+
+
+# Ctrl-C in the worker during step 2 (what the signal handler does), injected with sitecustomize
+STOP_DURING_STEP_2 = """
+import os
+if os.environ.get("LORA_LITE_TEST_STOP_AFTER"):
+    from lora_lite_cli.training import loop
+    _stop_step, _one_step = int(os.environ["LORA_LITE_TEST_STOP_AFTER"]), loop.Trainer.one_step
+
+    def one_step(self, stop):
+        if self.state.step == _stop_step - 1:
+            stop.requested = True
+        return _one_step(self, stop)
+    loop.Trainer.one_step = one_step
+"""
+
+
+def interrupted_lora_run(first, tmp_path, monkeypatch):
+    """``first``'s lora job, interrupted during step 2: (output folder, args, its run folder)."""
+    _, first_args = first
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_DURING_STEP_2)
+    out = tmp_path / "out"
+    args = ["--variants", "lora", *first_args[first_args.index("--model"):-2], "--output", str(out)]
+    with monkeypatch.context() as m:
+        m.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+        m.setenv("LORA_LITE_TEST_STOP_AFTER", "2")
+        result = compare(*args, expect=130)
+    assert "interrupted" in result.output
+    (run_dir,) = [p for p in (out / "runs").iterdir() if p.is_dir() and p.name.startswith("lora-")]
+    assert not list((out / "runs").glob("lora-*.json"))  # no result for an interrupted run
+    assert torch.load(run_dir / "checkpoint" / "trainer.pt", weights_only=True)["step"] == 2
+    return out, args, run_dir
+
+
+def stored_run(out, variant="lora"):
+    (path,) = (out / "runs").glob(f"{variant}-*.json")
+    return json.loads(path.read_text())
+
+
+def test_an_interrupted_variant_resumes_from_its_checkpoint(first, tmp_path, monkeypatch):
+    """It restarted from step 0 (the run folder was wiped); now the next compare resumes it
+    from the checkpoint (step 2) and ends where the uninterrupted run ended."""
+    out, args, run_dir = interrupted_lora_run(first, tmp_path, monkeypatch)
+    result = compare(*args)
+    got, want = stored_run(out), stored_run(first[0])
+    assert got["fingerprint"] == want["fingerprint"] and got["resumed_from_step"] == 2
+    assert "lora seed 0: resuming from step 2" in result.output
+    assert got["metrics"]["train"]["losses"] == pytest.approx(want["metrics"]["train"]["losses"], abs=1e-6)
+    assert_adapters_close(run_dir, first[0] / "runs" / run_dir.name)
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(first, tmp_path, monkeypatch):
+    """The run folder is named by the fingerprint, but the checkpoint's own settings are checked
+    too: one whose lr differs is set aside and the variant trains from step 0."""
+    out, args, run_dir = interrupted_lora_run(first, tmp_path, monkeypatch)
+    state_file = run_dir / "checkpoint" / "trainer.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["settings"]["lr"] *= 2
+    torch.save(state, state_file)
+    result = compare(*args)
+    got, want = stored_run(out), stored_run(first[0])
+    assert got["resumed_from_step"] is None
+    assert "not resuming: the checkpoint was made with other lr" in result.output
+    assert got["metrics"]["train"]["losses"] == pytest.approx(want["metrics"]["train"]["losses"], abs=1e-6)
+    assert_adapters_close(run_dir, first[0] / "runs" / run_dir.name)
+
+
+def test_force_starts_an_interrupted_variant_afresh(first, tmp_path, monkeypatch):
+    out, args, run_dir = interrupted_lora_run(first, tmp_path, monkeypatch)
+    compare(*args, "--force", "lora")
+    assert stored_run(out)["resumed_from_step"] is None
+
+
+def assert_adapters_close(run_dir, ref_dir, tol=1e-6):
+    from safetensors.torch import load_file
+    got, want = load_file(run_dir / "adapter.safetensors"), load_file(ref_dir / "adapter.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=tol, rtol=0), k
+
+
+def test_metric_loss_reports_heldout_loss_and_plots_it(tiny_dir, tmp_path):
+    """With --metric loss (the default for plain text) the table showed empty accuracy columns
+    ("-") and the plots were empty; now they hold the held-out loss before and after (and the
+    perplexity), and the scatter plots are loss plots."""
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The number {i} comes after {i - 1} and before {i + 1}."}) + "\n"
+                            for i in range(1, 13)))
+    out = tmp_path / "out"
+    compare("--variants", "lora", "ia3", "--model", str(tiny_dir), *SMALL, "--train-data", str(data),
+            "--eval-data", str(data), "--metric", "loss", "--output", str(out))
+    got = results_json(out)
+    assert got["metric"] == "loss"
+    for v in got["variants"]:
+        assert v["loss_before"]["mean"] > 0 and v["loss_after"]["mean"] > 0
+        assert v["perplexity_after"]["mean"] > 1 and v["accuracy_after"] is None
+    for r in got["runs"]:
+        assert r["before"]["metric"] == "loss" and r["after"]["tokens"] > 0
+    md = (out / "results.md").read_text()
+    assert "| held-out loss before | held-out loss after | change | perplexity after |" in md
+    lora_row = next(line for line in md.splitlines() if line.startswith("| lora |"))
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", lora_row.strip("|"))]  # not the targets' \|
+    assert float(cells[5]) == pytest.approx(got["variants"][0]["loss_before"]["mean"], abs=1e-4)
+    assert float(cells[6]) == pytest.approx(got["variants"][0]["loss_after"]["mean"], abs=1e-4)
+    for name in ("loss_vs_params.png", "loss_vs_step_time.png", "loss_curves.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "accuracy_vs_params.png").exists()
+    html_text = (out / "report.html").read_text()
+    assert "Held-out loss vs trainable parameters" in html_text and "Accuracy vs" not in html_text

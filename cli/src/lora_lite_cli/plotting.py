@@ -39,28 +39,36 @@ def _pyplot():
     return plt
 
 
-def accuracy_scatter(summaries, x_key, path, xlabel, log_x=False, title=""):
-    """Adapted accuracy (mean over seeds, bar = spread) of each variant against ``x_key``."""
+SCATTER_Y = {  # what a compare scatter plots on y: summary keys, scale to the axis, label
+    "accuracy": ("accuracy_after", "accuracy_before", 100, "accuracy after training (%)"),
+    "loss": ("loss_after", "loss_before", 1, "held-out loss after training (lower is better)"),
+}
+
+
+def evaluation_scatter(summaries, x_key, path, xlabel, y="accuracy", log_x=False, title=""):
+    """Each variant's adapted accuracy or held-out loss (mean over seeds, bar = spread) against
+    ``x_key``, with the base model's as a dashed line."""
+    after_key, before_key, scale, ylabel = SCATTER_Y[y]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for v in summaries:
-        x, acc = v.get(x_key), v.get("accuracy_after")
-        if not x or not acc:
+        x, after = v.get(x_key), v.get(after_key)
+        if not x or not after:
             continue
-        ax.errorbar([x], [100 * acc["mean"]], yerr=[100 * acc["std"]], fmt="o", capsize=3,
+        ax.errorbar([x], [scale * after["mean"]], yerr=[scale * after["std"]], fmt="o", capsize=3,
                     markersize=7)
-        ax.annotate(v["variant"], (x, 100 * acc["mean"]), textcoords="offset points",
+        ax.annotate(v["variant"], (x, scale * after["mean"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
-    befores = [v["accuracy_before"]["mean"] for v in summaries if v.get("accuracy_before")]
+    befores = [v[before_key]["mean"] for v in summaries if v.get(before_key)]
     if befores:
-        ax.axhline(100 * befores[0], color="gray", linestyle="--", linewidth=1, label="base model")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.axhline(scale * befores[0], color="gray", linestyle="--", linewidth=1, label="base model")
+        ax.legend(loc="best", fontsize=8)
     if log_x:
         from matplotlib.ticker import NullFormatter
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy after training (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -19,7 +19,7 @@ class SweepUI:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                                  TimeElapsedColumn(), console=out_console)
-        self.sweep = self.phase = None
+        self.sweep = self.phase = self.job = None
 
     def start_sweep(self, total, skipped):
         self.progress.start()
@@ -27,6 +27,7 @@ class SweepUI:
                                             info=f"{skipped} stored" if skipped else "")
 
     def start_job(self, job):
+        self.job = job
         self.progress.update(self.sweep, info=f"{job.variant} seed {job.seed}")
         self.phase = self.progress.add_task(f"  {job.variant}", total=None, info="starting")
 
@@ -41,6 +42,9 @@ class SweepUI:
             self.progress.advance(self.phase, e["k"])
         elif kind == "status":
             self.progress.update(self.phase, info=e["text"][:60])
+            if "resuming" in e["text"]:  # said once, above the bars
+                self.progress.console.print(f"{self.job.variant} seed {self.job.seed}: {e['text']}",
+                                            highlight=False)
 
     def end_job(self, job, rc, message):
         self.progress.remove_task(self.phase)
@@ -160,7 +164,7 @@ def _print_end(data, files, markdown, results):
         typer.echo(results.markdown(data))
         return
     table = Table(title="lora-lite compare", title_justify="left")
-    for h in results.TABLE_HEADER:
+    for h in results.table_header(data):
         table.add_column(h)
     for row in results.table_rows(data["variants"]):
         table.add_row(*row)

@@ -1,5 +1,7 @@
 """The comparison's figures: per run (one variant, one seed) and per variant (over the seeds),
-from the stored result files; written as results.json and results.md."""
+from the stored result files; written as results.json and results.md. The evaluation is an
+accuracy (numeric or exact match, with a Wilson interval) or, with ``--metric loss``, the
+held-out loss and perplexity."""
 from __future__ import annotations
 
 import json
@@ -22,7 +24,13 @@ def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float] | None:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _accuracy(summary: dict | None) -> dict | None:
+def _evaluation(summary: dict | None) -> dict | None:
+    """One evaluation as compare keeps it: loss and perplexity, or accuracy with its interval."""
+    if summary and summary.get("metric") == "loss":
+        if summary.get("loss") is None:
+            return None
+        return {"metric": "loss", "loss": summary["loss"], "perplexity": summary.get("perplexity"),
+                "tokens": summary.get("tokens"), "n": summary.get("n")}
     if not summary or summary.get("accuracy") is None:
         return None
     ci = wilson(summary.get("correct", 0), summary.get("n", 0))
@@ -40,7 +48,8 @@ def run_record(job: Job, stored: dict) -> dict:
         "config": m.get("adapter", {}).get("config"), "settings": m.get("settings"),
         "trainable_params": m.get("adapter", {}).get("trainable_params"),
         "adapter_bytes": stored.get("adapter_bytes"),
-        "before": _accuracy(ev.get("base")), "after": _accuracy(ev.get("adapted")),
+        "metric": m.get("metric"),
+        "before": _evaluation(ev.get("base")), "after": _evaluation(ev.get("adapted")),
         "base_shared": stored.get("base_shared"), "losses": train.get("losses", []),
         "train_s": m.get("time", {}).get("train_s"),
         "step_time_s": statistics.median(steps) if steps else None,
@@ -70,9 +79,12 @@ def _spread(values):
 
 def variant_summary(variant: str, runs: list[dict]) -> dict:
     """Mean and spread over the seeds; the 95% interval pools every seed's answers."""
-    after = [r["after"] for r in runs if r["after"]]
+    after = [r["after"] for r in runs if r["after"] and "accuracy" in r["after"]]
     correct, n = sum(a["correct"] or 0 for a in after), sum(a["n"] or 0 for a in after)
     ci = wilson(correct, n)
+
+    def spread(side, key):
+        return _spread([r[side][key] for r in runs if r[side] and key in r[side]])
     steps = [r["step_time_s"] for r in runs if r["step_time_s"] is not None]
     first = runs[0]
     return {
@@ -81,9 +93,11 @@ def variant_summary(variant: str, runs: list[dict]) -> dict:
         "trainable_params": first["trainable_params"], "adapter_bytes": first["adapter_bytes"],
         "config": first["config"], "lr": (first["settings"] or {}).get("lr"),
         "targets": (first["settings"] or {}).get("targets"),
-        "accuracy_before": _spread([r["before"]["accuracy"] for r in runs if r["before"]]),
-        "accuracy_after": _spread([a["accuracy"] for a in after]),
+        "metric": first.get("metric"),
+        "accuracy_before": spread("before", "accuracy"), "accuracy_after": spread("after", "accuracy"),
         "accuracy_after_pooled_ci95": list(ci) if ci else None,
+        "loss_before": spread("before", "loss"), "loss_after": spread("after", "loss"),
+        "perplexity_after": spread("after", "perplexity"),
         "step_time_s": statistics.median(steps) if steps else None,
         "train_s": _spread([r["train_s"] for r in runs]),
         "peak_rss_mb": max((r["peak_rss_mb"] or 0 for r in runs), default=None),
@@ -114,24 +128,47 @@ def accuracy_cell(spread, ci=None) -> str:
     return text
 
 
-TABLE_HEADER = ("variant", "lr", "targets", "trainable params", "adapter KB", "accuracy before %",
-                "accuracy after % (95% CI)", "gain (points)", "step time s", "train time s",
-                "peak memory MB")
+def loss_cell(spread) -> str:
+    if not spread:
+        return "-"
+    return f"{spread['mean']:.4f}" + (f" ± {spread['std']:.4f}" if spread["n"] > 1 else "")
+
+
+SETUP_HEADER = ("variant", "lr", "targets", "trainable params", "adapter KB")
+COST_HEADER = ("step time s", "train time s", "peak memory MB")
+TABLE_HEADER = (*SETUP_HEADER, "accuracy before %", "accuracy after % (95% CI)", "gain (points)",
+                *COST_HEADER)
+LOSS_TABLE_HEADER = (*SETUP_HEADER, "held-out loss before", "held-out loss after", "change",
+                     "perplexity after", *COST_HEADER)
+
+
+def table_header(results: dict) -> tuple:
+    return LOSS_TABLE_HEADER if results.get("metric") == "loss" else TABLE_HEADER
+
+
+def _evaluation_cells(v: dict) -> tuple:
+    if v.get("metric") == "loss":
+        before, after = v["loss_before"], v["loss_after"]
+        change = (after["mean"] - before["mean"]) if before and after else None
+        ppl = v["perplexity_after"]
+        return (loss_cell(before), loss_cell(after), "-" if change is None else f"{change:+.4f}",
+                "-" if not ppl else f"{ppl['mean']:.3f}")
+    before, after = v["accuracy_before"], v["accuracy_after"]
+    gain = (after["mean"] - before["mean"]) if before and after else None
+    return (accuracy_cell(before), accuracy_cell(after, v["accuracy_after_pooled_ci95"]),
+            "-" if gain is None else f"{100 * gain:+.1f}")
 
 
 def table_rows(summaries: list[dict]) -> list[tuple]:
     rows = []
     for v in summaries:
-        before, after = v["accuracy_before"], v["accuracy_after"]
-        gain = (after["mean"] - before["mean"]) if before and after else None
         mem = v["peak_cuda_mb"] or v["peak_rss_mb"]
         targets = ", ".join(v["targets"] or ()) or "(the variant's own)"
         rows.append((v["variant"], "-" if v["lr"] is None else f"{v['lr']:g}",
                      targets,
                      f"{v['trainable_params']:,}" if v["trainable_params"] else "-",
                      f"{v['adapter_bytes'] / 1024:,.1f}" if v["adapter_bytes"] else "-",
-                     accuracy_cell(before), accuracy_cell(after, v["accuracy_after_pooled_ci95"]),
-                     "-" if gain is None else f"{100 * gain:+.1f}",
+                     *_evaluation_cells(v),
                      "-" if v["step_time_s"] is None else f"{v['step_time_s']:.3f}",
                      "-" if not v["train_s"] else f"{v['train_s']['mean']:.1f}",
                      "-" if not mem else f"{mem:,.0f}"))
@@ -141,8 +178,8 @@ def table_rows(summaries: list[dict]) -> list[tuple]:
 def markdown(results: dict) -> str:
     """The table as Markdown, with the command and the machine's load above it."""
     lines = [f"`{results['command']}`", "", machine_line(results), "",
-             "| " + " | ".join(TABLE_HEADER) + " |",
-             "|" + "|".join("---" for _ in TABLE_HEADER) + "|"]
+             "| " + " | ".join(table_header(results)) + " |",
+             "|" + "|".join("---" for _ in table_header(results)) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
               for row in table_rows(results["variants"])]
     return "\n".join(lines) + "\n"
@@ -163,6 +200,7 @@ def machine_line(results: dict) -> str:
 
 def build(command: str, jobs: list[Job], outcome) -> dict:
     runs = load_runs(jobs)
-    return {"command": command, "variants": summarise(jobs, runs), "runs": runs,
+    metric = next((r["metric"] for r in runs if r.get("metric")), None)
+    return {"command": command, "metric": metric, "variants": summarise(jobs, runs), "runs": runs,
             "sweep": {"ran": outcome.ran, "skipped": outcome.skipped, "failed": outcome.failed,
                       "interrupted": outcome.interrupted, "planned": [j.name for j in jobs]}}

@@ -4,7 +4,9 @@ A job whose result file exists is skipped unless its variant is in ``force``; th
 one after the other under the same settings, so their times compare. While each runs, the
 machine's 1-minute load average is sampled (``LoadSampler``) and stored with its result. Ctrl-C
 stops the running job (it keeps a checkpoint in its run folder) and the sweep: every finished
-result stays on disk. Progress: one bar for the sweep and one for the running phase.
+result stays on disk, and the next sweep resumes the interrupted job from its checkpoint (the
+run folder is named by the settings fingerprint; ``--force`` starts it afresh).
+Progress: one bar for the sweep and one for the running phase.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def run_jobs(jobs: list[Job], force=(), ui=None) -> SweepOutcome:
     try:
         for job in todo:
             ui.start_job(job)
-            rc, message = run_one(job, ui)
+            rc, message = run_one(job, ui, fresh=job.variant in force)
             if rc == 130:
                 out.interrupted = True
                 break
@@ -76,10 +78,19 @@ def run_jobs(jobs: list[Job], force=(), ui=None) -> SweepOutcome:
     return out
 
 
-def run_one(job: Job, ui) -> tuple[int, str]:
-    """Run ``job`` in a worker process; (exit code, last error line)."""
-    if os.path.isdir(job.run_dir):  # an interrupted or forced earlier attempt
-        shutil.rmtree(job.run_dir)
+def keeps_checkpoint(job: Job) -> bool:
+    """Whether ``job``'s run folder holds the checkpoint of an interrupted attempt at the same
+    settings (the worker checks the checkpoint's own settings again before resuming)."""
+    from ..training.checkpoints import ADAPTER_FILE, CHECKPOINT_DIR, TRAINER_STATE
+    folder = os.path.join(job.run_dir, CHECKPOINT_DIR)
+    return all(os.path.isfile(os.path.join(folder, f)) for f in (TRAINER_STATE, ADAPTER_FILE))
+
+
+def run_one(job: Job, ui, fresh: bool = False) -> tuple[int, str]:
+    """Run ``job`` in a worker process; (exit code, last error line). An interrupted attempt's
+    checkpoint is resumed unless ``fresh``; anything else left in the run folder is removed."""
+    if os.path.isdir(job.run_dir) and (fresh or not keeps_checkpoint(job)):
+        shutil.rmtree(job.run_dir)  # a forced re-run, or an attempt that left no checkpoint
     os.makedirs(job.run_dir, exist_ok=True)
     if os.path.exists(job.result_path):
         os.remove(job.result_path)

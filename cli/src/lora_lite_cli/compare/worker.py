@@ -3,7 +3,9 @@ JOB.json``.
 
 Runs ``training.run`` on the job's settings; when the base model's evaluation is already stored
 (another variant or seed made it) the run takes it instead of evaluating the base again, else
-it stores the one it made. Progress goes to stdout as JSON lines (``EventReporter``), read by
+it stores the one it made. A checkpoint left in the run folder by an interrupted attempt at
+the same settings is resumed (``resumable``); one of other settings is never used.
+Progress goes to stdout as JSON lines (``EventReporter``), read by
 ``sweep``. On success the job's result file is written (atomically); on Ctrl-C nothing is
 (the run folder keeps its checkpoint) and the exit code is 130.
 """
@@ -78,10 +80,35 @@ def host() -> dict:
     return info
 
 
+def resumable(job: dict, s: Settings, reporter: Reporter):
+    """(checkpoint folder, trainer state) of an interrupted attempt at exactly ``s``'s training
+    settings, else None (a missing, unreadable or foreign checkpoint is set aside, not used)."""
+    from ..training.checkpoints import CHECKPOINT_DIR, read_checkpoint
+    from ..training.settings import RESUME_FREE, TrainError
+    folder = os.path.join(s.output, CHECKPOINT_DIR)  # s.output is the job's run folder
+    if not os.path.isdir(folder):
+        return None
+    try:
+        folder, state = read_checkpoint(folder)
+    except TrainError as e:
+        reporter.status(f"not resuming: {e}")
+        return None
+    stored = Settings.from_dict(dict(state["settings"])).to_dict()
+    wanted = s.to_dict()
+    differ = sorted(k for k in wanted if k not in RESUME_FREE and stored.get(k) != wanted[k])
+    if differ:
+        reporter.status(f"not resuming: the checkpoint was made with other {', '.join(differ)}")
+        return None
+    reporter.status(f"resuming from step {state['step']}")
+    return folder, state
+
+
 def work(job: dict) -> int:
     s = Settings.from_dict(job["settings"])
     s.device = runtime.pick_device(s.device)
     s.threads = runtime.set_threads(s.threads)
+    reporter = EventReporter()
+    resume = resumable(job, s, reporter)
     shared = None
     if os.path.exists(job["base_path"]):
         with open(job["base_path"], encoding="utf-8") as f:
@@ -89,7 +116,7 @@ def work(job: dict) -> int:
     acc = runtime.make_accelerator(s)
     try:
         with StopRequest() as stop:  # Ctrl-C/SIGTERM: the run checkpoints, the sweep keeps the rest
-            r = SharedBaseRun(s, EventReporter(), None, acc, shared=shared)
+            r = SharedBaseRun(s, reporter, resume, acc, shared=shared)
             result = _run(r, stop)
     finally:
         runtime.finish(acc)
@@ -101,7 +128,8 @@ def work(job: dict) -> int:
     write_json(job["result_path"], {
         "variant": s.variant, "seed": s.seed, "fingerprint": job["fingerprint"],
         "status": result.status, "message": result.message,
-        "base_shared": shared is not None, "finished_at": time.time(), "host": host(),
+        "base_shared": shared is not None, "resumed_from_step": resume[1]["step"] if resume else None,
+        "finished_at": time.time(), "host": host(),
         "adapter_bytes": os.path.getsize(adapter) if adapter and os.path.exists(adapter) else None,
         "metrics": result.metrics})
     return 0 if result.status == "completed" else 3
