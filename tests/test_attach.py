@@ -161,3 +161,39 @@ def test_disabled_runs_the_base_and_keeps_the_adapter(model, batch):
         with ll.disabled(model):
             raise RuntimeError("inside")
     assert torch.equal(logits(model, batch), adapted)
+
+
+def test_a_taken_name_is_refused_with_one_message_everywhere(tmp_path):
+    """attach, ll.load and ll.combine each wrote their own "already attached" text; now one
+    function says it, and every path leaves the model as it was."""
+    from lora_lite.testing import tiny_llama
+    model = tiny_llama()
+    ll.attach(model, lora_cfg())
+    ll.save(model, tmp_path / "a.safetensors")
+    before = snapshot_state(model)
+    messages = []
+    for call in (lambda: ll.attach(model, lora_cfg()), lambda: ll.load(model, tmp_path / "a.safetensors")):
+        with pytest.raises(ll.AttachError) as e:
+            call()
+        messages.append(str(e.value))
+    ll.attach(model, lora_cfg(), name="b")
+    with pytest.raises(ll.AttachError) as e:
+        ll.combine(model, ["default", "b"], [1.0, 1.0], how="linear", name="b")
+    assert len(set(messages)) == 1 and "already has a 'lora' adapter attached" in messages[0]
+    assert "already has an adapter named 'b'" in str(e.value)
+    ll.detach(model, name="b")
+    assert state_equal(before, snapshot_state(model))
+
+
+def test_missing_calibration_data_is_a_lora_lite_error():
+    """A bare ValueError before; now ll.CalibrationError (a LoraLiteError, still a ValueError),
+    one line, the model unchanged."""
+    from lora_lite.testing import tiny_llama
+    from lora_lite.toy_plugins import gain_variant, registered
+    model = tiny_llama()
+    before = snapshot_state(model)
+    with registered(gain_variant("calgain", needs_calibration=True)):
+        with pytest.raises(ll.CalibrationError, match="initialises from data: pass calibration_data"):
+            ll.attach(model, ll.config("calgain", target_names=[r"q_proj$"]))
+    assert issubclass(ll.CalibrationError, ValueError) and ll.attached(model) is None
+    assert state_equal(before, snapshot_state(model))

@@ -25,6 +25,7 @@ from .errors import (
     AdapterFileError,
     AdapterSaveError,
     AttachError,
+    CalibrationError,
     ConfigError,
     LoraLiteError,
     VariantContractError,
@@ -56,7 +57,8 @@ def _installed_version(distribution):
 __version__ = _installed_version("lora-lite")
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "ConfigError", "LoraLiteError",
+    "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "CalibrationError", "ConfigError",
+    "LoraLiteError",
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
     "adapter_names", "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model",
     "check", "combine", "config", "dense_weight", "detach", "disabled", "export_peft",

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from . import param_targets as _params  # parameter targets (fused MoE experts)
 from . import trainable_modules as _heads  # modules trained in full (PEFT's modules_to_save)
-from .attach import DEFAULT, attach, check_can_attach, detach, one_adapter
+from .attach import DEFAULT, attach_for_loading, check_can_attach, detach, one_adapter
 from .config import AdapterConfig, with_resolved_targets
 from .errors import AdapterFileError, AdapterSaveError, LoraLiteError
 from .file_checks import (
@@ -197,7 +197,7 @@ def load(model, path, *, revision=None, subfolder=None, name=DEFAULT) -> dict | 
     expected = _expected_tensors(path, variant, cfg, stored_targets, shapes,
                                  {**_params.expected_param_tensors(variant, cfg, params), **heads})
     stored = _read_tensors(path, expected)
-    state = attach(model, cfg, _skip_group_init=True, _targets=targets, _param_targets=params,
+    state = attach_for_loading(model, cfg, targets=targets, param_targets=params,
                    name=name)
     try:
         with torch.no_grad():

@@ -23,7 +23,7 @@ import torch
 
 from . import param_targets as _params  # parameter targets (fused MoE experts)
 from . import trainable_modules as _heads  # modules trained in full (PEFT's modules_to_save)
-from .errors import AttachError
+from .errors import AttachError, CalibrationError
 from .layer_kinds import check_layer_kinds
 from .plugins import get_variant, variant_origin
 from .routing import OFF, ROUTING, Routing, adapter_dtype, disabled, input_hook, output_hook  # noqa: F401
@@ -111,9 +111,8 @@ def needs_calibration(variant) -> bool:
     return bool(getattr(variant, "needs_calibration", False))
 
 
-def check_can_attach(model, cfg, variant, name) -> None:
-    """Refusals before anything is touched: a taken name, leftovers, a base rewrite next to others."""
-    check_name(name)
+def refuse_taken_name(model, name) -> None:
+    """The one refusal of an adapter name the model already holds (attach, load, combine)."""
     reg = registry(model)
     if reg is not None and name in reg.states:
         held = reg.states[name].cfg.variant
@@ -122,6 +121,13 @@ def check_can_attach(model, cfg, variant, name) -> None:
                               "ll.detach(model) first, or attach under another name=")
         raise AttachError(f"this model already has an adapter named {name!r} ({held!r}); pick "
                           f"another name or ll.detach(model, name={name!r}) first")
+
+
+def check_can_attach(model, cfg, variant, name) -> None:
+    """Refusals before anything is touched: a taken name, leftovers, a base rewrite next to others."""
+    check_name(name)
+    refuse_taken_name(model, name)
+    reg = registry(model)
     if reg is None:
         stray = [n for n, m in model.named_modules()
                  if hasattr(m, "_lora_variant") or SLOTS in vars(m)]
@@ -136,24 +142,33 @@ def check_can_attach(model, cfg, variant, name) -> None:
                               "with other adapters; use a separate copy of the base model")
 
 
-def attach(model, cfg, calibration_data=None, *, name=DEFAULT, _skip_group_init=False,
-           _targets=None, _param_targets=None) -> AttachState:
+def attach(model, cfg, calibration_data=None, *, name=DEFAULT) -> AttachState:
     """Attach the adapter described by ``cfg`` to ``model`` (in place) under ``name``. Returns
-    its state.
+    its state."""
+    return _attach_checked(model, cfg, calibration_data, name)
 
-    ``_targets`` (for ``ll.load``): the already resolved target list; ``cfg``'s selection
-    regexes are then not run."""
+
+def attach_for_loading(model, cfg, *, name=DEFAULT, targets=None, param_targets=None) -> AttachState:
+    """``attach`` for a loader (``ll.load``, PEFT import, ``ll.combine``) whose tensors come from
+    elsewhere: no data-driven init runs, so no calibration data is needed. ``targets`` /
+    ``param_targets``: already resolved lists (``cfg``'s selection regexes are then not run)."""
+    return _attach_checked(model, cfg, None, name, loading=True, targets=targets,
+                           param_targets=param_targets)
+
+
+def _attach_checked(model, cfg, calibration_data, name, loading=False, targets=None,
+                    param_targets=None) -> AttachState:
     variant = get_variant(cfg.variant)
     if not isinstance(cfg, variant.config):
         raise AttachError(f"config is a {type(cfg).__name__}, variant {cfg.variant!r} needs a "
                           f"{variant.config.__name__}; build it with ll.config({cfg.variant!r}, ...)")
     check_can_attach(model, cfg, variant, name)
-    if needs_calibration(variant) and calibration_data is None and not _skip_group_init:
-        raise ValueError(
+    if needs_calibration(variant) and calibration_data is None and not loading:
+        raise CalibrationError(
             f"variant {cfg.variant!r} initialises from data: pass calibration_data=[batch, ...] "
             "to ll.attach (batches as the model takes them, e.g. dicts with input_ids and "
             "attention_mask); the model was not changed")
-    targets, params, heads = _select(model, cfg, _targets, _param_targets)
+    targets, params, heads = _select(model, cfg, targets, param_targets)
     check_layer_kinds(variant, targets)
     if (params or heads) and (name != DEFAULT or registry(model) is not None):
         raise AttachError("parameter targets (fused experts) and trainable_modules work for one "
@@ -169,7 +184,7 @@ def attach(model, cfg, calibration_data=None, *, name=DEFAULT, _skip_group_init=
         reg.routing.active = [(name, 1.0)]
     reg.states[name] = state
     try:
-        _attach(model, state, reg, calibration_data, _skip_group_init)
+        _attach(model, state, reg, calibration_data, loading)
     except BaseException:
         _undo(model, state)
         raise

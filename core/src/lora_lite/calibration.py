@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import CalibrationError
+
 
 def call_model(model, batch):
     """Run ``model`` on one calibration batch: dict -> model(**b), tuple/list -> model(*b)."""
@@ -61,7 +63,7 @@ def stream_inputs(model, targets, calibration_data, on_rows):
         model.train(was_training)
         sides.encoder_output = None
     if batches == 0:
-        raise ValueError("calibration_data is empty: pass at least one batch")
+        raise CalibrationError("calibration_data is empty: pass at least one batch")
     return batches
 
 

@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from .attach import attach, detach, one_adapter, registry
+from .attach import attach_for_loading, detach, one_adapter, refuse_taken_name
 from .errors import AttachError
 from .merge import merged_weights
 from .plugins import variants
@@ -50,8 +50,7 @@ def _check(model, names, weights, how, name, density):
     if how not in ("svd", "cat", "linear") and not (density is not None and 0 < density <= 1):
         raise ValueError(f"how={how!r} needs density in (0, 1], got {density!r}")
     states = [one_adapter(model, n, "combine") for n in names]
-    if registry(model) is not None and name in registry(model).states:
-        raise AttachError(f"this model already has an adapter named {name!r}; pick another name=")
+    refuse_taken_name(model, name)
     targets = [t.name for t in states[0].targets]
     for s in states[1:]:
         if [t.name for t in s.targets] != targets:
@@ -133,7 +132,7 @@ def combine(model, names, weights, how="svd", name="combined", rank=None, densit
         rank = next(iter(pieces.values()))[0].shape[0]
     targets = states[0].targets
     cfg = sink_cls.lowrank_config(rank, tuple(f"^{re.escape(t.name)}$" for t in targets))
-    new = attach(model, cfg, name=name, _targets=targets, _skip_group_init=True)
+    new = attach_for_loading(model, cfg, name=name, targets=targets)
     try:
         with torch.no_grad():
             for t in new.targets:

@@ -21,6 +21,10 @@ class AttachError(LoraLiteError, RuntimeError):
     """attach/detach could not be done; the model was left as it was."""
 
 
+class CalibrationError(LoraLiteError, ValueError):
+    """A data-initialised variant got no (or empty) calibration data; the model was not changed."""
+
+
 class AdapterFileError(LoraLiteError, ValueError):
     """An adapter file cannot be loaded onto this model; the model was not touched."""
 

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from . import file_checks
-from .attach import DEFAULT, attach, check_can_attach, detach
+from .attach import DEFAULT, attach_for_loading, check_can_attach, detach
 from .config import config as make_config
 from .config import with_resolved_targets
 from .errors import AdapterFileError, AttachError, LoraLiteError
@@ -238,7 +238,7 @@ def load_peft(model, path, revision=None, subfolder=None, name=DEFAULT) -> dict:
     check_can_attach(model, cfg, variant, adapter)
     check_adapter_sizes(os.path.join(folder, CONFIG_FILE), variant, cfg,
                         [t for t in find_targets(model, cfg)])
-    state = attach(model, cfg, _skip_group_init=True, name=adapter)
+    state = attach_for_loading(model, cfg, name=adapter)
     try:
         with torch.no_grad():
             for t in state.targets:

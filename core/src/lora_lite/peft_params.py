@@ -17,7 +17,7 @@ import re
 import torch
 
 from . import param_targets as _params
-from .attach import attach, attached, detach
+from .attach import DEFAULT, attach_for_loading, attached, detach, refuse_taken_name
 from .errors import AdapterFileError, AttachError, LoraLiteError
 from .file_checks import MAX_TARGETS, short
 from .plugins import get_variant
@@ -137,10 +137,7 @@ def load_peft_params(model, folder, config, weights) -> dict:
                                "of parameter names")
     name, fields = variant_for({k: v for k, v in config.items()
                                 if k not in ("target_parameters", "modules_to_save")}, where)
-    present = attached(model)
-    if present is not None:
-        raise AttachError(f"this model already has a {present.cfg.variant!r} adapter "
-                          "attached; call ll.detach(model) first")
+    refuse_taken_name(model, DEFAULT)
     try:
         params = matching_parameters(model, set(wanted))
     except AttachError as e:
@@ -173,7 +170,7 @@ def load_peft_params(model, folder, config, weights) -> dict:
         module, _, rel = key[len(MODULE_PREFIX):].rpartition(".lora_")
         per_linear[module][f"lora_{rel}"] = value
     try:
-        attach(model, cfg, _skip_group_init=True, _param_targets=params)
+        attach_for_loading(model, cfg, param_targets=params)
     except LoraLiteError as e:
         raise AdapterFileError(f"{folder}: {short(str(e), 300)}") from None
     try:

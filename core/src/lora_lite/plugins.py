@@ -111,14 +111,14 @@ class _Registry:
     # -- loading -------------------------------------------------------------------------
     def load_entry_points(self):
         allow = os.environ.get(ALLOW_ENV)
-        allowed = None if allow is None else {_norm(a) for a in allow.split(",") if a.strip()}
+        allowed = None if allow is None else {normalize_distribution(a) for a in allow.split(",") if a.strip()}
         for plugin_name in _CORE_PLUGINS:
             module = __import__(plugin_name, fromlist=["_"])
             self.add(module, plugin_name.split(".")[-1], "lora-lite", _version("lora-lite"))
         for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=_entry_point_key):
             dist = ep.dist.name if ep.dist is not None else ep.name
             version = ep.dist.version if ep.dist is not None else "?"
-            if allowed is not None and _norm(dist) not in allowed and _norm(ep.name) not in allowed:
+            if allowed is not None and not {normalize_distribution(dist), normalize_distribution(ep.name)} & allowed:
                 continue
             if self.pm.has_plugin(ep.name):
                 self.load_problems.append(PluginProblem(
@@ -165,7 +165,7 @@ class _Registry:
         """Hook implementations ordered by distribution name, then plugin name (deterministic:
         neither install nor directory order changes what is reported first)."""
         return sorted(hook_caller.get_hookimpls(),
-                      key=lambda impl: (_norm(self.info[impl.plugin_name].distribution),
+                      key=lambda impl: (normalize_distribution(self.info[impl.plugin_name].distribution),
                                         impl.plugin_name))
 
     def _collect(self) -> Collected:
@@ -199,7 +199,7 @@ def _offer(out: Collected, offers: dict, info: PluginInfo, cls):
     problem = _guarded(lambda: variant_problem(cls), failed.append)
     if failed:
         problem = f"variant {cls!r} could not be checked: {failed[0]}"
-    key = (_norm(info.distribution), name)
+    key = (normalize_distribution(info.distribution), name)
     if problem is None and key in out.qualified:
         problem = (f"variant name {name!r} is registered twice by {info.distribution}; "
                    "the first one is kept")
@@ -249,7 +249,7 @@ def _clash_problem(name, info, keeper, providers) -> PluginProblem:
 
 def qualified_name(distribution, name) -> str:
     """``dist:variant``, the name that selects ``distribution``'s variant ``name``."""
-    return f"{_norm(distribution)}{QUALIFIER}{name}"
+    return f"{normalize_distribution(distribution)}{QUALIFIER}{name}"
 
 
 def split_qualified(name) -> tuple[str | None, str]:
@@ -257,26 +257,23 @@ def split_qualified(name) -> tuple[str | None, str]:
     if not isinstance(name, str) or QUALIFIER not in name:
         return None, name
     dist, _, bare = name.rpartition(QUALIFIER)
-    return _norm(dist), bare
+    return normalize_distribution(dist), bare
 
 
 def is_builtin(distribution) -> bool:
-    return _norm(distribution) in BUILTIN_DISTRIBUTIONS
+    return normalize_distribution(distribution) in BUILTIN_DISTRIBUTIONS
 
 
 def _entry_point_key(ep):
     """Built-ins load first, so a stranger reusing one of their entry-point names is the one
     refused; then by distribution name (never the directory or install order)."""
-    dist = _norm(ep.dist.name) if ep.dist is not None else ""
+    dist = normalize_distribution(ep.dist.name) if ep.dist is not None else ""
     return (not is_builtin(dist), dist, ep.name)
 
 
-def _norm(name):
+def normalize_distribution(name):
     """PEP 503 normalisation of a distribution name: runs of -_. become -, lower case."""
     return re.sub(r"[-_.]+", "-", str(name).strip()).lower()
-
-
-normalize_distribution = _norm
 
 
 def _version(dist):
@@ -391,7 +388,7 @@ def origin_mismatch(variant: str, distribution: str | None) -> str | None:
         here = variant_origin(variant).distribution
     except KeyError:
         return None
-    if _norm(here) == _norm(distribution):
+    if normalize_distribution(here) == normalize_distribution(distribution):
         return None
     return (f"it was written by variant {variant!r} of {distribution}, but {variant!r} is provided "
             f"here by {here}: install {distribution} and select it with "
@@ -434,7 +431,7 @@ def recorded_writer(distribution: str, version: str | None = None) -> str:
     if version:
         text += f" {_as_shown(str(version), _VERSION)}"
     if (len(distribution) <= MAX_SUGGESTED_NAME and _DIST_NAME.fullmatch(distribution)
-            and _norm(distribution).startswith(NAMESPACE)):
+            and normalize_distribution(distribution).startswith(NAMESPACE)):
         text += f": pip install {distribution}"
     return text
 
@@ -452,7 +449,8 @@ def not_installed_message(name, found: dict, distribution: str | None = None,
     are suggested, never a guessed package name."""
     related = [p for p in problems() if p.variant == name]
     if distribution:
-        related += [p for p in problems() if _norm(p.distribution) == _norm(distribution)]
+        mine = normalize_distribution(distribution)
+        related += [p for p in problems() if normalize_distribution(p.distribution) == mine]
     if related:
         return f"variant {name!r} is unavailable because {related[0]}"
     qualifier, bare = split_qualified(name)
