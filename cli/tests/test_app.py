@@ -206,3 +206,14 @@ def test_the_cli_drops_bitsandbytes_kernels_advice_and_nothing_else():
         "try:\n    main()\nexcept SystemExit:\n    pass\n" + LOG_NOTICE)
     assert "pip install kernels" not in through_main
     assert "a real bitsandbytes warning" in through_main
+
+
+def test_the_commands_hook_is_the_clis_not_cores():
+    """core declared register_commands although it has no command line; now the CLI adds its
+    own spec to core's plugin manager when it builds the app (again after a registry reset)."""
+    import lora_lite.hookspecs as core_specs
+    from lora_lite.plugins import registry
+    from lora_lite_cli import hookspecs
+    assert not hasattr(core_specs, "register_commands")
+    get_app()
+    assert registry().pm.hook.register_commands.spec.function is hookspecs.register_commands

@@ -197,7 +197,11 @@ def get_app() -> typer.Typer:
     """
     from lora_lite.plugins import hook, registry
 
-    from . import commands  # noqa: F401  (imports register the built-in commands on `app`)
+    from . import (
+        commands,  # noqa: F401  (imports register the built-in commands on `app`)
+        hookspecs,
+    )
+    hookspecs.add_to(registry().pm)  # the CLI's own hook (core has no command line)
 
     cli = _new_typer()
     cli.registered_callback = app.registered_callback

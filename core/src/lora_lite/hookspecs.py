@@ -5,6 +5,9 @@ an entry point in the group ``lora_lite``::
 
     [project.entry-points.lora_lite]
     myvariant = "my_package.plugin"
+
+The command line adds one more hook of the same project, ``register_commands(app)``
+(``lora_lite_cli.hookspecs``): core itself has no command line.
 """
 import pluggy
 
@@ -26,7 +29,3 @@ def register_weight_backends(register):
     write) and optionally ``guard_training(model) -> undo`` (see ``lora_lite.weights``).
     """
 
-
-@hookspec
-def register_commands(app):
-    """Add commands to the ``lora-lite`` command line: ``app`` is a ``typer.Typer``."""

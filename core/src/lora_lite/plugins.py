@@ -479,7 +479,7 @@ def _qualified_missing(dist, bare) -> str:
 
 
 def hook():
-    """The pluggy hook relay, e.g. ``hook().register_commands(app=app)``."""
+    """The pluggy hook relay, e.g. ``hook().register_variants(register=...)``."""
     return registry().pm.hook
 
 
