@@ -192,8 +192,9 @@ def is_fsdp2(accelerator) -> bool:
 
 
 def meta_loading(accelerator) -> bool:
-    """FSDP with ``cpu_ram_efficient_loading``: only rank 0 reads the weights; the other ranks
-    build the model on the meta device (refused for now: ``refuse_unsupported``)."""
+    """FSDP2 with ``cpu_ram_efficient_loading``: only rank 0 reads the weights; the other ranks
+    build the model's parameters on the meta device, and accelerate broadcasts rank 0's state
+    dict (adapter included) into the shards after ``fully_shard``."""
     plugin = fsdp_plugin(accelerator)
     return bool(plugin is not None and getattr(plugin, "cpu_ram_efficient_loading", False))
 
@@ -207,8 +208,8 @@ def prepare(accelerator, *objects) -> tuple:
 
 def refuse_unsupported(accelerator) -> None:
     """DeepSpeed and Megatron would hand ``ll.save`` shards of the adapter: refused up front.
-    FSDP2 is supported (not yet with meta loading); FSDP1 is refused (``make_accelerator`` refuses it
-    before the Accelerator is built; this catches a plugin built another way)."""
+    FSDP2 is supported; FSDP1 is refused (``make_accelerator`` refuses it before the Accelerator
+    is built; this catches a plugin built another way)."""
     kind = str(accelerator.distributed_type).split(".")[-1]
     if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise TrainError(f"lora-lite train does not support {kind} (the adapter would be saved "
@@ -217,11 +218,6 @@ def refuse_unsupported(accelerator) -> None:
     plugin = fsdp_plugin(accelerator)
     if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
         raise TrainError(FSDP1_REFUSED)
-    if getattr(plugin, "cpu_ram_efficient_loading", False):
-        # measured: 2 CPU processes (gloo) hung while loading, accelerate 1.16 / torch 2.13
-        raise TrainError("FSDP2 with fsdp_cpu_ram_efficient_loading is not supported by lora-lite "
-                         "train yet: launch with --fsdp_cpu_ram_efficient_loading false (every "
-                         "rank reads the weights)")
 
 
 def is_fsdp(accelerator) -> bool:
