@@ -185,12 +185,6 @@ def fsdp_plugin(accelerator):
     return getattr(accelerator.state, "fsdp_plugin", None) if is_fsdp(accelerator) else None
 
 
-def is_fsdp2(accelerator) -> bool:
-    """FSDP2 (``fully_shard``, accelerate's ``fsdp_version: 2``): the layers keep their own
-    parameters, as DTensors sharded along dim 0 (the adapter's among them)."""
-    return getattr(fsdp_plugin(accelerator), "fsdp_version", 1) == 2
-
-
 def meta_loading(accelerator) -> bool:
     """FSDP2 with ``cpu_ram_efficient_loading``: only rank 0 reads the weights; the other ranks
     build the model's parameters on the meta device, and accelerate broadcasts rank 0's state
