@@ -74,7 +74,7 @@ def __getattr__(attr):
     by its class name (upstream lora-lite exported them from the package)."""
     if attr.startswith("__"):
         raise AttributeError(attr)
-    configs = {getattr(cls.config, "__name__", None): cls.config for cls in variants().values()}
+    configs = {cls.config.__name__: cls.config for cls in variants().values()}
     if attr in configs:
         return configs[attr]
     raise AttributeError(_missing_attribute(attr, sorted(c for c in configs if c)))
