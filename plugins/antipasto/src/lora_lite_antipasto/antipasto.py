@@ -42,16 +42,12 @@ class AntiPaSTO(SVDBasisVariant):
     config = AntiPaSTOConfig
     train_defaults = dict(GAIN_TRAIN_DEFAULTS)
 
-    @staticmethod
     def added_macs(target, cfg):
         return cfg.r * (target.d_in + target.d_out), 0
 
-    @staticmethod
     def trainable_specs(d_in, d_out, cfg):
         return {"lora_g": ll.ParamSpec((cfg.r,), init="zeros")}
 
-    @staticmethod
-    def forward(layer, x, y):
-        cfg = layer._lora_cfg
+    def forward(layer, x, y, cfg):
         h = project(layer, x) * (layer.lora_S * gain(layer.lora_g, cfg))  # (..., r)
         return y + expand(layer, h).to(y.dtype)                           # (..., d_out)

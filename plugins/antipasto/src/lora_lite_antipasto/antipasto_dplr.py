@@ -39,7 +39,6 @@ class AntiPaSTODPLR(SVDBasisVariant):
     train_defaults = {"lr": 5e-3, "alpha": "r"}
     cost_note = "LoRA-like thin matmuls at rank r plus 2·r·k MACs/token for the mixing core"
 
-    @staticmethod
     def trainable_specs(d_in, d_out, cfg):
         return {"lora_g": ll.ParamSpec((cfg.r,), init="zeros"),
                 "lora_A": ll.ParamSpec((cfg.lora_rank, cfg.r), init="kaiming"),
@@ -55,19 +54,15 @@ class AntiPaSTODPLR(SVDBasisVariant):
                 t.layer.lora_g.zero_()
                 t.layer.lora_B.zero_()
 
-    @staticmethod
-    def forward(layer, x, y):
-        cfg = layer._lora_cfg
+    def forward(layer, x, y, cfg):
         p = project(layer, x)                                            # (..., r)
         h = p * (layer.lora_S * gain(layer.lora_g, cfg))
         h = h + cfg.coeff * ((p @ layer.lora_A.T) @ layer.lora_B.T)     # (..., r)
         return y + expand(layer, h).to(y.dtype)
 
-    @staticmethod
     def added_macs(target, cfg):
         return cfg.r * (target.d_in + target.d_out) + 2 * cfg.r * cfg.lora_rank + cfg.r, 0
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)
         with torch.no_grad():
@@ -76,6 +71,5 @@ class AntiPaSTODPLR(SVDBasisVariant):
             delta = layer.lora_U.float() @ core.T @ layer.lora_Vh.float()
         return W + delta, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return None

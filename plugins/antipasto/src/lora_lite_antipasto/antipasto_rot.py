@@ -76,13 +76,11 @@ class AntiPaSTORot(SVDBasisVariant):
     train_defaults = dict(GAIN_TRAIN_DEFAULTS)
     cost_note = "the Cayley solves (once per call) are linear solves, not counted"
 
-    @staticmethod
     def added_macs(target, cfg):
         sides = {"none": 0, "V": 1, "U": 1, "both": 2}.get(cfg.rotate_basis, 1)
         # the low-rank path, plus block rotations on the r coordinates
         return cfg.r * (target.d_in + target.d_out) + sides * cfg.r * cfg.block_size, 0
 
-    @staticmethod
     def trainable_specs(d_in, d_out, cfg):
         specs = {"lora_delta_s": ll.ParamSpec((cfg.r,), init="zeros")}
         if cfg.rotate_basis != "none":
@@ -92,9 +90,7 @@ class AntiPaSTORot(SVDBasisVariant):
                 specs["lora_rot_T_u"] = ll.ParamSpec((n_blocks, n_angles), init="zeros")
         return specs
 
-    @staticmethod
-    def forward(layer, x, y):
-        cfg = layer._lora_cfg
+    def forward(layer, x, y, cfg):
         p0 = project(layer, x)                                             # (..., r)
         p = p0
         if cfg.rotate_basis in ("V", "both"):

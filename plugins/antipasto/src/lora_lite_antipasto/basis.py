@@ -187,7 +187,6 @@ class SVDBasisVariant(ll.Variant):
     paper = "https://arxiv.org/abs/2601.07473"
     right_factor = "lora_Vh"
 
-    @staticmethod
     def rewrites_weight(cfg):
         return cfg.rewrite_base  # W_res goes into the base only when asked (opt-in)
 
@@ -197,7 +196,6 @@ class SVDBasisVariant(ll.Variant):
         return {**factor_specs(d_in, d_out, cfg.r, cls.right_factor),
                 **cls.trainable_specs(d_in, d_out, cfg)}
 
-    @staticmethod
     def init(layer, cfg):
         crop_top_r(layer, cfg)
 
@@ -219,14 +217,12 @@ class SVDBasisVariant(ll.Variant):
         d_in, d_out = layer.lora_Vh.shape[1], layer.lora_U.shape[0]
         eye = torch.eye(d_in, dtype=cfg.dtype, device=layer.lora_Vh.device)
         zeros = torch.zeros(d_in, d_out, dtype=cfg.dtype, device=layer.lora_Vh.device)
-        delta_t = cls.forward(layer, eye, zeros).float()            # (d_in, d_out) = Δᵀ
+        delta_t = cls.forward(layer, eye, zeros, cfg).float()            # (d_in, d_out) = Δᵀ
         return ll.dense_weight(layer) + delta_t.T, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return None  # PEFT has no AntiPaSTO: export_peft(..., as_lora_rank=K)
 
-    @staticmethod
     def from_peft(peft_config):
         return None
 

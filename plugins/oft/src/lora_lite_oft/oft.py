@@ -122,34 +122,28 @@ class OFT(ll.Variant):
                  "is one batched matmul of the D blocks over a view of x, d_in·b MACs/token")
     peft_cost_note = "PEFT's OFT applies the same block einsum (block_share repeats the block D times)"
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         n_blocks, b = block_layout(d_in, cfg)
         return {"lora_R": ll.ParamSpec((1 if cfg.block_share else n_blocks, b * (b - 1) // 2),
                                        init="zeros")}
 
-    @staticmethod
-    def forward_input(layer, x):
+    def forward_input(layer, x, cfg):
         # x: (..., d_in) in cfg.dtype
-        cfg = layer._lora_cfg
         blocks = rotation_blocks(layer, cfg, x.shape[-1])     # (D or 1, b, b)
         if layer.training and cfg.module_dropout > 0 and blocks.shape[0] > 1:
             blocks = identity_dropout(blocks, cfg.module_dropout)
         return rotate_blocks(x, blocks.to(x.dtype))
 
-    @staticmethod
     def added_macs(target, cfg):
         n_blocks, b = block_layout(target.d_in, cfg)
         built = 1 if cfg.block_share else n_blocks
         terms = max(cfg.num_cayley_neumann_terms - 2, 0) if cfg.use_cayley_neumann else 2
         return target.d_in * b, built * terms * b ** 3
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)                            # (d_out, d_in) fp32
         return W @ merged_rotation(layer, cfg, W.shape[1]).T, None   # x R Wᵀ = x (W Rᵀ)ᵀ
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return {"peft_type": "OFT", "r": cfg.blocks, "oft_block_size": cfg.block_size,
                 "target_modules": peft_target_modules(target_names),
@@ -158,11 +152,9 @@ class OFT(ll.Variant):
                 "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms, "bias": "none",
                 "init_weights": True, "fan_in_fan_out": False}
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"oft_R.weight": layer.lora_R.detach().clone()}
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_type_of(peft_config) != "OFT":
             return None
@@ -177,7 +169,6 @@ class OFT(ll.Variant):
                 out[key] = peft_config[key]
         return out
 
-    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         weight = tensors["oft_R.weight"]
         if tuple(weight.shape) != tuple(layer.lora_R.shape):
