@@ -49,7 +49,8 @@ def gain_variant(name, *, knobs=None, uses_rank=True, **members):
     """A variant class named ``name``: an output gain y' = y ⊙ g with g (d_out) = 1 at init, so
     exactly the identity. ``knobs`` ({field: default}) become fields of its config (a dataclass
     subclassing AdapterConfig, ``uses_rank`` as given); ``members`` set or replace class members
-    (functions become static methods, as every plain def in a Variant body does), e.g. ``forward=...`` or ``needs_calibration=True``."""
+    (functions become static methods, as every plain def in a Variant body does), e.g.
+    ``forward=...`` or ``needs_calibration=True``."""
     fields = [("variant", str, dataclasses.field(default=name))]
     fields += [(k, type(v), dataclasses.field(default=v)) for k, v in (knobs or {}).items()]
     config = dataclasses.make_dataclass(f"{_camel(name)}Config", fields, bases=(AdapterConfig,))

@@ -34,19 +34,14 @@ import lora_lite as ll
 class VeRAConfig(ll.AdapterConfig):
     variant: str = "vera"
     r: int = 256                  # VeRA wants larger ranks than LoRA: only λ_d grows with r
-    projection_seed: int = 0      # regenerates the frozen A and B (PEFT: projection_prng_key)
-    d_initial: float = 0.1        # initial value of every λ_d entry (PEFT's default)
+    projection_seed: int = ll.knob(0, "[0, 2**63)")  # regenerates the frozen A and B (PEFT: projection_prng_key)
+    d_initial: float = 0.1        # initial value of every λ_d entry (PEFT's default), not 0
     store_projections: bool = False  # save A and B in the file (imported PEFT projections)
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.projection_seed, int) and not isinstance(self.projection_seed, bool)
-                 and 0 <= self.projection_seed < 2**63, "projection_seed", self.projection_seed,
-                 "an integer in [0, 2**63)")
-        ll.check(isinstance(self.d_initial, (int, float)) and not isinstance(self.d_initial, bool)
-                 and math.isfinite(self.d_initial) and self.d_initial != 0, "d_initial",
-                 self.d_initial, "a finite non-zero number (λ_b starts at 0, so with λ_d = 0 too "
-                 "neither vector would ever get a gradient)")
+        ll.check(self.d_initial != 0, "d_initial", self.d_initial, "a finite non-zero number (λ_b "
+                 "starts at 0, so with λ_d = 0 too neither vector would ever get a gradient)")
 
 
 def _kaiming_uniform(shape, generator):

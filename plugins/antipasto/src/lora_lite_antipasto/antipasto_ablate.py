@@ -25,14 +25,14 @@ import torch
 import lora_lite as ll
 
 from .antipasto_corda import full_orientation, oriented_factors
-from .basis import SVDBasisConfig, SVDBasisVariant, check_number, expand, project, set_factors
+from .basis import SVDBasisConfig, SVDBasisVariant, expand, project, set_factors
 
 
 @dataclass
 class AblateConfig(SVDBasisConfig):
     variant: str = "antipasto_ablate"
-    k: int = 1                    # number of ablated directions
-    init_alpha: float = 0.05      # initial ablation strength in [0, 1]
+    k: int = ll.knob(1, "[1, inf)")              # number of ablated directions (k <= r)
+    init_alpha: float = ll.knob(0.05, "[0, 1]")  # initial ablation strength
     coeff: float = 1.0
     cov_orient: bool = False      # orient the basis by the input covariance (needs calibration)
     cov_eps: float = 1e-3
@@ -40,12 +40,7 @@ class AblateConfig(SVDBasisConfig):
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.k, int) and not isinstance(self.k, bool) and 0 < self.k <= self.r,
-                 "k", self.k, f"an integer with 0 < k <= r = {self.r}")
-        for name in ("init_alpha", "coeff", "cov_eps"):
-            check_number(getattr(self, name), name)
-        ll.check(0 <= self.init_alpha <= 1, "init_alpha", self.init_alpha, "a number in [0, 1]")
-        ll.check(isinstance(self.cov_orient, bool), "cov_orient", self.cov_orient, "True or False")
+        ll.check(self.k <= self.r, "k", self.k, f"an integer with 0 < k <= r = {self.r}")
 
 
 def normal_over_r(t, generator):

@@ -24,12 +24,11 @@ class AntiPaSTOArrowConfig(AntiPaSTOConfig):
     (the block is not affected)."""
 
     variant: str = "antipasto_arrow"
-    block: int = 8                # b: size of the dense block, 1 <= b < r
+    block: int = ll.knob(8, "[1, inf)")  # b: size of the dense block, 1 <= b < r
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.block, int) and not isinstance(self.block, bool)
-                 and 1 <= self.block < self.r, "block", self.block, f"an integer with 1 <= block < r = {self.r}")
+        ll.check(self.block < self.r, "block", self.block, f"an integer with 1 <= block < r = {self.r}")
 
 
 class AntiPaSTOArrow(SVDBasisVariant):

@@ -22,19 +22,14 @@ import torch
 import lora_lite as ll
 
 from .antipasto import AntiPaSTOConfig, gain
-from .basis import SVDBasisVariant, check_number, reset_trainable, set_factors, thin_svd
+from .basis import SVDBasisVariant, reset_trainable, set_factors, thin_svd
 
 
 @dataclass
 class CorDAConfig(AntiPaSTOConfig):
     variant: str = "antipasto_corda"
-    cov_eps: float = 1e-3
+    cov_eps: float = ll.knob(1e-3, "(0, inf)")
     rewrite_base: bool = False
-
-    def validate(self):
-        super().validate()
-        check_number(self.cov_eps, "cov_eps")
-        ll.check(self.cov_eps > 0, "cov_eps", self.cov_eps, "a positive number")
 
 
 def input_moments(model, targets, calibration_data, diagonal):

@@ -23,13 +23,12 @@ from .basis import SVDBasisVariant, expand, project, reselect_directions
 @dataclass
 class DPLRConfig(AntiPaSTOConfig):
     variant: str = "antipasto_dplr"
-    lora_rank: int = 8            # k: rank of the mixing core, 0 < k <= r
+    lora_rank: int = ll.knob(8, "[1, inf)")  # k: rank of the mixing core, 0 < k <= r
     rewrite_base: bool = False
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool)
-                 and 0 < self.lora_rank <= self.r, "lora_rank", self.lora_rank,
+        ll.check(self.lora_rank <= self.r, "lora_rank", self.lora_rank,
                  f"an integer with 0 < lora_rank <= r = {self.r}")
 
 

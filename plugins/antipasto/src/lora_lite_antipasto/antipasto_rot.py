@@ -20,7 +20,7 @@ import torch
 
 import lora_lite as ll
 
-from .basis import GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, check_number, expand, project
+from .basis import ACT_POOLS, GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, expand, project
 
 ROTATE_BASES = ("V", "U", "both", "none")
 
@@ -30,19 +30,15 @@ class AntiPaSTORotConfig(SVDBasisConfig):
     variant: str = "antipasto_rot"
     block_size: int = 4               # bs: rotation block size, 2 <= bs, bs divides r
     max_rotation_angle: float = 0.5   # soft bound (radians) on each block's rotation
-    rotate_basis: str = "V"           # V (input basis), U (output basis), both, none
-    act_pool: str = "mean_abs"        # upstream's rot pooled mean |x·v| in group_init
+    rotate_basis: str = ll.knob("V", choices=ROTATE_BASES)  # V (input basis), U (output), both, none
+    act_pool: str = ll.knob("mean_abs", choices=ACT_POOLS)  # upstream's rot pooled mean |x·v|
 
     def validate(self):
         super().validate()
-        ll.check(self.rotate_basis in ROTATE_BASES, "rotate_basis", self.rotate_basis,
-                 f"one of {ROTATE_BASES}")
-        if self.rotate_basis != "none":
+        if self.rotate_basis != "none":  # the rotation's knobs matter only with a rotation
             bs = self.block_size
-            ll.check(isinstance(bs, int) and not isinstance(bs, bool) and 2 <= bs <= self.r
-                     and self.r % bs == 0, "block_size", bs,
+            ll.check(2 <= bs <= self.r and self.r % bs == 0, "block_size", bs,
                      f"an integer >= 2 that divides r = {self.r} (rotate_basis='none' for no rotation)")
-            check_number(self.max_rotation_angle, "max_rotation_angle")
             ll.check(0 < self.max_rotation_angle < math.pi, "max_rotation_angle",
                      self.max_rotation_angle, "an angle in radians in (0, pi)")
 

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import is_finite_number
 
 ACT_POOLS = ("rms", "mean_abs")
 # The members with antipasto's bounded gain (antipasto, _rot, _arrow): alpha = r. Upstream ran
@@ -52,18 +51,10 @@ class SVDBasisConfig(ll.AdapterConfig):
 
     variant: str = "antipasto_basis"
     r: int = 128             # upstream's 256 exceeds the kv-projection width of small models
-    act_pool: str = "rms"     # how group_init pools a direction's activations over tokens
+    act_pool: str = ll.knob("rms", choices=ACT_POOLS)  # how group_init pools a direction's
+                                                        # activations over tokens
     rewrite_base: bool = False  # True: write W_res into the base (opt-in); False: the hook adds
                                 # only the change, the base weight stays as it is
-
-    def validate(self):
-        super().validate()
-        ll.check(self.act_pool in ACT_POOLS, "act_pool", self.act_pool, f"one of {ACT_POOLS}")
-        ll.check(isinstance(self.rewrite_base, bool), "rewrite_base", self.rewrite_base, "True or False")
-
-
-def check_number(value, field_name):
-    ll.check(is_finite_number(value), field_name, value, "a finite number (that fits in float32)")
 
 
 def check_rank_fits(cfg, d_in, d_out):

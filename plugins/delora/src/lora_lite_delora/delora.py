@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import is_finite_number
 
 NORM_FLOOR = 1e-4  # PEFT's clamp on ‖aᵢ‖ and ‖bᵢ‖
 
@@ -38,12 +37,9 @@ NORM_FLOOR = 1e-4  # PEFT's clamp on ‖aᵢ‖ and ‖bᵢ‖
 @dataclass
 class DeLoRAConfig(ll.AdapterConfig):
     variant: str = "delora"
-    lambda0: float = 15.0  # initial λ, the strength bound (trainable)
+    lambda0: float = ll.knob(15.0, "(0, inf)", why="at 0 the adapter gets no gradient; 10-15 is typical")
+                           # initial λ, the strength bound (trainable)
 
-    def validate(self):
-        super().validate()
-        ll.check(is_finite_number(self.lambda0) and self.lambda0 > 0, "lambda0", self.lambda0,
-                 "a finite number > 0 (at 0 the adapter gets no gradient; 10-15 is typical)")
 
 
 class DeLoRA(ll.Variant):

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import FLOAT32_MAX
 
 
 @dataclass
@@ -45,13 +44,10 @@ class DoRAConfig(ll.AdapterConfig):
 
     def validate(self):
         super().validate()
-        for name in ("factored_norm", "cache_weight"):
-            ll.check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         ll.check(not (self.factored_norm and self.cache_weight), "cache_weight", self.cache_weight,
                  "False with factored_norm=True (the factored norm keeps no dense copy of W); "
                  "set factored_norm=False to use the cache")
-        ll.check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
-        ll.check(abs(self.scale) <= FLOAT32_MAX ** 0.5, "alpha", self.alpha,
+        ll.check(abs(self.scale) <= ll.FLOAT32_MAX ** 0.5, "alpha", self.alpha,
                  "a number whose scale (alpha / r, or alpha / sqrt(r) with use_rslora) is at "
                  "most 1.8e19 in size: the row norm squares it in float32")
 

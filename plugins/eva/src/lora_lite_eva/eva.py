@@ -41,10 +41,6 @@ class EVAConfig(ll.AdapterConfig):
     variant: str = "eva"
     center: bool = False  # subtract the input mean first (principal components, as PEFT)
 
-    def validate(self):
-        super().validate()
-        ll.check(isinstance(self.center, bool), "center", self.center, "True or False")
-
 
 class Moments:
     """Running XᵀX, Σx and row count of one layer's inputs: O(d_in²) memory for any N."""

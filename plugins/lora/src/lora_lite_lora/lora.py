@@ -27,10 +27,6 @@ class LoRAConfig(ll.AdapterConfig):
     variant: str = "lora"
     use_rslora: bool = False    # scale alpha / sqrt(r) (rsLoRA) instead of alpha / r
 
-    def validate(self):
-        super().validate()
-        ll.check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
-
     @property
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r

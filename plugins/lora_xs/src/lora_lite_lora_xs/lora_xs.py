@@ -21,19 +21,13 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import is_finite_number
 
 
 @dataclass
 class LoRAXSConfig(ll.AdapterConfig):
     variant: str = "lora_xs"
     alpha: float = 8.0           # = r: s = 1, the reference's setting
-    init_std: float = 0.0        # std of R's init; 0 = exact identity (reference: 1e-5)
-
-    def validate(self):
-        super().validate()
-        ll.check(is_finite_number(self.init_std) and self.init_std >= 0, "init_std",
-                 self.init_std, "a finite non-negative number")
+    init_std: float = ll.knob(0.0, "[0, inf)")  # std of R's init; 0 = exact identity (reference: 1e-5)
 
 
 class LoRAXS(ll.Variant):

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import is_finite_number
 
 from .oft import peft_target_modules, peft_type_of
 from .rotations import at_least_fp32, rotate_blocks
@@ -45,25 +44,17 @@ from .rotations import at_least_fp32, rotate_blocks
 @dataclass
 class BOFTConfig(ll.AdapterConfig):
     variant: str = "boft"
-    block_size: int = 4            # b (PEFT boft_block_size); 0 -> given by block_num
-    block_num: int = 0             # D (PEFT boft_block_num); 0 -> D = d_in / block_size
-    n_butterfly_factor: int = 1    # m
-    dropout: float = 0.0
+    block_size: int = ll.knob(4, "[0, inf)")  # b (PEFT boft_block_size); 0 -> given by block_num
+    block_num: int = ll.knob(0, "[0, inf)")   # D (PEFT boft_block_num); 0 -> D = d_in / block_size
+    n_butterfly_factor: int = ll.knob(1, "[1, inf)", why="1 = plain block-diagonal OFT")  # m
+    dropout: float = ll.knob(0.0, "[0, 1)", why="a probability")
 
     uses_rank = False
 
     def validate(self):
         super().validate()
-        for name in ("block_size", "block_num", "n_butterfly_factor"):
-            value = getattr(self, name)
-            ll.check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                     name, value, "a non-negative integer")
         ll.check((self.block_size > 0) != (self.block_num > 0), "block_size", self.block_size,
                  f"exactly one of block_size and block_num non-zero (block_num={self.block_num})")
-        ll.check(self.n_butterfly_factor >= 1, "n_butterfly_factor", self.n_butterfly_factor,
-                 "a positive integer (1 = plain block-diagonal OFT)")
-        ll.check(is_finite_number(self.dropout) and 0 <= self.dropout < 1, "dropout",
-                 self.dropout, "a probability in [0, 1)")
 
 
 def butterfly_layout(d_in: int, cfg) -> tuple[int, int, int]:

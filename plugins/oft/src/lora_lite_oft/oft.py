@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import is_finite_number
 
 from .rotations import (
     at_least_fp32,
@@ -45,30 +44,21 @@ from .rotations import (
 @dataclass
 class OFTConfig(ll.AdapterConfig):
     variant: str = "oft"
-    block_size: int = 32               # b (PEFT oft_block_size); 0 -> given by `blocks`
-    blocks: int = 0                    # D (PEFT r); 0 -> D = d_in / block_size
+    block_size: int = ll.knob(32, "[0, inf)")  # b (PEFT oft_block_size); 0 -> given by `blocks`
+    blocks: int = ll.knob(0, "[0, inf)")       # D (PEFT r); 0 -> D = d_in / block_size
     use_cayley_neumann: bool = True
-    num_cayley_neumann_terms: int = 5
+    num_cayley_neumann_terms: int = ll.knob(5, "[0, inf)")
     coft: bool = False
-    eps: float = 6e-5
+    eps: float = ll.knob(6e-5, "(0, inf)")
     block_share: bool = False
-    module_dropout: float = 0.0
+    module_dropout: float = ll.knob(0.0, "[0, 1)", why="a probability")
 
     uses_rank = False
 
     def validate(self):
         super().validate()
-        for name in ("block_size", "blocks", "num_cayley_neumann_terms"):
-            value = getattr(self, name)
-            ll.check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                     name, value, "a non-negative integer")
         ll.check((self.block_size > 0) != (self.blocks > 0), "block_size", self.block_size,
                  f"exactly one of block_size and blocks non-zero (blocks={self.blocks})")
-        for name in ("use_cayley_neumann", "coft", "block_share"):
-            ll.check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
-        ll.check(is_finite_number(self.eps) and self.eps > 0, "eps", self.eps, "a finite number > 0")
-        ll.check(is_finite_number(self.module_dropout) and 0 <= self.module_dropout < 1,
-                 "module_dropout", self.module_dropout, "a probability in [0, 1)")
 
 
 def block_layout(d_in: int, cfg) -> tuple[int, int]:

@@ -40,16 +40,11 @@ import lora_lite as ll
 @dataclass
 class PiSSAConfig(ll.AdapterConfig):
     variant: str = "pissa"
-    quant_iters: int = 1        # refits of A, B to a requantized residual (0 = plain PiSSA)
+    quant_iters: int = ll.knob(1, "[0, 20]")  # refits of A, B to a requantized residual (0 = plain PiSSA)
     rewrite_base: bool = False  # True: write W_res into the base (opt-in; see the docstring)
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.quant_iters, int) and not isinstance(self.quant_iters, bool)
-                 and 0 <= self.quant_iters <= 20, "quant_iters", self.quant_iters,
-                 "an integer in [0, 20]")
-        ll.check(isinstance(self.rewrite_base, bool), "rewrite_base", self.rewrite_base,
-                 "True or False")
         ll.check(self.alpha > 0, "alpha", self.alpha,
                  "a number > 0: the factors are sqrt(S / s) with s = alpha / r")
 

@@ -31,17 +31,14 @@ PARAMS_PER_OUTPUT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
 @dataclass
 class RoadConfig(ll.AdapterConfig):
     variant: str = "road"
-    road_variant: str = "road_1"
-    group_size: int = 64
+    road_variant: str = ll.knob("road_1", choices=sorted(PARAMS_PER_OUTPUT))
+    group_size: int = ll.knob(64, "[2, inf)", why="even: channel j pairs with j + group_size/2")
 
     uses_rank: ClassVar[bool] = False
 
     def validate(self):
         super().validate()
-        ll.check(self.road_variant in PARAMS_PER_OUTPUT, "road_variant", self.road_variant,
-                 f"one of {sorted(PARAMS_PER_OUTPUT)}")
-        ll.check(isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
-                 and self.group_size > 0 and self.group_size % 2 == 0, "group_size",
+        ll.check(self.group_size % 2 == 0, "group_size",
                  self.group_size, "a positive even integer (channel j pairs with j + group_size/2)")
 
 
