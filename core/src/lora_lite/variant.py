@@ -192,11 +192,11 @@ def _adapt_old_forward(cls, attr, old_args):
 _NAME_RE = re.compile(r"^[a-z0-9_]+$")
 
 
-def registered_name(cls) -> str | None:
-    """The name a class offered for registration goes by (None unless a Variant's string)."""
-    if isinstance(cls, type) and issubclass(cls, Variant) and isinstance(cls.name, str):
-        return cls.name
-    return None
+def registered_name(offered) -> str | None:
+    """The name an object offered for registration gives itself (None unless a string), read
+    before it is known to be a Variant: problems with it are reported under that name."""
+    name = getattr(offered, "name", None)
+    return name if isinstance(name, str) else None
 
 
 def contract_problem(cls) -> str | None:
