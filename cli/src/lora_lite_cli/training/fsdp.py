@@ -24,7 +24,7 @@ NO_META = ("launch with --fsdp_cpu_ram_efficient_loading false (every rank then 
 def refuse_on_meta(s, variant) -> None:
     """Under meta loading: what ranks > 0 cannot do on a meta-device base (calibrate), refused on
     every rank before anything loads (one line)."""
-    if s.calibration or getattr(variant, "needs_calibration", False):
+    if s.calibration or variant.needs_calibration:
         raise TrainError(f"variant {s.variant!r} runs the model on data at attach (calibration), "
                          "which ranks > 0 cannot do on their meta-device base under FSDP "
                          f"cpu_ram_efficient_loading; {NO_META}")

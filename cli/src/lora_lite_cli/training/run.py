@@ -173,7 +173,7 @@ class Run:
             ll.load(model, os.path.join(self.resume[0], "adapter.safetensors"))
             return
         calib = None
-        if s.calibration or getattr(self.variant, "needs_calibration", False):
+        if s.calibration or self.variant.needs_calibration:
             device = next(model.parameters()).device  # the CPU under FSDP, before wrapping
             calib = [{k: v.to(device) for k, v in model_inputs(self.batches.whole(j)).items()}
                      for j in range(max(s.calibration, 1))]
