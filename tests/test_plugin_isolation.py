@@ -68,7 +68,7 @@ class NoForwardConfig(ll.AdapterConfig):
     variant: str = "iso_noforward"
 
 
-class NoForward:
+class NoForward(ll.Variant):
     name, config = "iso_noforward", NoForwardConfig
 
     @staticmethod
@@ -91,7 +91,7 @@ class WrongDefaultVariant(Scale):
 
 
 @pytest.mark.parametrize("culprit, expected", [
-    (NoForward, "must define forward(layer, x, y) or forward_input(layer, x) (or both)"),
+    (NoForward, "must define forward(layer, x, y, cfg) or forward_input(layer, x, cfg) (or both)"),
     (PlainConfigVariant, ".config must be a dataclass subclassing lora_lite.AdapterConfig"),
     (WrongDefaultVariant, "its config's `variant` field must default to 'iso_wrongdefault'"),
 ])
@@ -244,7 +244,7 @@ def interrupts(register):
 
 @pytest.mark.parametrize("hook_body, expected", [
     (exits, "register_variants raised SystemExit: 3"),
-    (lambda register: register(5), "variant 5 has no valid .name"),
+    (lambda register: register(5), "5 is not a variant: variant classes must subclass lora_lite.Variant"),
     (lambda register: 1 / 0, "register_variants raised ZeroDivisionError"),
 ])
 def test_a_hook_that_exits_raises_or_registers_junk_is_reported(hook_body, expected):

@@ -68,7 +68,7 @@ def test_broken_plugins_are_reported_and_skipped():
         def register_variants(register):
             raise RuntimeError("plugin bug")
 
-    class NoForward:
+    class NoForward(ll.Variant):
         name, config = "noforward", GateConfig
 
         @staticmethod

@@ -278,9 +278,10 @@ def interrupted_lora_run(first, tmp_path, monkeypatch):
     return out, args, run_dir
 
 
-def stored_run(out, variant="lora"):
-    (path,) = (out / "runs").glob(f"{variant}-*.json")
-    return json.loads(path.read_text())
+def stored_run(out, run_dir):
+    """The stored result of ``run_dir``'s job (same fingerprint) in the output folder ``out``
+    (``first``'s folder also holds other seeds' lora results)."""
+    return json.loads((out / "runs" / f"{run_dir.name}.json").read_text())
 
 
 def test_an_interrupted_variant_resumes_from_its_checkpoint(first, tmp_path, monkeypatch):
@@ -288,7 +289,7 @@ def test_an_interrupted_variant_resumes_from_its_checkpoint(first, tmp_path, mon
     from the checkpoint (step 2) and ends where the uninterrupted run ended."""
     out, args, run_dir = interrupted_lora_run(first, tmp_path, monkeypatch)
     result = compare(*args)
-    got, want = stored_run(out), stored_run(first[0])
+    got, want = stored_run(out, run_dir), stored_run(first[0], run_dir)
     assert got["fingerprint"] == want["fingerprint"] and got["resumed_from_step"] == 2
     assert "lora seed 0: resuming from step 2" in result.output
     assert got["metrics"]["train"]["losses"] == pytest.approx(want["metrics"]["train"]["losses"], abs=1e-6)
@@ -304,7 +305,7 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(first, tmp_path, monkeypa
     state["settings"]["lr"] *= 2
     torch.save(state, state_file)
     result = compare(*args)
-    got, want = stored_run(out), stored_run(first[0])
+    got, want = stored_run(out, run_dir), stored_run(first[0], run_dir)
     assert got["resumed_from_step"] is None
     assert "not resuming: the checkpoint was made with other lr" in result.output
     assert got["metrics"]["train"]["losses"] == pytest.approx(want["metrics"]["train"]["losses"], abs=1e-6)
@@ -314,7 +315,7 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(first, tmp_path, monkeypa
 def test_force_starts_an_interrupted_variant_afresh(first, tmp_path, monkeypatch):
     out, args, run_dir = interrupted_lora_run(first, tmp_path, monkeypatch)
     compare(*args, "--force", "lora")
-    assert stored_run(out)["resumed_from_step"] is None
+    assert stored_run(out, run_dir)["resumed_from_step"] is None
 
 
 def assert_adapters_close(run_dir, ref_dir, tol=1e-6):

@@ -196,7 +196,7 @@ def _exits_in_commands(app):
 BROKEN_HOOKS = {
     "sys.exit in register_variants": ("register_variants", _exits, "register_variants raised SystemExit: 5"),
     "raising register_variants": ("register_variants", _raises, "register_variants raised RuntimeError"),
-    "malformed variant": ("register_variants", _junk, "has no valid .name"),
+    "malformed variant": ("register_variants", _junk, "is not a variant: variant classes must subclass"),
     "name clash": ("register_variants", _clash,
                    "variant name 'lora' is also registered by lora-lite-lora (built in), which keeps it"),
     "sys.exit in register_commands": ("register_commands", _exits_in_commands,

@@ -1,13 +1,9 @@
 """Each workaround in training/shims.py against the installed accelerate/torch: every test shows
 the behaviour the shim works around; once a version changes it, the test fails and the shim
-(and its test) can go. Shim 4 (keep_distributed_type) is covered end to end only, by the
-2-process FSDP runs of test_train.py."""
+(and its test) can go."""
 import inspect
-import os
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from lora_lite_cli.training import shims
 
@@ -22,40 +18,29 @@ def test_shim1_accelerate_turns_fsdp_on_for_accelerator_devices_only():
     assert "DistributedType.MULTI_GPU" in branch and "MULTI_CPU" not in branch
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is about machines without CUDA")
-def test_shim2_accelerate_refuses_sync_module_states_without_an_accelerator(monkeypatch):
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    monkeypatch.delenv("FSDP_VERSION", raising=False)
-    with pytest.raises((ValueError, RuntimeError), match="not supported on"):
-        FullyShardedDataParallelPlugin(sync_module_states=True)
-    saved = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
-    monkeypatch.setenv("FSDP_VERSION", "2")  # FSDP2: the plugin as accelerate builds it
-    plugin = shims.cpu_fsdp_plugin()
-    assert plugin.fsdp_version == 2 and plugin.sync_module_states is None
-    assert os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING") == saved or saved is None
-
-
-def test_shim3_torch_fsdp1_refuses_cpu_tensors_for_sync_module_states():
-    from torch.distributed.fsdp import _init_utils
-    with pytest.raises(ValueError, match="[Cc][Pp][Uu]"):
-        _init_utils._check_module_states_for_sync_module_states([torch.zeros(2)])
-
-
-def test_shim5_accelerate_clips_an_fsdp1_parameter_subset_rank_locally():
-    """accelerate hands FSDP1's global clip_grad_norm_ only the full parameter list; the
-    adapter's tensors (a subset) go to the rank-local norm."""
+def test_shim1_accelerate_state_copies_partial_states_distributed_type_back():
+    """fsdp_on_cpu writes FSDP into PartialState too: accelerate's own AcceleratorState() (as
+    ``prepare`` calls it) copies PartialState's distributed_type over the accelerator's; once
+    it stops doing that, only the accelerator's state needs the switch."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    model.clip_grad_norm_ = lambda *a, **k: "fsdp1-global"
-    fake = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False,
-                           unscale_gradients=lambda: None, _models=[model],
-                           _clip_grad_norm_dtensor_aware=lambda *a, **k: "rank-local")
-    assert Accelerator.clip_grad_norm_(fake, list(model.parameters()), 1.0) == "fsdp1-global"
-    assert Accelerator.clip_grad_norm_(fake, list(model[1].parameters()), 1.0) == "rank-local"
+    shims.reset_accelerate_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        accelerator.state.distributed_type = DistributedType.FSDP  # the accelerator's state alone
+        assert AcceleratorState().distributed_type != DistributedType.FSDP  # put back
+        assert accelerator.distributed_type != DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.MULTI_CPU  # as on 2 CPU processes
+        shims.fsdp_on_cpu(accelerator, "plugin")
+        assert AcceleratorState().distributed_type == DistributedType.FSDP  # kept
+        assert accelerator.distributed_type == DistributedType.FSDP
+        assert accelerator.state.fsdp_plugin == "plugin"
+    finally:
+        shims.reset_accelerate_state()
 
 
-def test_shim6_accelerate_keeps_one_runs_settings_process_wide():
+def test_shim2_accelerate_keeps_one_runs_settings_process_wide():
     from accelerate import Accelerator
     shims.reset_accelerate_state()
     Accelerator(cpu=True, mixed_precision="no")

@@ -438,7 +438,7 @@ def build_config(variant: str, *, targets=None, rank=None, alpha=None, layers=No
     else:
         own = fields["target_names"].default if "target_names" in fields else ()
         # a variant with per-architecture defaults (ia3) resolves them itself at attach
-        per_arch = callable(getattr(ll.get_variant(variant), "default_target_names", None))
+        per_arch = ll.get_variant(variant).default_target_names is not None
         values["target_names"] = tuple(own) if own or per_arch else DEFAULT_TARGETS
     values["target_roles"] = ()
     if rank is not None:

@@ -51,8 +51,8 @@ def analytic_macs(variant_cls, targets, cfg, tokens_per_call: int) -> tuple[floa
     """(added MACs per token over all targets, rule). The variant's own ``added_macs(target,
     cfg) -> (per token, per forward call)``; per-call work is divided by the tokens of one call.
     (None, "generic") when the variant gives no count."""
-    rule = getattr(variant_cls, "added_macs", None)
-    if not callable(rule):
+    rule = variant_cls.added_macs
+    if rule is None:
         return None, "generic"
     per_token = per_call = 0
     for t in targets:
@@ -66,7 +66,7 @@ def analytic_macs(variant_cls, targets, cfg, tokens_per_call: int) -> tuple[floa
 def variant_note(variant_cls, impl: str) -> str:
     """Why measured FLOPs may differ from 2 x the analytic MACs: the variant's ``cost_note``
     (lora-lite's side) or ``peft_cost_note`` (PEFT's implementation)."""
-    note = getattr(variant_cls, "cost_note" if impl == "lora-lite" else "peft_cost_note", "")
+    note = variant_cls.cost_note if impl == "lora-lite" else variant_cls.peft_cost_note
     return note if isinstance(note, str) else ""
 
 
@@ -76,16 +76,13 @@ def peft_spec(variant_cls, cfg, target_names):
     exported form is not what a PEFT user trains (PiSSA exports a rank-2r LoRA relative to the
     original base; PEFT trains rank r on a rewritten base) says so with
     ``peft_training_config``, which the comparison then uses."""
-    make = getattr(variant_cls, "peft_training_config", None)
-    if not callable(make):
-        make = getattr(variant_cls, "peft_config", None)
-    content = make(cfg, list(target_names)) if callable(make) else None
+    make = variant_cls.peft_training_config or variant_cls.peft_config
+    content = make(cfg, list(target_names)) if make is not None else None
     if content is None:
         return None
     from peft import get_peft_config
     config = get_peft_config({"task_type": None, **content, "target_modules": list(target_names)})
-    init = getattr(variant_cls, "peft_init", None)
-    return config, (init if callable(init) else None)
+    return config, variant_cls.peft_init
 
 
 def generic_macs(model) -> float:
@@ -409,7 +406,7 @@ class CostReport:
         variant_cls = ll.get_variant(variant)
         targets = ll.find_targets(self.model, cfg)
         spec = peft_spec(variant_cls, cfg, [t.name for t in targets]) if self.s.compare_peft else None
-        calib = self.calibration if getattr(variant_cls, "needs_calibration", False) else None
+        calib = self.calibration if variant_cls.needs_calibration else None
         runners, rows, failed = {}, {}, []
         peft_model = None
         copy_for_peft = copy.deepcopy(self.model) if spec else None

@@ -23,15 +23,13 @@ def variant_defaults(variant: str) -> dict:
         cls = ll.get_variant(variant)
     except ll.VariantNotInstalled:
         cls = None
-    cfg_cls = getattr(cls, "config", None)
-    row["rank"] = getattr(cfg_cls, "r", 8)
-    row["alpha"] = float(getattr(cfg_cls, "alpha", 16.0))
-    own_targets = getattr(cfg_cls, "target_names", ())
-    if own_targets:
-        row["targets"] = tuple(own_targets)
-    elif callable(getattr(cls, "default_target_names", None)):
+    cfg_cls = cls.config if cls is not None else ll.AdapterConfig
+    row["rank"], row["alpha"] = cfg_cls.r, float(cfg_cls.alpha)
+    if cfg_cls.target_names:
+        row["targets"] = tuple(cfg_cls.target_names)
+    elif cls is not None and cls.default_target_names is not None:
         row["targets"] = ()  # the variant places itself per architecture at attach (ia3)
-    own = getattr(cls, "train_defaults", None) or {}
+    own = (cls.train_defaults if cls is not None else None) or {}
     if not isinstance(own, dict):
         raise TypeError(f"variant {variant!r}: train_defaults must be a dict, not "
                         f"{type(own).__name__}")

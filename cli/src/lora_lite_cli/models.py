@@ -125,12 +125,15 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None 
 
 
 def empty_model(path, dtype, kwargs):
-    """The model of ``path``'s config with every tensor on the meta device (for GGUF files the
-    config comes from the file's metadata); its generation config as from_pretrained reads it."""
-    import torch
+    """The model of ``path``'s config with every parameter on the meta device (for GGUF files the
+    config comes from the file's metadata); its generation config as from_pretrained reads it.
+    Buffers are real (computed from the config, e.g. rotary frequencies): FSDP2's loading
+    broadcasts the parameters and persistent buffers of rank 0 only and keeps each rank's own
+    non-persistent buffers (a meta one would stop that rank)."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     config = AutoConfig.from_pretrained(path, **kwargs)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     try:
         model.generation_config = GenerationConfig.from_pretrained(path, **kwargs)

@@ -20,7 +20,7 @@ from .adapter_file import load, read_header, save
 from .attach import adapter_names, adapter_tensors, attach, attached, detach, set_trainable, trainable_parameters
 from .calibration import call_model, stream_inputs
 from .combine import combine
-from .config import AdapterConfig, check, config
+from .config import FLOAT32_MAX, AdapterConfig, check, config, is_finite_number, knob
 from .errors import (
     AdapterFileError,
     AdapterSaveError,
@@ -40,7 +40,7 @@ from .peft_import import peft_tensor
 from .peft_lora import load_peft_low_rank_state, peft_lora_config, peft_lora_fields, peft_low_rank_state, peft_patterns
 from .plugins import get_plugin_manager, get_variant, installed_plugins, problems, variants
 from .routing import disabled, forward_mixed, rows, use, using
-from .targets import Target, find_targets
+from .targets import Target, describe_candidates, find_targets, linear_layers
 from .variant import ParamSpec, Variant, hook_kind, rewrites_base
 from .weights import base_dense_weight, dense_weight, set_dense_weight
 
@@ -57,13 +57,15 @@ def _installed_version(distribution):
 __version__ = _installed_version("lora-lite")
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "CalibrationError", "ConfigError",
+    "FLOAT32_MAX", "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "CalibrationError",
+    "ConfigError",
     "LoraLiteError",
     "ParamSpec", "Target", "Variant", "VariantContractError", "VariantNotInstalled",
     "adapter_names", "adapter_tensors", "attach", "attached", "base_dense_weight", "call_model",
-    "check", "combine", "config", "dense_weight", "detach", "disabled", "export_peft",
+    "check", "combine", "config", "dense_weight", "describe_candidates", "detach", "disabled", "export_peft",
     "find_targets", "forward_mixed", "get_plugin_manager", "get_variant", "hook_kind", "hookimpl",
-    "installed_plugins", "kind_family", "load", "load_peft_adapters", "load_peft_low_rank_state",
+    "installed_plugins", "is_finite_number", "kind_family", "knob", "linear_layers", "load", "load_peft_adapters",
+    "load_peft_low_rank_state",
     "merge", "peft_lora_config", "peft_lora_fields", "peft_low_rank_state", "peft_patterns",
     "peft_tensor", "problems", "project_in", "project_out", "read_header", "rewrites_base",
     "rows", "save", "set_dense_weight", "set_trainable", "stream_inputs", "trainable_parameters",
@@ -76,7 +78,7 @@ def __getattr__(attr):
     by its class name (upstream lora-lite exported them from the package)."""
     if attr.startswith("__"):
         raise AttributeError(attr)
-    configs = {getattr(cls.config, "__name__", None): cls.config for cls in variants().values()}
+    configs = {cls.config.__name__: cls.config for cls in variants().values()}
     if attr in configs:
         return configs[attr]
     raise AttributeError(_missing_attribute(attr, sorted(c for c in configs if c)))

@@ -206,7 +206,7 @@ def load(model, path, *, revision=None, subfolder=None, name=DEFAULT) -> dict | 
                     key = f"{t.name}.{tensor}"
                     if key in stored:
                         getattr(t.layer, attr).copy_(stored[key])
-                if callable(getattr(variant, "after_load", None)):
+                if variant.after_load is not None:
                     with as_adapter(t.layer, name):
                         variant.after_load(t.layer, t.layer._lora_cfg)
             for key, tensor in _params.param_tensors(state).items():

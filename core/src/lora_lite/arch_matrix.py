@@ -49,7 +49,7 @@ def tiny_config(variant, knobs=None, **kw):
 
 
 def calibration(variant, batch):
-    return [batch] if getattr(get_variant(variant), "needs_calibration", False) else None
+    return [batch] if get_variant(variant).needs_calibration else None
 
 
 def scale(t):
@@ -130,7 +130,7 @@ def merge_error(pristine, path, arch, batch, trained):
     state = attached(model)
     assert state is not None, "load attached the adapter"
     variant = state.variant
-    if not getattr(variant, "mergeable", True) or not callable(getattr(variant, "merged_weight", None)):
+    if not variant.mergeable or variant.merged_weight is None:
         return None
     merge(model)
     return (arch.outputs(model, batch) - trained).abs().max().item() / scale(trained)

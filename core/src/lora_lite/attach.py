@@ -108,7 +108,7 @@ def one_adapter(model, name, doing) -> AttachState:
 
 
 def needs_calibration(variant) -> bool:
-    return bool(getattr(variant, "needs_calibration", False))
+    return bool(variant.needs_calibration)
 
 
 def refuse_taken_name(model, name) -> None:
@@ -226,13 +226,13 @@ def _attach(model, state, reg, calibration_data, skip_group_init):
         t.layer.__dict__[ROUTING] = reg.routing
         if state.name == DEFAULT:
             set_scratch(t.layer, slot)
-        if callable(getattr(variant, "init", None)):
+        if variant.init is not None:
             with as_adapter(t.layer, state.name):
                 variant.init(t.layer, t.layer._lora_cfg)
         _hook(t.layer, hook_kind(variant))
     _params.attach_params(model, state, generator)
     _heads.attach_trainable(state)
-    if callable(getattr(variant, "group_init", None)) and not skip_group_init:
+    if variant.group_init is not None and not skip_group_init:
         before, reg.routing.active = reg.routing.active, [(state.name, 1.0)]  # as if alone
         try:
             with as_adapter_everywhere([t.layer for t in state.targets], state.name):

@@ -31,7 +31,7 @@ ALL_HOWS = ("svd", "cat", *HOWS)
 def lowrank_sink(name=None):
     """The variant new low-rank adapters are made of (one that declares load_lowrank)."""
     sinks = {n: v for n, v in sorted(variants().items())
-             if callable(getattr(v, "load_lowrank", None)) and callable(getattr(v, "lowrank_config", None))}
+             if v.load_lowrank is not None and v.lowrank_config is not None}
     if name is not None and name in sinks:
         return sinks[name]
     if not sinks or name is not None:
@@ -63,7 +63,7 @@ def _factors(states, how):
     """{target: [(A, B, scale)]}, refusing variants without low-rank factors or unequal ranks."""
     out = {}
     for s in states:
-        if not callable(getattr(s.variant, "lowrank_factors", None)):
+        if s.variant.lowrank_factors is None:
             raise AttachError(f"adapter {s.name!r} ({s.cfg.variant}) has no low-rank factors; "
                               "combine it with how='svd' (from its weight-space delta)")
         for t in s.targets:

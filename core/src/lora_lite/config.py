@@ -1,6 +1,9 @@
 """Adapter configs: a base dataclass that each variant subclasses with its own typed knobs.
 
-Validation runs at construction and raises ``ConfigError`` (a ValueError) naming the field.
+Validation runs at construction and raises ``ConfigError`` (a ValueError) naming the field. A
+variant's own fields are checked from their annotations (bool, int, float: finite in float32,
+str) and from what ``knob(default, "[lo, hi)", choices=..., why=...)`` declares once in the
+field; ``validate()`` is left for rules between fields.
 Configs round-trip through JSON (``to_dict``/``from_dict``); tuples come back as tuples.
 """
 from __future__ import annotations
@@ -89,6 +92,7 @@ class AdapterConfig:
                    self.layers, "a list of non-negative layer indices, or None for all")
         _check(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", self.seed,
                "an integer in [0, 2**64 - 1] (the range of torch.Generator seeds)")
+        check_fields(self)
         self._check_overrides()
 
     def _check_overrides(self):
@@ -222,6 +226,99 @@ def is_finite_number(value) -> bool:
     |value| <= float32's max (a larger one becomes inf in the hook and inf * 0 = NaN)."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and abs(value) <= FLOAT32_MAX)
+
+
+KNOB = "lora_lite.knob"  # the field-metadata key knob() sets
+_INTERVAL = re.compile(r"^([\[(])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\])])$")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What ``knob`` declared of a field: an interval, allowed values, a reason."""
+
+    within: str | None = None
+    choices: tuple | None = None
+    why: str = ""
+    bounds: tuple = (-math.inf, False, math.inf, False)  # (lo, lo closed, hi, hi closed)
+
+    def holds(self, value) -> bool:
+        if self.choices is not None and value not in self.choices:
+            return False
+        if self.within is None:
+            return True
+        lo, lo_closed, hi, hi_closed = self.bounds
+        above = value >= lo if lo_closed else value > lo
+        return above and (value <= hi if hi_closed else value < hi)
+
+
+def _bound(text: str, where: str) -> float:
+    table = {"inf": math.inf, "-inf": -math.inf, "pi": math.pi}
+    if text in table:
+        return table[text]
+    base, _, power = text.partition("**")
+    try:
+        return int(base) ** int(power) if power else (int(text) if text.lstrip("-").isdigit() else float(text))
+    except ValueError:
+        raise ValueError(f"knob({where}): bound {text!r} is not a number, inf or pi") from None
+
+
+def knob(default, within: str | None = None, *, choices=None, why: str = ""):
+    """A config field whose valid values are declared once, next to its default:
+    ``dropout: float = ll.knob(0.0, "[0, 1)")``, ``quant_iters: int = ll.knob(1, "[0, 20]")``,
+    ``mode: str = ll.knob("a", choices=("a", "b"))``. The annotation gives the kind (bool, int,
+    float, str; ``| None`` allows None), ``within`` an interval in the usual notation (bounds:
+    numbers, ``2**63``, ``inf``, ``pi``), ``why`` a reason added to the error message. A bad
+    value is a one-line ConfigError: ``dropout: got 1.5, expected a finite number in [0, 1)``."""
+    bounds = Knob.bounds
+    if within is not None:
+        match = _INTERVAL.match(within)
+        if match is None:
+            raise ValueError(f"knob({within!r}): write the interval as [lo, hi], (lo, hi), [lo, hi) or (lo, hi]")
+        left, lo, hi, right = match.groups()
+        bounds = (_bound(lo, within), left == "[", _bound(hi, within), right == "]")
+    spec = Knob(within, tuple(choices) if choices is not None else None, why, bounds)
+    return dataclasses.field(default=default, metadata={KNOB: spec})
+
+
+_KINDS = {  # annotation -> (is this value of the kind, what the message calls it)
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "int": (lambda v: _is_int(v), "an integer"),
+    "float": (lambda v: is_finite_number(v), "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _annotation(f) -> tuple[str, bool]:
+    """(kind name, None allowed) of a field's annotation, string or type."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    parts = [p.strip() for p in text.replace("Optional[", "").rstrip("]").split("|")]
+    optional = "None" in parts
+    kinds = [p for p in parts if p != "None"]
+    return (kinds[0] if len(kinds) == 1 else text), optional
+
+
+def check_fields(cfg) -> None:
+    """Check every field a variant adds to AdapterConfig against its annotation and ``knob``
+    declaration (fields of other kinds, e.g. tuples, are the variant's own validate()'s)."""
+    base = {f.name for f in fields(AdapterConfig)}
+    for f in fields(cfg):
+        if f.name in base:
+            continue
+        kind, optional = _annotation(f)
+        value = getattr(cfg, f.name)
+        spec = f.metadata.get(KNOB)
+        if kind not in _KINDS or (optional and value is None):
+            continue
+        is_kind, expected = _KINDS[kind]
+        if spec is not None and spec.choices is not None:
+            expected = f"one of {list(spec.choices)}"
+        elif spec is not None and spec.within is not None:
+            expected = f"{expected} in {spec.within}"
+        if optional:
+            expected += ", or None"
+        if spec is not None and spec.why:
+            expected += f" ({spec.why})"
+        _check(is_kind(value) and (spec is None or spec.holds(value)), f.name, value, expected)
 
 
 def _as_tuple(field_name, value, expected) -> tuple:

@@ -75,8 +75,7 @@ def check_variant(variant, cfg=None, *, bases=("fp32",), calibration_data=None, 
             out["bases"][base] = figures
             out["trainable"] = figures["trainable"]
         _check_declarations(cls, cfg)
-        if (peft and callable(getattr(cls, "peft_config", None))) or \
-                (merge and callable(getattr(cls, "merged_weight", None))):
+        if (peft and cls.peft_config is not None) or (merge and cls.merged_weight is not None):
             out.update(_check_fp32_extras(cls, cfg, batch, calibration_data, bias, parity_tol,
                                           merge_tol, peft, merge))
     return out
@@ -89,9 +88,9 @@ def _per_base(tol, base):
 
 def _defaults(cls) -> dict:
     fields = dict(DEFAULT_FIELDS)
-    if not getattr(cls.config, "uses_rank", True):
+    if not cls.config.uses_rank:
         fields.pop("r")
-    if getattr(cls.config, "target_names", ()):
+    if cls.config.target_names:
         fields.pop("target_names")  # the variant's own default targets
     return fields
 
@@ -122,7 +121,7 @@ def _check_base(cls, cfg, base, batch, calibration_data, bias, steps, lr, identi
                 reload_tol) -> dict:
     if base not in BASES:
         _fail(f"unknown base {base!r}; choose from {', '.join(BASES)}")
-    if base != "fp32" and not getattr(cls, "supports_quantized", True):
+    if base != "fp32" and not cls.supports_quantized:
         return {"skipped": "the variant says supports_quantized = False"}
     m = measure_invariants(model_maker(base, bias=bias), cfg, batch,
                            calibration_data=calibration_data, steps=steps, lr=lr)
@@ -159,10 +158,10 @@ def _check_base(cls, cfg, base, batch, calibration_data, bias, steps, lr, identi
 
 def _check_declarations(cls, cfg):
     """The optional report members, when declared, have the shapes the CLI expects."""
-    own = getattr(cls, "train_defaults", None)
+    own = cls.train_defaults
     if own is not None and not (isinstance(own, dict) and set(own) <= _TRAIN_KEYS):
         _fail(f"train_defaults must be a dict with keys among {sorted(_TRAIN_KEYS)}, not {own!r}")
-    if callable(getattr(cls, "added_macs", None)):
+    if cls.added_macs is not None:
         from .targets import Target
         target = Target("probe", torch.nn.Linear(64, 32), "reader", 64, 32)
         macs = cls.added_macs(target, cfg)
@@ -182,9 +181,9 @@ def _check_fp32_extras(cls, cfg, batch, calibration_data, bias, parity_tol, merg
     if not (ours_out - base_out).abs().max().item() > 10 * parity_tol:
         _fail("the perturbed adapter still computes the identity: parity would prove nothing")
     out: dict[str, float | None] = {}
-    if merge and callable(getattr(cls, "merged_weight", None)):
+    if merge and cls.merged_weight is not None:
         out["merge_err"] = _merge_error(cls, ours, merge_tol)
-    if peft and callable(getattr(cls, "peft_config", None)):
+    if peft and cls.peft_config is not None:
         out["peft_parity"] = _peft_parity(cls, cfg, ours, ours_out, base, batch, parity_tol)
     return out
 

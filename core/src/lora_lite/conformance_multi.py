@@ -44,7 +44,7 @@ def check_multi(fail, cls, cfg, make_model, calibration_data, tol, rows_tol) -> 
         _move_off_init(model, name, seed=10 + i)
     out = {"switch_err": _switching(fail, model, make_model, batch, tol)}
     out["sum_err"] = _weighted_sum(fail, cls, model, batch, tol)
-    if getattr(cls, "mixed_batch", True):
+    if cls.mixed_batch:
         out["mix_err"] = _mixed(fail, model, batch, rows_tol)
     with using(model, NAMES[1]):
         kept = logits(model, batch)

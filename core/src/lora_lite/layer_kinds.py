@@ -202,7 +202,7 @@ def kind_family(layer) -> str:
 def check_layer_kinds(variant, targets):
     """Refuse, in one line naming the layer and its kind, a target the variant cannot handle
     (its ``layer_kinds`` flag, default ("linear",))."""
-    allowed = tuple(getattr(variant, "layer_kinds", ("linear",)))
+    allowed = tuple(variant.layer_kinds)
     for t in targets:
         family = kind_family(t.layer)
         if family not in allowed:

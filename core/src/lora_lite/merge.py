@@ -25,10 +25,10 @@ def merged_weights(model, name=None) -> dict:
     nothing is changed."""
     state = one_adapter(model, name, "merge")
     variant = state.variant
-    if not getattr(variant, "mergeable", True):
+    if not variant.mergeable:
         raise AttachError(f"variant {state.cfg.variant!r} cannot be merged: "
-                          f"{getattr(variant, 'merge_refusal', '') or 'it says so'}; the model was not changed")
-    if not callable(getattr(variant, "merged_weight", None)):
+                          f"{variant.merge_refusal or 'it says so'}; the model was not changed")
+    if variant.merged_weight is None:
         raise AttachError(f"variant {state.cfg.variant!r} has no merged_weight (its plugin does not "
                           "implement merging); the model was not changed")
     out = {}

@@ -155,12 +155,11 @@ def check_variant_can(variant, cfg):
 
 def refusal_reason(variant):
     why = None
-    if not (callable(getattr(variant, "param_delta", None))
-            or callable(getattr(variant, "merged_weight", None))):
+    if variant.param_delta is None and variant.merged_weight is None:
         why = "it has no weight-space form (merged_weight)"
-    elif callable(getattr(variant, "init", None)) or getattr(variant, "needs_calibration", False):
+    elif variant.init is not None or variant.needs_calibration:
         why = "it initialises from the base weight or from data, per layer"
-    elif callable(getattr(variant, "group_init", None)):
+    elif variant.group_init is not None:
         why = "it initialises across layers (group_init)"
     return why
 
@@ -253,7 +252,7 @@ def adapted_weight(pt, cfg, variant, weight):
     """W' in the parameter's own layout and dtype, differentiable in the adapter tensors."""
     tensors = stacked_tensors(pt, cfg, variant)
     base = oriented(pt, weight)
-    if callable(getattr(variant, "param_delta", None)):
+    if variant.param_delta is not None:
         view = AdapterView(pt, cfg, variant, tensors, base)
         delta = variant.param_delta(view, cfg)
         return weight + stored_layout(pt, delta).to(weight.dtype)

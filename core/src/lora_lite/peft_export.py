@@ -70,9 +70,9 @@ def _heads_tensors(state) -> dict:
 
 def _native(state, names):
     variant, cfg = state.variant, state.cfg
-    make_config = getattr(variant, "peft_config", None)
+    make_config = variant.peft_config
     config = make_config(cfg, names) if callable(make_config) else None
-    if config is None or not callable(getattr(variant, "peft_state", None)):
+    if config is None or variant.peft_state is None:
         raise AttachError(f"variant {cfg.variant!r} has no PEFT counterpart: pass as_lora_rank=K "
                           "(CLI: --as-lora-rank K) to export its weight delta as a plain LoRA of "
                           "rank K (truncated SVD, error reported per layer)")

@@ -143,7 +143,7 @@ def check_generic_fields(config, where):
 def variant_for(config, where) -> tuple[str, dict]:
     """(variant name, lora-lite config fields) from the first installed variant that maps it."""
     for name in variants():
-        from_peft = getattr(get_variant(name), "from_peft", None)
+        from_peft = get_variant(name).from_peft
         if not callable(from_peft):
             continue
         try:
@@ -258,7 +258,7 @@ def fields_for_tensors(name, fields, per_module, where) -> dict:
     """The variant's ``peft_fields_for_tensors(fields, tensors_by_module)``, where it has one:
     the config fields as the tensors say (e.g. PEFT's BOFT saving a factor count its CPU build
     did not train, which PEFT's own loader follows); a ValueError is refused in one line."""
-    adjust = getattr(get_variant(name), "peft_fields_for_tensors", None)
+    adjust = get_variant(name).peft_fields_for_tensors
     if not callable(adjust):
         return fields
     try:

@@ -55,7 +55,7 @@ def export_tensors(state) -> dict:
     if not state.param_targets:
         return {}
     variant = state.variant
-    if not callable(getattr(variant, "peft_param_state", None)):
+    if variant.peft_param_state is None:
         raise AttachError(f"variant {state.cfg.variant!r} has no PEFT form for parameter targets "
                           "(peft_param_state); PEFT's target_parameters take plain LoRA only")
     out = {}
@@ -162,7 +162,7 @@ def load_peft_params(model, folder, config, weights) -> dict:
     except LoraLiteError as e:
         raise AdapterFileError(f"{folder}: {short(str(e), 300)}") from None
     variant = get_variant(name)
-    if not callable(getattr(variant, "load_peft_param_state", None)):
+    if variant.load_peft_param_state is None:
         raise AdapterFileError(f"{where}: variant {name!r} cannot read PEFT's target_parameters "
                                "tensors (no load_peft_param_state)")
     per_linear: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linear}

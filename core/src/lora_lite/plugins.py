@@ -17,7 +17,6 @@ the distribution that wrote it; ``origin_mismatch`` tells when another one would
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib.metadata as md
 import os
@@ -28,12 +27,11 @@ import pluggy
 
 from . import config as config_module
 from . import hookspecs
-from .config import AdapterConfig
 from .errors import VariantNotInstalled
+from .variant import contract_problem, registered_name
 
 ENTRY_POINT_GROUP = "lora_lite"
 ALLOW_ENV = "LORA_LITE_PLUGINS"
-_NAME_RE = re.compile(r"^[a-z0-9_]+$")
 _CORE_PLUGINS = ("lora_lite.bnb_backend",)
 # The distributions this repository ships (tests/test_plugins.py checks the list against
 # plugins/*/pyproject.toml). Membership is by exact normalised name, never by prefix: anyone can
@@ -192,8 +190,7 @@ class _Registry:
 def _offer(out: Collected, offers: dict, info: PluginInfo, cls):
     """One ``register(cls)`` call of ``info``'s plugin: checked, then recorded under its
     qualified name; who gets the bare name is settled once all have registered."""
-    name = getattr(cls, "name", None)
-    name = name if isinstance(name, str) else None
+    name = registered_name(cls)
     hint = f"report it to the plugin's author or uninstall {info.distribution}"
     failed: list[str] = []
     problem = _guarded(lambda: variant_problem(cls), failed.append)
@@ -285,21 +282,7 @@ def _version(dist):
 
 def variant_problem(cls):
     """Why ``cls`` breaks the variant contract, or None if it meets it."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        return f"variant {cls!r} has no valid .name (a string of [a-z0-9_]+)"
-    cfg = getattr(cls, "config", None)
-    if not (isinstance(cfg, type) and issubclass(cfg, AdapterConfig) and dataclasses.is_dataclass(cfg)):
-        return f"variant {name!r}: .config must be a dataclass subclassing lora_lite.AdapterConfig"
-    default = {f.name: f.default for f in dataclasses.fields(cfg)}.get("variant")
-    if default != name:
-        return f"variant {name!r}: its config's `variant` field must default to {name!r}, not {default!r}"
-    if not callable(getattr(cls, "param_specs", None)):
-        return f"variant {name!r} has no param_specs(d_in, d_out, cfg)"
-    fwd = [m for m in ("forward", "forward_input") if callable(getattr(cls, m, None))]
-    if not fwd:
-        return f"variant {name!r} must define forward(layer, x, y) or forward_input(layer, x) (or both); it has none"
-    return None
+    return contract_problem(cls)
 
 
 def tensor_name_problem(cls):

@@ -49,12 +49,13 @@ def adapter_dtype(layer):
 def _run_output(layer, name, x, y):
     with _as(layer, name):
         x = x.to(adapter_dtype(layer)) if x.is_floating_point() else x  # an embedding's indices
-        return layer._lora_variant.forward(layer, x, y).to(y.dtype)
+        return layer._lora_variant.forward(layer, x, y, layer._lora_cfg).to(y.dtype)
 
 
 def _run_input(layer, name, x):
     with _as(layer, name):
-        return layer._lora_variant.forward_input(layer, x.to(adapter_dtype(layer))).to(x.dtype)
+        return layer._lora_variant.forward_input(layer, x.to(adapter_dtype(layer)),
+                                                layer._lora_cfg).to(x.dtype)
 
 
 def _as(layer, name):
@@ -188,7 +189,7 @@ def rows(model, adapter_per_row):
     _known(reg, sorted({n for n in names if n is not None}))
     for n in sorted({n for n in names if n is not None}):
         state = reg.states[n]
-        if rewrites_base(state.variant, state.cfg) or not getattr(state.variant, "mixed_batch", True):
+        if rewrites_base(state.variant, state.cfg) or not state.variant.mixed_batch:
             raise AttachError(f"adapter {n!r} ({state.cfg.variant}) cannot share a batch with other "
                               "rows (it rewrites the base weight or its variant says mixed_batch=False); "
                               "run its rows on their own")

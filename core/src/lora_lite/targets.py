@@ -153,8 +153,8 @@ def variant_default_names(model, cfg) -> tuple:
         variant = get_variant(cfg.variant)
     except VariantNotInstalled:
         return ()
-    pick = getattr(variant, "default_target_names", None)
-    return tuple(pick(model)) if callable(pick) else ()
+    pick = variant.default_target_names
+    return tuple(pick(model)) if pick is not None else ()
 
 
 def find_targets(model, cfg) -> list[Target]:

@@ -41,7 +41,7 @@ def _gain_specs(d_in, d_out, cfg):
     return {"lora_g": ParamSpec((d_out,), init="ones")}
 
 
-def _gain_forward(layer, x, y):
+def _gain_forward(layer, x, y, cfg):
     return y * layer.lora_g  # y: (..., d_out), lora_g: (d_out,)
 
 
@@ -49,15 +49,15 @@ def gain_variant(name, *, knobs=None, uses_rank=True, **members):
     """A variant class named ``name``: an output gain y' = y ⊙ g with g (d_out) = 1 at init, so
     exactly the identity. ``knobs`` ({field: default}) become fields of its config (a dataclass
     subclassing AdapterConfig, ``uses_rank`` as given); ``members`` set or replace class members
-    (functions become static methods), e.g. ``forward=...`` or ``needs_calibration=True``."""
+    (functions become static methods, as every plain def in a Variant body does), e.g.
+    ``forward=...`` or ``needs_calibration=True``."""
     fields = [("variant", str, dataclasses.field(default=name))]
     fields += [(k, type(v), dataclasses.field(default=v)) for k, v in (knobs or {}).items()]
     config = dataclasses.make_dataclass(f"{_camel(name)}Config", fields, bases=(AdapterConfig,))
     config.uses_rank = uses_rank
     body = {"name": name, "config": config, "param_specs": _gain_specs, "forward": _gain_forward,
             **members}
-    body = {k: staticmethod(v) if callable(v) and not isinstance(v, (type, staticmethod, classmethod))
-            else v for k, v in body.items() if k != "config"}
+    body = {k: v for k, v in body.items() if k != "config"}
     return type(_camel(name), (Variant,), {**body, "config": config})
 
 

@@ -77,7 +77,7 @@ def test_factored_norm_equals_dense_norm(kind):
         with torch.no_grad():
             W = ll.dense_weight(layer)
             want = (W + s * layer.lora_B @ layer.lora_A).norm(dim=1)
-            got = row_norm(layer, like=torch.zeros(1))
+            got = row_norm(layer, layer._lora_cfg, like=torch.zeros(1))
             kernel_err = (layer.forward(layer.lora_A) - (layer.lora_A @ W.T + layer.bias)).abs()
             bound = 2 * s * (layer.lora_B.abs() * kernel_err.T).sum(dim=1)     # on ‖·‖²
         assert layer.lora_B.abs().max() > 1e-3                                   # trained

@@ -243,7 +243,7 @@ def test_forward_builds_no_square_matrix(variant, butterfly_path):
     layer = ll.attached(model).targets[0].layer
     x = torch.randn(3, layer.in_features, requires_grad=True)
     with Sizes():   # the hook's own work, forward and backward (the base's W is d_out × d_in)
-        ll.get_variant(variant).forward_input(layer, x).sum().backward()
+        ll.get_variant(variant).forward_input(layer, x, layer._lora_cfg).sum().backward()
     assert 0 < Sizes.largest < layer.in_features ** 2
 
 

@@ -34,19 +34,14 @@ import lora_lite as ll
 class VeRAConfig(ll.AdapterConfig):
     variant: str = "vera"
     r: int = 256                  # VeRA wants larger ranks than LoRA: only λ_d grows with r
-    projection_seed: int = 0      # regenerates the frozen A and B (PEFT: projection_prng_key)
-    d_initial: float = 0.1        # initial value of every λ_d entry (PEFT's default)
+    projection_seed: int = ll.knob(0, "[0, 2**63)")  # regenerates the frozen A and B (PEFT: projection_prng_key)
+    d_initial: float = 0.1        # initial value of every λ_d entry (PEFT's default), not 0
     store_projections: bool = False  # save A and B in the file (imported PEFT projections)
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.projection_seed, int) and not isinstance(self.projection_seed, bool)
-                 and 0 <= self.projection_seed < 2**63, "projection_seed", self.projection_seed,
-                 "an integer in [0, 2**63)")
-        ll.check(isinstance(self.d_initial, (int, float)) and not isinstance(self.d_initial, bool)
-                 and math.isfinite(self.d_initial) and self.d_initial != 0, "d_initial",
-                 self.d_initial, "a finite non-zero number (λ_b starts at 0, so with λ_d = 0 too "
-                 "neither vector would ever get a gradient)")
+        ll.check(self.d_initial != 0, "d_initial", self.d_initial, "a finite non-zero number (λ_b "
+                 "starts at 0, so with λ_d = 0 too neither vector would ever get a gradient)")
 
 
 def _kaiming_uniform(shape, generator):
@@ -82,12 +77,10 @@ class VeRA(ll.Variant):
     train_defaults = {"lr": 3e-2}
     peft_cost_note = "PEFT slices the shared A/B to each layer's shape"
 
-    @staticmethod
     def added_macs(target, cfg):
         # x Aᵀ (r·d_in), the λ_d gain, then · Bᵀ (d_out·r), per token
         return cfg.r * (target.d_in + target.d_out), 0
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         return {
             # frozen and not saved: filled from the seed by init() on every attach and load
@@ -101,7 +94,6 @@ class VeRA(ll.Variant):
             "lora_vera_fingerprint": ll.ParamSpec((4,), trainable=False),
         }
 
-    @staticmethod
     def init(layer, cfg):
         # Swap the placeholders for the pair every layer of this shape shares.
         r, d_in = layer.lora_vera_A.shape
@@ -125,7 +117,6 @@ class VeRA(ll.Variant):
         with torch.no_grad():
             layer.lora_vera_fingerprint.copy_(_fingerprint(A, B))
 
-    @staticmethod
     def after_load(layer, cfg):
         stored = layer.lora_vera_fingerprint.float()
         regenerated = _fingerprint(layer.lora_vera_A, layer.lora_vera_B).to(stored.device)
@@ -137,31 +128,26 @@ class VeRA(ll.Variant):
                 f"({torch.__version__}) draws a different random stream: load it with the torch "
                 "version that saved it")
 
-    @staticmethod
-    def forward(layer, x, y):
+    def forward(layer, x, y, cfg):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) base output
         h = layer.lora_lambda_d * (x @ layer.lora_vera_A.T)        # (..., r)
         delta = layer.lora_lambda_b * (h @ layer.lora_vera_B.T)    # (..., d_out)
         return y + delta.to(y.dtype)
 
-    @staticmethod
     def merged_weight(layer, cfg):
         B_scaled = layer.lora_vera_B.float() * layer.lora_lambda_d.float()   # (d_out, r)
         delta = layer.lora_lambda_b.float()[:, None] * (B_scaled @ layer.lora_vera_A.float())
         return ll.dense_weight(layer) + delta, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return {"peft_type": "VERA", "target_modules": list(target_names), "r": cfg.r, "d_initial": cfg.d_initial,
                 "projection_prng_key": cfg.projection_seed % 2**31, "save_projection": True,
                 "vera_dropout": 0.0, "bias": "none", "init_weights": True}
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"vera_lambda_b": layer.lora_lambda_b, "vera_lambda_d": layer.lora_lambda_d,
                 "base_model.vera_A": layer.lora_vera_A, "base_model.vera_B": layer.lora_vera_B}
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_config.get("peft_type") != "VERA":
             return None
@@ -171,7 +157,6 @@ class VeRA(ll.Variant):
         return {"r": int(peft_config.get("r", 256)),
                 "d_initial": float(peft_config.get("d_initial", 0.1)), "store_projections": True}
 
-    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         r, d_in = layer.lora_vera_A.shape
         d_out = layer.lora_vera_B.shape[0]

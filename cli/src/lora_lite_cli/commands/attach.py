@@ -115,7 +115,7 @@ def attach_command(
     probe = token_batch(vocab, PROBE_BATCH, PROBE_SEQ, seed=0)
     base_logits = same_kernel_logits(base, probe)
     calib = None
-    if getattr(cls, "needs_calibration", False):
+    if cls.needs_calibration:
         calib = calibration_batches(vocab)
         msg = (f"{variant} initialises from data: using {len(calib)} batches of "
                f"{CALIB_BATCH}x{CALIB_SEQ} generated random token ids as calibration data "

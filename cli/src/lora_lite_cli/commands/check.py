@@ -32,10 +32,10 @@ def run_check(name: str, bases, *, rank=None, sets=None, identity_tol=1e-5) -> d
     warnings.simplefilter("ignore")  # library notices (bitsandbytes casts, PEFT on CPU): not figures
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     cls = ll.get_variant(name)
-    uses_rank = getattr(cls.config, "uses_rank", True)
+    uses_rank = cls.config.uses_rank
     cfg = build_config(name, rank=(rank or CHECK_RANK) if uses_rank else None, sets=sets)
     calibration = [make_batch(seed=s) for s in range(2)] \
-        if getattr(cls, "needs_calibration", False) else None
+        if cls.needs_calibration else None
     try:
         return check_variant(name, cfg, bases=bases, calibration_data=calibration,
                              identity_tol=identity_tol)

@@ -18,7 +18,7 @@ def variant_info(name, cls) -> dict:
     from ..defaults import variant_defaults
     origin = variant_origin(name)
     defaults = {f.name: f.default for f in dataclasses.fields(cls.config)}
-    uses_rank = bool(getattr(cls.config, "uses_rank", True))
+    uses_rank = bool(cls.config.uses_rank)
     return {
         "name": name,
         "distribution": origin.distribution,
@@ -26,14 +26,14 @@ def variant_info(name, cls) -> dict:
         "hook": ll.hook_kind(cls),
         # under the default config; `_by_config`: the config decides (e.g. an opt-in rewrite_base)
         "rewrites_weight": ll.rewrites_base(cls, cls.config()),
-        "rewrites_weight_by_config": callable(getattr(cls, "rewrites_weight", False)),
-        "needs_calibration": bool(getattr(cls, "needs_calibration", False)),
-        "supports_quantized": bool(getattr(cls, "supports_quantized", True)),
+        "rewrites_weight_by_config": callable(cls.rewrites_weight),
+        "needs_calibration": bool(cls.needs_calibration),
+        "supports_quantized": bool(cls.supports_quantized),
         "uses_rank": uses_rank,
         "r": defaults.get("r") if uses_rank else None,
         "alpha": defaults.get("alpha") if uses_rank else None,
         "knobs": jsonable(cls.config.knobs()),
-        "paper": getattr(cls, "paper", "") or "",
+        "paper": cls.paper or "",
         "train_defaults": jsonable(variant_defaults(name)),  # what `train` uses; `source`: its own keys
     }
 

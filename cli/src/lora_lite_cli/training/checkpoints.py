@@ -9,10 +9,8 @@ written; the adapter file goes the same way through ``ll.save``.
 The optimizer state is portable (``optimizer_format: portable``): whole tensors keyed by adapter
 tensor name, gathered from FSDP2's DTensor shards (the adapter and its AdamW moments are small),
 so a checkpoint written by N processes resumes with any number, under FSDP2, DDP or in one
-process. FSDP1 (flattened shards) keeps the older layout: every rank writes its own
-``optimizer.rank{N}.pt`` (with its RNG states) before rank 0 writes ``trainer.pt`` (which then
-records ``optimizer_shards = N processes``), and such a checkpoint resumes only under FSDP1 with
-the same number of processes and FSDP settings.
+process. A checkpoint of an older lora-lite's FSDP1 run (per-rank ``optimizer.rank{N}.pt``
+shards, ``optimizer_shards = N``) is refused in one line: FSDP1 is not supported.
 """
 from __future__ import annotations
 
@@ -24,13 +22,12 @@ import torch
 
 import lora_lite as ll
 
-from .runtime import fsdp_wanted, launched_processes
+from .runtime import fsdp_wanted
 from .settings import RESUME_FREE, Settings, TrainError, check_settings
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer.pt"
 ADAPTER_FILE = "adapter.safetensors"
-SHARD_FILE = "optimizer.rank{}.pt"
 PORTABLE = "portable"  # optimizer_format: whole tensors by adapter tensor name
 REQUIRED = ("step", "settings", "optimizer", "scheduler", "torch_rng", "python_rng", "losses",
             "lrs", "sanity", "adapter_before", "probe_before")
@@ -45,26 +42,6 @@ def save_checkpoint(folder: str, model, state: dict) -> None:
     os.replace(tmp, os.path.join(folder, TRAINER_STATE))
 
 
-def save_shard(folder: str, rank: int, shard: dict) -> None:
-    """One rank's optimizer state and RNG states (FSDP), written atomically like trainer.pt."""
-    os.makedirs(folder, exist_ok=True)
-    target = os.path.join(folder, SHARD_FILE.format(rank))
-    torch.save(shard, target + ".tmp")
-    os.replace(target + ".tmp", target)
-
-
-def read_shard(folder: str, rank: int) -> dict:
-    """One rank's optimizer shard: tensors and plain containers only (weights_only: a pickle
-    that would run code is refused, one line, and never runs)."""
-    path = os.path.join(folder, SHARD_FILE.format(rank))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except _UNREADABLE as e:
-        raise TrainError(f"--resume {folder!r}: {SHARD_FILE.format(rank)} is not a readable "
-                         f"optimizer shard ({_first_line(e)}); start the run again without "
-                         "--resume") from None
-
-
 _UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
                zipfile.BadZipFile, AttributeError, TypeError)
 
@@ -73,39 +50,23 @@ def _first_line(e) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
 
 
-def check_shards(path: str, folder: str, state: dict, fsdp: bool, processes: int) -> None:
-    """A checkpoint with sharded optimizer state resumes only as it was written: under FSDP,
-    with the same number of processes, every shard file present. One line otherwise."""
-    shards = state.get("optimizer_shards")
+def check_shards(path: str, state: dict, fsdp: bool) -> None:
+    """A portable checkpoint resumes anywhere; an older one with a whole optimizer state (indices
+    of the run's parameters) not under FSDP; FSDP1's per-rank shards never. One line otherwise."""
     if state.get("optimizer_format") == PORTABLE:
-        if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
-            raise TrainError(f"--resume {path!r}: this checkpoint holds a portable optimizer "
-                             "state (whole tensors by name), which FSDP1's flattened shards "
-                             "cannot take; resume it under FSDP2 (--fsdp_version 2), DDP or one "
-                             "process")
         return
-    if state.get("sharded_optimizer") and not shards:
+    if state.get("sharded_optimizer") and not state.get("optimizer_shards"):
         raise TrainError(f"--resume {path!r}: this checkpoint comes from an FSDP run of an older "
                          "lora-lite that kept only rank 0's optimizer shard; its "
                          f"{ADAPTER_FILE} is whole: start a new run from it")
-    if not shards:
-        if fsdp:
-            raise TrainError(f"--resume {path!r}: this checkpoint holds a whole optimizer state "
-                             "(a run without FSDP); resume it without --use_fsdp (torchrun, "
-                             "accelerate launch --multi_gpu, or one process)")
-        return
-    if not fsdp or processes != shards:
-        now = f"{processes} process{'es' if processes > 1 else ''}" + (" under FSDP" if fsdp else "")
-        raise TrainError(f"--resume {path!r}: this checkpoint holds the optimizer shards of a "
-                         f"{shards}-process FSDP run; resume it under FSDP with {shards} "
-                         f"processes (accelerate launch --use_fsdp --num_processes {shards} "
-                         f"and the run's FSDP settings), not {now}")
-    missing = [SHARD_FILE.format(r) for r in range(shards)
-               if not os.path.isfile(os.path.join(folder, SHARD_FILE.format(r)))]
-    if missing:
-        raise TrainError(f"--resume {path!r}: the checkpoint lacks {', '.join(missing)} (every "
-                         "rank writes its optimizer shard); start a new run from its "
-                         f"{ADAPTER_FILE}")
+    if state.get("optimizer_shards"):
+        raise TrainError(f"--resume {path!r}: this checkpoint holds the per-rank optimizer shards "
+                         f"of an FSDP1 run, and FSDP1 is not supported; its {ADAPTER_FILE} is "
+                         "whole: start a new run from it")
+    if fsdp:
+        raise TrainError(f"--resume {path!r}: this checkpoint holds a whole optimizer state "
+                         "(a run without FSDP); resume it without --use_fsdp (torchrun, "
+                         "accelerate launch --multi_gpu, or one process)")
 
 
 def portable_optimizer_state(optimizer, named: dict) -> dict:
@@ -189,7 +150,7 @@ def read_checkpoint(path: str) -> tuple[str, dict]:
     if missing:
         raise TrainError(f"--resume {path!r}: {TRAINER_STATE} lacks {', '.join(missing)}; "
                          "start the run again without --resume")
-    check_shards(path, folder, state, fsdp_wanted(), launched_processes())
+    check_shards(path, state, fsdp_wanted())
     return folder, state
 
 

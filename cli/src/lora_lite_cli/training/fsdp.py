@@ -1,15 +1,15 @@
-"""What a run under FSDP does besides the plain path: meta-device loading on ranks > 0, the check
+"""What a run under FSDP2 does besides the plain path: meta-device loading on ranks > 0, the check
 that every rank built the same adapter, and the figures that show what each rank loaded.
 
 With ``fsdp_cpu_ram_efficient_loading: true`` only rank 0 reads the weights; the other ranks
-build the architecture on the meta device (``models.load_model(empty=True)``), attach the
-adapter there (its tensors on meta too: shapes only, its per-layer ``init`` runs on meta
-tensors), and FSDP's ``sync_module_states`` broadcasts rank 0's parameters and buffers
-(adapter tensors included: rank 0's init, weight-reading ones such as an SVD too, is what every
-rank trains) when it wraps the model, materialising each shard where it belongs. A variant
-that runs the model on data at attach (calibration) cannot do that on meta and is refused up
-front (``--quantize`` with meta loading is refused in ``runtime.refuse_quantized_fsdp``; FSDP2
-does not load on meta here: ``runtime.refuse_unsupported``).
+build the architecture with its parameters on the meta device (``models.load_model(empty=True)``;
+buffers such as rotary frequencies are computed on the CPU), attach the adapter there (its
+tensors on meta too: shapes only, its per-layer ``init`` runs on meta tensors), and after
+``fully_shard`` accelerate broadcasts rank 0's state dict into every rank's shards (adapter
+tensors included: rank 0's init, weight-reading ones such as an SVD too, is what every rank
+trains). A variant that runs the model on data at attach (calibration) cannot do that on meta
+and is refused up front (``--quantize`` with meta loading is refused in
+``runtime.refuse_quantized_fsdp``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ NO_META = ("launch with --fsdp_cpu_ram_efficient_loading false (every rank then 
 def refuse_on_meta(s, variant) -> None:
     """Under meta loading: what ranks > 0 cannot do on a meta-device base (calibrate), refused on
     every rank before anything loads (one line)."""
-    if s.calibration or getattr(variant, "needs_calibration", False):
+    if s.calibration or variant.needs_calibration:
         raise TrainError(f"variant {s.variant!r} runs the model on data at attach (calibration), "
                          "which ranks > 0 cannot do on their meta-device base under FSDP "
                          f"cpu_ram_efficient_loading; {NO_META}")

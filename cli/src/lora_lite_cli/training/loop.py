@@ -127,7 +127,7 @@ class Trainer:
                            f"stopped; kept the adapter of the last step with a finite loss (after "
                            f"{self.kept_step} steps); try a lower --lr than {s.lr:g}", self.kept_step)
         self.last_good, self.kept_step = adapter_snapshot(self.plain), st.step
-        grad_norm = float(clip_grad_norm(self.acc, self.model, self.params,
+        grad_norm = float(clip_grad_norm(self.acc, self.params,
                                          s.grad_clip or math.inf))
         scaled = self.acc.scaler is not None
         if not math.isfinite(grad_norm) and not scaled:

@@ -5,8 +5,7 @@ from the first training batches when the variant needs data), train the adapter 
 AdamW (``loop.Trainer``), save the adapter, check that it reloads, evaluate the adapted model,
 and write ``adapter.safetensors``, ``metrics.json``, ``predictions.jsonl`` and ``loss.png``.
 Ctrl-C or SIGTERM writes a checkpoint instead (``checkpoints``); ``--resume`` continues it.
-Under FSDP the model stays on the CPU (ranks > 0: on the meta device with
-cpu_ram_efficient_loading, see ``training.fsdp``) until FSDP wraps it, and the base model is
+Under FSDP2 the model stays on the CPU until ``fully_shard`` shards it, and the base model is
 evaluated after wrapping, through the wrapped model with the adapter's hooks off.
 """
 from __future__ import annotations
@@ -32,9 +31,7 @@ from .checkpoints import (
     PORTABLE,
     load_portable_optimizer_state,
     portable_optimizer_state,
-    read_shard,
     save_checkpoint,
-    save_shard,
 )
 from .loop import Outcome, Trainer, TrainState, adapter_snapshot
 from .reporting import Reporter, eval_summary, train_metrics, write_json, write_run_files
@@ -176,7 +173,7 @@ class Run:
             ll.load(model, os.path.join(self.resume[0], "adapter.safetensors"))
             return
         calib = None
-        if s.calibration or getattr(self.variant, "needs_calibration", False):
+        if s.calibration or self.variant.needs_calibration:
             device = next(model.parameters()).device  # the CPU under FSDP, before wrapping
             calib = [{k: v.to(device) for k, v in model_inputs(self.batches.whole(j)).items()}
                      for j in range(max(s.calibration, 1))]
@@ -185,25 +182,18 @@ class Run:
     def prepare(self, params) -> TrainState:
         """AdamW + the schedule, through accelerate; the state fresh or from the checkpoint.
         Under FSDP the model is wrapped first and AdamW gets the wrapped model's adapter
-        tensors (meta loading replaces the meta tensors of ranks > 0 while wrapping)."""
+        tensors (accelerate maps AdamW onto FSDP2's sharded DTensors)."""
         from transformers import get_scheduler
         s = self.s
-        fsdp1 = self.fsdp and not runtime.is_fsdp2(self.acc)
         if self.fsdp:
             self.metrics["loading"] = fsdp_mod.loading_figures(self.acc, self.model, self.meta)
-        if fsdp1:  # FSDP1 replaces the parameters while wrapping: AdamW gets the new ones
-            (self.wrapped,) = runtime.prepare(self.acc, self.model)
-            params = ll.trainable_parameters(self.model)
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         kind = {"constant": "constant_with_warmup"}.get(s.schedule, s.schedule)
         self.scheduler = get_scheduler(kind, optimizer, num_warmup_steps=s.warmup,
                                        num_training_steps=s.steps)
         self.probe = self.batches.whole(0)
-        if fsdp1:
-            (self.optimizer,) = runtime.prepare(self.acc, optimizer)
-        else:  # DDP, one process, FSDP2 (accelerate maps AdamW onto the sharded DTensors)
-            self.wrapped, self.optimizer = runtime.prepare(self.acc, self.model, optimizer)
-        # DDP, FSDP, OptimizedModule (the whole model compiled, under FSDP), else the model
+        self.wrapped, self.optimizer = runtime.prepare(self.acc, self.model, optimizer)
+        # DDP, FSDP2, OptimizedModule (the whole model compiled, under FSDP), else the model
         self.metrics["trained_as"] = type(self.wrapped).__name__
         if s.compile:  # regional: one compiled module per repeated block, the rest apart
             from torch._dynamo.eval_frame import OptimizedModule
@@ -219,8 +209,6 @@ class Run:
             self.probe_before = self.probe_loss()
             return state
         saved = self.resume[1]
-        if saved.get("optimizer_shards"):  # this rank's shard (checked: same world size)
-            saved = {**saved, **read_shard(self.resume[0], self.acc.process_index)}
         if saved.get("optimizer_format") == PORTABLE:
             load_portable_optimizer_state(self.optimizer, ll.adapter_tensors(self.model),
                                           saved["optimizer"])
@@ -262,16 +250,8 @@ class Run:
     def checkpoint(self, state: TrainState, base_eval) -> RunResult:
         s, out_dir = self.s, self.s.output
         folder = os.path.join(out_dir, CHECKPOINT_DIR)
-        fsdp1 = self.fsdp and not runtime.is_fsdp2(self.acc)
-        optimizer = None  # FSDP1: every rank's shard first (trainer.pt marks a whole checkpoint)
-        if not fsdp1:  # whole tensors by name, whatever the processes (every rank gathers)
-            optimizer = portable_optimizer_state(self.optimizer, ll.adapter_tensors(self.model))
-        else:
-            torch_rng, python_rng = state.rng
-            save_shard(folder, self.acc.process_index, {
-                "optimizer": self.optimizer.state_dict(), "torch_rng": torch_rng,
-                "python_rng": python_rng})
-            self.acc.wait_for_everyone()
+        # whole tensors by name, whatever the processes (every rank gathers)
+        optimizer = portable_optimizer_state(self.optimizer, ll.adapter_tensors(self.model))
         with runtime.full_params(self.acc, self.wrapped):
             if self.acc.is_main_process:
                 self._write_checkpoint(folder, state, base_eval, optimizer)
@@ -284,8 +264,7 @@ class Run:
         s, out_dir = self.s, self.s.output
         torch_rng, python_rng = state.rng
         save_checkpoint(folder, self.model, {
-            "optimizer_shards": 0 if optimizer is not None else self.acc.num_processes,
-            "optimizer_format": PORTABLE if optimizer is not None else "shards",
+            "optimizer_shards": 0, "optimizer_format": PORTABLE,
             "world_size": self.acc.num_processes,
             "step": state.step, "settings": s.to_dict(), "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),

@@ -5,8 +5,8 @@ launcher's environment, so the same command runs as one process, under ``torchru
 --nproc_per_node N`` or under ``accelerate launch --num_processes N`` (gloo on CPU, nccl on
 CUDA): accelerate sets up the process group, wraps the model in DDP, autocasts the forward for
 ``--mixed-precision`` (with a loss scaler for fp16) and compiles it for ``--compile``. Under
-``accelerate launch --use_fsdp`` the model is sharded: FSDP2 (``fsdp_version: 2``, the
-documented path) or FSDP1. Workarounds for the installed accelerate/torch are in ``shims``.
+``accelerate launch --use_fsdp --fsdp_version 2`` the model is sharded with FSDP2 (FSDP1 is
+refused up front). Workarounds for the installed accelerate/torch are in ``shims``.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import contextlib
 import os
 import resource
 import time
+import warnings
 
 import torch
 
@@ -21,12 +22,14 @@ import lora_lite as ll
 
 from . import shims
 from .settings import Settings, TrainError
-from .shims import cpu_fsdp_plugin  # noqa: F401  (tests, older imports)
 
 # torch.compile backend for --compile: inductor, or what LORA_LITE_COMPILE_BACKEND names (one
 # accelerate knows, e.g. "aot_eager" to debug, or "eager", dynamo's graph capture without
 # inductor's code generation: seconds instead of minutes, which the tests use)
 COMPILE_BACKEND = os.environ.get("LORA_LITE_COMPILE_BACKEND", "inductor")
+FSDP1_REFUSED = ("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (or launch "
+                 "with --fsdp_version 2; see docs/training.md#fsdp)")
+
 
 
 def pick_device(device: str | None) -> str:
@@ -101,6 +104,8 @@ def make_accelerator(s: Settings):
         raise TrainError("--mixed-precision fp16 needs a CUDA device (autocast to fp16 with a "
                          "loss scaler); on CPU use --mixed-precision bf16")
     wants_fsdp = fsdp_wanted()
+    if wants_fsdp and os.environ.get("FSDP_VERSION", "1") != "2":  # accelerate's default is 1
+        raise TrainError(FSDP1_REFUSED)
     if s.quantize and wants_fsdp:
         refuse_quantized_fsdp(s.quantize)
     if launched_processes() > 1 and s.batch_size < launched_processes():
@@ -108,7 +113,7 @@ def make_accelerator(s: Settings):
                          f"{launched_processes()} processes")
     if launched_processes() == 1:
         shims.reset_accelerate_state()
-    plugin = shims.cpu_fsdp_plugin() if on_cpu and wants_fsdp else None
+    plugin = fsdp2_plugin() if on_cpu and wants_fsdp else None
     # the scheduler steps once per optimizer step whatever the number of processes (the
     # global batch does not grow with them)
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=s.mixed_precision,
@@ -120,16 +125,27 @@ def make_accelerator(s: Settings):
     return accelerator
 
 
+def fsdp2_plugin():
+    """accelerate's FSDP plugin with the launcher's settings (read from the environment)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    return FullyShardedDataParallelPlugin()
+
+
+def cpu_fsdp_plugin():
+    """Deprecated (FSDP1 is gone, and with it the CPU plugin shim): ``fsdp2_plugin``."""
+    warnings.warn("lora_lite_cli.training.runtime.cpu_fsdp_plugin is deprecated (FSDP1 is not "
+                  "supported); use fsdp2_plugin", DeprecationWarning, stacklevel=2)
+    return fsdp2_plugin()
+
+
 def refuse_quantized_fsdp(quantize: str) -> None:
     """QLoRA under FSDP: a 4bit base whose packed weights live in float tensors
     (bnb_4bit_quant_storage, set by ``models.load_model`` under FSDP) is sharded by FSDP2 like
-    the float weights. Refused in one line: 8bit (its int8 weights cannot be sharded), FSDP1
-    (use FSDP2) and meta-device loading (a quantized base is read by every rank)."""
+    the float weights. Refused in one line: 8bit (its int8 weights cannot be sharded) and
+    meta-device loading (a quantized base is read by every rank)."""
     why = None
     if quantize != "4bit":
         why = f"--quantize {quantize} under FSDP is not supported (its int8 weights cannot be sharded)"
-    elif os.environ.get("FSDP_VERSION", "1") != "2":
-        why = "--quantize 4bit under FSDP needs FSDP2 (launch with --fsdp_version 2)"
     elif env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
         why = ("--quantize 4bit under FSDP needs every rank to read the weights (launch with "
                "--fsdp_cpu_ram_efficient_loading false)")
@@ -169,70 +185,42 @@ def fsdp_plugin(accelerator):
     return getattr(accelerator.state, "fsdp_plugin", None) if is_fsdp(accelerator) else None
 
 
-def is_fsdp2(accelerator) -> bool:
-    """FSDP2 (``fully_shard``, accelerate's ``fsdp_version: 2``): the layers keep their own
-    parameters, as DTensors sharded along dim 0 (the adapter's among them)."""
-    return getattr(fsdp_plugin(accelerator), "fsdp_version", 1) == 2
-
-
 def meta_loading(accelerator) -> bool:
-    """FSDP with ``cpu_ram_efficient_loading``: only rank 0 reads the weights; the other ranks
-    build the model on the meta device and receive rank 0's tensors when FSDP wraps it."""
+    """FSDP2 with ``cpu_ram_efficient_loading``: only rank 0 reads the weights; the other ranks
+    build the model's parameters on the meta device, and accelerate broadcasts rank 0's state
+    dict (adapter included) into the shards after ``fully_shard``."""
     plugin = fsdp_plugin(accelerator)
-    if plugin is None or not getattr(plugin, "cpu_ram_efficient_loading", False):
-        return False
-    # FSDP2: accelerate broadcasts rank 0's full state dict after fully_shard
-    return is_fsdp2(accelerator) or bool(getattr(plugin, "sync_module_states", False))
+    return bool(plugin is not None and getattr(plugin, "cpu_ram_efficient_loading", False))
 
 
 def prepare(accelerator, *objects) -> tuple:
-    """``accelerator.prepare`` that keeps the FSDP state ``fsdp_on_cpu`` set (accelerate
-    re-derives MULTI_CPU from the CPU while preparing; left so, it would clip the gradient norm
-    of each rank's shard alone). Always a tuple."""
-    with shims.cpu_state_sync(accelerator), shims.keep_distributed_type(accelerator):
-        prepared = accelerator.prepare(*objects)
+    """``accelerator.prepare``, always a tuple."""
+    prepared = accelerator.prepare(*objects)
     # a tuple, or under FSDP2 a list (accelerate 1.16's _prepare_fsdp2)
     return tuple(prepared) if isinstance(prepared, (tuple, list)) else (prepared,)
 
 
 def refuse_unsupported(accelerator) -> None:
     """DeepSpeed and Megatron would hand ``ll.save`` shards of the adapter: refused up front.
-    FSDP2 is supported (not yet with meta loading); FSDP1 with ``use_orig_params`` (the frozen base and the trainable
-    adapter share flat parameters; without it FSDP refuses mixed requires_grad and the optimizer would see
-    flat shards instead of the adapter tensors)."""
+    FSDP2 is supported; FSDP1 is refused (``make_accelerator`` refuses it before the Accelerator
+    is built; this catches a plugin built another way)."""
     kind = str(accelerator.distributed_type).split(".")[-1]
     if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise TrainError(f"lora-lite train does not support {kind} (the adapter would be saved "
                          "as shards); launch with torchrun, `accelerate launch --multi_gpu` "
-                         "(DDP) or `accelerate launch --use_fsdp --fsdp_use_orig_params true`")
+                         "(DDP) or `accelerate launch --use_fsdp --fsdp_version 2` (FSDP2)")
     plugin = fsdp_plugin(accelerator)
-    if getattr(plugin, "fsdp_version", 1) == 2 and getattr(plugin, "cpu_ram_efficient_loading", False):
-        # measured: 2 CPU processes (gloo) hung while loading, accelerate 1.16 / torch 2.13
-        raise TrainError("FSDP2 with fsdp_cpu_ram_efficient_loading is not supported by lora-lite "
-                         "train yet: launch with --fsdp_cpu_ram_efficient_loading false (every "
-                         "rank reads the weights), or FSDP1 (--fsdp_version 1) for meta loading")
-    if getattr(plugin, "fsdp_version", 1) == 1 and not getattr(plugin, "use_orig_params", True):
-        raise TrainError("FSDP needs use_orig_params (the base is frozen, the adapter is not): "
-                         "set fsdp_use_orig_params: true in the accelerate config or pass "
-                         "--fsdp_use_orig_params true")
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+        raise TrainError(FSDP1_REFUSED)
 
 
 def is_fsdp(accelerator) -> bool:
     return str(accelerator.distributed_type).split(".")[-1] == "FSDP"
 
 
-def clip_grad_norm(accelerator, wrapped, params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(accelerator, params, max_norm: float) -> torch.Tensor:
     """Clip the adapter's gradients to ``max_norm`` (their global norm); returns that norm.
-
-    Under FSDP each rank holds the gradients of its shard only. accelerate's
-    ``clip_grad_norm_`` hands FSDP's own (global) norm only a list of *every* model parameter;
-    given the adapter's tensors it computed each rank's local norm and each rank clipped by its
-    own (measured: a first gradient norm of 1.212 against one process's 1.217 once adapter
-    tensors lay in rank 1's half of the shards). FSDP's ``clip_grad_norm_`` reduces over the
-    ranks; the frozen base has no gradients, so the norm is the adapter's."""
-    if is_fsdp(accelerator) and not is_fsdp2(accelerator):
-        return shims.fsdp1_clip_grad_norm(accelerator, fsdp_root(wrapped), max_norm)
-    # FSDP2: accelerate's DTensor-aware clipping reduces the shards' norms over the ranks
+    Under FSDP2 accelerate's DTensor-aware clipping reduces the shards' norms over the ranks."""
     return accelerator.clip_grad_norm_(params, max_norm)
 
 
@@ -243,18 +231,14 @@ def fsdp_root(wrapped):
 
 
 def full_params(accelerator, wrapped, recurse: bool = True):
-    """A context in which the layers of an FSDP model hold their full (unsharded) tensors, so
-    that ``ll.adapter_tensors``/``ll.save`` read whole adapters and the plain model can run
-    (every rank must enter it: it gathers). ``recurse=False`` gathers only the root's own
-    parameters (embeddings, head), enough for ``generate``: the wrapped decoder layers gather
-    theirs in their forward. Without FSDP: nothing to do."""
+    """A context in which the adapter tensors of an FSDP2 model are whole (not DTensor shards),
+    so that ``ll.adapter_tensors``/``ll.save`` read whole adapters (every rank must enter it: it
+    gathers). ``recurse=False`` (``generate``): nothing to gather, the sharded modules gather
+    their base tensors in their forward. Without FSDP: nothing to do."""
     if not is_fsdp(accelerator):
         return contextlib.nullcontext()
-    if is_fsdp2(accelerator):
-        # the layers gather their own base tensors in their forward
-        return full_adapter(fsdp_root(wrapped)) if recurse else contextlib.nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    return FSDP.summon_full_params(fsdp_root(wrapped), recurse=recurse, writeback=False)
+    # FSDP2: the layers gather their own base tensors in their forward
+    return full_adapter(fsdp_root(wrapped)) if recurse else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

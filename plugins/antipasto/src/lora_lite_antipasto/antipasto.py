@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import lora_lite as ll
 
-from .basis import GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, check_number, expand, project
+from .basis import GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, expand, project
 
 
 @dataclass
@@ -23,11 +23,6 @@ class AntiPaSTOConfig(SVDBasisConfig):
     variant: str = "antipasto"
     coeff: float = 1.0            # runtime steering scalar: 0 = identity, < 0 swaps the sign of g
     suppress_only: bool = False   # clamp g at <= 0: gains in (0, 1] (for coeff >= 0)
-
-    def validate(self):
-        super().validate()
-        check_number(self.coeff, "coeff")
-        ll.check(isinstance(self.suppress_only, bool), "suppress_only", self.suppress_only, "True or False")
 
 
 def gain(g, cfg):
@@ -42,16 +37,12 @@ class AntiPaSTO(SVDBasisVariant):
     config = AntiPaSTOConfig
     train_defaults = dict(GAIN_TRAIN_DEFAULTS)
 
-    @staticmethod
     def added_macs(target, cfg):
         return cfg.r * (target.d_in + target.d_out), 0
 
-    @staticmethod
     def trainable_specs(d_in, d_out, cfg):
         return {"lora_g": ll.ParamSpec((cfg.r,), init="zeros")}
 
-    @staticmethod
-    def forward(layer, x, y):
-        cfg = layer._lora_cfg
+    def forward(layer, x, y, cfg):
         h = project(layer, x) * (layer.lora_S * gain(layer.lora_g, cfg))  # (..., r)
         return y + expand(layer, h).to(y.dtype)                           # (..., d_out)

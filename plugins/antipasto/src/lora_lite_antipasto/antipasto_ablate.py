@@ -25,14 +25,14 @@ import torch
 import lora_lite as ll
 
 from .antipasto_corda import full_orientation, oriented_factors
-from .basis import SVDBasisConfig, SVDBasisVariant, check_number, expand, project, set_factors
+from .basis import SVDBasisConfig, SVDBasisVariant, expand, project, set_factors
 
 
 @dataclass
 class AblateConfig(SVDBasisConfig):
     variant: str = "antipasto_ablate"
-    k: int = 1                    # number of ablated directions
-    init_alpha: float = 0.05      # initial ablation strength in [0, 1]
+    k: int = ll.knob(1, "[1, inf)")              # number of ablated directions (k <= r)
+    init_alpha: float = ll.knob(0.05, "[0, 1]")  # initial ablation strength
     coeff: float = 1.0
     cov_orient: bool = False      # orient the basis by the input covariance (needs calibration)
     cov_eps: float = 1e-3
@@ -40,12 +40,7 @@ class AblateConfig(SVDBasisConfig):
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.k, int) and not isinstance(self.k, bool) and 0 < self.k <= self.r,
-                 "k", self.k, f"an integer with 0 < k <= r = {self.r}")
-        for name in ("init_alpha", "coeff", "cov_eps"):
-            check_number(getattr(self, name), name)
-        ll.check(0 <= self.init_alpha <= 1, "init_alpha", self.init_alpha, "a number in [0, 1]")
-        ll.check(isinstance(self.cov_orient, bool), "cov_orient", self.cov_orient, "True or False")
+        ll.check(self.k <= self.r, "k", self.k, f"an integer with 0 < k <= r = {self.r}")
 
 
 def normal_over_r(t, generator):
@@ -60,9 +55,8 @@ def orthonormal(c):
     return torch.linalg.qr(c, mode="reduced").Q
 
 
-def removed(layer, h):
+def removed(layer, h, cfg):
     """coeff·((h Ĉ) ⊙ a) Ĉᵀ for S-scaled coordinates h (..., r)."""
-    cfg = layer._lora_cfg
     C = orthonormal(layer.lora_c).to(h.dtype)
     a = layer.lora_alpha.clamp(0.0, 1.0)
     return cfg.coeff * (((h @ C) * a) @ C.T)
@@ -75,7 +69,6 @@ class AntiPaSTOAblate(SVDBasisVariant):
     train_defaults = {"lr": 5e-3, "alpha": "r"}
     cost_note = "LoRA-like thin matmuls at rank r plus 2·r·k MACs/token; the QR (k > 1) per call"
 
-    @staticmethod
     def trainable_specs(d_in, d_out, cfg):
         return {"lora_c": ll.ParamSpec((cfg.r, cfg.k), init=normal_over_r),
                 "lora_alpha": ll.ParamSpec((cfg.k,), init=lambda t, g: t.fill_(cfg.init_alpha))}
@@ -92,20 +85,16 @@ class AntiPaSTOAblate(SVDBasisVariant):
             device = t.layer.lora_U.device
             set_factors(t.layer, cfg, U.to(device), S.to(device), P.to(device))
 
-    @staticmethod
-    def forward(layer, x, y):
-        cfg = layer._lora_cfg
+    def forward(layer, x, y, cfg):
         h = project(layer, x) * layer.lora_S                          # (..., r)
-        delta = -removed(layer, h)
+        delta = -removed(layer, h, cfg)
         if cfg.rewrite_base:
             delta = h + delta
         return y + expand(layer, delta).to(y.dtype)
 
-    @staticmethod
     def added_macs(target, cfg):
         return cfg.r * (target.d_in + target.d_out) + 2 * cfg.r * cfg.k, 0
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)
         with torch.no_grad():
@@ -117,6 +106,5 @@ class AntiPaSTOAblate(SVDBasisVariant):
             delta = layer.lora_U.float() @ core @ (layer.lora_S.float()[:, None] * layer.lora_Vh.float())
         return W + delta, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return None

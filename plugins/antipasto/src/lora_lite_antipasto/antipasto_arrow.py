@@ -24,12 +24,11 @@ class AntiPaSTOArrowConfig(AntiPaSTOConfig):
     (the block is not affected)."""
 
     variant: str = "antipasto_arrow"
-    block: int = 8                # b: size of the dense block, 1 <= b < r
+    block: int = ll.knob(8, "[1, inf)")  # b: size of the dense block, 1 <= b < r
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.block, int) and not isinstance(self.block, bool)
-                 and 1 <= self.block < self.r, "block", self.block, f"an integer with 1 <= block < r = {self.r}")
+        ll.check(self.block < self.r, "block", self.block, f"an integer with 1 <= block < r = {self.r}")
 
 
 class AntiPaSTOArrow(SVDBasisVariant):
@@ -37,18 +36,15 @@ class AntiPaSTOArrow(SVDBasisVariant):
     config = AntiPaSTOArrowConfig
     train_defaults = dict(GAIN_TRAIN_DEFAULTS)
 
-    @staticmethod
     def added_macs(target, cfg):
         return cfg.r * (target.d_in + target.d_out) + cfg.block ** 2, 0
 
-    @staticmethod
     def trainable_specs(d_in, d_out, cfg):
         return {"lora_M": ll.ParamSpec((cfg.block, cfg.block), init="zeros"),
                 "lora_g": ll.ParamSpec((cfg.r - cfg.block,), init="zeros")}
 
-    @staticmethod
-    def forward(layer, x, y):
-        cfg, b = layer._lora_cfg, layer._lora_cfg.block
+    def forward(layer, x, y, cfg):
+        cfg, b = cfg, cfg.block
         h = project(layer, x) * layer.lora_S                  # (..., r) S-scaled coordinates
         top = cfg.coeff * (h[..., :b] @ layer.lora_M.T)     # h_top (coeff M)ᵀ, (..., b)
         if cfg.rewrite_base:

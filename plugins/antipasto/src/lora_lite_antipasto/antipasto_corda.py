@@ -22,19 +22,14 @@ import torch
 import lora_lite as ll
 
 from .antipasto import AntiPaSTOConfig, gain
-from .basis import SVDBasisVariant, check_number, reset_trainable, set_factors, thin_svd
+from .basis import SVDBasisVariant, reset_trainable, set_factors, thin_svd
 
 
 @dataclass
 class CorDAConfig(AntiPaSTOConfig):
     variant: str = "antipasto_corda"
-    cov_eps: float = 1e-3
+    cov_eps: float = ll.knob(1e-3, "(0, inf)")
     rewrite_base: bool = False
-
-    def validate(self):
-        super().validate()
-        check_number(self.cov_eps, "cov_eps")
-        ll.check(self.cov_eps > 0, "cov_eps", self.cov_eps, "a positive number")
 
 
 def input_moments(model, targets, calibration_data, diagonal):
@@ -82,7 +77,6 @@ class AntiPaSTOCorDA(SVDBasisVariant):
     cost_note = "(x Pᵀ) and the expansion through U: r·(d_in + d_out) MACs/token, like LoRA at rank r"
     right_factor = "lora_P"  # the oblique projector (r, d_in): U, S, P in the file
 
-    @staticmethod
     def trainable_specs(d_in, d_out, cfg):
         return {"lora_g": ll.ParamSpec((cfg.r,), init="zeros")}
 
@@ -109,17 +103,13 @@ class AntiPaSTOCorDA(SVDBasisVariant):
             set_factors(t.layer, cfg, U.to(device), S.to(device), P.to(device), cls.right_factor)
             reset_trainable(t.layer, cls.trainable_specs(t.d_in, t.d_out, cfg))
 
-    @staticmethod
-    def forward(layer, x, y):
-        cfg = layer._lora_cfg
+    def forward(layer, x, y, cfg):
         h = (x @ layer.lora_P.T) * (layer.lora_S * gain(layer.lora_g, cfg))   # (..., r)
         return y + (h @ layer.lora_U.T).to(y.dtype)                           # (..., d_out)
 
-    @staticmethod
     def added_macs(target, cfg):
         return cfg.r * (target.d_in + target.d_out) + cfg.r, 0
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)
         with torch.no_grad():
@@ -127,6 +117,5 @@ class AntiPaSTOCorDA(SVDBasisVariant):
             delta = (layer.lora_U.float() * (layer.lora_S.float() * g)) @ layer.lora_P.float()
         return W + delta, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return None

@@ -23,13 +23,12 @@ from .basis import SVDBasisVariant, expand, project, reselect_directions
 @dataclass
 class DPLRConfig(AntiPaSTOConfig):
     variant: str = "antipasto_dplr"
-    lora_rank: int = 8            # k: rank of the mixing core, 0 < k <= r
+    lora_rank: int = ll.knob(8, "[1, inf)")  # k: rank of the mixing core, 0 < k <= r
     rewrite_base: bool = False
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool)
-                 and 0 < self.lora_rank <= self.r, "lora_rank", self.lora_rank,
+        ll.check(self.lora_rank <= self.r, "lora_rank", self.lora_rank,
                  f"an integer with 0 < lora_rank <= r = {self.r}")
 
 
@@ -39,7 +38,6 @@ class AntiPaSTODPLR(SVDBasisVariant):
     train_defaults = {"lr": 5e-3, "alpha": "r"}
     cost_note = "LoRA-like thin matmuls at rank r plus 2·r·k MACs/token for the mixing core"
 
-    @staticmethod
     def trainable_specs(d_in, d_out, cfg):
         return {"lora_g": ll.ParamSpec((cfg.r,), init="zeros"),
                 "lora_A": ll.ParamSpec((cfg.lora_rank, cfg.r), init="kaiming"),
@@ -55,19 +53,15 @@ class AntiPaSTODPLR(SVDBasisVariant):
                 t.layer.lora_g.zero_()
                 t.layer.lora_B.zero_()
 
-    @staticmethod
-    def forward(layer, x, y):
-        cfg = layer._lora_cfg
+    def forward(layer, x, y, cfg):
         p = project(layer, x)                                            # (..., r)
         h = p * (layer.lora_S * gain(layer.lora_g, cfg))
         h = h + cfg.coeff * ((p @ layer.lora_A.T) @ layer.lora_B.T)     # (..., r)
         return y + expand(layer, h).to(y.dtype)
 
-    @staticmethod
     def added_macs(target, cfg):
         return cfg.r * (target.d_in + target.d_out) + 2 * cfg.r * cfg.lora_rank + cfg.r, 0
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)
         with torch.no_grad():
@@ -76,6 +70,5 @@ class AntiPaSTODPLR(SVDBasisVariant):
             delta = layer.lora_U.float() @ core.T @ layer.lora_Vh.float()
         return W + delta, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return None

@@ -20,7 +20,7 @@ import torch
 
 import lora_lite as ll
 
-from .basis import GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, check_number, expand, project
+from .basis import ACT_POOLS, GAIN_TRAIN_DEFAULTS, SVDBasisConfig, SVDBasisVariant, expand, project
 
 ROTATE_BASES = ("V", "U", "both", "none")
 
@@ -30,19 +30,15 @@ class AntiPaSTORotConfig(SVDBasisConfig):
     variant: str = "antipasto_rot"
     block_size: int = 4               # bs: rotation block size, 2 <= bs, bs divides r
     max_rotation_angle: float = 0.5   # soft bound (radians) on each block's rotation
-    rotate_basis: str = "V"           # V (input basis), U (output basis), both, none
-    act_pool: str = "mean_abs"        # upstream's rot pooled mean |x·v| in group_init
+    rotate_basis: str = ll.knob("V", choices=ROTATE_BASES)  # V (input basis), U (output), both, none
+    act_pool: str = ll.knob("mean_abs", choices=ACT_POOLS)  # upstream's rot pooled mean |x·v|
 
     def validate(self):
         super().validate()
-        ll.check(self.rotate_basis in ROTATE_BASES, "rotate_basis", self.rotate_basis,
-                 f"one of {ROTATE_BASES}")
-        if self.rotate_basis != "none":
+        if self.rotate_basis != "none":  # the rotation's knobs matter only with a rotation
             bs = self.block_size
-            ll.check(isinstance(bs, int) and not isinstance(bs, bool) and 2 <= bs <= self.r
-                     and self.r % bs == 0, "block_size", bs,
+            ll.check(2 <= bs <= self.r and self.r % bs == 0, "block_size", bs,
                      f"an integer >= 2 that divides r = {self.r} (rotate_basis='none' for no rotation)")
-            check_number(self.max_rotation_angle, "max_rotation_angle")
             ll.check(0 < self.max_rotation_angle < math.pi, "max_rotation_angle",
                      self.max_rotation_angle, "an angle in radians in (0, pi)")
 
@@ -76,13 +72,11 @@ class AntiPaSTORot(SVDBasisVariant):
     train_defaults = dict(GAIN_TRAIN_DEFAULTS)
     cost_note = "the Cayley solves (once per call) are linear solves, not counted"
 
-    @staticmethod
     def added_macs(target, cfg):
         sides = {"none": 0, "V": 1, "U": 1, "both": 2}.get(cfg.rotate_basis, 1)
         # the low-rank path, plus block rotations on the r coordinates
         return cfg.r * (target.d_in + target.d_out) + sides * cfg.r * cfg.block_size, 0
 
-    @staticmethod
     def trainable_specs(d_in, d_out, cfg):
         specs = {"lora_delta_s": ll.ParamSpec((cfg.r,), init="zeros")}
         if cfg.rotate_basis != "none":
@@ -92,9 +86,7 @@ class AntiPaSTORot(SVDBasisVariant):
                 specs["lora_rot_T_u"] = ll.ParamSpec((n_blocks, n_angles), init="zeros")
         return specs
 
-    @staticmethod
-    def forward(layer, x, y):
-        cfg = layer._lora_cfg
+    def forward(layer, x, y, cfg):
         p0 = project(layer, x)                                             # (..., r)
         p = p0
         if cfg.rotate_basis in ("V", "both"):

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import is_finite_number
 
 ACT_POOLS = ("rms", "mean_abs")
 # The members with antipasto's bounded gain (antipasto, _rot, _arrow): alpha = r. Upstream ran
@@ -52,18 +51,10 @@ class SVDBasisConfig(ll.AdapterConfig):
 
     variant: str = "antipasto_basis"
     r: int = 128             # upstream's 256 exceeds the kv-projection width of small models
-    act_pool: str = "rms"     # how group_init pools a direction's activations over tokens
+    act_pool: str = ll.knob("rms", choices=ACT_POOLS)  # how group_init pools a direction's
+                                                        # activations over tokens
     rewrite_base: bool = False  # True: write W_res into the base (opt-in); False: the hook adds
                                 # only the change, the base weight stays as it is
-
-    def validate(self):
-        super().validate()
-        ll.check(self.act_pool in ACT_POOLS, "act_pool", self.act_pool, f"one of {ACT_POOLS}")
-        ll.check(isinstance(self.rewrite_base, bool), "rewrite_base", self.rewrite_base, "True or False")
-
-
-def check_number(value, field_name):
-    ll.check(is_finite_number(value), field_name, value, "a finite number (that fits in float32)")
 
 
 def check_rank_fits(cfg, d_in, d_out):
@@ -187,7 +178,6 @@ class SVDBasisVariant(ll.Variant):
     paper = "https://arxiv.org/abs/2601.07473"
     right_factor = "lora_Vh"
 
-    @staticmethod
     def rewrites_weight(cfg):
         return cfg.rewrite_base  # W_res goes into the base only when asked (opt-in)
 
@@ -197,7 +187,6 @@ class SVDBasisVariant(ll.Variant):
         return {**factor_specs(d_in, d_out, cfg.r, cls.right_factor),
                 **cls.trainable_specs(d_in, d_out, cfg)}
 
-    @staticmethod
     def init(layer, cfg):
         crop_top_r(layer, cfg)
 
@@ -219,14 +208,12 @@ class SVDBasisVariant(ll.Variant):
         d_in, d_out = layer.lora_Vh.shape[1], layer.lora_U.shape[0]
         eye = torch.eye(d_in, dtype=cfg.dtype, device=layer.lora_Vh.device)
         zeros = torch.zeros(d_in, d_out, dtype=cfg.dtype, device=layer.lora_Vh.device)
-        delta_t = cls.forward(layer, eye, zeros).float()            # (d_in, d_out) = Δᵀ
+        delta_t = cls.forward(layer, eye, zeros, cfg).float()            # (d_in, d_out) = Δᵀ
         return ll.dense_weight(layer) + delta_t.T, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return None  # PEFT has no AntiPaSTO: export_peft(..., as_lora_rank=K)
 
-    @staticmethod
     def from_peft(peft_config):
         return None
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import is_finite_number
 
 NORM_FLOOR = 1e-4  # PEFT's clamp on ‖aᵢ‖ and ‖bᵢ‖
 
@@ -38,12 +37,9 @@ NORM_FLOOR = 1e-4  # PEFT's clamp on ‖aᵢ‖ and ‖bᵢ‖
 @dataclass
 class DeLoRAConfig(ll.AdapterConfig):
     variant: str = "delora"
-    lambda0: float = 15.0  # initial λ, the strength bound (trainable)
+    lambda0: float = ll.knob(15.0, "(0, inf)", why="at 0 the adapter gets no gradient; 10-15 is typical")
+                           # initial λ, the strength bound (trainable)
 
-    def validate(self):
-        super().validate()
-        ll.check(is_finite_number(self.lambda0) and self.lambda0 > 0, "lambda0", self.lambda0,
-                 "a finite number > 0 (at 0 the adapter gets no gradient; 10-15 is typical)")
 
 
 class DeLoRA(ll.Variant):
@@ -53,11 +49,9 @@ class DeLoRA(ll.Variant):
     train_defaults = {"lr": 1e-3}
     peft_cost_note = "PEFT's DeLoRA forward"
 
-    @staticmethod
     def added_macs(target, cfg):
         return cfg.r * (target.d_in + target.d_out), 0
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         def fill_lambda(t, generator):
             t.fill_(float(cfg.lambda0))
@@ -69,21 +63,18 @@ class DeLoRA(ll.Variant):
             "lora_wnorm": ll.ParamSpec((d_in,), init="ones", trainable=False, persistent=False),
         }
 
-    @staticmethod
     def init(layer, cfg):
         with torch.no_grad():  # (d_out, d_in) -> per-input-column norms (d_in)
             layer.lora_wnorm.copy_(ll.dense_weight(layer).norm(dim=0))
 
-    @staticmethod
-    def forward(layer, x, y):
-        A, B, r = layer.lora_A, layer.lora_B, layer._lora_cfg.r
+    def forward(layer, x, y, cfg):
+        A, B, r = layer.lora_A, layer.lora_B, cfg.r
         A_unit = A / A.norm(dim=1, keepdim=True).clamp_min(NORM_FLOOR)  # (r, d_in)
         B_unit = B / B.norm(dim=0, keepdim=True).clamp_min(NORM_FLOOR)  # (d_out, r)
         h = (x * layer.lora_wnorm) @ A_unit.T                            # (..., r)
         delta = (h * (layer.lora_lambda / r)) @ B_unit.T                 # (..., d_out)
         return y + delta.to(y.dtype)
 
-    @staticmethod
     def merged_weight(layer, cfg):
         A, B = layer.lora_A.float(), layer.lora_B.float()
         A_unit = A / A.norm(dim=1, keepdim=True).clamp_min(NORM_FLOOR)  # (r, d_in)
@@ -91,17 +82,14 @@ class DeLoRA(ll.Variant):
         delta = (B_unit * (layer.lora_lambda.float() / cfg.r)) @ A_unit * layer.lora_wnorm.float()
         return ll.dense_weight(layer) + delta, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return {"peft_type": "DELORA", "target_modules": list(target_names), "r": cfg.r, "delora_lambda": cfg.lambda0,
                 "bias": "none", "init_weights": True, "module_dropout": 0.0}
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"delora_A": layer.lora_A, "delora_B": layer.lora_B,
                 "delora_lambda": layer.lora_lambda.reshape(1), "delora_w_norm": layer.lora_wnorm}
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_config.get("peft_type") != "DELORA":
             return None
@@ -111,7 +99,6 @@ class DeLoRA(ll.Variant):
         return {"r": int(peft_config.get("r", 8)),
                 "lambda0": float(peft_config.get("delora_lambda", 15.0))}
 
-    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         layer.lora_A.copy_(ll.peft_tensor(tensors, "delora_A", layer.lora_A.shape))
         layer.lora_B.copy_(ll.peft_tensor(tensors, "delora_B", layer.lora_B.shape))

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import FLOAT32_MAX
 
 
 @dataclass
@@ -45,13 +44,10 @@ class DoRAConfig(ll.AdapterConfig):
 
     def validate(self):
         super().validate()
-        for name in ("factored_norm", "cache_weight"):
-            ll.check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         ll.check(not (self.factored_norm and self.cache_weight), "cache_weight", self.cache_weight,
                  "False with factored_norm=True (the factored norm keeps no dense copy of W); "
                  "set factored_norm=False to use the cache")
-        ll.check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
-        ll.check(abs(self.scale) <= FLOAT32_MAX ** 0.5, "alpha", self.alpha,
+        ll.check(abs(self.scale) <= ll.FLOAT32_MAX ** 0.5, "alpha", self.alpha,
                  "a number whose scale (alpha / r, or alpha / sqrt(r) with use_rslora) is at "
                  "most 1.8e19 in size: the row norm squares it in float32")
 
@@ -64,11 +60,11 @@ class DoRAConfig(ll.AdapterConfig):
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
-def dense_base(layer):
+def dense_base(layer, cfg):
     """The frozen base weight W, (d_out, d_in) in cfg.dtype."""
     if hasattr(layer, "lora_weight_cache"):
         return layer.lora_weight_cache
-    return ll.dense_weight(layer).to(layer._lora_cfg.dtype)
+    return ll.dense_weight(layer).to(cfg.dtype)
 
 
 def base_times_A(layer, like):
@@ -80,23 +76,23 @@ def base_times_A(layer, like):
     return out.T
 
 
-def factored_norm2(layer, AWt):
+def factored_norm2(layer, cfg, AWt):
     """‖W + s·B A‖²_row (d_out,) from ‖W‖²_row, AWt = (A Wᵀ)ᵀ (d_out, r) and G = A Aᵀ."""
-    s = layer._lora_cfg.scale
+    s = cfg.scale
     A, B = layer.lora_A.float(), layer.lora_B.float()
     cross = (B * AWt).sum(dim=1)                                      # (d_out,)
     ba2 = ((B @ (A @ A.T)) * B).sum(dim=1)                            # (d_out,)
     return layer.lora_w_norm2 + 2.0 * s * cross + (s * s) * ba2
 
 
-def row_norm(layer, like=None):
+def row_norm(layer, cfg, like=None):
     """sg(‖W + s·B A‖_row), (d_out,): computed in fp32, returned in the dtype of m."""
     with torch.no_grad():
-        if layer._lora_cfg.factored_norm:
+        if cfg.factored_norm:
             AWt = base_times_A(layer, layer.lora_A if like is None else like)
-            return factored_norm2(layer, AWt).clamp_min(0).sqrt().to(layer.lora_m.dtype)
+            return factored_norm2(layer, cfg, AWt).clamp_min(0).sqrt().to(layer.lora_m.dtype)
         BA = layer.lora_B.float() @ layer.lora_A.float()              # (d_out, d_in)
-        V = dense_base(layer).float() + layer._lora_cfg.scale * BA
+        V = dense_base(layer, cfg).float() + cfg.scale * BA
         return torch.linalg.norm(V, dim=1).to(layer.lora_m.dtype)
 
 
@@ -110,12 +106,10 @@ class DoRA(ll.Variant):
                  "its kernel, which torch's FLOP counter does not see")
     peft_cost_note = "PEFT's DoRA also forms B·A (and W + s·B·A) once per call"
 
-    @staticmethod
     def added_macs(target, cfg):
         # the LoRA path per token, and B·A once per call for the norm of W + s·B·A
         return cfg.r * (target.d_in + target.d_out), target.d_out * cfg.r * target.d_in
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         specs = {
             "lora_A": ll.ParamSpec((cfg.r, d_in), init="kaiming"),
@@ -129,7 +123,6 @@ class DoRA(ll.Variant):
                                                       persistent=False)
         return specs
 
-    @staticmethod
     def init(layer, cfg):
         with torch.no_grad():
             if cfg.factored_norm:
@@ -139,41 +132,35 @@ class DoRA(ll.Variant):
                 return
             if cfg.cache_weight:
                 layer.lora_weight_cache.copy_(ll.dense_weight(layer))
-            layer.lora_m.copy_(row_norm(layer))   # B = 0 here, so this is ‖W‖_row
+            layer.lora_m.copy_(row_norm(layer, cfg))   # B = 0 here, so this is ‖W‖_row
 
-    @staticmethod
-    def forward(layer, x, y):
+    def forward(layer, x, y, cfg):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) base output in the layer's dtype
-        g = layer.lora_m / row_norm(layer, like=y)                    # (d_out,), grad to m only
+        g = layer.lora_m / row_norm(layer, cfg, like=y)                    # (d_out,), grad to m only
         bias = getattr(layer, "bias", None)
         base = (y if bias is None else y - bias).to(x.dtype)          # x Wᵀ, (..., d_out)
         lora = (x @ layer.lora_A.T) @ layer.lora_B.T                   # (..., d_out)
-        return y + ((g - 1) * base + g * layer._lora_cfg.scale * lora).to(y.dtype)
+        return y + ((g - 1) * base + g * cfg.scale * lora).to(y.dtype)
 
-    @staticmethod
     def merged_weight(layer, cfg):
         V = ll.dense_weight(layer) + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
         g = layer.lora_m.float() / torch.linalg.norm(V, dim=1)       # (d_out,)
         return g[:, None] * V, None                                  # bias passes unscaled
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return ll.peft_lora_config(target_names, cfg.r, cfg.alpha, use_dora=True,
                                    use_rslora=cfg.use_rslora, **ll.peft_patterns(cfg, target_names))
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B,
                 "lora_magnitude_vector": layer.lora_m}
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_config.get("peft_type") != "LORA" or not peft_config.get("use_dora"):
             return None
         return ll.peft_lora_fields(peft_config, holds="A, B and m",
                                    refused_inits=BASE_REWRITING_INITS)
 
-    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         layer.lora_A.copy_(ll.peft_tensor(tensors, "lora_A.weight", layer.lora_A.shape))
         layer.lora_B.copy_(ll.peft_tensor(tensors, "lora_B.weight", layer.lora_B.shape))

@@ -41,10 +41,6 @@ class EVAConfig(ll.AdapterConfig):
     variant: str = "eva"
     center: bool = False  # subtract the input mean first (principal components, as PEFT)
 
-    def validate(self):
-        super().validate()
-        ll.check(isinstance(self.center, bool), "center", self.center, "True or False")
-
 
 class Moments:
     """Running XᵀX, Σx and row count of one layer's inputs: O(d_in²) memory for any N."""
@@ -90,18 +86,15 @@ class EVA(ll.Variant):
     paper = "https://arxiv.org/abs/2410.07170"
     train_defaults = {"calibration": 4}   # A from the activations of 4 batches
 
-    @staticmethod
     def added_macs(target, cfg):
         return cfg.r * (target.d_in + target.d_out), 0
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         return {
             "lora_A": ll.ParamSpec((cfg.r, d_in), init="zeros"),  # set by group_init (or load)
             "lora_B": ll.ParamSpec((d_out, cfg.r), init="zeros"),
         }
 
-    @staticmethod
     def group_init(model, targets, cfg, calibration_data):
         if calibration_data is None:
             raise ValueError("eva initialises A from data: pass calibration_data=[batch, ...]")
@@ -141,30 +134,24 @@ class EVA(ll.Variant):
             with torch.no_grad():
                 t.layer.lora_A.copy_(top.to(t.layer.lora_A.dtype))
 
-    @staticmethod
-    def forward(layer, x, y):
+    def forward(layer, x, y, cfg):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) base output
         delta = (x @ layer.lora_A.T) @ layer.lora_B.T  # (..., d_out)
-        return y + layer._lora_cfg.scale * delta.to(y.dtype)
+        return y + cfg.scale * delta.to(y.dtype)
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)                                   # (d_out, d_in) fp32
         return W + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float()), None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return ll.peft_lora_config(target_names, cfg.r, cfg.alpha)  # plain init: loads on W
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
 
-    @staticmethod
     def from_peft(peft_config):
         return None  # PEFT's EVA adapters are LoRA weights: the lora variant imports them
 
-    @staticmethod
     def peft_init(peft_model, calibration_data):
         """PEFT's EVA init (rho = 1: every target keeps rank r) on a PEFT LoRA model."""
         from peft import EvaConfig

@@ -67,17 +67,14 @@ class HRA(ll.Variant):
                  "V Vᵀ (r²·d_in) and K (~r³) are built once per call")
     peft_cost_note = "PEFT builds the d_in×d_in product of reflections and W·R on every call"
 
-    @staticmethod
     def added_macs(target, cfg):
         # r reflections x <- x - 2 (x·v) v: a dot and an axpy of d_in each
         return 2 * cfg.r * target.d_in, 0
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         return {"lora_U": ll.ParamSpec((cfg.r, d_in), init=symmetric_init)}
 
-    @staticmethod
-    def forward_input(layer, x):
+    def forward_input(layer, x, cfg):
         # x: (..., d_in) in cfg.dtype. The r×r work runs in fp32 whatever cfg.dtype is.
         U = layer.lora_U.float()
         V = U / U.norm(dim=1, keepdim=True).clamp_min(1e-12)   # (r, d_in); a zero row reflects nothing
@@ -86,22 +83,18 @@ class HRA(ll.Variant):
         coeffs = (x @ V.T) @ K                     # (..., r)
         return x - coeffs @ V                       # (..., d_in)
 
-    @staticmethod
     def merged_weight(layer, cfg):
         eye = torch.eye(layer.lora_U.shape[1], dtype=layer.lora_U.dtype, device=layer.lora_U.device)
-        M = HRA.forward_input(layer, eye).float()                    # (d_in, d_in): rows e_i M
+        M = HRA.forward_input(layer, eye, cfg).float()                    # (d_in, d_in): rows e_i M
         return ll.dense_weight(layer) @ M.T, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return {"peft_type": "HRA", "target_modules": list(target_names), "r": cfg.r, "apply_GS": False, "bias": "none",
                 "init_weights": True}
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"hra_u": layer.lora_U.T.contiguous()}               # (d_in, r)
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_config.get("peft_type") != "HRA":
             return None
@@ -112,7 +105,6 @@ class HRA(ll.Variant):
             raise ll.ConfigError("rank_pattern: lora-lite's HRA has one r for every target")
         return {"r": int(peft_config.get("r", 8))}
 
-    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         U = ll.peft_tensor(tensors, "hra_u", layer.lora_U.T.shape)   # (d_in, r)
         layer.lora_U.copy_(U.T)

@@ -30,10 +30,8 @@ class GateVariant(ll.Variant):
     train_defaults = {"lr": 2e-2}  # targets: the variant's default_target_names (placement.py)
     peft_cost_note = "elementwise gain only"
 
-    @staticmethod
     def added_macs(target, cfg):
         return 0, 0  # d_in or d_out multiplications per token: no matmul, nothing to count
 
-    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         layer.lora_g.copy_(ll.peft_tensor(tensors, "ia3_l", layer.lora_g.shape))

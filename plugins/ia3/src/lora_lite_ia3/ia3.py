@@ -29,36 +29,29 @@ class IA3(GateVariant):
     config = IA3Config
     cost_note = "elementwise gain only (d_out mults/token): no matmul, nothing to count"
 
-    @staticmethod
     def default_target_names(model):
         """Per-architecture default targets (see placement.py); used when target_names=()."""
         return key_value_names(model)
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         return {"lora_g": ll.ParamSpec((d_out,), init="ones")}
 
-    @staticmethod
-    def forward(layer, x, y):
+    def forward(layer, x, y, cfg):
         # y: (..., d_out) base output, bias included. The product runs in the wider of y's and
         # lora_g's dtypes (type promotion, as PEFT), so g = 1 is exact on any base dtype.
         return y * layer.lora_g
 
-    @staticmethod
     def merged_weight(layer, cfg):
         g = layer.lora_g.float()                                     # (d_out,)
         bias = getattr(layer, "bias", None)
         return g[:, None] * ll.dense_weight(layer), None if bias is None else g * bias.float()
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return ia3_peft_config(target_names, feedforward=())
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"ia3_l": layer.lora_g.reshape(-1, 1)}               # (d_out, 1)
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_config.get("peft_type") != "IA3":
             return None

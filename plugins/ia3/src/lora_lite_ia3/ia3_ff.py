@@ -29,33 +29,26 @@ class IA3FF(GateVariant):
     config = IA3FFConfig
     cost_note = "elementwise gain only (d_in mults/token): no matmul"
 
-    @staticmethod
     def default_target_names(model):
         """Per-architecture default targets (see placement.py); used when target_names=()."""
         return down_names(model)
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         return {"lora_g": ll.ParamSpec((d_in,), init="ones")}
 
-    @staticmethod
-    def forward_input(layer, x):
+    def forward_input(layer, x, cfg):
         # x: (..., d_in) in cfg.dtype; lora_g: (d_in,)
         return x * layer.lora_g.to(x.dtype)
 
-    @staticmethod
     def merged_weight(layer, cfg):
         return ll.dense_weight(layer) * layer.lora_g.float()[None, :], None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return ia3_peft_config(target_names, feedforward=target_names)
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"ia3_l": layer.lora_g.reshape(1, -1)}               # (1, d_in)
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_config.get("peft_type") != "IA3" or not peft_config.get("feedforward_modules"):
             return None

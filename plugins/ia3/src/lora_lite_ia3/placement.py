@@ -20,8 +20,7 @@ Never a bare ``v_proj$``, which also matches Phi-3's fused ``qkv_proj``.
 """
 import re
 
-from lora_lite.errors import AttachError
-from lora_lite.targets import describe_candidates, linear_layers
+import lora_lite as ll
 
 _KV_PROJ = (r"(?:^|\.)(?:k_proj|v_proj)$",)
 _DOWN_PROJ = (r"(?:^|\.)down_proj$",)
@@ -54,13 +53,13 @@ def model_type(model):
 def resolve(model, table, fallback, what, variant):
     """The target regexes for this model, or AttachError listing the candidate layers."""
     names = table.get(model_type(model))
-    if names is None and any(re.search(fallback[0], n) for n, _ in linear_layers(model)):
+    if names is None and any(re.search(fallback[0], n) for n, _ in ll.linear_layers(model)):
         names = fallback
     if names is None:
-        raise AttachError(
+        raise ll.AttachError(
             f"{variant} has no default placement for model type {model_type(model)!r} (known: "
             f"{', '.join(sorted(table))}): name its {what} with target_names=[...]. Linear-like "
-            f"layers of this model: {describe_candidates(model)}")
+            f"layers of this model: {ll.describe_candidates(model)}")
     return names
 
 

@@ -27,10 +27,6 @@ class LoRAConfig(ll.AdapterConfig):
     variant: str = "lora"
     use_rslora: bool = False    # scale alpha / sqrt(r) (rsLoRA) instead of alpha / r
 
-    def validate(self):
-        super().validate()
-        ll.check(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "True or False")
-
     @property
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
@@ -43,51 +39,42 @@ class LoRA(ll.Variant):
     train_defaults = {"lr": 2e-3}
     layer_kinds = ("linear", "embedding", "conv")
 
-    @staticmethod
     def added_macs(target, cfg):
         # x Aᵀ (r·d_in) then · Bᵀ (d_out·r), per token
         return cfg.r * (target.d_in + target.d_out), 0
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         return {
             "lora_A": ll.ParamSpec((cfg.r, d_in), init="kaiming"),
             "lora_B": ll.ParamSpec((d_out, cfg.r), init="zeros"),
         }
 
-    @staticmethod
-    def forward(layer, x, y):
+    def forward(layer, x, y, cfg):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) base output
         # (x @ A.T) @ B.T on linear layers; the layer's own lookup / conv otherwise
         delta = ll.project_out(layer, ll.project_in(layer, x, layer.lora_A), layer.lora_B)
-        return y + layer._lora_cfg.scale * delta.to(y.dtype)
+        return y + cfg.scale * delta.to(y.dtype)
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)                                   # (d_out, d_in) fp32
         return W + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float()), None
 
     # -- combining (ll.combine): read the factors, and be what a combination is made of -------
-    @staticmethod
     def lowrank_factors(layer, cfg):
         return layer.lora_A, layer.lora_B, cfg.scale                 # delta = scale · B A
 
-    @staticmethod
     def lowrank_config(rank, target_names):
         return LoRAConfig(r=rank, alpha=float(rank), target_names=tuple(target_names),
                           target_roles=())                           # unit scale, as PEFT's
 
-    @staticmethod
     def load_lowrank(layer, cfg, A, B):
         layer.lora_A.copy_(A.to(layer.lora_A.dtype))
         layer.lora_B.copy_(B.to(layer.lora_B.dtype))
 
-    @staticmethod
     def param_delta(view, cfg):
         # parameter targets (fused MoE experts): A (E, r, d_in), B (E, d_out, r) -> (E, d_out, d_in)
         return cfg.scale * (view.lora_B @ view.lora_A)
 
-    @staticmethod
     def peft_param_state(view, cfg):
         # PEFT's lora.ParamWrapper: lora_A (r·E, d_in) expert-major, lora_B (d_out, r·E) expert-minor
         A, B = view.lora_A, view.lora_B                              # (E, r, d_in), (E, d_out, r)
@@ -95,7 +82,6 @@ class LoRA(ll.Variant):
         return {"lora_A.weight": A.reshape(E * r, -1),
                 "lora_B.weight": B.permute(1, 2, 0).reshape(B.shape[1], r * E)}
 
-    @staticmethod
     def load_peft_param_state(view, cfg, tensors):
         E, r, d_in = view.lora_A.shape
         d_out = view.lora_B.shape[1]
@@ -104,22 +90,18 @@ class LoRA(ll.Variant):
         view.lora_A.copy_(A)
         view.lora_B.copy_(B.permute(2, 0, 1))
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return ll.peft_lora_config(target_names, cfg.r, cfg.alpha, use_rslora=cfg.use_rslora,
                                    **ll.peft_patterns(cfg, target_names))
 
-    @staticmethod
     def peft_state(layer, cfg):
         return ll.peft_low_rank_state(layer, layer.lora_A, layer.lora_B)
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_config.get("peft_type") != "LORA" or peft_config.get("use_dora"):
             return None
         return ll.peft_lora_fields(peft_config, holds="A and B",
                                    refused_inits=BASE_REWRITING_INITS)
 
-    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         ll.load_peft_low_rank_state(layer, tensors, layer.lora_A, layer.lora_B)

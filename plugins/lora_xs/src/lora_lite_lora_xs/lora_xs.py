@@ -21,19 +21,13 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import is_finite_number
 
 
 @dataclass
 class LoRAXSConfig(ll.AdapterConfig):
     variant: str = "lora_xs"
     alpha: float = 8.0           # = r: s = 1, the reference's setting
-    init_std: float = 0.0        # std of R's init; 0 = exact identity (reference: 1e-5)
-
-    def validate(self):
-        super().validate()
-        ll.check(is_finite_number(self.init_std) and self.init_std >= 0, "init_std",
-                 self.init_std, "a finite non-negative number")
+    init_std: float = ll.knob(0.0, "[0, inf)")  # std of R's init; 0 = exact identity (reference: 1e-5)
 
 
 class LoRAXS(ll.Variant):
@@ -43,7 +37,6 @@ class LoRAXS(ll.Variant):
     train_defaults = {"lr": 1e-2, "alpha": "r"}
     cost_note = "the r×r core adds r² MACs/token between the two thin matmuls"
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         if cfg.r > min(d_in, d_out):
             raise ValueError(f"lora_xs: r={cfg.r} exceeds min(d_in, d_out)={min(d_in, d_out)} "
@@ -54,7 +47,6 @@ class LoRAXS(ll.Variant):
             "lora_R": ll.ParamSpec((cfg.r, cfg.r), init="zeros"),
         }
 
-    @staticmethod
     def init(layer, cfg):
         with torch.no_grad():
             W = ll.dense_weight(layer)                                 # (d_out, d_in) fp32
@@ -65,22 +57,18 @@ class LoRAXS(ll.Variant):
                 g = torch.Generator().manual_seed(cfg.seed)
                 layer.lora_R.copy_(cfg.init_std * torch.randn(layer.lora_R.shape, generator=g))
 
-    @staticmethod
-    def forward(layer, x, y):
+    def forward(layer, x, y, cfg):
         # x: (..., d_in) in cfg.dtype
         h = (x @ layer.lora_A.T) @ layer.lora_R.T                      # (..., r)
-        return y + (layer._lora_cfg.scale * (h @ layer.lora_B.T)).to(y.dtype)
+        return y + (cfg.scale * (h @ layer.lora_B.T)).to(y.dtype)
 
-    @staticmethod
     def added_macs(target, cfg):
         return cfg.r * (target.d_in + target.d_out) + cfg.r ** 2, 0
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)
         delta = layer.lora_B.float() @ layer.lora_R.detach().float() @ layer.lora_A.float()
         return W + cfg.scale * delta, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return None

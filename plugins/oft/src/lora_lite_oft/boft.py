@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import is_finite_number
 
 from .oft import peft_target_modules, peft_type_of
 from .rotations import at_least_fp32, rotate_blocks
@@ -45,25 +44,17 @@ from .rotations import at_least_fp32, rotate_blocks
 @dataclass
 class BOFTConfig(ll.AdapterConfig):
     variant: str = "boft"
-    block_size: int = 4            # b (PEFT boft_block_size); 0 -> given by block_num
-    block_num: int = 0             # D (PEFT boft_block_num); 0 -> D = d_in / block_size
-    n_butterfly_factor: int = 1    # m
-    dropout: float = 0.0
+    block_size: int = ll.knob(4, "[0, inf)")  # b (PEFT boft_block_size); 0 -> given by block_num
+    block_num: int = ll.knob(0, "[0, inf)")   # D (PEFT boft_block_num); 0 -> D = d_in / block_size
+    n_butterfly_factor: int = ll.knob(1, "[1, inf)", why="1 = plain block-diagonal OFT")  # m
+    dropout: float = ll.knob(0.0, "[0, 1)", why="a probability")
 
     uses_rank = False
 
     def validate(self):
         super().validate()
-        for name in ("block_size", "block_num", "n_butterfly_factor"):
-            value = getattr(self, name)
-            ll.check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                     name, value, "a non-negative integer")
         ll.check((self.block_size > 0) != (self.block_num > 0), "block_size", self.block_size,
                  f"exactly one of block_size and block_num non-zero (block_num={self.block_num})")
-        ll.check(self.n_butterfly_factor >= 1, "n_butterfly_factor", self.n_butterfly_factor,
-                 "a positive integer (1 = plain block-diagonal OFT)")
-        ll.check(is_finite_number(self.dropout) and 0 <= self.dropout < 1, "dropout",
-                 self.dropout, "a probability in [0, 1)")
 
 
 def butterfly_layout(d_in: int, cfg) -> tuple[int, int, int]:
@@ -176,22 +167,19 @@ class BOFT(ll.Variant):
     peft_cost_note = ("PEFT builds the d_in×d_in butterfly matrix on every call (2 d_in³ bmm per "
                       "factor, with dense permutation matrices) and then x M, d_in² MACs/token")
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         m, n_blocks, b = butterfly_layout(d_in, cfg)
         return {"lora_R": ll.ParamSpec((m, n_blocks, b, b), init="zeros"),
                 "lora_s": ll.ParamSpec((d_out,), init="ones")}
 
-    @staticmethod
-    def forward_input(layer, x):
+    def forward_input(layer, x, cfg):
         # x: (..., d_in) in cfg.dtype
         blocks = cayley_blocks(at_least_fp32(layer.lora_R))   # (m, D, b, b); no bf16 solve
-        if layer.training and layer._lora_cfg.dropout > 0:
-            blocks = butterfly_dropout(blocks, layer._lora_cfg.dropout)
+        if layer.training and cfg.dropout > 0:
+            blocks = butterfly_dropout(blocks, cfg.dropout)
         return apply_butterfly(x, blocks.to(x.dtype))
 
-    @staticmethod
-    def forward(layer, x, y):
+    def forward(layer, x, y, cfg):
         # y: (..., d_out), computed by the base from the rotated x; the bias passes unscaled
         bias = getattr(layer, "bias", None)
         s = layer.lora_s.to(y.dtype)
@@ -199,7 +187,6 @@ class BOFT(ll.Variant):
             return y * s
         return (y - bias) * s + bias
 
-    @staticmethod
     def added_macs(target, cfg):
         m, n_blocks, b = butterfly_layout(target.d_in, cfg)
         solves = 2 * m * n_blocks * b ** 3
@@ -208,26 +195,22 @@ class BOFT(ll.Variant):
             return m * target.d_in * b + target.d_out, solves
         return target.d_in * k + target.d_out, solves + m * k * target.d_in * b
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)                            # (d_out, d_in) fp32
         eye = torch.eye(W.shape[1], dtype=torch.float32, device=layer.lora_R.device)
         M = apply_butterfly(eye, cayley_blocks(layer.lora_R.float()))   # differentiable: see OFT's
         return layer.lora_s.float()[:, None] * (W @ M.T), None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return {"peft_type": "BOFT", "boft_block_size": cfg.block_size,
                 "boft_block_num": cfg.block_num, "boft_n_butterfly_factor": cfg.n_butterfly_factor,
                 "boft_dropout": cfg.dropout, "target_modules": peft_target_modules(target_names),
                 "bias": "none", "init_weights": True, "fan_in_fan_out": False}
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"boft_R": layer.lora_R.detach().clone(),
                 "boft_s": layer.lora_s.detach().clone()[:, None]}
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_type_of(peft_config) != "BOFT":
             return None
@@ -240,7 +223,6 @@ class BOFT(ll.Variant):
                "dropout": float(peft_config.get("boft_dropout", 0.0) or 0.0)}
         return out
 
-    @staticmethod
     def peft_fields_for_tensors(fields, tensors_by_module):
         """m as the tensors hold it: PEFT's CPU build trains one factor whatever the config says
         (and its loader follows the tensors); any other disagreement is left to load_peft_state."""
@@ -254,7 +236,6 @@ class BOFT(ll.Variant):
             fields["n_butterfly_factor"] = 1
         return fields
 
-    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         R, s = tensors["boft_R"], tensors["boft_s"]
         if tuple(R.shape) != tuple(layer.lora_R.shape):

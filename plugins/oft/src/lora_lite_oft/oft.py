@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 import lora_lite as ll
-from lora_lite.config import is_finite_number
 
 from .rotations import (
     at_least_fp32,
@@ -45,30 +44,21 @@ from .rotations import (
 @dataclass
 class OFTConfig(ll.AdapterConfig):
     variant: str = "oft"
-    block_size: int = 32               # b (PEFT oft_block_size); 0 -> given by `blocks`
-    blocks: int = 0                    # D (PEFT r); 0 -> D = d_in / block_size
+    block_size: int = ll.knob(32, "[0, inf)")  # b (PEFT oft_block_size); 0 -> given by `blocks`
+    blocks: int = ll.knob(0, "[0, inf)")       # D (PEFT r); 0 -> D = d_in / block_size
     use_cayley_neumann: bool = True
-    num_cayley_neumann_terms: int = 5
+    num_cayley_neumann_terms: int = ll.knob(5, "[0, inf)")
     coft: bool = False
-    eps: float = 6e-5
+    eps: float = ll.knob(6e-5, "(0, inf)")
     block_share: bool = False
-    module_dropout: float = 0.0
+    module_dropout: float = ll.knob(0.0, "[0, 1)", why="a probability")
 
     uses_rank = False
 
     def validate(self):
         super().validate()
-        for name in ("block_size", "blocks", "num_cayley_neumann_terms"):
-            value = getattr(self, name)
-            ll.check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                     name, value, "a non-negative integer")
         ll.check((self.block_size > 0) != (self.blocks > 0), "block_size", self.block_size,
                  f"exactly one of block_size and blocks non-zero (blocks={self.blocks})")
-        for name in ("use_cayley_neumann", "coft", "block_share"):
-            ll.check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
-        ll.check(is_finite_number(self.eps) and self.eps > 0, "eps", self.eps, "a finite number > 0")
-        ll.check(is_finite_number(self.module_dropout) and 0 <= self.module_dropout < 1,
-                 "module_dropout", self.module_dropout, "a probability in [0, 1)")
 
 
 def block_layout(d_in: int, cfg) -> tuple[int, int]:
@@ -122,34 +112,28 @@ class OFT(ll.Variant):
                  "is one batched matmul of the D blocks over a view of x, d_in·b MACs/token")
     peft_cost_note = "PEFT's OFT applies the same block einsum (block_share repeats the block D times)"
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         n_blocks, b = block_layout(d_in, cfg)
         return {"lora_R": ll.ParamSpec((1 if cfg.block_share else n_blocks, b * (b - 1) // 2),
                                        init="zeros")}
 
-    @staticmethod
-    def forward_input(layer, x):
+    def forward_input(layer, x, cfg):
         # x: (..., d_in) in cfg.dtype
-        cfg = layer._lora_cfg
         blocks = rotation_blocks(layer, cfg, x.shape[-1])     # (D or 1, b, b)
         if layer.training and cfg.module_dropout > 0 and blocks.shape[0] > 1:
             blocks = identity_dropout(blocks, cfg.module_dropout)
         return rotate_blocks(x, blocks.to(x.dtype))
 
-    @staticmethod
     def added_macs(target, cfg):
         n_blocks, b = block_layout(target.d_in, cfg)
         built = 1 if cfg.block_share else n_blocks
         terms = max(cfg.num_cayley_neumann_terms - 2, 0) if cfg.use_cayley_neumann else 2
         return target.d_in * b, built * terms * b ** 3
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)                            # (d_out, d_in) fp32
         return W @ merged_rotation(layer, cfg, W.shape[1]).T, None   # x R Wᵀ = x (W Rᵀ)ᵀ
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return {"peft_type": "OFT", "r": cfg.blocks, "oft_block_size": cfg.block_size,
                 "target_modules": peft_target_modules(target_names),
@@ -158,11 +142,9 @@ class OFT(ll.Variant):
                 "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms, "bias": "none",
                 "init_weights": True, "fan_in_fan_out": False}
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"oft_R.weight": layer.lora_R.detach().clone()}
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_type_of(peft_config) != "OFT":
             return None
@@ -177,7 +159,6 @@ class OFT(ll.Variant):
                 out[key] = peft_config[key]
         return out
 
-    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         weight = tensors["oft_R.weight"]
         if tuple(weight.shape) != tuple(layer.lora_R.shape):

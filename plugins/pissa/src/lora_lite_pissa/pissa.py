@@ -40,16 +40,11 @@ import lora_lite as ll
 @dataclass
 class PiSSAConfig(ll.AdapterConfig):
     variant: str = "pissa"
-    quant_iters: int = 1        # refits of A, B to a requantized residual (0 = plain PiSSA)
+    quant_iters: int = ll.knob(1, "[0, 20]")  # refits of A, B to a requantized residual (0 = plain PiSSA)
     rewrite_base: bool = False  # True: write W_res into the base (opt-in; see the docstring)
 
     def validate(self):
         super().validate()
-        ll.check(isinstance(self.quant_iters, int) and not isinstance(self.quant_iters, bool)
-                 and 0 <= self.quant_iters <= 20, "quant_iters", self.quant_iters,
-                 "an integer in [0, 20]")
-        ll.check(isinstance(self.rewrite_base, bool), "rewrite_base", self.rewrite_base,
-                 "True or False")
         ll.check(self.alpha > 0, "alpha", self.alpha,
                  "a number > 0: the factors are sqrt(S / s) with s = alpha / r")
 
@@ -93,16 +88,13 @@ class PiSSA(ll.Variant):
     # conv (ll.project_in, ll.project_out), as LoRA's
     layer_kinds = ("linear", "embedding", "conv")
 
-    @staticmethod
     def added_macs(target, cfg):
         # rewrite_base=False keeps W and subtracts s·B0 A0 x in the hook: twice
         return cfg.r * (target.d_in + target.d_out) * (1 if getattr(cfg, "rewrite_base", True) else 2), 0
 
-    @staticmethod
     def rewrites_weight(cfg):
         return cfg.rewrite_base  # the residual goes into the base only when asked (opt-in)
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         ll.check(cfg.r <= min(d_in, d_out), "r", cfg.r,
                  f"at most min(d_in, d_out) = {min(d_in, d_out)}: PiSSA takes r singular vectors "
@@ -116,7 +108,6 @@ class PiSSA(ll.Variant):
             specs["lora_B0"] = ll.ParamSpec((d_out, cfg.r), trainable=False, persistent=False)
         return specs
 
-    @staticmethod
     def init(layer, cfg):
         W = ll.dense_weight(layer)                        # fp32 (d_out, d_in), dequantized on bnb
         A, B = principal_factors(W, cfg)
@@ -129,33 +120,28 @@ class PiSSA(ll.Variant):
                 layer.lora_A0.copy_(A)
                 layer.lora_B0.copy_(B)
 
-    @staticmethod
-    def forward(layer, x, y):
+    def forward(layer, x, y, cfg):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) output of the (residual) base
         delta = ll.project_out(layer, ll.project_in(layer, x, layer.lora_A), layer.lora_B)
         if hasattr(layer, "lora_A0"):  # implicit residual: remove s·B0 A0 (a separate product,
             # so that at init the two are the same numbers and cancel exactly)
             delta = delta - ll.project_out(layer, ll.project_in(layer, x, layer.lora_A0),
                                            layer.lora_B0)
-        return y + layer._lora_cfg.scale * delta.to(y.dtype)
+        return y + cfg.scale * delta.to(y.dtype)
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer) + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
         if hasattr(layer, "lora_A0"):
             W = W - cfg.scale * (layer.lora_B0.float() @ layer.lora_A0.float())
         return W, None
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return ll.peft_lora_config(target_names, 2 * cfg.r, 2 * cfg.alpha)  # [A; A0], [B, -B0]
 
-    @staticmethod
     def peft_training_config(cfg, target_names):
         # what a PEFT user trains: rank r on a base PEFT rewrites to W - s·B0 A0 at init
         return ll.peft_lora_config(target_names, cfg.r, cfg.alpha, init_lora_weights="pissa")
 
-    @staticmethod
     def peft_state(layer, cfg):
         if hasattr(layer, "lora_A0"):
             A0, B0 = layer.lora_A0, layer.lora_B0
@@ -164,6 +150,5 @@ class PiSSA(ll.Variant):
         return ll.peft_low_rank_state(layer, torch.cat([layer.lora_A, A0.to(layer.lora_A.dtype)], dim=0),
                                       torch.cat([layer.lora_B, -B0.to(layer.lora_B.dtype)], dim=1))
 
-    @staticmethod
     def from_peft(peft_config):
         return None  # converted PiSSA folders are plain LoRA (the lora variant imports them)

@@ -31,17 +31,14 @@ PARAMS_PER_OUTPUT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
 @dataclass
 class RoadConfig(ll.AdapterConfig):
     variant: str = "road"
-    road_variant: str = "road_1"
-    group_size: int = 64
+    road_variant: str = ll.knob("road_1", choices=sorted(PARAMS_PER_OUTPUT))
+    group_size: int = ll.knob(64, "[2, inf)", why="even: channel j pairs with j + group_size/2")
 
     uses_rank: ClassVar[bool] = False
 
     def validate(self):
         super().validate()
-        ll.check(self.road_variant in PARAMS_PER_OUTPUT, "road_variant", self.road_variant,
-                 f"one of {sorted(PARAMS_PER_OUTPUT)}")
-        ll.check(isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
-                 and self.group_size > 0 and self.group_size % 2 == 0, "group_size",
+        ll.check(self.group_size % 2 == 0, "group_size",
                  self.group_size, "a positive even integer (channel j pairs with j + group_size/2)")
 
 
@@ -74,12 +71,10 @@ class RoAd(ll.Variant):
     cost_note = "elementwise 2-D rotations only: no matmul"
     peft_cost_note = "elementwise rotations only"
 
-    @staticmethod
     def added_macs(target, cfg):
         # elementwise rotations: no multiply-accumulate in a matmul
         return 0, 0
 
-    @staticmethod
     def param_specs(d_in, d_out, cfg):
         ll.check(d_out % cfg.group_size == 0, "group_size", cfg.group_size,
                  f"a divisor of every target's output size; a target has d_out = {d_out}")
@@ -87,41 +82,34 @@ class RoAd(ll.Variant):
         return {"lora_road_theta": ll.ParamSpec((size,), init="zeros"),
                 "lora_road_alpha": ll.ParamSpec((size,), init="ones")}
 
-    @staticmethod
-    def forward(layer, x, y):
+    def forward(layer, x, y, cfg):
         # y: (..., d_out) base output, bias included. c and s are computed in cfg.dtype, the
         # products in the wider of that and y's dtype (type promotion): identity stays exact.
-        cfg = layer._lora_cfg
         c, s = coefficients(layer.lora_road_theta, layer.lora_road_alpha, cfg.road_variant,
                             cfg.group_size)
         return y * c + rotate_half(y, cfg.group_size) * s
 
-    @staticmethod
     def merged_weight(layer, cfg):
         W_t = ll.dense_weight(layer).T.to(layer.lora_road_theta.dtype)  # (d_in, d_out): rows are y's
-        merged = RoAd.forward(layer, None, W_t).float().T
+        merged = RoAd.forward(layer, None, W_t, cfg).float().T
         bias = getattr(layer, "bias", None)
         if bias is None:
             return merged, None
-        return merged, RoAd.forward(layer, None, bias.detach().to(W_t.dtype)[None]).float()[0]
+        return merged, RoAd.forward(layer, None, bias.detach().to(W_t.dtype)[None], cfg).float()[0]
 
-    @staticmethod
     def peft_config(cfg, target_names):
         return {"peft_type": "ROAD", "target_modules": list(target_names), "variant": cfg.road_variant,
                 "group_size": cfg.group_size, "init_weights": True}
 
-    @staticmethod
     def peft_state(layer, cfg):
         return {"road_theta": layer.lora_road_theta, "road_alpha": layer.lora_road_alpha}
 
-    @staticmethod
     def from_peft(peft_config):
         if peft_config.get("peft_type") != "ROAD":
             return None
         return {"road_variant": peft_config.get("variant", "road_1"),
                 "group_size": int(peft_config.get("group_size", 64))}
 
-    @staticmethod
     def load_peft_state(layer, cfg, tensors):
         for name in ("road_theta", "road_alpha"):
             dst = getattr(layer, f"lora_{name}")
