@@ -5,26 +5,8 @@ from pathlib import Path
 
 import typer
 
-from ..app import (
-    CLIError,
-    app,
-    console,
-    dtype_option,
-    err_console,
-    handle_errors,
-    json_option,
-    layers_option,
-    model_option,
-    parse_layers,
-    parse_sets,
-    print_json,
-    quantize_option,
-    rank_option,
-    sets_option,
-    targets_option,
-    threads_option,
-    variant_option,
-)
+from ..app import CLIError, app, console, err_console, handle_errors, json_option, print_json, variant_option
+from .settings_options import settings_options
 
 
 class RichReporter:
@@ -145,114 +127,15 @@ def print_summary(result, out):
 
 @app.command("train")
 @handle_errors
+@settings_options
 def train_command(
     variant: str | None = variant_option(),
-    model: str | None = model_option(),
-    train_data: str | None = typer.Option(
-        None, "--train-data",
-        help="'generated' (default: built-in arithmetic problems), a .jsonl file, a dataset folder or a hub dataset "
-        "NAME, NAME:CONFIG or NAME:CONFIG@SPLIT, e.g. meta-math/MetaMathQA.",
-    ),
-    eval_data: str | None = typer.Option(
-        None, "--eval-data",
-        help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. "
-        "openai/gsm8k.",
-    ),
-    data_format: str | None = typer.Option(
-        None, "--data-format",
-        help="Format of the data files: qa, chat, alpaca, prompt_completion or text (default: detected from the "
-        "fields).",
-    ),
-    loss_on: str | None = typer.Option(
-        None, "--loss-on",
-        help="completion: train on the completion / assistant turns only; all: on the prompt too (default: "
-        "completion).",
-    ),
-    metric: str | None = typer.Option(
-        None, "--metric",
-        help="Evaluation: numeric (the answer's number), exact (the completion) or loss (held-out loss, perplexity) "
-        "(default: numeric for question/answer data, else loss).",
-    ),
-    pack: bool = typer.Option(
-        False, "--pack",
-        help="Pack training examples into rows of --seq-len tokens (labels masked per example).",
-    ),
-    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: 80)."),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", "-b",
-        help="Examples per micro-batch, over all processes (default: 8).",
-    ),
-    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (default: 1)."),
-    lr: float | None = typer.Option(
-        None, "--lr",
-        help="Peak learning rate (default: the variant's own, see `lora-lite variants --json`).",
-    ),
-    schedule: str | None = typer.Option(
-        None, "--schedule",
-        help="LR schedule: cosine, linear or constant (default: cosine).",
-    ),
-    warmup: int | None = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 0)."),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0)."),
-    grad_clip: float | None = typer.Option(
-        None, "--grad-clip",
-        help="Clip the adapter gradient norm, 0 for no clipping (default: 1.0).",
-    ),
-    seq_len: int | None = typer.Option(
-        None, "--seq-len",
-        help="Truncate training examples to this many tokens (default: 256).",
-    ),
-    targets: list[str] | None = targets_option(),
-    layers: str | None = layers_option(),
-    rank: int | None = rank_option(),
-    alpha: float | None = typer.Option(
-        None, "--alpha",
-        help="Scale numerator, s = alpha / r (default: per variant, 16).",
-    ),
-    sets: list[str] | None = sets_option(),
-    dtype: str | None = dtype_option(None),
-    mixed_precision: str | None = typer.Option(
-        None, "--mixed-precision",
-        help="Autocast the forward: no, bf16 or fp16 (fp16: CUDA only, with a loss scaler); the adapter's master "
-        "weights stay float32 (default: no).",
-    ),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the adapted model for training."),
-    gradient_checkpointing: bool = typer.Option(
-        False, "--gradient-checkpointing",
-        help="Recompute each block's activations in the backward pass (less activation memory, more compute; the same "
-        "loss and gradients).",
-    ),
-    quantize: str | None = quantize_option(),
-    seed: int | None = typer.Option(
-        None, "--seed",
-        help="Seed of data order/generation and adapter init (default: 0).",
-    ),
-    output: Path | None = typer.Option(
-        None, "--output", "-o",
-        help="Run folder (default: lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>).",
-    ),
     resume: Path | None = typer.Option(
         None, "--resume",
         help="Continue from a checkpoint folder (written on Ctrl-C) with its settings.",
     ),
-    eval_limit: int | None = typer.Option(
-        None, "--eval-limit",
-        help="Evaluate on the first N held-out items, 0 to skip evaluation (default: 100).",
-    ),
-    eval_batch_size: int | None = typer.Option(
-        None, "--eval-batch-size",
-        help="Prompts per generation batch (default: 50).",
-    ),
-    max_new_tokens: int | None = typer.Option(
-        None, "--max-new-tokens",
-        help="Generation budget per answer (default: 32).",
-    ),
-    calibration: int | None = typer.Option(
-        None, "--calibration-batches",
-        help="Training micro-batches given to data-initialised variants at attach (default: per variant).",
-    ),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: cpu)."),
-    threads: int | None = threads_option(),
     as_json: bool = json_option("the metrics"),
+    given: dict | None = None,
 ):
     """Fine-tune an adapter and measure it: base and adapted accuracy on held-out problems.
 
@@ -268,19 +151,6 @@ def train_command(
     from ..models import resolve
     from ..training import runtime
 
-    given = dict(model=model, train_data=train_data, eval_data=eval_data, steps=steps,
-                 data_format=data_format, loss_on=loss_on, metric=metric, pack=pack or None,
-                 batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule,
-                 warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, seq_len=seq_len,
-                 targets=tuple(targets) if targets else None,
-                 layers=parse_layers(layers) if layers is not None else None,
-                 rank=rank, alpha=alpha, knobs=parse_sets(sets) if sets else None, dtype=dtype,
-                 mixed_precision=mixed_precision, compile=compile_model or None,
-                 gradient_checkpointing=gradient_checkpointing or None,
-                 quantize=quantize, seed=seed, output=str(output) if output else None,
-                 eval_limit=eval_limit, eval_batch_size=eval_batch_size,
-                 max_new_tokens=max_new_tokens, calibration=calibration, device=device,
-                 threads=threads)
     accelerator = None
     try:
         settings, resume_state = _settings(training, variant, resume, given)

@@ -31,45 +31,101 @@ class TrainError(CLIError):
         super().__init__(message, code)
 
 
+def _flag(default=dataclasses.MISSING, *decls, help="", shown=None, option=None, parse=None,
+          factory=dataclasses.MISSING, cli_type=None):
+    """A Settings field that is also a ``lora-lite train`` option (see ``commands.settings_options``).
+
+    decls: the flag and its short alias; help: its text, to which "(default: X)." is added, X the
+    field's default, or ``shown`` when given (``shown=False``: the help says it all); option: an
+    ``app.*_option`` maker used as is; parse: the option's value -> the setting's value; cli_type:
+    the option's type when not the field's."""
+    meta = {"decls": decls, "help": help, "shown": shown, "option": option, "parse": parse,
+            "cli_type": cli_type}
+    return field(default=default, default_factory=factory, metadata={"cli": meta})
+
+
+def _app_option(name, *args):
+    def make():
+        from .. import app
+        return getattr(app, name)(*args)
+    return make
+
+
+def _parse_layers(text):
+    from ..app import parse_layers
+    return parse_layers(text)
+
+
+def _parse_sets(pairs):
+    from ..app import parse_sets
+    return parse_sets(pairs) if pairs else None
+
+
+def _tuple(values):
+    return tuple(values) if values else None
+
+
 @dataclass
 class Settings:
-    """Everything that defines a run (stored in metrics.json and in checkpoints)."""
+    """Everything that defines a run (stored in metrics.json and in checkpoints). A field with
+    ``_flag`` metadata is a ``lora-lite train`` option, generated from it (the single source)."""
 
     variant: str
-    model: str = DEFAULT_MODEL
-    train_data: str = data_mod.GENERATED
-    eval_data: str = data_mod.GENERATED
-    data_format: str | None = None    # qa, chat, alpaca, prompt_completion, text (None: detected)
-    loss_on: str = "completion"       # completion (paired data: not the prompt) or all
-    metric: str | None = None         # numeric, exact or loss (None: by the eval data's format)
-    pack: bool = False                # pack training examples into rows of seq_len tokens
-    steps: int = 80
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-3
-    schedule: str = "cosine"
-    warmup: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seq_len: int = 256
-    targets: tuple = ()
-    layers: tuple | None = None
-    rank: int = 8
-    alpha: float = 16.0
-    knobs: dict = field(default_factory=dict)
-    dtype: str = "float32"            # the base model's storage dtype
-    mixed_precision: str = "no"       # autocast of the forward: no, bf16, fp16 (+ loss scaler)
-    compile: bool = False             # torch.compile the adapted model for training
-    gradient_checkpointing: bool = False  # recompute each block's activations in backward
-    quantize: str | None = None
-    seed: int = 0
-    calibration: int = 0
-    eval_limit: int = 100
-    eval_batch_size: int = 50
-    max_new_tokens: int = 32
-    device: str = "cpu"
-    threads: int | None = None
-    output: str = ""
+    model: str = _flag(DEFAULT_MODEL, option=_app_option("model_option"))
+    train_data: str = _flag(data_mod.GENERATED, "--train-data", shown=False, help=(
+        "'generated' (default: built-in arithmetic problems), a .jsonl file, a dataset folder or a hub dataset "
+        "NAME, NAME:CONFIG or NAME:CONFIG@SPLIT, e.g. meta-math/MetaMathQA."))
+    eval_data: str = _flag(data_mod.GENERATED, "--eval-data", shown=False, help=(
+        "'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. "
+        "openai/gsm8k."))
+    # qa, chat, alpaca, prompt_completion, text (None: detected)
+    data_format: str | None = _flag(None, "--data-format", shown="detected from the fields", help=(
+        "Format of the data files: qa, chat, alpaca, prompt_completion or text"))
+    # completion (paired data: not the prompt) or all
+    loss_on: str = _flag("completion", "--loss-on", help=(
+        "completion: train on the completion / assistant turns only; all: on the prompt too"))
+    # numeric, exact or loss (None: by the eval data's format)
+    metric: str | None = _flag(None, "--metric", shown="numeric for question/answer data, else loss", help=(
+        "Evaluation: numeric (the answer's number), exact (the completion) or loss (held-out loss, perplexity)"))
+    pack: bool = _flag(False, "--pack", shown=False, help=(
+        "Pack training examples into rows of --seq-len tokens (labels masked per example)."))
+    steps: int = _flag(80, "--steps", help="Optimizer steps")
+    batch_size: int = _flag(8, "--batch-size", "-b", help="Examples per micro-batch, over all processes")
+    grad_accum: int = _flag(1, "--grad-accum", help="Micro-batches per optimizer step")
+    lr: float = _flag(2e-3, "--lr", shown="the variant's own, see `lora-lite variants --json`",
+                      help="Peak learning rate")
+    schedule: str = _flag("cosine", "--schedule", help="LR schedule: cosine, linear or constant")
+    warmup: int = _flag(0, "--warmup", help="Linear warm-up steps")
+    weight_decay: float = _flag(0.0, "--weight-decay", help="AdamW weight decay")
+    grad_clip: float = _flag(1.0, "--grad-clip", help="Clip the adapter gradient norm, 0 for no clipping")
+    seq_len: int = _flag(256, "--seq-len", help="Truncate training examples to this many tokens")
+    targets: tuple = _flag((), option=_app_option("targets_option"), parse=_tuple)
+    layers: tuple | None = _flag(None, option=_app_option("layers_option"), parse=_parse_layers,
+                                cli_type=str)
+    rank: int = _flag(8, option=_app_option("rank_option"))
+    alpha: float = _flag(16.0, "--alpha", shown="per variant, 16", help="Scale numerator, s = alpha / r")
+    knobs: dict = _flag(option=_app_option("sets_option"), parse=_parse_sets, factory=dict)
+    dtype: str = _flag("float32", option=_app_option("dtype_option", None))  # the base model's storage dtype
+    # autocast of the forward: no, bf16, fp16 (+ loss scaler)
+    mixed_precision: str = _flag("no", "--mixed-precision", help=(
+        "Autocast the forward: no, bf16 or fp16 (fp16: CUDA only, with a loss scaler); the adapter's master "
+        "weights stay float32"))
+    compile: bool = _flag(False, "--compile", shown=False, help="torch.compile the adapted model for training.")
+    gradient_checkpointing: bool = _flag(False, "--gradient-checkpointing", shown=False, help=(
+        "Recompute each block's activations in the backward pass (less activation memory, more compute; the same "
+        "loss and gradients)."))
+    quantize: str | None = _flag(None, option=_app_option("quantize_option"))
+    seed: int = _flag(0, "--seed", help="Seed of data order/generation and adapter init")
+    calibration: int = _flag(0, "--calibration-batches", shown="per variant", help=(
+        "Training micro-batches given to data-initialised variants at attach"))
+    eval_limit: int = _flag(100, "--eval-limit", help=(
+        "Evaluate on the first N held-out items, 0 to skip evaluation"))
+    eval_batch_size: int = _flag(50, "--eval-batch-size", help="Prompts per generation batch")
+    max_new_tokens: int = _flag(32, "--max-new-tokens", help="Generation budget per answer")
+    device: str = _flag("cpu", "--device", help="cpu, cuda or auto")
+    threads: int | None = _flag(None, option=_app_option("threads_option"))
+    output: str = _flag("", "--output", "-o", shown="lora-lite-runs/<model>__<variant>__s<steps>__seed<seed>",
+                        help="Run folder", parse=lambda p: str(p) if p else None)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
