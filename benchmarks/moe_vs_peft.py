@@ -3,7 +3,7 @@
 A benchmark, not a test: a random Qwen3-MoE (fp32, CPU unless --device cuda), LoRA of rank r on
 every routed expert's gate_up_proj and down_proj (one adapter per expert), the same tensors on
 both sides (checked first: same function). Then interleaved training steps (forward with
-labels, backward, AdamW) and the peak tensor memory of one step, as ``lora_lite.bench``
+labels, backward, AdamW) and the peak tensor memory of one step, as ``lora_lite.testing.bench``
 measures them (medians; ratios lora-lite / PEFT).
 
     python benchmarks/moe_vs_peft.py                    # a few minutes on 2 CPU cores
@@ -14,7 +14,7 @@ import copy
 import torch
 
 import lora_lite as ll
-from lora_lite import bench
+from lora_lite.testing import bench
 
 EXPERTS = [r"mlp\.experts\.gate_up_proj$", r"mlp\.experts\.down_proj$"]
 

@@ -4,7 +4,7 @@ every installed variant, default targets.
 Per cell: identity at init, gradients only on adapter tensors (every trainable one gets one),
 one optimizer step moves the output, save -> load on a fresh base reproduces it, the loaded model
 survives ``.to(float64)`` and ``.to(bfloat16)``, and detach puts the base back bit for bit.
-Models come from ``lora_lite.tiny_models`` (width 32, 2 blocks, built from configs; no download).
+Models come from ``lora_lite.testing.tiny_models`` (width 32, 2 blocks, built from configs; no download).
 """
 import copy
 import tempfile
@@ -14,8 +14,8 @@ import torch
 from tiny_knobs import NOT_IDENTITY_AT_INIT, TINY_KNOBS
 
 import lora_lite as ll
-from lora_lite.arch_matrix import base, calibration, cell_problems, default_config, run_cell
-from lora_lite.tiny_models import ARCHS
+from lora_lite.testing.arch_matrix import base, calibration, cell_problems, default_config, run_cell
+from lora_lite.testing.tiny_models import ARCHS
 
 VARIANTS = sorted(ll.variants())
 OPEN_DEFECTS: set = set()  # (arch, variant) cells known to fail, marked xfail(strict=True)

@@ -189,7 +189,7 @@ def test_missing_calibration_data_is_a_lora_lite_error():
     """A bare ValueError before; now ll.CalibrationError (a LoraLiteError, still a ValueError),
     one line, the model unchanged."""
     from lora_lite.testing import tiny_llama
-    from lora_lite.toy_plugins import gain_variant, registered
+    from lora_lite.testing.toy_plugins import gain_variant, registered
     model = tiny_llama()
     before = snapshot_state(model)
     with registered(gain_variant("calgain", needs_calibration=True)):

@@ -1,11 +1,10 @@
-"""lora_lite.bench, the benchmark scaffolding: interleaving, peak memory, the frozen-base floor."""
+"""lora_lite.testing.bench, the benchmark scaffolding: interleaving, peak memory, the frozen-base floor."""
 import argparse
 
 import pytest
 import torch
 
-from lora_lite import bench
-from lora_lite.testing import make_batch, tiny_llama
+from lora_lite.testing import bench, make_batch, tiny_llama
 
 
 def test_interleaved_calls_rotate_who_goes_first():

@@ -2,7 +2,7 @@
 import torch
 
 import lora_lite as ll
-from lora_lite.tiny_models import ARCHS
+from lora_lite.testing.tiny_models import ARCHS
 
 
 def rows_seen(model, targets, batch):

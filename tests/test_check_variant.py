@@ -179,7 +179,7 @@ def test_quantized_bases():
 ])
 def test_measure_invariants_detectors_fire(variant, figure, caught):
     """The raw counters themselves (not only check_variant's verdict) see each defect."""
-    from lora_lite.conformance import _registered
+    from lora_lite.testing.conformance import _registered
     with _registered(variant):
         cfg = ll.config(variant.name, r=4, target_names=[r"q_proj$", r"v_proj$"], target_roles=())
         m = measure_invariants(model_maker("fp32"), cfg, make_batch(), steps=2)

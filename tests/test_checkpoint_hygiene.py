@@ -77,7 +77,7 @@ def test_the_state_dict_guard_fires_only_for_rewritten_layers():
     ll.set_dense_weight(layer, before + 1.0)
     assert torch.equal(model.state_dict()["model.layers.0.self_attn.q_proj.weight"], before)
     assert torch.equal(layer.weight, before + 1.0)
-    from lora_lite.weights import restore_base_weight
+    from lora_lite.layers.weights import restore_base_weight
     restore_base_weight(layer)
     assert not layer._state_dict_hooks
 

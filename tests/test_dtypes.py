@@ -6,7 +6,7 @@ import torch
 from tiny_knobs import NOT_IDENTITY_AT_INIT, TINY_KNOBS
 
 import lora_lite as ll
-from lora_lite.tiny_models import ARCHS
+from lora_lite.testing.tiny_models import ARCHS
 
 ARCH = ARCHS["llama"]
 VARIANTS = sorted(ll.variants())

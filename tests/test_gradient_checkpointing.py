@@ -12,8 +12,8 @@ import torch
 from tiny_knobs import TINY_KNOBS
 
 import lora_lite as ll
-from lora_lite.arch_matrix import calibration, tiny_config
-from lora_lite.tiny_models import ARCHS
+from lora_lite.testing.arch_matrix import calibration, tiny_config
+from lora_lite.testing.tiny_models import ARCHS
 
 VARIANTS = sorted(ll.variants())
 ARCH = ARCHS["llama"]

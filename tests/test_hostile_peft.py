@@ -252,7 +252,7 @@ def test_every_field_of_peft_loraconfig_is_classified():
     would be ignored silently; this fails when a PEFT release adds one (classify it)."""
     import dataclasses
 
-    from lora_lite import peft_lora
+    from lora_lite.peft import lora as peft_lora
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     assert fields - set(peft_lora.KNOWN_FIELDS) - set(peft_lora.UNSUPPORTED_FIELDS) == set()
 

@@ -10,10 +10,10 @@ from tiny_knobs import TINY_KNOBS
 from torch import nn
 
 import lora_lite as ll
-from lora_lite.arch_matrix import calibration, tiny_config
-from lora_lite.layer_kinds import features
+from lora_lite.layers.kinds import features
 from lora_lite.testing import snapshot_state, state_equal
-from lora_lite.tiny_models import ARCHS
+from lora_lite.testing.arch_matrix import calibration, tiny_config
+from lora_lite.testing.tiny_models import ARCHS
 
 KIND_TARGETS = [r"^emb$", r"^conv1$", r"^conv2$", r"^fc$"]
 
@@ -220,7 +220,7 @@ def test_dense_view_of_each_kind_round_trips():
         before = layer.weight
         ll.set_dense_weight(layer, W + 1)
         assert torch.equal(ll.dense_weight(layer), W + 1)
-        from lora_lite.weights import restore_base_weight
+        from lora_lite.layers.weights import restore_base_weight
         restore_base_weight(layer)
         assert layer.weight is before
 

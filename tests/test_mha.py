@@ -1,4 +1,4 @@
-"""nn.MultiheadAttention as a target (lora_lite.mha): LoRA on in_proj_weight and out_proj.weight,
+"""nn.MultiheadAttention as a target (lora_lite.layers.mha): LoRA on in_proj_weight and out_proj.weight,
 PEFT parity (batch_first True and False), identity, gradients, save/load, detach, merge, PEFT
 export/import, refusals, and every installed variant either adapting it or refusing in one line."""
 import copy
@@ -10,8 +10,8 @@ from tiny_knobs import TINY_KNOBS
 from torch import nn
 
 import lora_lite as ll
-from lora_lite.arch_matrix import tiny_config
 from lora_lite.testing import snapshot_state, state_equal
+from lora_lite.testing.arch_matrix import tiny_config
 
 WIDTH, HEADS = 8, 2
 PAIR = ["attn.lora_A__in_proj_weight", "attn.lora_B__in_proj_weight",
@@ -91,6 +91,14 @@ def peft_out_proj_factor():
     return factor
 
 
+def randomize_peft(p, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, t in p.named_parameters():
+            if "lora_" in n:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+
+
 def merged_reference(base, tensors):
     """The base with W + s·B·A folded into in_proj_weight and out_proj.weight by hand."""
     ref = copy.deepcopy(base)
@@ -125,8 +133,9 @@ def test_lora_is_w_plus_sba_on_both_projections_and_matches_peft(batch_first):
     assert (p(X) - only_in(X)).abs().max() < 1e-5
 
 
-def test_peft_out_proj_factor_is_measured_as_one_or_two():
-    assert peft_out_proj_factor() in (1, 2)
+def test_peft_applies_the_out_proj_delta_once():
+    """PEFT 0.21.2 applied it twice (huggingface/peft#3774); the pinned PEFT (>= 0.22) once."""
+    assert peft_out_proj_factor() == 1
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -193,10 +202,8 @@ def test_export_is_peft_layout_and_peft_loads_it(tmp_path):
     assert sorted(saved) == sorted(
         [f"base_model.model.{m}.lora_{x}.weight" for m in ("attn", "attn.base_layer.out_proj", "fc")
          for x in "AB"])
+    assert config["peft_version"] == "0.22.0"  # else PEFT >= 0.22 doubles out_proj's lora_B on load
     p = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    factor = peft_out_proj_factor()
-    with torch.no_grad():
-        p.base_model.model.attn.base_layer.out_proj.lora_B["default"].weight.div_(factor)
     assert (p(X) - model(X)).abs().max() < 1e-5
 
 
@@ -215,10 +222,39 @@ def test_import_of_a_folder_written_by_peft(tmp_path):
     model = toy()
     report = ll.load(model, tmp_path)
     assert report["variant"] == "lora" and report["targets"] == 2
-    factor = peft_out_proj_factor()
-    with torch.no_grad():
-        ll.adapter_tensors(model)[PAIR[3]].mul_(factor)  # PEFT 0.21.2 applies it twice
     assert (p(X) - model(X)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("version", [None, "0.21.2", "0.17.0"])
+def test_a_folder_saved_before_peft_0_22_loads_as_peft_loads_it(tmp_path, version):
+    """PEFT < 0.22 applied out_proj's delta twice; PEFT >= 0.22 doubles that lora_B on load of
+    such a folder (no peft_version: older than 0.18), and lora-lite does the same."""
+    import json
+
+    from peft import PeftModel
+    base = toy()
+    p = peft_lora(base)
+    randomize_peft(p)
+    p.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config.pop("peft_version", None)
+    if version:
+        config["peft_version"] = version
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="twice"):
+        q = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    model = toy()
+    ll.load(model, tmp_path)
+    assert (q(X) - model(X)).abs().max() < 1e-5
+    assert (p(X) - model(X)).abs().max() > 1e-3  # the doubling did happen
+
+
+@pytest.mark.parametrize("version, factor", [
+    (None, 2.0), ("", 2.0), ("0.17.1", 2.0), ("0.21.2", 2.0), ("0.21.0.dev0", 2.0),
+    ("0.21.1.dev0", 1.0), ("0.22.0", 1.0), ("0.22.0@abc123", 1.0), ("1.0", 1.0), ("junk", 2.0)])
+def test_legacy_out_proj_factor_follows_peft_rule(version, factor):
+    from lora_lite.layers.mha import legacy_out_proj_factor
+    assert legacy_out_proj_factor(version) == factor
 
 
 def test_separate_qkv_weights_are_refused_in_one_line():

@@ -1,10 +1,10 @@
 """docs/models.md's table of what the default targets adapt on each tiny architecture is the
-measured one (``lora_lite.arch_matrix.placement``). Regenerate it with
+measured one (``lora_lite.testing.arch_matrix.placement``). Regenerate it with
 ``python tests/test_models_doc.py`` and paste it between the markers."""
 import pathlib
 
-from lora_lite.arch_matrix import placement
-from lora_lite.tiny_models import ARCHS
+from lora_lite.testing.arch_matrix import placement
+from lora_lite.testing.tiny_models import ARCHS
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md"
 BEGIN, END = "<!-- placement table: begin -->", "<!-- placement table: end -->"

@@ -9,7 +9,7 @@ from torch import nn
 
 import lora_lite as ll
 from lora_lite.errors import AdapterFileError, AttachError
-from lora_lite.toy_plugins import gain_variant, registered
+from lora_lite.testing.toy_plugins import gain_variant, registered
 
 ARCHS = sorted(MOE_MODELS)
 
@@ -271,7 +271,7 @@ def test_quantized_base_experts_stay_full_precision(kind, tmp_path):
     """bitsandbytes quantizes nn.Linear only: the attention projections become Linear4bit /
     Linear8bitLt, the fused experts stay fp32 parameters, and both get adapters."""
     pytest.importorskip("bitsandbytes")
-    from lora_lite.quantize import quantize_model
+    from lora_lite.layers.quantize import quantize_model
 
     def make():
         return quantize_model(tiny_qwen3_moe(hidden=64), kind)

@@ -79,7 +79,7 @@ def test_bnb_layers_are_linear_like():
 
 # -- default targets ("all-linear" minus the head), layers=, roles on 21 architectures --------------
 from lora_lite.targets import layer_index, output_head_ids  # noqa: E402
-from lora_lite.tiny_models import ARCHS  # noqa: E402
+from lora_lite.testing.tiny_models import ARCHS  # noqa: E402
 
 TRANSFORMERS_ARCHS = sorted(a for a in ARCHS if a != "mlp")
 

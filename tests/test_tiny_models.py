@@ -1,11 +1,11 @@
-"""lora_lite.tiny_models: every architecture builds offline, runs its batch to finite logits and
+"""lora_lite.testing.tiny_models: every architecture builds offline, runs its batch to finite logits and
 loss; the MoE models hold their routed experts as fused, non-square 3-D parameters."""
 import pytest
 import torch
 
-from lora_lite import tiny_models
-from lora_lite.arch_matrix import is_fused_experts
-from lora_lite.tiny_models import ARCHS, MOE
+from lora_lite.testing import tiny_models
+from lora_lite.testing.arch_matrix import is_fused_experts
+from lora_lite.testing.tiny_models import ARCHS, MOE
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))

@@ -66,7 +66,7 @@ def test_write_requantizes_and_restore_is_bit_exact(kind):
     assert err <= (0.0 if kind == "none" else 0.25 * target.abs().max().item())
     assert torch.equal(ll.base_dense_weight(layer), w0)
     layer(x)  # still runs after a write
-    from lora_lite.weights import restore_base_weight
+    from lora_lite.layers.weights import restore_base_weight
     restore_base_weight(layer)
     assert state_equal({k: v for k, v in layer.state_dict().items()}, before)
     assert torch.equal(ll.dense_weight(layer), w0)
@@ -124,8 +124,8 @@ def conv1d(d_in=6, d_out=4, seed=0):
 
 
 def test_conv1d_reads_as_d_out_by_d_in_and_writes_its_own_layout():
-    from lora_lite.layer_kinds import features, kind_of
-    from lora_lite.weights import restore_base_weight
+    from lora_lite.layers.kinds import features, kind_of
+    from lora_lite.layers.weights import restore_base_weight
     layer = conv1d()
     assert kind_of(layer).name == "conv1d" and features(layer) == (6, 4)
     w = ll.dense_weight(layer)
@@ -197,7 +197,7 @@ def test_a_plugin_kind_makes_a_new_layer_type_adaptable():
 
 def test_gpt2_weight_reading_variants_see_the_dense_layout():
     """pissa / dora / delora read W: on GPT-2 they must get (d_out, d_in), not Conv1D's storage."""
-    from lora_lite.tiny_models import ARCHS
+    from lora_lite.testing.tiny_models import ARCHS
     model = ARCHS["gpt2"].build()
     layer = model.transformer.h[0].mlp.c_fc           # Conv1D 32 -> 128, stored (32, 128)
     W = layer.weight.detach().T

@@ -1,4 +1,4 @@
-"""Knobs that fit the width-32 models of lora_lite.tiny_models (a variant not listed gets r=4 and
+"""Knobs that fit the width-32 models of lora_lite.testing.tiny_models (a variant not listed gets r=4 and
 its own defaults), shared by the architecture matrix and the dtype tests."""
 TINY_KNOBS = {
     "antipasto_rot": dict(block_size=2),

@@ -211,7 +211,7 @@ def test_the_cli_drops_bitsandbytes_kernels_advice_and_nothing_else():
 def test_the_commands_hook_is_the_clis_not_cores():
     """core declared register_commands although it has no command line; now the CLI adds its
     own spec to core's plugin manager when it builds the app (again after a registry reset)."""
-    import lora_lite.hookspecs as core_specs
+    import lora_lite.plugins.hookspecs as core_specs
     from lora_lite.plugins import registry
     from lora_lite_cli import hookspecs
     assert not hasattr(core_specs, "register_commands")

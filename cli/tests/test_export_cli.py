@@ -177,7 +177,7 @@ def test_core_export_peft_interrupted_leaves_a_folder_that_does_not_load(tiny_di
                                                                          monkeypatch):
     """ll.export_peft writes the weights first and the config last: stopped in between, the
     folder has no adapter_config.json, so it never loads as a complete adapter."""
-    from lora_lite import peft_export
+    from lora_lite.peft import export as peft_export
     path, _ = adapter(tiny_dir, tmp_path)
     model, _ = models.load_model(tiny_dir)
     ll.load(model, path)

@@ -1,9 +1,9 @@
 """VeRA on lora-lite's 21 tiny architectures (GPT-2's Conv1D, BERT, T5, fused projections...),
-default targets and block 0, with lora-lite's own cell checks (``lora_lite.arch_matrix``)."""
+default targets and block 0, with lora-lite's own cell checks (``lora_lite.testing.arch_matrix``)."""
 import pytest
 
-from lora_lite.arch_matrix import cell_problems, run_cell
-from lora_lite.tiny_models import ARCHS
+from lora_lite.testing.arch_matrix import cell_problems, run_cell
+from lora_lite.testing.tiny_models import ARCHS
 
 
 @pytest.mark.parametrize("layers", [None, (0,)], ids=["all", "block0"])

@@ -11,7 +11,7 @@ def check_adapter(path) -> dict:
     """{"kind": "lora-lite"|"peft", "variant" (or PEFT's peft_type), "base_model"}; raises the
     library's one-line error for a missing, foreign, truncated or refused adapter."""
     import lora_lite as ll
-    from lora_lite.peft_import import is_peft_source, read_peft_folder, resolve_folder
+    from lora_lite.peft.load import is_peft_source, read_peft_folder, resolve_folder
     path = os.fspath(path)
     if is_peft_source(path):
         config, _ = read_peft_folder(resolve_folder(path))

@@ -513,10 +513,10 @@ class CostReport:
 
     def _time_rows(self, runners: dict, rows: dict) -> dict:
         """Time the runners taking turns (one forward of each, then one step of each, repeated),
-        rotating which goes first (``lora_lite.bench.turn_order``; with lora-lite always first,
+        rotating which goes first (``lora_lite.testing.bench.turn_order``; with lora-lite always first,
         LoRA's step ratio read 1.03 in three runs of identical work): each row gets its medians
         and its step-time spread; returns the per-turn times."""
-        from lora_lite.bench import turn_order
+        from lora_lite.testing.bench import turn_order
         fwd = {k: [] for k in runners}
         step = {k: [] for k in runners}
         for turn in range(self.s.repeats):

@@ -9,7 +9,7 @@
   a filled cache).
 
 ``--quantize 4bit|8bit`` uses bitsandbytes: through ``BitsAndBytesConfig`` for from_pretrained
-models, through ``lora_lite.quantize.quantize_model`` for GGUF-loaded ones (bitsandbytes quantizes on
+models, through ``lora_lite.layers.quantize.quantize_model`` for GGUF-loaded ones (bitsandbytes quantizes on
 the CPU too).
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", quantize: str | None 
         where = "the Hugging Face hub (no network or not cached?)" if kind == "hub" else path
         raise ModelNotFound(f"could not load model {name!r} from {where}: {first}") from None
     if quantize and gguf:
-        from lora_lite.quantize import quantize_model as bnb_quantize
+        from lora_lite.layers.quantize import quantize_model as bnb_quantize
         bnb_quantize(model, quantize)
     if quantize:
         keep_4bit_trainable_on_cpu(model)

@@ -16,6 +16,7 @@
 Variants come from plugins (entry-point group ``lora_lite``); core ships none. The installed
 plugins' config classes are attributes too, as in upstream lora-lite: ``ll.LoRAConfig(r=8)``.
 """
+from . import _moved
 from .adapter_file import load, read_header, save
 from .attach import adapter_names, adapter_tensors, attach, attached, detach, set_trainable, trainable_parameters
 from .calibration import call_model, stream_inputs
@@ -31,18 +32,14 @@ from .errors import (
     VariantContractError,
     VariantNotInstalled,
 )
-from .hookspecs import hookimpl
-from .layer_kinds import kind_family, project_in, project_out
+from .layers.kinds import kind_family, project_in, project_out
+from .layers.weights import base_dense_weight, dense_weight, set_dense_weight
 from .merge import merge
-from .peft_export import export_peft
-from .peft_folders import load_peft_adapters
-from .peft_import import peft_tensor
-from .peft_lora import load_peft_low_rank_state, peft_lora_config, peft_lora_fields, peft_low_rank_state, peft_patterns
 from .plugins import get_plugin_manager, get_variant, installed_plugins, problems, variants
+from .plugins.hookspecs import hookimpl
 from .routing import disabled, forward_mixed, rows, use, using
 from .targets import Target, describe_candidates, find_targets, linear_layers
 from .variant import ParamSpec, Variant, hook_kind, rewrites_base
-from .weights import base_dense_weight, dense_weight, set_dense_weight
 
 
 def _installed_version(distribution):
@@ -55,6 +52,14 @@ def _installed_version(distribution):
 
 
 __version__ = _installed_version("lora-lite")
+_moved.install()
+
+# PEFT interop loads on first use, so the runtime (attach, save, load of lora-lite files) never does
+_LAZY = {
+    "export_peft": ".peft.export", "load_peft_adapters": ".peft.folders", "peft_tensor": ".peft.load",
+    **dict.fromkeys(("load_peft_low_rank_state", "peft_lora_config", "peft_lora_fields", "peft_low_rank_state",
+                     "peft_patterns"), ".peft.lora"),
+}
 
 __all__ = [
     "FLOAT32_MAX", "AdapterConfig", "AdapterFileError", "AdapterSaveError", "AttachError", "CalibrationError",
@@ -74,10 +79,13 @@ __all__ = [
 
 
 def __getattr__(attr):
-    """``ll.LoRAConfig``, ``ll.HRAConfig``, ...: the config class of an installed variant, found
-    by its class name (upstream lora-lite exported them from the package)."""
+    """The PEFT helpers (imported on first use), and ``ll.LoRAConfig``, ``ll.HRAConfig``, ...: the
+    config class of an installed variant, found by its class name (as upstream lora-lite exported them)."""
     if attr.startswith("__"):
         raise AttributeError(attr)
+    if attr in _LAZY:
+        from importlib import import_module
+        return getattr(import_module(_LAZY[attr], __name__), attr)
     configs = {cls.config.__name__: cls.config for cls in variants().values()}
     if attr in configs:
         return configs[attr]

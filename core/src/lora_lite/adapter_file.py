@@ -36,12 +36,13 @@ from .file_checks import (
     check_entries,
     check_metadata,
     check_targets,
+    is_peft_source,
     read_json_header,
     short,
     stored_json,
     target_configs,
 )
-from .layer_kinds import features, is_adaptable
+from .layers.kinds import features, is_adaptable
 from .plugins import _version, get_variant, origin_mismatch, variant_origin
 from .slots import as_adapter, slots
 from .targets import Target
@@ -178,10 +179,10 @@ def load(model, path, *, revision=None, subfolder=None, name=DEFAULT) -> dict | 
     holding other adapters under other names). Everything is checked
     before the model is touched; on any failure the model is left as it was. ``path`` may also be
     a PEFT adapter folder or a hub adapter id ("org/name", downloaded by huggingface_hub at
-    ``revision``), either with the adapter in ``subfolder``: see ``lora_lite.peft_import``
+    ``revision``), either with the adapter in ``subfolder``: see ``lora_lite.peft.load``
     (which returns its report; None for a lora-lite file)."""
-    from .peft_import import is_peft_source, load_peft
     if is_peft_source(path):
+        from .peft.load import load_peft
         return load_peft(model, path, revision, subfolder, name=name)
     path = os.fspath(path)
     if revision is not None or subfolder is not None:

@@ -24,7 +24,8 @@ import torch
 from . import param_targets as _params  # parameter targets (fused MoE experts)
 from . import trainable_modules as _heads  # modules trained in full (PEFT's modules_to_save)
 from .errors import AttachError, CalibrationError
-from .layer_kinds import check_layer_kinds
+from .layers.kinds import check_layer_kinds
+from .layers.weights import guard_training, restore_base_weight
 from .plugins import get_variant, variant_origin
 from .routing import OFF, ROUTING, Routing, adapter_dtype, disabled, input_hook, output_hook  # noqa: F401
 from .slots import (
@@ -41,7 +42,6 @@ from .slots import (
 )
 from .targets import Target, find_targets
 from .variant import hook_kind, make_tensor, rewrites_base
-from .weights import guard_training, restore_base_weight
 
 if TYPE_CHECKING:
     from .config import AdapterConfig

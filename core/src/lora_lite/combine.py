@@ -19,11 +19,11 @@ import torch
 
 from .attach import attach_for_loading, detach, one_adapter, refuse_taken_name
 from .errors import AttachError
+from .layers.weights import base_dense_weight
 from .merge import merged_weights
 from .plugins import variants
 from .slots import as_adapter
 from .task_merging import HOWS, combine_tensors
-from .weights import base_dense_weight
 
 ALL_HOWS = ("svd", "cat", *HOWS)
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import struct
 
 from .config import _NOT_OVERRIDABLE, ROLES
@@ -178,3 +179,16 @@ def check_targets(path, targets) -> list:
             raise AdapterFileError(f"{path}: target {short(t[0])!r} is listed twice; the file is corrupt")
         seen.add(t[0])
     return targets
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_peft_source(path) -> bool:
+    """A PEFT source for ``ll.load`` (read by lora_lite.peft.load): a folder, or something that
+    looks like a hub id (org/name) and is no local path."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return True
+    return (not os.path.exists(path) and bool(_HUB_ID.match(path))
+            and not path.endswith((".safetensors", ".bin", ".pt", ".json")))

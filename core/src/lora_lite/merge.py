@@ -15,9 +15,9 @@ from torch import nn
 from . import param_targets as _params  # parameter targets (fused MoE experts)
 from .attach import detach, one_adapter, registry
 from .errors import AttachError
-from .layer_kinds import UNQUANTIZED_KINDS, features
+from .layers.kinds import UNQUANTIZED_KINDS, features
+from .layers.weights import backend_for, dense_weight, forget_base_weight
 from .slots import as_adapter
-from .weights import backend_for, dense_weight, forget_base_weight
 
 
 def merged_weights(model, name=None) -> dict:

@@ -93,7 +93,7 @@ def wanted_patterns(model, cfg) -> tuple:
 
 
 def find_param_targets(model, cfg) -> list[ParamTarget]:
-    from .mha import mha_param_targets  # nn.MultiheadAttention selected by target_names
+    from .layers.mha import mha_param_targets  # nn.MultiheadAttention selected by target_names
     found = mha_param_targets(model, cfg)
     names = {pt.name for pt in found}
     return found + [pt for pt in _named_param_targets(model, cfg) if pt.name not in names]
@@ -169,7 +169,7 @@ def attach_params(model, state, generator) -> None:
     variant = state.variant
     if state.param_targets:
         check_variant_can(variant, state.cfg)
-    from .mha import hosts
+    from .layers.mha import hosts
     readers = hosts(model)  # an attention's out_proj.weight is read by the attention's call
     by_module: dict = {}
     for pt in state.param_targets:

@@ -2,11 +2,11 @@
 
 Selection, in order:
 
-1. Candidates: every module some layer kind handles (``lora_lite.layer_kinds``: nn.Linear,
+1. Candidates: every module some layer kind handles (``lora_lite.layers.kinds``: nn.Linear,
    transformers' Conv1D, bitsandbytes 4bit/8bit, plugin kinds), minus ``exclude_names`` and the
    projections inside ``nn.MultiheadAttention`` (it reads their weights directly, so hooks on
    them would never run; a name selecting the attention adapts its in_proj_weight and
-   out_proj.weight as parameter targets, ``lora_lite.mha``; one selecting only its out_proj, or a
+   out_proj.weight as parameter targets, ``lora_lite.layers.mha``; one selecting only its out_proj, or a
    grouped / transposed conv, is refused). The defaults are the linear
    family; names may also select nn.Embedding and nn.Conv1d/2d/3d (the variant's ``layer_kinds`` then
    decide, at attach).
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import AttachError, VariantNotInstalled
-from .layer_kinds import features, is_adaptable, is_linear_like
+from .layers.kinds import features, is_adaptable, is_linear_like
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
 _WRITER_NAMES = ("o_proj", "out_proj", "down_proj", "dense_4h_to_h", "c_proj", "wo", "w2",
@@ -122,10 +122,10 @@ def linear_layers(model, accept=is_linear_like) -> list[tuple[str, nn.Module]]:
 def refuse_unadaptable(model, names):
     """A name selecting a layer lora-lite cannot adapt is refused in one line rather than
     skipped: an nn.MultiheadAttention's out_proj alone (its forward never runs; the attention
-    itself is adapted through its weights, ``lora_lite.mha``), and convolutions outside the conv
+    itself is adapted through its weights, ``lora_lite.layers.mha``), and convolutions outside the conv
     kind (grouped, non-zero padding, transposed)."""
-    from .mha import refuse_out_proj_alone
-    refuse_out_proj_alone(model, names)  # the attention itself is a parameter target (lora_lite.mha)
+    from .layers.mha import refuse_out_proj_alone
+    refuse_out_proj_alone(model, names)  # the attention itself is a parameter target (lora_lite.layers.mha)
     for name, module in model.named_modules():
         if (isinstance(module, nn.modules.conv._ConvNd) and not is_adaptable(module)
                 and any(re.search(p, name) for p in names)):
@@ -184,7 +184,7 @@ def find_targets(model, cfg) -> list[Target]:
             continue
         found.append(Target(name, module, role, d_in, d_out))
     if not found:
-        from .mha import matched
+        from .layers.mha import matched
         if not matched(model, cfg, tuple(cfg.target_names)):  # else: attentions only, adapted as parameter targets
             raise AttachError(no_match_message(model, cfg, names))
     return found

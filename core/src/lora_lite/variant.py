@@ -118,7 +118,7 @@ class Variant:
     cost_note: ClassVar[str] = ""               # why measured FLOPs may differ from 2 x added_macs
     peft_cost_note: ClassVar[str] = ""          # the same for PEFT's implementation of this method
     mergeable: ClassVar[bool] = True            # False: merging is refused up front (merge_refusal)
-    # layer families the variant adapts ("linear", "embedding", "conv"; lora_lite.layer_kinds):
+    # layer families the variant adapts ("linear", "embedding", "conv"; lora_lite.layers.kinds):
     # attach refuses a target of another family in one line, naming the layer and its kind
     layer_kinds: ClassVar[tuple] = ("linear",)
     merge_refusal: ClassVar[str] = ""

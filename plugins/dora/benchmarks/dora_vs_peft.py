@@ -4,7 +4,7 @@ memory and adapter-tensor bytes, on one random Llama, fp32 or a bitsandbytes 4bi
 Both sides hold the same A, B, m (so they compute the same function: checked first), then run
 interleaved training steps (forward with labels, backward, AdamW); medians and ratios printed.
 Timing and peak memory (tensor memory of one step, profiler events on CPU,
-max_memory_allocated on CUDA) as ``lora_lite.bench`` measures them.
+max_memory_allocated on CUDA) as ``lora_lite.testing.bench`` measures them.
 
     python plugins/dora/benchmarks/dora_vs_peft.py                 # fp32
     python plugins/dora/benchmarks/dora_vs_peft.py --quantize 4bit
@@ -14,8 +14,8 @@ import copy
 import torch
 
 import lora_lite as ll
-from lora_lite import bench
-from lora_lite.quantize import quantize_model
+from lora_lite.layers.quantize import quantize_model
+from lora_lite.testing import bench
 
 
 def adapter_bytes(model, marker):

@@ -5,7 +5,7 @@ Llama (fp32, CPU unless --device cuda), with the same Householder vectors, so th
 same function (checked first). Then:
 
 interleaved training steps (forward with labels, backward, AdamW) and the peak tensor memory
-of one step, as ``lora_lite.bench`` measures them (medians; ratios lora-lite / PEFT and back).
+of one step, as ``lora_lite.testing.bench`` measures them (medians; ratios lora-lite / PEFT and back).
 
     python plugins/hra/benchmarks/hra_vs_peft.py            # ~1-2 minutes on 2 CPU cores
     python plugins/hra/benchmarks/hra_vs_peft.py --hidden 2048 --rounds 3
@@ -20,7 +20,7 @@ import copy
 import torch
 
 import lora_lite as ll
-from lora_lite import bench
+from lora_lite.testing import bench
 
 
 def naive_forward_input(layer, x):

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import lora_lite as ll
+from lora_lite.layers.weights import guard_training
 from lora_lite.testing import bf16_figures, check_variant, logits, make_batch, model_maker, perturb, tiny_llama
-from lora_lite.weights import guard_training
 
 KWARGS = dict(r=4, target_names=[r"q_proj$", r"v_proj$"])
 TARGETS = ["q_proj", "v_proj"]

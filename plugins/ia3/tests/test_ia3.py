@@ -87,7 +87,7 @@ def test_matches_peft(variant):
 @pytest.mark.parametrize("variant", ["ia3", "ia3_ff"])
 def test_quantized_math(variant, base):
     """On a quantized layer the gate acts on what that layer computes: layer(x)⊙g or layer(x⊙g)."""
-    from lora_lite.weights import guard_training
+    from lora_lite.layers.weights import guard_training
     model = make_model(base)
     kwargs, _, _ = SETUPS[variant]
     ll.attach(model, ll.config(variant, **kwargs))

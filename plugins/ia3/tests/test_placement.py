@@ -2,7 +2,7 @@
 import pytest
 
 import lora_lite as ll
-from lora_lite.tiny_models import ARCHS
+from lora_lite.testing.tiny_models import ARCHS
 
 EXPECTED = {  # architecture -> (ia3's default leaf names, ia3_ff's)
     "llama": ({"k_proj", "v_proj"}, {"down_proj"}),

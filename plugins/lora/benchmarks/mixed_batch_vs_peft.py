@@ -13,7 +13,7 @@ import statistics
 import torch
 
 import lora_lite as ll
-from lora_lite import bench
+from lora_lite.testing import bench
 
 TARGETS = [r"q_proj$", r"v_proj$"]
 

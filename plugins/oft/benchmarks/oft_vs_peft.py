@@ -4,7 +4,7 @@ A benchmark, not a test. For each method both adapters sit on identical copies o
 Llama (fp32, CPU unless --device cuda) holding the same (random, non-identity) adapter values,
 written into PEFT through lora-lite's own ``peft_state``, so they compute the same function
 (checked first). Then interleaved training steps (forward with labels, backward, AdamW) and
-the peak tensor memory of one step, as ``lora_lite.bench`` measures them; --floor adds the
+the peak tensor memory of one step, as ``lora_lite.testing.bench`` measures them; --floor adds the
 frozen base with no adapter (one trainable scalar per target: the same backward graph), the
 time no adapter can go below.
 
@@ -22,7 +22,7 @@ import copy
 import torch
 
 import lora_lite as ll
-from lora_lite import bench
+from lora_lite.testing import bench
 
 TARGETS = ["q_proj", "v_proj"]
 

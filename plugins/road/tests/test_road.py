@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import lora_lite as ll
+from lora_lite.layers.weights import guard_training
 from lora_lite.testing import bf16_figures, check_variant, logits, make_batch, model_maker, perturb, tiny_llama
-from lora_lite.weights import guard_training
 
 VARIANTS = ["road_1", "road_2", "road_4"]
 TARGETS = ["q_proj", "v_proj"]

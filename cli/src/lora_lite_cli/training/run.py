@@ -359,7 +359,7 @@ def base_rewritten(model) -> bool:
     """A variant rewrote a base weight at attach (rewrite_base=True): turning the hooks off then
     leaves the rewritten weight, so the base is evaluated as the initial adapter on it (the same
     function up to rounding)."""
-    from lora_lite.weights import weight_was_rewritten
+    from lora_lite.layers.weights import weight_was_rewritten
     return any(weight_was_rewritten(t.layer) for t in ll.attached(model).targets)
 
 

@@ -26,6 +26,6 @@ def register_weight_backends(register):
 
     A backend has ``handles(layer) -> bool``, ``read(layer) -> fp32 (d_out, d_in)``,
     ``write(layer, dense)``, ``snapshot(layer)``/``restore(layer, snap)`` (bit-exact undo of a
-    write) and optionally ``guard_training(model) -> undo`` (see ``lora_lite.weights``).
+    write) and optionally ``guard_training(model) -> undo`` (see ``lora_lite.layers.weights``).
     """
 

@@ -21,12 +21,12 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .attach import one_adapter
-from .errors import AttachError, ConfigError
-from .merge import merged_weights
-from .peft_lora import peft_lora_config, peft_low_rank_state
-from .slots import as_adapter
-from .weights import base_dense_weight
+from ..attach import one_adapter
+from ..errors import AttachError, ConfigError
+from ..layers.weights import base_dense_weight
+from ..merge import merged_weights
+from ..slots import as_adapter
+from .lora import peft_lora_config, peft_low_rank_state
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -39,18 +39,20 @@ def export_peft(model, folder, as_lora_rank: int | None = None, name=None) -> di
     "max_relative_error"}. Everything is computed before the folder is written. ``name``: which
     adapter (needed when the model holds several)."""
     state = one_adapter(model, name, "export")
-    from .mha import attention_names  # nn.MultiheadAttention: a target module, as in PEFT
+    from ..layers.mha import attention_names  # nn.MultiheadAttention: a target module, as in PEFT
     names = [t.name for t in state.targets] + attention_names(state.param_targets)
     if as_lora_rank is None:
         config, tensors, layers = _native(state, names)
     else:
         config, tensors, layers = _as_lora(model, state, names, as_lora_rank)
     base_name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    from ..layers.mha import PEFT_OUT_PROJ_FIXED
     config = {"base_model_name_or_path": base_name or None, "task_type": None,
-              "inference_mode": True, **config, "target_modules": names}
-    from .mha import peft_prefix  # (an attention's weights go under target_modules)
+              "inference_mode": True, "peft_version": ".".join(map(str, PEFT_OUT_PROJ_FIXED)),
+              **config, "target_modules": names}
+    from ..layers.mha import peft_prefix  # (an attention's weights go under target_modules)
     fused = [pt.name for pt in state.param_targets if peft_prefix(pt) is None]
-    if fused:  # fused parameters (MoE experts): lora_lite.peft_params
+    if fused:  # fused parameters (MoE experts): lora_lite.peft.params
         config["target_parameters"] = fused
     if state.trainable_modules:  # heads trained in full: PEFT's modules_to_save
         config["modules_to_save"] = [tm.name for tm in state.trainable_modules]
@@ -63,7 +65,7 @@ def export_peft(model, folder, as_lora_rank: int | None = None, name=None) -> di
 
 
 def _heads_tensors(state) -> dict:
-    from .trainable_modules import trainable_tensors
+    from ..trainable_modules import trainable_tensors
     return {f"{MODULE_PREFIX}{k}": v.detach().to("cpu").contiguous().clone()
             for k, v in trainable_tensors(state).items()}
 
@@ -93,7 +95,7 @@ def _native(state, names):
                     tensors[key] = value
                 else:
                     tensors[f"{MODULE_PREFIX}{t.name}.{key}"] = value
-    from .peft_params import export_tensors
+    from .params import export_tensors
     tensors.update(export_tensors(state))
     return config, tensors, {}
 

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .hookspecs import hookimpl
+from ..plugins.hookspecs import hookimpl
 
 
 def _bnb():

@@ -2,7 +2,7 @@
 
 ``dense_weight`` is always fp32 (d_out, d_in) and ``set_dense_weight`` takes that shape, whatever
 the layer stores: nn.Linear, transformers' Conv1D (stored transposed), bitsandbytes 4bit/8bit
-(dequantized / requantized), or a kind a plugin registers (see ``lora_lite.layer_kinds``).
+(dequantized / requantized), or a kind a plugin registers (see ``lora_lite.layers.kinds``).
 The first write to a layer keeps a snapshot of the original storage so that
 ``restore_base_weight`` (called by ``detach``) puts it back bit for bit.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .layer_kinds import DenseKind, features, kind_of
+from .kinds import DenseKind, features, kind_of
 
 _SNAPSHOT = "_lora_lite_base_snapshot"
 DenseBackend = DenseKind  # the former name
@@ -24,7 +24,7 @@ def backend_for(layer):
             f"lora-lite cannot read the weight of {type(layer).__module__}.{type(layer).__name__}: "
             "no layer kind handles this layer type. Supported: nn.Linear, transformers' Conv1D, "
             "bitsandbytes Linear4bit and Linear8bitLt; plugins can add others through the "
-            "register_weight_backends hook (see lora_lite.layer_kinds).")
+            "register_weight_backends hook (see lora_lite.layers.kinds).")
     return kind
 
 
@@ -97,7 +97,7 @@ def _show_original_weight(layer, state_dict, prefix, local_metadata):
 
 def guard_training(model):
     """Let each backend make its layers safe to train adapters through; returns an undo function."""
-    from .plugins import weight_backends
+    from ..plugins import weight_backends
     undos = [b.guard_training(model) for b in weight_backends() if hasattr(b, "guard_training")]
 
     def undo():

@@ -14,12 +14,12 @@ import tempfile
 
 import torch
 
-from .adapter_file import load, save
-from .attach import attach, detach, trainable_parameters
-from .errors import AttachError
-from .routing import disabled, rows, use, using
+from ..adapter_file import load, save
+from ..attach import attach, detach, trainable_parameters
+from ..errors import AttachError
+from ..routing import disabled, rows, use, using
+from ..variant import hook_kind, rewrites_base
 from .testbed import logits, make_batch, snapshot_state, state_equal
-from .variant import hook_kind, rewrites_base
 
 NAMES = ("a", "b", "c", "d")
 ROWS = ("a", "b", None, "c", "d", "a", None, "b")
@@ -126,7 +126,7 @@ def _weighted_sum(fail, cls, model, batch, tol):
 
 
 def _first_target(model):
-    from .attach import attached
+    from ..attach import attached
     state = attached(model, NAMES[0])
     assert state is not None, f"check_multi attached {NAMES[0]!r}"
     return state.targets[0].layer

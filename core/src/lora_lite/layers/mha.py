@@ -21,7 +21,7 @@ import re
 
 from torch import nn
 
-from .errors import AttachError
+from ..errors import AttachError
 
 KIND = "multihead_attention"
 
@@ -33,7 +33,7 @@ def _what(name) -> str:
 def matched(model, cfg, names) -> list[tuple[str, nn.Module]]:
     """(name, module) of every nn.MultiheadAttention that ``names`` (regexes) select, after
     ``exclude_names`` and ``layers``."""
-    from .targets import layer_index
+    from ..targets import layer_index
     if not names:
         return []
     return [(n, m) for n, m in model.named_modules()
@@ -53,8 +53,8 @@ def check_module(name, module) -> None:
 
 
 def check_variant(name, cfg) -> None:
-    from .param_targets import refusal_reason
-    from .plugins import get_variant
+    from ..param_targets import refusal_reason
+    from ..plugins import get_variant
     why = refusal_reason(get_variant(cfg.variant))
     if why:
         raise AttachError(f"variant {cfg.variant!r} cannot adapt {name} (nn.MultiheadAttention, layer "
@@ -73,7 +73,7 @@ def mha_param_targets(model, cfg) -> list:
 
 
 def _pair(name, module) -> list:
-    from .param_targets import make_param_target
+    from ..param_targets import make_param_target
     out = make_param_target(f"{name}.out_proj", module.out_proj, "weight", module.out_proj.weight)
     out.host = module  # its call reads out_proj.weight
     return [make_param_target(name, module, "in_proj_weight", module.in_proj_weight), out]
@@ -106,6 +106,25 @@ def peft_prefix(pt) -> str | None:
     return None
 
 
+# PEFT before 0.22.0 applied an attention's out_proj delta twice (huggingface/peft#3774); 0.22.0
+# doubles lora_B of a folder saved before it (or with no peft_version: older than 0.18) on load,
+# and so does lora-lite. Exports say this version, so PEFT loads them as they are.
+PEFT_OUT_PROJ_FIXED = (0, 22, 0)
+
+
+def legacy_out_proj_factor(peft_version) -> float:
+    """2.0 for a folder whose out_proj lora_B PEFT (>= 0.22) doubles on load, else 1.0: no
+    peft_version, a release before 0.22.0, or a dev build before 0.21.1 (PEFT's own rule)."""
+    import re
+    found = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?(\.?dev\d*)?", str(peft_version or "").partition("@")[0])
+    if not found:
+        return 2.0
+    release = tuple(int(x or 0) for x in found.groups()[:3])
+    if found.group(4):
+        return 2.0 if release < (0, 21, 1) else 1.0
+    return 2.0 if release < PEFT_OUT_PROJ_FIXED else 1.0
+
+
 def attention_names(param_targets) -> list[str]:
     """The nn.MultiheadAttention modules among these parameter targets (PEFT's target_modules)."""
     return sorted({pt.module_name for pt in param_targets
@@ -115,8 +134,8 @@ def attention_names(param_targets) -> list[str]:
 
 
 def _attentions_in_file(model, weights) -> list[tuple[str, nn.Module]]:
-    from .peft_checks import weights_entries
-    from .peft_export import MODULE_PREFIX
+    from ..peft.checks import weights_entries
+    from ..peft.export import MODULE_PREFIX
     keys = list(weights_entries(weights))
     return [(n, m) for n, m in model.named_modules()
             if n and isinstance(m, nn.MultiheadAttention)
@@ -130,7 +149,7 @@ def names_attention(model, weights) -> bool:
 
 def peft_targets(model, weights, where) -> list:
     """The parameter targets of the attentions a PEFT weights file adapts (both projections)."""
-    from .errors import AdapterFileError
+    from ..errors import AdapterFileError
     out = []
     for name, module in _attentions_in_file(model, weights):
         try:

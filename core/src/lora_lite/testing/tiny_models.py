@@ -1,7 +1,7 @@
 """Tiny random models of 21 architectures (decoders, MoE decoders, encoders, seq2seq, vision, audio), built from
 transformers configs (no download), for tests.
 
-    from lora_lite.tiny_models import ARCHS, build
+    from lora_lite.testing.tiny_models import ARCHS, build
     model, batch = build("gpt2")               # fp32, eval mode, 2 blocks, width 32
     out = ARCHS["gpt2"].outputs(model, batch)  # logits (fp32)
     loss = ARCHS["gpt2"].loss(model, batch)

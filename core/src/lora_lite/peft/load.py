@@ -8,7 +8,7 @@ layer too). Refused before the model is touched, with the field named: a missing
 pickle (.bin) weights file, ``modules_to_save``, ``bias`` other than "none", a rank of 0,
 targets that are not linear layers (Embedding, Conv2d), a peft_type no variant maps.
 Targets are the modules the weights file names, matched exactly. The folder is untrusted input
-(``lora_lite.peft_checks``): bounded sizes, typed fields, floating finite tensors, and
+(``lora_lite.peft.checks``): bounded sizes, typed fields, floating finite tensors, and
 rank_pattern / alpha_pattern keys that are literal module names (full name or dotted suffix, as
 PEFT matches them), resolved once per target so that no regex from the file is ever run.
 """
@@ -20,14 +20,17 @@ import re
 import torch
 from safetensors import safe_open
 
-from . import file_checks
-from .attach import DEFAULT, attach_for_loading, check_can_attach, detach
-from .config import config as make_config
-from .config import with_resolved_targets
-from .errors import AdapterFileError, AttachError, LoraLiteError
-from .file_checks import short
-from .layer_kinds import check_layer_kinds, is_adaptable
-from .peft_checks import (
+from .. import file_checks
+from ..attach import DEFAULT, attach_for_loading, check_can_attach, detach
+from ..config import config as make_config
+from ..config import with_resolved_targets
+from ..errors import AdapterFileError, AttachError, LoraLiteError
+from ..file_checks import is_peft_source, short  # noqa: F401  (is_peft_source: importable here too)
+from ..layers.kinds import check_layer_kinds, is_adaptable
+from ..plugins import get_variant, variants
+from ..slots import as_adapter
+from ..targets import find_targets
+from .checks import (
     check_adapter_sizes,
     check_contained,
     check_field_types,
@@ -36,24 +39,9 @@ from .peft_checks import (
     resolved_patterns,
     weights_entries,
 )
-from .peft_export import CONFIG_FILE, MODULE_PREFIX, WEIGHTS_FILE
-from .plugins import get_variant, variants
-from .slots import as_adapter
-from .targets import find_targets
+from .export import CONFIG_FILE, MODULE_PREFIX, WEIGHTS_FILE
 
 PICKLE_FILE = "adapter_model.bin"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_peft_source(path) -> bool:
-    """A folder, or something that looks like a hub id (org/name) and is no local path."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return True
-    return (not os.path.exists(path) and bool(_HUB_ID.match(path))
-            and not path.endswith((".safetensors", ".bin", ".pt", ".json")))
-
-
 def resolve_folder(path, revision=None, subfolder=None) -> str:
     """The local folder holding the adapter: ``path`` (or its ``subfolder``) if it is a folder,
     else hub repo ``path`` at ``revision`` downloaded by huggingface_hub (``download_adapter``)."""
@@ -128,7 +116,7 @@ def read_peft_folder(folder, root=None) -> tuple[dict, str]:
 
 
 def check_generic_fields(config, where):
-    saved = config.get("modules_to_save")  # (trained heads: loaded by lora_lite.peft_params)
+    saved = config.get("modules_to_save")  # (trained heads: loaded by lora_lite.peft.params)
     if saved is not None and not (isinstance(saved, list) and all(isinstance(n, str) and n for n in saved)):
         raise AdapterFileError(f"{where}: modules_to_save={short(repr(saved))} is not a list of "
                                "module names")
@@ -209,10 +197,10 @@ def load_peft(model, path, revision=None, subfolder=None, name=DEFAULT) -> dict:
     local = os.path.isdir(os.fspath(path))  # else a hub snapshot: links into the repo's blobs
     root = folder if local else hub_repo_root(folder, _checked_subfolder(path, subfolder))
     config, weights = read_peft_folder(folder, root)
-    from .mha import names_attention
-    if (config.get("target_parameters") or config.get("modules_to_save")  # lora_lite.peft_params
-            or names_attention(model, weights)):  # nn.MultiheadAttention: lora_lite.mha
-        from .peft_params import load_peft_params
+    from ..layers.mha import names_attention
+    if (config.get("target_parameters") or config.get("modules_to_save")  # lora_lite.peft.params
+            or names_attention(model, weights)):  # nn.MultiheadAttention: lora_lite.layers.mha
+        from .params import load_peft_params
         if adapter != DEFAULT:
             raise AttachError(f"{folder}: a PEFT folder with target_parameters, modules_to_save or an "
                               "nn.MultiheadAttention loads as the model's one adapter for now; load "

@@ -11,10 +11,10 @@ import tempfile
 
 import torch
 
-from .adapter_file import load, save
-from .attach import adapter_tensors, attach, detach, trainable_parameters
-from .quantize import quantize_model as quantize
-from .weights import guard_training
+from ..adapter_file import load, save
+from ..attach import adapter_tensors, attach, detach, trainable_parameters
+from ..layers.quantize import quantize_model as quantize
+from ..layers.weights import guard_training
 
 BASES = ("fp32", "4bit", "8bit")
 
@@ -206,7 +206,7 @@ def same_kernel_logits(model, batch):
 def bf16_figures(variant, model_dtype, **cfg_fields):
     """A bf16 adapter on a bf16 or fp32 tiny_llama: (identity error, whether one backward reaches
     every adapter tensor with bf16 gradients, how far one AdamW step (lr 1e-2) moves the logits)."""
-    from .config import config
+    from ..config import config
     model, batch = tiny_llama().to(model_dtype), make_batch()
     ref = logits(model, batch)
     attach(model, config(variant, dtype=torch.bfloat16, **cfg_fields))
@@ -223,7 +223,7 @@ def bf16_figures(variant, model_dtype, **cfg_fields):
 
 
 def _rewrites(model):
-    from .weights import weight_was_rewritten
+    from ..layers.weights import weight_was_rewritten
     return any(weight_was_rewritten(m) for m in model.modules())
 
 

@@ -6,7 +6,7 @@ Every variant sees a target as ``d_in -> d_out`` with a dense fp32 weight of sha
     kind                       shape from                weight storage
     nn.Linear (and subclasses) in_features/out_features  (d_out, d_in), float
     transformers' Conv1D       weight.shape = (nx, nf)   (d_in, d_out), float  (GPT-2, GPT-J...)
-    bnb Linear4bit/Linear8bitLt in_features/out_features quantized, see lora_lite.bnb_backend
+    bnb Linear4bit/Linear8bitLt in_features/out_features quantized, see lora_lite.layers.bnb
 
 A kind (the hookspec calls it a weight backend) is an object with ``handles(layer) -> bool``,
 ``read(layer) -> fp32 (d_out, d_in)``, ``write(layer, dense)`` (stores a (d_out, d_in) tensor in
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AttachError
-from .plugins import weight_backends
+from ..errors import AttachError
+from ..plugins import weight_backends
 
 
 def _float_matrix(w):

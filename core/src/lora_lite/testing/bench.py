@@ -1,7 +1,7 @@
 """Side-by-side training-step benchmarks (lora-lite against PEFT, or any two or more models):
 the scaffolding the plugins' ``benchmarks/*_vs_peft.py`` scripts share, for plugin authors too.
 
-    from lora_lite import bench
+    from lora_lite.testing import bench
     p = bench.arg_parser("my variant vs PEFT"); args = p.parse_args()
     base = bench.random_llama(args.hidden, args.layers, args.vocab, args.seq).to(args.device)
     ...                                   # ours, theirs: two adapted copies of base

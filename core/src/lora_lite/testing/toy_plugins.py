@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from .config import AdapterConfig
-from .hookspecs import hookimpl
-from .plugins import register_plugin, unregister_plugin
-from .variant import ParamSpec, Variant
+from ..config import AdapterConfig
+from ..plugins import register_plugin, unregister_plugin
+from ..plugins.hookspecs import hookimpl
+from ..variant import ParamSpec, Variant
 
 
 def plugin_of(*variant_classes):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from .attach import DEFAULT, detach, registry
-from .errors import AdapterFileError
-from .peft_import import CONFIG_FILE, load_peft
-from .slots import check_name
+from ..attach import DEFAULT, detach, registry
+from ..errors import AdapterFileError
+from ..slots import check_name
+from .load import CONFIG_FILE, load_peft
 
 
 def peft_adapter_folders(folder) -> dict:

@@ -13,10 +13,10 @@ import re
 
 import torch
 
-from . import file_checks
-from .config import is_finite_number
-from .errors import AdapterFileError
-from .file_checks import FLOAT_DTYPES, check_entries, check_metadata, read_json_header, short
+from .. import file_checks
+from ..config import is_finite_number
+from ..errors import AdapterFileError
+from ..file_checks import FLOAT_DTYPES, check_entries, check_metadata, read_json_header, short
 
 MAX_CONFIG_BYTES = 2**20      # a real adapter_config.json is a few kB
 PEFT_WRITER = "PEFT's save_pretrained"

@@ -10,25 +10,25 @@ code that consumes variants (``registered``, ``plugin_of``, ``gain_variant``).
 Needs ``transformers`` (tiny random Llama) and, for quantized bases, ``bitsandbytes``; PEFT only
 for the parity check. None of them is a runtime dependency of lora-lite; nothing downloads.
 """
+from ..layers.quantize import quantize_model as quantize
 from .conformance import VariantCheckFailed, check_variant
-from .quantize import quantize_model as quantize
 from .testbed import (
-                      BASES,
-                      backward_lm,
-                      bf16_figures,
-                      clone_model,
-                      logits,
-                      loss_of,
-                      make_batch,
-                      measure_invariants,
-                      model_maker,
-                      peft_layer_pairs,
-                      perturb,
-                      same_kernel_logits,
-                      snapshot_state,
-                      state_equal,
-                      tiny_llama,
-                      train_steps,
+           BASES,
+           backward_lm,
+           bf16_figures,
+           clone_model,
+           logits,
+           loss_of,
+           make_batch,
+           measure_invariants,
+           model_maker,
+           peft_layer_pairs,
+           perturb,
+           same_kernel_logits,
+           snapshot_state,
+           state_equal,
+           tiny_llama,
+           train_steps,
 )
 from .toy_plugins import gain_variant, plugin_of, registered
 

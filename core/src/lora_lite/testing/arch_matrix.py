@@ -1,6 +1,6 @@
 """One cell of the architecture matrix: a variant on a tiny model of one architecture.
 
-    from lora_lite.arch_matrix import run_cell, cell_problems
+    from lora_lite.testing.arch_matrix import run_cell, cell_problems
     figures = run_cell("gpt2", "myvariant", knobs={"r": 4})
     assert not cell_problems(figures, layers=None), figures
 
@@ -10,7 +10,7 @@ output, save -> load on a fresh base reproduces it (and so does ``ll.merge`` whe
 merges), the loaded model survives
 ``.to(float64)`` and ``.to(bfloat16)``, detach puts the base back bit for bit. Where the
 variant has no default placement on a model (attach refuses, naming the candidate layers),
-``fallback_names`` are used. Models: ``lora_lite.tiny_models`` (needs transformers).
+``fallback_names`` are used. Models: ``lora_lite.testing.tiny_models`` (needs transformers).
 """
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ import tempfile
 
 import torch
 
-from .adapter_file import load, save
-from .attach import adapter_tensors, attach, attached, detach, trainable_parameters
-from .config import config
-from .errors import AttachError
-from .plugins import get_variant
-from .targets import find_targets, layer_index
-from .testing import snapshot_state, state_equal
+from ..adapter_file import load, save
+from ..attach import adapter_tensors, attach, attached, detach, trainable_parameters
+from ..config import config
+from ..errors import AttachError
+from ..plugins import get_variant
+from ..targets import find_targets, layer_index
+from . import snapshot_state, state_equal
 from .tiny_models import ARCHS
 
 _BASES: dict = {}
@@ -124,7 +124,7 @@ def run_cell(arch, variant, layers=None, knobs=None):
 def merge_error(pristine, path, arch, batch, trained):
     """Relative output error of ``ll.merge`` on a fresh base loaded from ``path``; None when the
     variant cannot merge (mergeable = False or no merged_weight)."""
-    from .merge import merge
+    from ..merge import merge
     model = copy.deepcopy(pristine)
     load(model, path)
     state = attached(model)
@@ -163,8 +163,8 @@ def placement(arch, variant) -> dict:
 
     from torch import nn
 
-    from .layer_kinds import kind_family
-    from .targets import linear_layers, output_head_ids
+    from ..layers.kinds import kind_family
+    from ..targets import linear_layers, output_head_ids
     model = ARCHS[arch].build()
     found = find_targets(model, tiny_config(variant))
     picked = {id(t.layer) for t in found}

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-from . import config as config_module
+from .. import config as config_module
+from ..errors import VariantNotInstalled
+from ..variant import contract_problem, registered_name
 from . import hookspecs
-from .errors import VariantNotInstalled
-from .variant import contract_problem, registered_name
 
 ENTRY_POINT_GROUP = "lora_lite"
 ALLOW_ENV = "LORA_LITE_PLUGINS"
-_CORE_PLUGINS = ("lora_lite.bnb_backend",)
+_CORE_PLUGINS = {"bnb_backend": "lora_lite.layers.bnb"}  # plugin name -> module
 # The distributions this repository ships (tests/test_plugins.py checks the list against
 # plugins/*/pyproject.toml). Membership is by exact normalised name, never by prefix: anyone can
 # call a package lora-lite-x, but one environment cannot hold two distributions of one
@@ -110,9 +110,9 @@ class _Registry:
     def load_entry_points(self):
         allow = os.environ.get(ALLOW_ENV)
         allowed = None if allow is None else {normalize_distribution(a) for a in allow.split(",") if a.strip()}
-        for plugin_name in _CORE_PLUGINS:
-            module = __import__(plugin_name, fromlist=["_"])
-            self.add(module, plugin_name.split(".")[-1], "lora-lite", _version("lora-lite"))
+        for plugin_name, module_name in _CORE_PLUGINS.items():
+            module = __import__(module_name, fromlist=["_"])
+            self.add(module, plugin_name, "lora-lite", _version("lora-lite"))
         for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=_entry_point_key):
             dist = ep.dist.name if ep.dist is not None else ep.name
             version = ep.dist.version if ep.dist is not None else "?"
@@ -141,7 +141,7 @@ class _Registry:
         except Exception as e:
             self.load_problems.append(PluginProblem(
                 distribution, f"could not be registered: {type(e).__name__}: {e}",
-                "check its @hookimpl functions against lora_lite.hookspecs"))
+                "check its @hookimpl functions against lora_lite.plugins.hookspecs"))
             return
         hooks = sorted(impl.function.__name__ for caller in self.pm.get_hookcallers(plugin) or []
                        for impl in caller.get_hookimpls() if impl.plugin is plugin)

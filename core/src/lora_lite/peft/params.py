@@ -16,11 +16,11 @@ import re
 
 import torch
 
-from . import param_targets as _params
-from .attach import DEFAULT, attach_for_loading, attached, detach, refuse_taken_name
-from .errors import AdapterFileError, AttachError, LoraLiteError
-from .file_checks import MAX_TARGETS, short
-from .plugins import get_variant
+from .. import param_targets as _params
+from ..attach import DEFAULT, attach_for_loading, attached, detach, refuse_taken_name
+from ..errors import AdapterFileError, AttachError, LoraLiteError
+from ..file_checks import MAX_TARGETS, short
+from ..plugins import get_variant
 
 MODULE_PREFIX = "base_model.model."
 NEST = ".base_layer"
@@ -28,7 +28,7 @@ NEST = ".base_layer"
 
 def peft_prefixes(param_targets) -> dict:
     """{parameter target name: its key prefix in PEFT's file (without the trailing dot)}."""
-    from .mha import peft_prefix  # nn.MultiheadAttention: PEFT's own layout (lora_lite.mha)
+    from ..layers.mha import peft_prefix  # nn.MultiheadAttention: PEFT's own layout (lora_lite.layers.mha)
     per_module: dict[str, list] = {}  # module name -> its ParamTargets
     out = {}
     for pt in param_targets:
@@ -96,10 +96,22 @@ def _split_tensors(stored, prefixes, where) -> tuple[dict, dict]:
     return per_param, rest
 
 
+def _undo_legacy_out_proj(params, per_param, config) -> None:
+    """An attention's out_proj lora_B from a folder PEFT >= 0.22 doubles on load (saved by a PEFT
+    that applied it twice) is doubled here too: the adapter computes what PEFT computes."""
+    from ..layers.mha import legacy_out_proj_factor, peft_prefix
+    factor = legacy_out_proj_factor(config.get("peft_version"))
+    for pt in params:
+        prefix = peft_prefix(pt)
+        if factor != 1.0 and prefix is not None and prefix.endswith(".base_layer.out_proj"):
+            per_param[pt.name] = {k: v * factor if k.startswith("lora_B.") else v
+                                  for k, v in per_param[pt.name].items()}
+
+
 def _split_heads(model, saved, rest, where) -> tuple[list, dict]:
     """(full names of the modules_to_save modules, {'<module>.<parameter>': tensor}), popped
     from ``rest``; every parameter of each module must be in the file."""
-    from .trainable_modules import matches
+    from ..trainable_modules import matches
     heads: list[str] = []
     tensors: dict[str, torch.Tensor] = {}
     if not saved:
@@ -127,8 +139,8 @@ def _split_heads(model, saved, rest, where) -> tuple[list, dict]:
 def load_peft_params(model, folder, config, weights) -> dict:
     """ll.load of a PEFT folder whose config has ``target_parameters`` (and maybe
     ``target_modules``); on any failure the model is left as it was."""
-    from .config import config as make_config
-    from .peft_import import read_tensors, variant_for
+    from ..config import config as make_config
+    from .load import read_tensors, variant_for
     where = os.path.join(folder, "adapter_config.json")
     wanted = config.get("target_parameters") or []
     if not (isinstance(wanted, list) and all(isinstance(w, str) and w for w in wanted)
@@ -142,12 +154,13 @@ def load_peft_params(model, folder, config, weights) -> dict:
         params = matching_parameters(model, set(wanted))
     except AttachError as e:
         raise AdapterFileError(f"{where}: {e}") from None
-    from .mha import peft_targets
-    params += peft_targets(model, weights, where)  # nn.MultiheadAttention modules (lora_lite.mha)
+    from ..layers.mha import peft_targets
+    params += peft_targets(model, weights, where)  # nn.MultiheadAttention modules (lora_lite.layers.mha)
     if wanted and not params:
         raise AdapterFileError(f"{where}: target_parameters {short(wanted[:3])} match no "
                                "parameter of this model; the adapter was made for another model")
     per_param, rest = _split_tensors(read_tensors(weights), peft_prefixes(params), weights)
+    _undo_legacy_out_proj(params, per_param, config)
     heads, head_tensors = _split_heads(model, config.get("modules_to_save") or [], rest, where)
     linear = sorted({k[len(MODULE_PREFIX):].rsplit(".", 2)[0] for k in rest})
     if any(not k.startswith(MODULE_PREFIX) for k in rest) or any(
@@ -183,7 +196,7 @@ def load_peft_params(model, folder, config, weights) -> dict:
                 pcfg = state.cfg.for_target(pt.name)
                 variant.load_peft_param_state(_stacked_view(pt, pcfg, variant), pcfg,
                                               per_param[pt.name])
-            from .trainable_modules import trainable_tensors
+            from ..trainable_modules import trainable_tensors
             for key, tensor in trainable_tensors(state).items():
                 tensor.copy_(head_tensors[key])
     except BaseException as e:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PEFT_TYPE = "LORA"
 # LoraConfig settings whose adapters are more than A and B (and a magnitude vector) on linear
@@ -16,7 +16,7 @@ PEFT_TYPE = "LORA"
 UNSUPPORTED_FIELDS = ("lora_bias", "layer_replication", "target_parameters", "fan_in_fan_out",
                       "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
                       "arrow_config", "megatron_config", "use_bdlora", "kasa_config",
-                      "monteclora_config", "lora_ga_config", "velora_config")
+                      "monteclora_config", "lora_ga_config", "velora_config", "astra_config")
 # LoraConfig fields that leave an A, B adapter's math as its tensors say (bookkeeping, training
 # or init-time settings, or ones the import reads). Any other field set to a true value is
 # refused: a newer PEFT's setting lora-lite does not know may change what the tensors compute.
@@ -87,7 +87,7 @@ def peft_low_rank_state(layer, A, B) -> dict:
     ``lora_A.weight`` / ``lora_B.weight`` (linear), ``lora_embedding_A`` (r, num_embeddings) /
     ``lora_embedding_B`` (embedding_dim, r) (nn.Embedding), or the 4-D (r, in, *kernel) and
     (out, r, 1, ...) conv kernels (nn.Conv1d/2d/3d)."""
-    from .layer_kinds import kind_family
+    from ..layers.kinds import kind_family
     family = kind_family(layer)
     if family == "embedding":
         return {"lora_embedding_A": A, "lora_embedding_B": B}
@@ -100,7 +100,7 @@ def peft_low_rank_state(layer, A, B) -> dict:
 
 def load_peft_low_rank_state(layer, tensors, A, B) -> None:
     """Copy PEFT's A and B of this layer's kind (``peft_low_rank_state``'s names) into A, B."""
-    from .peft_import import peft_tensor
+    from .load import peft_tensor
     key_A, key_B = peft_low_rank_state(layer, A, B)
     A.copy_(peft_tensor(tensors, key_A, A.shape))
     B.copy_(peft_tensor(tensors, key_B, B.shape))

@@ -1,0 +1,1 @@
+"""PEFT interop: export to and import from PEFT folders, LoRA config helpers."""
