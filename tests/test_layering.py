@@ -106,3 +106,20 @@ def test_the_runtime_loads_no_transformers_peft_testing_or_interop():
 ])
 def test_the_loaded_modules_check_fires(extra, expected):
     assert expected in loaded_modules(extra)
+
+
+def test_old_module_paths_import_the_moved_module_with_a_deprecation_warning():
+    import importlib
+    import warnings
+
+    from lora_lite._moved import MOVED
+    assert len(MOVED) == 19
+    for old, new in MOVED.items():
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new)
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
+    with pytest.raises(ModuleNotFoundError):  # only the moved names resolve
+        importlib.import_module("lora_lite.never_existed")
