@@ -123,3 +123,12 @@ def test_old_module_paths_import_the_moved_module_with_a_deprecation_warning():
         assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
     with pytest.raises(ModuleNotFoundError):  # only the moved names resolve
         importlib.import_module("lora_lite.never_existed")
+
+
+def test_the_former_dense_backend_name_warns_and_is_dense_kind():
+    from lora_lite.layers import weights
+    from lora_lite.layers.kinds import DenseKind
+    with pytest.warns(DeprecationWarning, match="DenseKind"):
+        assert weights.DenseBackend is DenseKind
+    with pytest.raises(AttributeError):
+        weights.NoSuchName  # noqa: B018

@@ -13,8 +13,17 @@ import torch
 from .kinds import DenseKind, features, kind_of
 
 _SNAPSHOT = "_lora_lite_base_snapshot"
-DenseBackend = DenseKind  # the former name
 _STATE_HOOK = "_lora_lite_state_dict_hook"
+
+
+def __getattr__(attr):
+    """``DenseBackend``, the former name of ``DenseKind``: importable for one release, with a warning."""
+    if attr == "DenseBackend":
+        import warnings
+        warnings.warn("lora_lite.layers.weights.DenseBackend is now DenseKind (lora_lite.layers.kinds)",
+                      DeprecationWarning, stacklevel=2)
+        return DenseKind
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def backend_for(layer):
