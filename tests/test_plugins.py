@@ -41,7 +41,7 @@ def test_core_works_with_zero_plugins(only_plugins, model, batch):
 
 
 def test_loading_is_lazy():
-    code = ("import lora_lite, lora_lite.plugins as p; assert p._registry is None; "
+    code = ("import lora_lite, lora_lite.plugins.manager as p; assert p._registry is None; "
             "lora_lite.variants(); assert p._registry is not None; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr

@@ -43,7 +43,7 @@ from .file_checks import (
     target_configs,
 )
 from .layers.kinds import features, is_adaptable
-from .plugins import _version, get_variant, origin_mismatch, variant_origin
+from .plugins import get_variant, installed_version, origin_mismatch, variant_origin
 from .slots import as_adapter, slots
 from .targets import Target
 
@@ -78,7 +78,7 @@ def save(model, path, name=None) -> None:
         "variant": state.cfg.variant,
         "plugin": origin.distribution,
         "plugin_version": origin.version,
-        "lora_lite_version": _version("lora-lite"),
+        "lora_lite_version": installed_version("lora-lite"),
         "config": state.cfg.to_json(),
         "targets": json.dumps([[t.name, t.role, t.d_in, t.d_out] for t in state.targets]),
         "base_model": str(getattr(config_, "_name_or_path", "") or ""),
@@ -170,7 +170,7 @@ def read_header(path) -> tuple[dict, dict]:
     if metadata.get("format_version") != FORMAT_VERSION:
         raise AdapterFileError(
             f"{path}: adapter format version {short(metadata.get('format_version'))!r}, this "
-            f"lora-lite ({_version('lora-lite')}) reads version {FORMAT_VERSION}; upgrade lora-lite")
+            f"lora-lite ({installed_version('lora-lite')}) reads version {FORMAT_VERSION}; upgrade lora-lite")
     return metadata, shapes
 
 
