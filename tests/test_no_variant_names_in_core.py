@@ -46,3 +46,31 @@ def test_core_and_cli_name_no_builtin_variant():
     paths = sorted((ROOT / "core" / "src").rglob("*.py")) + sorted((ROOT / "cli" / "src").rglob("*.py"))
     assert paths
     assert offenders(paths, builtin_variant_names()) == []
+
+
+def shipped_distributions() -> set[str]:
+    import tomllib
+    return {tomllib.loads(p.read_text())["project"]["name"] for p in (ROOT / "plugins").glob("*/pyproject.toml")}
+
+
+def distribution_offenders(paths, dists):
+    """Code strings (docstrings aside) that hold a shipped plugin distribution's name."""
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(sorted(map(re.escape, dists), key=len, reverse=True))
+                         + r")(?![\w-])")
+    return [f"{p}:{line}: {text!r}" for p in paths
+            for line, text in code_strings(p) if pattern.search(text)]
+
+
+def test_the_distribution_scan_catches_a_table_of_plugin_packages(tmp_path):
+    dists = shipped_distributions()
+    assert {"lora-lite-lora", "lora-lite-hra"} <= dists
+    bad = tmp_path / "bad.py"
+    bad.write_text('"""lora-lite-hra in a docstring is fine"""\n'
+                   'BUILTINS = frozenset({"lora-lite", "lora-lite-hra"})\nOTHER = "lora-lite-hrax"\n')
+    assert distribution_offenders([bad], dists) == [f"{bad}:2: 'lora-lite-hra'"]
+
+
+def test_core_and_cli_keep_no_table_of_plugin_distributions():
+    """Which distributions are built in is read from core's metadata (its [all] extra)."""
+    paths = sorted((ROOT / "core" / "src").rglob("*.py")) + sorted((ROOT / "cli" / "src").rglob("*.py"))
+    assert distribution_offenders(paths, shipped_distributions()) == []

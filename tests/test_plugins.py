@@ -101,3 +101,16 @@ def test_builtin_distributions_are_exactly_the_ones_this_repository_ships():
     assert shipped and plugins.BUILTIN_DISTRIBUTIONS == shipped | {"lora-lite"}
     example = tomllib.loads((root / "third_party_example" / "pyproject.toml").read_text())
     assert not plugins.is_builtin(example["project"]["name"])  # lora-lite-vera: a stranger
+
+
+def test_builtin_distributions_come_from_cores_all_extra(monkeypatch):
+    from lora_lite.plugins import names
+    requires = ['lora-lite-foo; extra == "all"', "lora_lite.Bar[x]>=1 ; extra == 'all'",
+                'lora-lite-baz; extra == "dev"', "torch>=2.1"]
+    monkeypatch.setattr(names.md, "requires", lambda dist: requires if dist == "lora-lite" else None)
+    assert names.builtin_distributions() == {"lora-lite", "lora-lite-foo", "lora-lite-bar"}
+
+    def missing(dist):
+        raise names.md.PackageNotFoundError(dist)
+    monkeypatch.setattr(names.md, "requires", missing)  # core run from a source tree: only itself
+    assert names.builtin_distributions() == {"lora-lite"}

@@ -256,7 +256,8 @@ def _configs(variants, targets, rank, layers, sets, dtype):
     import lora_lite as ll
     names = _split(variants) or sorted(ll.variants())
     if not names:
-        raise CLIError("no adapter variant is installed: lora-lite install lora-lite-lora", 2)
+        raise CLIError("no adapter variant is installed: lora-lite install 'lora-lite[all]' "
+                       "(every built-in variant)", 2)
     knob_sets = parse_sets(sets)
     layer_ids = parse_layers(layers)
     configs = {}

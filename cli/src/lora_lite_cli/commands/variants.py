@@ -86,8 +86,8 @@ def variants_command(
         print_json({"variants": rows, "problems": problems})
         return
     if not rows:
-        console.print("No adapter variants are installed. Install a plugin, e.g. "
-                      "[bold]lora-lite install lora-lite-lora[/]")
+        console.print("No adapter variants are installed. Install the built-in ones with "
+                      "[bold]lora-lite install 'lora-lite\\[all]'[/] (or any plugin package)")
     else:
         table = Table(title=f"{len(rows)} installed variant(s)", title_justify="left")
         table.add_column("variant", no_wrap=True)

@@ -7,14 +7,26 @@ import re
 
 ENTRY_POINT_GROUP = "lora_lite"
 ALLOW_ENV = "LORA_LITE_PLUGINS"
-# The distributions this repository ships (tests/test_plugins.py checks the list against
-# plugins/*/pyproject.toml). Membership is by exact normalised name, never by prefix: anyone can
-# call a package lora-lite-x, but one environment cannot hold two distributions of one
-# normalised name, so a stranger cannot sit next to a built-in under its name.
-BUILTIN_DISTRIBUTIONS = frozenset({
-    "lora-lite", "lora-lite-antipasto", "lora-lite-delora", "lora-lite-dora", "lora-lite-eva",
-    "lora-lite-hra", "lora-lite-ia3", "lora-lite-lora", "lora-lite-lora-xs", "lora-lite-oft",
-    "lora-lite-pissa", "lora-lite-road"})
+CORE_DISTRIBUTION = "lora-lite"
+BUILTINS_EXTRA = "all"  # core's extra listing the distributions this repository ships
+
+
+def builtin_distributions() -> frozenset:
+    """The distributions this repository ships: core and every one its ``[all]`` extra requires
+    (core/pyproject.toml; tests/test_plugins.py checks it against plugins/*/pyproject.toml). Read
+    from core's installed metadata, which no other package can change, so the code names no
+    variant. Membership is by exact normalised name, never by prefix: anyone can call a package
+    lora-lite-x, but one environment cannot hold two distributions of one normalised name, so a
+    stranger cannot sit next to a built-in under its name."""
+    try:
+        requires = md.requires(CORE_DISTRIBUTION) or []
+    except md.PackageNotFoundError:  # core run from a source tree, not installed
+        requires = []
+    extra = re.compile(rf"""extra\s*==\s*["']{BUILTINS_EXTRA}["']""")
+    names = {re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0] for r in requires if extra.search(r)}
+    return frozenset({CORE_DISTRIBUTION} | {normalize_distribution(n) for n in names if n})
+
+
 QUALIFIER = ":"  # "dist:variant" names the variant of one distribution
 
 
@@ -53,3 +65,5 @@ def _entry_point_key(ep):
     dist = normalize_distribution(ep.dist.name) if ep.dist is not None else ""
     return (not is_builtin(dist), dist, ep.name)
 
+
+BUILTIN_DISTRIBUTIONS = builtin_distributions()
