@@ -171,8 +171,8 @@ def _positional_count(fn) -> int | None:
 
 
 def _adapt_old_forward(cls, attr, old_args):
-    """A ``forward(layer, x, y)`` / ``forward_input(layer, x)`` written before cfg was passed
-    keeps working for one release: wrapped to take (and ignore) cfg, with a DeprecationWarning.
+    """A ``forward(layer, x, y)`` / ``forward_input(layer, x)`` without the cfg argument (the
+    deprecated arity) is wrapped to take (and ignore) cfg, with a DeprecationWarning.
     Detected once, when the class is defined."""
     if attr not in vars(cls) or vars(cls)[attr] is None:
         return

@@ -63,9 +63,9 @@ def busy_cores(interval: float = 0.5) -> float | None:
 
 def auto_threads() -> int:
     """Torch threads for this run: one per core that other work does not keep busy (at least
-    1). A busy core makes a 2-thread matmul wait for its descheduled thread: measured here with
-    one of two cores busy, a 50 x 32-token generation took 43 s on 2 threads and 16 s on 1, a
-    training step 6-18 s and 3.3-3.7 s. OMP_NUM_THREADS, when set, wins."""
+    1). A busy core makes a 2-thread matmul wait for its descheduled thread: with one of two
+    cores busy, 2 threads are 2-3x slower than 1 for generation and up to 5x for a training step.
+    OMP_NUM_THREADS, when set, wins."""
     current = torch.get_num_threads()
     if os.environ.get("OMP_NUM_THREADS"):
         return current
@@ -157,9 +157,9 @@ def refuse_quantized_fsdp(quantize: str) -> None:
 def dynamo_plugin(compile_model: bool, regional: bool = True):
     """accelerate's dynamo settings for ``--compile``, with dynamic shapes from the first step
     (the batches differ in length). ``regional``: each repeated block (a decoder layer) compiled
-    once and its code reused by the others, the rest of the model apart; on the default model
-    this cut the cold compile from ~240 s (whole model, then a recompile for the second batch
-    length) to ~33 s at the same steady step (docs/training.md). Under FSDP the whole wrapped
+    once and its code reused by the others, the rest of the model apart: a cold compile of the
+    default model takes ~33 s, against minutes for the whole model (docs/training.md). Under
+    FSDP the whole wrapped
     model is compiled instead: accelerate's regional compile copies the FSDP root, which breaks
     it (a RecursionError in FSDP's __getattr__)."""
     from accelerate.utils import DynamoBackend, TorchDynamoPlugin
@@ -271,9 +271,9 @@ def local_numel(tensor) -> int:
 def finish(accelerator) -> None:
     """Leave the process group cleanly: every rank waits for the others, then destroys it.
 
-    Without the barrier, a rank that finished early (ranks > 0 write no files) tore its gloo
-    pairs down while rank 0 was still busy; rank 0's own teardown then met closed sockets and
-    gloo's background thread aborted the process ("terminate called without an active
+    Without the barrier, a rank that finishes early (ranks > 0 write no files) tears its gloo
+    pairs down while rank 0 is still busy; rank 0's own teardown then meets closed sockets and
+    gloo's background thread can abort the process ("terminate called without an active
     exception"). Waiting first means nobody closes a connection another rank still uses.
     """
     if accelerator is None:

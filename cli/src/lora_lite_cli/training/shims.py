@@ -17,8 +17,8 @@ def fsdp_on_cpu(accelerator, plugin) -> None:
     plugin (``prepare`` then shards the model with ``fully_shard`` on the CPU). Written where
     accelerate writes it for a GPU (``AcceleratorState.__init__``): into the shared
     ``PartialState`` too, which every later ``AcceleratorState()`` (``prepare`` makes several)
-    copies its ``distributed_type`` from; set on the accelerator's state alone, ``prepare`` put
-    MULTI_CPU back (measured, accelerate 1.16: FSDP -> MULTI_CPU across each ``prepare``)."""
+    copies its ``distributed_type`` from; set on the accelerator's state alone, ``prepare``
+    puts MULTI_CPU back (accelerate 1.16 resets FSDP to MULTI_CPU in each ``prepare``)."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
     if accelerator.state.distributed_type == DistributedType.MULTI_CPU:

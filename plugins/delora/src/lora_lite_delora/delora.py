@@ -4,7 +4,7 @@
 
 w (d_in) are the column norms ‖W_{:,j}‖₂ of the frozen base weight, read once at init through
 ``ll.dense_weight`` (dequantized, so right on bitsandbytes 4bit and 8bit bases, where upstream
-read the packed storage and got garbage) and cached in a buffer: the base cannot change while
+reads the packed storage and gets meaningless norms) and cached in a buffer: the base cannot change while
 attached. The buffer is not saved; ``init`` recomputes it from the base at load.
 A (r, d_in) kaiming-uniform, B (d_out, r) = 0 (exact identity at init for any λ), λ a trainable
 scalar initialised to ``lambda0``. Each rank-1 term has unit norm, so λ alone sets the strength
@@ -17,10 +17,10 @@ PEFT's scale is ≈ λ·1e4/(r‖aᵢ‖), which overflows fp16 (inf · 0 = NaN)
 exceeds the size of the input, so fp16/bf16 adapters work with any λ.
 
 lambda0 = 15 (PEFT's default and the authors' advice: "not too small, around 10-15", with a
-learning rate 10-100x LoRA's). Upstream's benchmark used 0.1 only to dodge the fp16 overflow
-fixed above; since λ moves by about one learning-rate step per Adam step, a small λ0 keeps the
-adapter's reach tiny for many steps. λ0 must be > 0: at λ = 0 every gradient is zero.
-λ has shape () here (PEFT: (1,)).
+learning rate 10-100x LoRA's). Upstream's benchmark uses 0.1 only to avoid the fp16 overflow
+that the normalisation order above does not have; since λ moves by about one learning-rate step
+per Adam step, a small λ0 keeps the adapter's reach tiny for many steps. λ0 must be > 0: at
+λ = 0 every gradient is zero. λ has shape () here (PEFT: (1,)).
 
 Interop: merges to W + B̂ diag(λ/r) Â diag(w); exports to / imports from PEFT's DeloraConfig
 (delora_A, delora_B, delora_lambda, delora_w_norm; an imported w_norm is kept as stored).
