@@ -206,11 +206,12 @@ def test_svd_over_variants_on_different_layers(model, batch, other):
     assert max(v["relative_error"] for v in full["layers"].values()) < 1e-5
     low = ll.combine(model, ["a", "h"], [1.0, 0.5], how="svd", rank=2, name="low")
     from lora_lite.layers.weights import base_dense_weight
+    from lora_lite.merge import merged_weights
     deltas = {}
     for n, w in (("a", 1.0), ("h", 0.5)):
-        for t, (W, _) in ll.merged_weights(model, name=n).items():
+        for t, (W, _) in merged_weights(model, name=n).items():
             deltas[t] = deltas.get(t, 0) + w * (W - base_dense_weight(model.get_submodule(t)))
-    got = ll.merged_weights(model, name="low")
+    got = merged_weights(model, name="low")
     for t, delta in deltas.items():
         S = torch.linalg.svdvals(delta)
         want = (S[2:].square().sum().sqrt() / S.square().sum().sqrt()).item()
