@@ -249,3 +249,33 @@ def test_incompatible_union_is_refused_with_the_model_unchanged(model, case, how
         assert e.match(match) and "\n" not in str(e.value)
         assert state_equal(snapshot_state(model), before) and ll.adapter_names(model) == names
         ll.detach(model)
+
+
+@pytest.mark.parametrize("how", ["linear", "ties", "cat"])
+def test_different_ranks_on_different_layers_combine_per_layer(model, batch, tmp_path, how):
+    """PEFT refuses linear-family combinations of adapters of different r even when they share no
+    layer; each layer has one rank here, so lora-lite combines them (the narrower layer padded)."""
+    ll.attach(model, lora_cfg(target_names=[r"q_proj$"]), name="a")
+    ll.attach(model, lora_cfg(r=2, target_names=[r"o_proj$"]), name="b")
+    with torch.no_grad():
+        for p in ll.trainable_parameters(model):
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    with ll.using(model, ["a", "b"], weights=[1.0, -0.5]):
+        together = logits(model, batch)
+    report = ll.combine(model, ["a", "b"], [1.0, -0.5], how=how, name="m", density=1.0)
+    assert report["rank"] == (6 if how == "cat" else 4)
+    with ll.using(model, "m"):
+        assert (logits(model, batch) - together).abs().max() < 1e-5
+    ll.save(model, tmp_path / "m.safetensors", name="m")
+    base = type(model)(model.config)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k})
+    ll.load(base, tmp_path / "m.safetensors")
+    assert (logits(base, batch) - together).abs().max() < 1e-5
+
+
+def test_an_adapter_with_trained_modules_is_refused(model):
+    ll.attach(model, lora_cfg(trainable_modules=["lm_head"]))
+    before = snapshot_state(model)
+    with pytest.raises(ll.LoraLiteError, match="adapter 'default' adapts parameters or trains"):
+        ll.combine(model, ["default"], [1.0], how="linear", name="m")
+    assert state_equal(snapshot_state(model), before) and ll.adapter_names(model) == ["default"]
