@@ -7,24 +7,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..app import (
-    app,
-    build_config,
-    console,
-    dtype_option,
-    err_console,
-    handle_errors,
-    layers_option,
-    load_base_model,
-    parse_layers,
-    parse_sets,
-    print_json,
-    quantize_option,
-    rank_option,
-    sets_option,
-    variant_option,
-)
-from ..models import DEFAULT_MODEL
+from ..app import app, console, err_console, handle_errors
+from ..configs import build_config, parse_layers, parse_sets
+from ..models import DEFAULT_MODEL, load_base_model
+from ..options import dtype_option, layers_option, quantize_option, rank_option, sets_option, variant_option
+from ..output import print_json
 
 PROBE_BATCH, PROBE_SEQ = 2, 16          # the fixed input of the identity check
 CALIB_BATCHES, CALIB_BATCH, CALIB_SEQ = 4, 2, 32
@@ -102,7 +89,7 @@ def attach_command(
     import lora_lite as ll
     from lora_lite.testing import same_kernel_logits
 
-    from ..app import CLIError
+    from ..errors import CLIError
 
     if quantize not in (None, "4bit", "8bit"):
         raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)

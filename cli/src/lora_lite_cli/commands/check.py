@@ -9,7 +9,10 @@ import warnings
 import typer
 from rich.table import Table
 
-from ..app import CLIError, app, build_config, console, handle_errors, parse_sets, print_json
+from ..app import app, console, handle_errors
+from ..configs import build_config, parse_sets
+from ..errors import CLIError
+from ..output import print_json
 
 CHECK_RANK = 4  # the kit's rank on the test model
 

@@ -9,18 +9,10 @@ from pathlib import Path
 import typer
 
 from ..adapters import check_adapter, model_of_adapter
-from ..app import (
-    CLIError,
-    app,
-    console,
-    dtype_option,
-    err_console,
-    handle_errors,
-    json_option,
-    print_json,
-    quantize_option,
-    threads_option,
-)
+from ..app import app, console, err_console, handle_errors
+from ..errors import CLIError
+from ..options import dtype_option, json_option, quantize_option, threads_option
+from ..output import print_json
 from ..training.reporting import eval_summary as summary
 
 
