@@ -79,3 +79,9 @@ def _multi_value_command_class():
 
 
 MultiValueCommand = _multi_value_command_class()
+
+
+def default_targets_text() -> str:
+    """The default targets, ``lora_lite.targets.DEFAULT_TARGET_NAMES``, as help texts write them."""
+    from lora_lite.targets import DEFAULT_TARGET_NAMES
+    return " and ".join(DEFAULT_TARGET_NAMES)

@@ -10,7 +10,15 @@ from rich.table import Table
 from ..app import app, console, err_console, handle_errors
 from ..configs import build_config, parse_layers, parse_sets
 from ..models import DEFAULT_MODEL, load_base_model
-from ..options import dtype_option, layers_option, quantize_option, rank_option, sets_option, variant_option
+from ..options import (
+    default_targets_text,
+    dtype_option,
+    layers_option,
+    quantize_option,
+    rank_option,
+    sets_option,
+    variant_option,
+)
 from ..output import print_json
 
 PROBE_BATCH, PROBE_SEQ = 2, 16          # the fixed input of the identity check
@@ -63,7 +71,7 @@ def attach_command(
                               help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub name."),
     targets: list[str] | None = typer.Option(
         None, "--targets", "-t",
-        help="Regex on layer names, repeatable (default: the variant's own, else q_proj$ and v_proj$).",
+        help=f"Regex on layer names, repeatable (default: the variant's own, else {default_targets_text()}).",
     ),
     rank: int | None = rank_option(),
     alpha: float | None = typer.Option(None, "--alpha", help="LoRA scale numerator: s = alpha / r."),

@@ -11,7 +11,7 @@ from ..app import app, console, err_console, handle_errors, warn
 from ..configs import build_config, parse_layers, parse_sets
 from ..errors import CLIError, one_line
 from ..models import DEFAULT_MODEL, load_base_model
-from ..options import MultiValueCommand, dtype_option, layers_option, quantize_option, rank_option
+from ..options import MultiValueCommand, default_targets_text, dtype_option, layers_option, quantize_option, rank_option
 from ..output import jsonable, print_json
 
 
@@ -156,7 +156,7 @@ def cost_report_command(
     ),
     targets: list[str] | None = typer.Option(
         None, "--targets", "-t",
-        help="Regex on layer names, repeatable (default: each variant's own, else q_proj$ and v_proj$).",
+        help=f"Regex on layer names, repeatable (default: each variant's own, else {default_targets_text()}).",
     ),
     rank: int | None = rank_option(),
     layers: str | None = layers_option(),
