@@ -35,8 +35,8 @@ def sets_option(example="--set block=8"):
 
 
 def dtype_option(default="float32"):
-    return typer.Option(default, "--dtype", help="Storage dtype of the base model: float32, "
-                        "bfloat16, float16 (adapter tensors stay float32 in train).")
+    return typer.Option(default, "--dtype", show_default=False, help="Storage dtype of the base model: "
+                        "float32, bfloat16, float16; adapter tensors stay float32 in train (default: float32).")
 
 
 def quantize_option():
