@@ -25,18 +25,10 @@ PROBE_BATCH, PROBE_SEQ = 2, 16          # the fixed input of the identity check
 CALIB_BATCHES, CALIB_BATCH, CALIB_SEQ = 4, 2, 32
 
 
-def token_batch(vocab_size: int, batch: int, seq: int, seed: int, device="cpu") -> dict:
-    """Random token ids (fixed by ``seed``) with a full attention mask."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
-    return {"input_ids": ids.to(device),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
-
-
 def calibration_batches(vocab_size: int, n=CALIB_BATCHES, batch=CALIB_BATCH, seq=CALIB_SEQ,
                         device="cpu") -> list[dict]:
     """Generated calibration data for variants that initialise from data (not real text)."""
+    from lora_lite.testing.measure import token_batch
     return [token_batch(vocab_size, batch, seq, seed=1000 + i, device=device) for i in range(n)]
 
 
@@ -95,7 +87,7 @@ def attach_command(
     import torch
 
     import lora_lite as ll
-    from lora_lite.testing import same_kernel_logits
+    from lora_lite.testing import measure, same_kernel_logits
 
     from ..errors import CLIError
 
@@ -107,7 +99,7 @@ def attach_command(
     with err_console.status(f"loading {model} ..."):
         base, _ = load_base_model(model, dtype=dtype, quantize=quantize)
     vocab = vocab_size(base)
-    probe = token_batch(vocab, PROBE_BATCH, PROBE_SEQ, seed=0)
+    probe = measure.token_batch(vocab, PROBE_BATCH, PROBE_SEQ, seed=0)
     base_logits = same_kernel_logits(base, probe)
     calib = None
     if cls.needs_calibration:
