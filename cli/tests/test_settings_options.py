@@ -6,11 +6,11 @@ from typer.testing import CliRunner
 
 from lora_lite_cli.app import get_app
 from lora_lite_cli.commands.settings_options import (
-    defaults,
     flagged_fields,
     given_values,
     settings_options,
     shared_settings_options,
+    with_defaults,
 )
 from lora_lite_cli.training.settings import Settings
 
@@ -64,4 +64,4 @@ def test_shared_options_refuse_unknown_names_and_overrides():
         shared_settings_options(("steps",), {"lr": {"help": "x"}})(command)
     wrapped = shared_settings_options(("steps", "lr"))(command)
     assert wrapped(steps=3, lr=None) == {"steps": 3, "lr": None}
-    assert defaults({"steps": None, "model": None}, keep_none=("model",)) == {"steps": 80, "model": None}
+    assert with_defaults({"steps": None, "model": None}, keep_none=("model",)) == {"steps": 80, "model": None}

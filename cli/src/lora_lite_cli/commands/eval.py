@@ -17,7 +17,7 @@ from ..errors import CLIError
 from ..options import json_option, model_option
 from ..output import print_json
 from ..training.reporting import eval_summary as summary
-from .settings_options import defaults, shared_settings_options
+from .settings_options import shared_settings_options, with_defaults
 
 # train's flags that eval takes too, with eval's own wording where it differs
 SHARED = ("model", "eval_data", "data_format", "metric", "seq_len", "dtype", "quantize", "eval_limit",
@@ -61,7 +61,7 @@ def eval_command(
     """
     import lora_lite as ll
 
-    opts = defaults(given or {}, keep_none=("model",))
+    opts = with_defaults(given or {}, keep_none=("model",))
     if opts["quantize"] not in (None, "4bit", "8bit"):
         raise CLIError(f"--quantize {opts['quantize']!r}: expected 4bit or 8bit", 2)
     adapters, mix_set = _checked(adapter, mix)  # bad adapters / --mix fail before a model loads

@@ -65,7 +65,7 @@ def flagged_fields(names=None) -> list[tuple[dataclasses.Field, type]]:
     return [(f, _cli_type(f, hints[f.name])) for f in flagged]
 
 
-def defaults(given: dict, keep_none=()) -> dict:
+def with_defaults(given: dict, keep_none=()) -> dict:
     """``given`` with each value not given replaced by its field's default (but ``keep_none``)."""
     fields = {f.name: f for f in dataclasses.fields(Settings)}
     return {k: v if v is not None or k in keep_none else fields[k].default for k, v in given.items()}
