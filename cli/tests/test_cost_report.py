@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 import lora_lite as ll
-from lora_lite.testing import gain_variant, registered, tiny_llama
+from lora_lite.testing import gain_variant, measure, registered, tiny_llama
 from lora_lite_cli import cost
 from lora_lite_cli.app import get_app
 
@@ -200,7 +200,7 @@ def test_peft_training_config_wins_over_the_export_form():
     assert isinstance(cost.peft_spec(Exported, LowRank.config(), ["a"])[0], peft.IA3Config)
 
 
-def test_interleaved_turns_alternate_which_side_runs_first():
+def test_interleaved_turns_alternate_which_side_runs_first(monkeypatch):
     """A fixed order biases the ratio (the side that always runs first after the other's
     forward pays for it); every other turn runs PEFT first."""
     calls = []
@@ -212,12 +212,13 @@ def test_interleaved_turns_alternate_which_side_runs_first():
             calls.append(("fwd", self.name))
         def step(self):
             calls.append(("step", self.name))
-        def timed(self, fn):
-            fn()
-            return 1.0
 
+    def timed(fn, device):  # every call takes 1 ms
+        fn()
+        return 1e-3, 0.0
+    monkeypatch.setattr(measure, "timed", timed)
     report = cost.CostReport.__new__(cost.CostReport)
-    report.s = type("S", (), {"repeats": 4})()
+    report.s, report.device = type("S", (), {"repeats": 4})(), "cpu"
     rows = {k: cost.Row("v", k) for k in ("lora-lite", "peft")}
     turns = report._time_rows({"lora-lite": Fake("lora-lite"), "peft": Fake("peft")}, rows)
     firsts = [calls[i][1] for i in range(0, len(calls), 4)]

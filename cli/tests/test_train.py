@@ -16,6 +16,7 @@ from tinymodel import save_tiny_model
 from typer.testing import CliRunner
 
 import lora_lite as ll
+from lora_lite.targets import DEFAULT_TARGET_NAMES
 from lora_lite_cli import models, training
 from lora_lite_cli.app import get_app
 from lora_lite_cli.commands import train as train_cmd
@@ -60,7 +61,7 @@ def test_run_folder_metrics_and_sanity(base_run, tiny_dir):
     assert m["plugin"]["distribution"] == "lora-lite-lora"
     s = m["settings"]
     assert (s["steps"], s["batch_size"], s["rank"], s["alpha"], s["lr"]) == (4, 4, 4, 16.0, 2e-3)
-    assert s["targets"] == ["(q_proj|v_proj)$"] and s["train_data"] == "generated"
+    assert s["targets"] == list(DEFAULT_TARGET_NAMES) and s["train_data"] == "generated"
     assert m["adapter"]["config"]["r"] == 4 and m["adapter"]["targets"] == 4
     # tiny Llama: q 64->64, v 64->32 in 2 layers; LoRA r=4: 4 * (64 + 64) + 4 * (64 + 32)
     assert m["adapter"]["trainable_params"] == 2 * 4 * (128 + 96)

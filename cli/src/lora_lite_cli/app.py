@@ -6,8 +6,9 @@ every currently loaded plugin adds through its ``register_commands(app)`` hook, 
 registered in-process (tests, notebooks) shows up on the next ``get_app()`` call.
 
 Also here, for every command: ``handle_errors`` (expected errors -> one red line and an exit
-code scripts can trust) and the option helpers that build an adapter config from the command
-line (``build_config``: ``--targets``, ``--rank``, ``--set knob=value``).
+code scripts can trust). Elsewhere: the shared options in ``options``, the adapter config from
+the command line in ``configs``, JSON output in ``output``, ``CLIError`` in ``errors`` (all
+re-exported here, their old home).
 
 Exit codes (``EXIT_CODES``, also in ``lora-lite --help``): 0 ok; 1 failed; 2 bad input
 (usage, unknown variant, bad knob or number, model or file not found, adapter file or
@@ -17,9 +18,7 @@ kept); 130 interrupted (Ctrl-C or SIGTERM; ``train`` saves a checkpoint).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
-import json
 import os
 import shutil
 
@@ -28,15 +27,40 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .configs import _coerce, build_config, parse_layers, parse_sets
+from .errors import CLIError, one_line
+from .models import load_base_model
+from .options import (
+    MULTI_VALUE_OPTIONS,
+    MultiValueCommand,
+    dtype_option,
+    expand_multi_values,
+    json_option,
+    layers_option,
+    model_option,
+    quantize_option,
+    rank_option,
+    sets_option,
+    targets_option,
+    threads_option,
+    variant_option,
+)
+from .output import jsonable, print_json
+
+__all__ = [  # re-exported: their old import path (tests, plugins)
+    "CLIError", "MULTI_VALUE_OPTIONS", "MultiValueCommand", "_coerce", "build_config", "dtype_option",
+    "expand_multi_values", "json_option", "jsonable", "layers_option", "load_base_model", "model_option",
+    "one_line", "parse_layers", "parse_sets", "print_json", "quantize_option", "rank_option", "sets_option",
+    "targets_option", "threads_option", "variant_option",
+    "app", "console", "err_console", "fail", "warn", "handle_errors", "get_app", "main", "command_problems",
+    "report_command_problems", "quiet_library_notices", "EXIT_CODES", "APP_HELP", "DEBUG_ENV",
+]
 
 EXIT_CODES = ("0 ok; 1 failed; 2 bad input (usage, unknown variant, bad number, missing model or "
               "file, refused adapter file or checkpoint); 3 non-finite training (the last good "
               "adapter is kept); 130 interrupted (Ctrl-C or SIGTERM)")
 APP_HELP = ("LoRA-family adapters attached with forward hooks: list, attach, train, compare, evaluate, "
             f"cost.\n\nExit codes: {EXIT_CODES}.")
-# options that take several values: `--variants a b` is read as `--variants a --variants b`
-MULTI_VALUE_OPTIONS = ("--variants",)
-DEFAULT_TARGETS = (r"q_proj$", r"v_proj$")
 DEBUG_ENV = "LORA_LITE_DEBUG"
 
 
@@ -48,19 +72,6 @@ def _new_typer() -> typer.Typer:
 app = _new_typer()  # built-in commands register here (see commands/__init__.py)
 console = Console()
 err_console = Console(stderr=True)
-
-
-class CLIError(Exception):
-    """An error shown to the user as one line, with exit code ``code``."""
-
-    def __init__(self, message, code=1):
-        super().__init__(message)
-        self.code = code
-
-
-def one_line(message) -> str:
-    """A message squeezed onto one line (library errors sometimes span several)."""
-    return " ".join(str(message).split())
 
 
 def fail(message, code=1):
@@ -116,35 +127,6 @@ def _ignore_further_interrupts():
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
-
-
-def expand_multi_values(argv: list[str]) -> list[str]:
-    """['--variants', 'a', 'b', '--json'] -> ['--variants', 'a', '--variants', 'b', '--json']:
-    the README's space-separated spelling; 'a,b' and repeating the option also work."""
-    out, current = [], None
-    for arg in argv:
-        if arg == "--":
-            current = None
-        elif arg.startswith("-"):
-            current = arg if arg in MULTI_VALUE_OPTIONS else None
-        elif current is not None and out and out[-1] != current:
-            out.append(current)
-        out.append(arg)
-    return out
-
-
-def _multi_value_command_class():
-    from typer.core import TyperCommand
-
-    class MultiValueCommand(TyperCommand):
-        """A command whose MULTI_VALUE_OPTIONS take space-separated values."""
-
-        def parse_args(self, ctx, args):
-            return super().parse_args(ctx, expand_multi_values(list(args)))
-    return MultiValueCommand
-
-
-MultiValueCommand = _multi_value_command_class()
 
 
 def _version(value: bool):
@@ -288,198 +270,3 @@ def main():
         raise SystemExit(130) from None
 
 
-# -- options shared by several commands (declared once, the same spelling everywhere) ---------
-def variant_option(default=None):
-    return typer.Option(default, "--variant", "-v", help="Adapter variant (see `lora-lite variants`).")
-
-
-def model_option(default=None, help_extra=""):
-    return typer.Option(default, "--model", "-m", help="'smollm2' (embedded default), a local "
-                        "model folder, a .gguf file or a hub id" + help_extra + ".")
-
-
-def targets_option():
-    return typer.Option(None, "--targets", "-t", help="Regex on layer names, repeatable "
-                        "(default: the variant's own targets).")
-
-
-def rank_option():
-    return typer.Option(None, "--rank", "-r", help="Rank r (default: the variant's).")
-
-
-def layers_option():
-    return typer.Option(None, "--layers", help="Blocks to adapt: 0,1,5 or 0-3 or all (default: all).")
-
-
-def sets_option(example="--set block=8"):
-    return typer.Option(None, "--set", help=f"A variant knob, knob=value, repeatable (e.g. {example}).")
-
-
-def dtype_option(default="float32"):
-    return typer.Option(default, "--dtype", help="Storage dtype of the base model: float32, "
-                        "bfloat16, float16 (adapter tensors stay float32 in train).")
-
-
-def quantize_option():
-    return typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit (nf4) or 8bit.")
-
-
-def threads_option():
-    return typer.Option(None, "--threads", help="CPU threads for torch (default: one per core "
-                        "not busy with other work).")
-
-
-def json_option(what="the results"):
-    return typer.Option(False, "--json", help=f"Print {what} as JSON on stdout.")
-
-
-# -- loading the base model ------------------------------------------------------------------
-def load_base_model(name: str, dtype="float32", quantize=None, device="cpu"):
-    """(model, tokenizer) through ``models.load_model``, with a clear error for a local path
-    that does not exist (transformers would call it an invalid hub repo id)."""
-    from .models import load_model
-    if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
-        raise CLIError(f"model {name!r} not found: no such folder or file", 2)
-    return load_model(os.path.expanduser(name) if name.startswith("~") else name,
-                      dtype=dtype, quantize=quantize, device=device)
-
-
-# -- building an adapter config from the command line ------------------------------------------
-def parse_sets(pairs) -> dict[str, str]:
-    """['block=8', 'road_variant=road_2'] -> {'block': '8', ...} (values still text)."""
-    out = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise CLIError(f"--set {pair!r}: expected knob=value, e.g. --set alpha=32", 2)
-        out[key] = value.strip()
-    return out
-
-
-def _coerce(field, text: str):
-    """Turn the text of --set into the type of config field ``field`` (from its default)."""
-    default = field.default if field.default is not dataclasses.MISSING else None
-    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        default = field.default_factory()  # type: ignore[misc]
-    if not isinstance(text, str):  # a typed value (a variant's train_defaults knobs), not --set text
-        return text
-    low = text.lower()
-    if isinstance(default, bool):
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("expected true or false")
-    if isinstance(default, int):
-        return int(text)
-    if isinstance(default, float):
-        return float(text)
-    if isinstance(default, (tuple, list)):
-        if text.startswith("["):
-            return tuple(json.loads(text))
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        return tuple(_scalar(s) for s in items) if field.name == "layers" else tuple(items)
-    if default is None:
-        if low in ("none", "null", ""):
-            return None
-        if field.name == "layers":
-            return tuple(int(s) for s in text.split(",") if s.strip())
-        return _scalar(text)
-    return text  # strings, dtype names
-
-
-def _scalar(text):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    return text
-
-
-def parse_layers(text: str | None):
-    """'0,1,5' or '0-3' or 'all' -> tuple of indices or None."""
-    if text is None or text.strip().lower() in ("", "all"):
-        return None
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = part.split("-")
-                out.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                out.append(int(part))
-        except ValueError:
-            raise CLIError(f"--layers {text!r}: expected indices like 0,1,5 or a range 0-3, or all",
-                           2) from None
-    return tuple(out)
-
-
-def build_config(variant: str, *, targets=None, rank=None, alpha=None, layers=None,
-                 dtype="float32", sets=None, seed=None):
-    """The typed config of ``variant`` from command-line values.
-
-    targets: regexes on module names; when omitted, the variant config's own default target
-    names, else ``DEFAULT_TARGETS`` (q/v, like the upstream benchmark); any role. ``sets``:
-    {'knob': 'text'} from --set, coerced to each field's type; unknown knobs and bad values
-    raise ConfigError naming the field. Raises VariantNotInstalled for an unknown variant.
-    """
-    import lora_lite as ll
-    cls = ll.get_variant(variant).config
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict = {}
-    if targets:
-        values["target_names"] = tuple(targets)
-    else:
-        own = fields["target_names"].default if "target_names" in fields else ()
-        # a variant with per-architecture defaults (ia3) resolves them itself at attach
-        per_arch = ll.get_variant(variant).default_target_names is not None
-        values["target_names"] = tuple(own) if own or per_arch else DEFAULT_TARGETS
-    values["target_roles"] = ()
-    if rank is not None:
-        values["r"] = rank
-    if alpha is not None:
-        values["alpha"] = alpha
-    if layers is not None:
-        values["layers"] = layers
-    if seed is not None:
-        values["seed"] = seed
-    values["dtype"] = dtype
-    for key, text in (sets or {}).items():
-        if key == "variant":
-            raise ll.ConfigError("variant: choose the variant with --variant, not --set")
-        if key not in fields:
-            known = sorted(k for k in fields if k != "variant")
-            raise ll.ConfigError(f"unknown knob {key!r} for variant {variant!r}; "
-                                 f"known knobs: {', '.join(known)}")
-        try:
-            values[key] = _coerce(fields[key], text)
-        except (ValueError, TypeError) as e:
-            raise ll.ConfigError(f"{key}: cannot read {text!r} ({e})") from None
-    return ll.config(variant, **values)
-
-
-def jsonable(value):
-    """Config defaults and figures as JSON values (dtypes as names, tuples as lists)."""
-    import torch
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if isinstance(value, (tuple, list)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, float) and value != value:
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def print_json(data):
-    """JSON on stdout, nothing else (progress and warnings go to stderr)."""
-    typer.echo(json.dumps(jsonable(data), indent=2))

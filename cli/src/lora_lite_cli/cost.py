@@ -20,7 +20,9 @@ Conventions (upstream lora-lite's cost report got the first one wrong: it compar
   forward and training steps: adapter tensors, optimizer state, activations, gradients).
   CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's peak resident set (Linux
   VmHWM, reset through /proc/self/clear_refs; glibc's mmap threshold is pinned at 1 MiB so
-  freed tensors go back to the OS and the baseline is honest).
+  freed tensors go back to the OS and the baseline is honest). The measuring (random token
+  batches, synchronised timing, rotating turn order, ``PeakMemory``) is
+  ``lora_lite.testing.measure``, shared with the benchmarks; this module keeps the report.
 
 * Memory split (``adapter_mb``, ``optimizer_mb``, ``activations_mb``): the bytes of the
   trainable tensors, of AdamW's state after a step, and the peak of one training step above the
@@ -32,15 +34,15 @@ The CLI holds no table of variants: everything variant-specific comes from the v
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from lora_lite.testing.measure import PeakMemory, interleaved, sync, token_batch
 
 # ---------------------------------------------------------------------------------------------
 # What the variant says about itself (all optional; generic fallbacks when absent)
@@ -93,95 +95,8 @@ def generic_macs(model) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring
+# Measuring (batches, timing, peak memory: lora_lite.testing.measure, shared with the benchmarks)
 # ---------------------------------------------------------------------------------------------
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-class PeakMemory:
-    """Peak memory above the level at entry, over a ``with`` window.
-
-    CUDA: max_memory_allocated. CPU on Linux: the process's peak RSS (VmHWM after a reset
-    through /proc/self/clear_refs). Elsewhere: None.
-    """
-
-    _pinned = False
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.peak_mb = None
-
-    @classmethod
-    def method(cls, device) -> str:
-        if torch.device(device).type == "cuda":
-            return "CUDA max_memory_allocated above the level before the window"
-        if cls._can_reset_rss():
-            return "process peak RSS (VmHWM) above the RSS before the window"
-        return "unavailable on this platform"
-
-    @staticmethod
-    def _can_reset_rss():
-        return os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)
-
-    @classmethod
-    def _pin_malloc(cls):
-        """Large blocks always mmapped (so free returns them to the OS): an honest RSS baseline."""
-        if cls._pinned:
-            return
-        cls._pinned = True
-        libc = _libc()
-        if libc is not None and hasattr(libc, "mallopt"):
-            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-            libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
-
-    @staticmethod
-    def _status_kb(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        return None
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        elif self._can_reset_rss():
-            self._pin_malloc()
-            libc = _libc()
-            if libc is not None and hasattr(libc, "malloc_trim"):
-                libc.malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-            self._base = self._status_kb("VmRSS") * 1024
-        else:
-            self._base = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._base is None:
-            return False
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = self._status_kb("VmHWM") * 1024
-        self.peak_mb = max(peak - self._base, 0) / 2**20
-        return False
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Runner:
     """Forward (no grad) and one training step (LM loss, backward, AdamW) of one model."""
 
@@ -209,13 +124,6 @@ class Runner:
         self.opt.state.clear()
         for p in self.params:
             p.grad = None
-
-    def timed(self, fn) -> float:
-        _sync(self.device)
-        start = time.perf_counter()
-        fn()
-        _sync(self.device)
-        return (time.perf_counter() - start) * 1e3
 
 
 def count_flops(model, batch) -> int | None:
@@ -288,13 +196,6 @@ CONVENTIONS = (
     "fwd/step: median ms after warm-up; step = forward + backward + AdamW step on an LM loss. "
     "peak: memory above the level before the row (attach/init + warm-up steps). init: attach "
     "time, one run.")
-
-
-def token_batch(vocab: int, batch: int, seq: int, seed: int, device) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    return {"input_ids": ids.to(device),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
 
 
 def _median(values):
@@ -448,7 +349,7 @@ class CostReport:
         with PeakMemory(self.device) as mem:
             start = time.perf_counter()
             ll.attach(self.model, cfg, calibration_data=calib)
-            _sync(self.device)
+            sync(self.device)
             row.init_ms = (time.perf_counter() - start) * 1e3
             params = ll.trainable_parameters(self.model)
             runners["lora-lite"] = Runner(self.model, params, self.batch, self.device)
@@ -471,7 +372,7 @@ class CostReport:
             peft_model = get_peft_model(model_copy, peft_config)
             if init is not None:
                 init(peft_model, calib if calib is not None else self.calibration)
-            _sync(self.device)
+            sync(self.device)
             row.init_ms = (time.perf_counter() - start) * 1e3
             params = [p for p in peft_model.parameters() if p.requires_grad]
             runners["peft"] = Runner(peft_model, params, self.batch, self.device)
@@ -513,18 +414,13 @@ class CostReport:
 
     def _time_rows(self, runners: dict, rows: dict) -> dict:
         """Time the runners taking turns (one forward of each, then one step of each, repeated),
-        rotating which goes first (``lora_lite.testing.bench.turn_order``; with lora-lite always first,
-        LoRA's step ratio read 1.03 in three runs of identical work): each row gets its medians
-        and its step-time spread; returns the per-turn times."""
-        from lora_lite.testing.bench import turn_order
-        fwd = {k: [] for k in runners}
-        step = {k: [] for k in runners}
-        for turn in range(self.s.repeats):
-            order = turn_order(list(runners), turn)
-            for k in order:
-                fwd[k].append(runners[k].timed(runners[k].forward))
-            for k in order:
-                step[k].append(runners[k].timed(runners[k].step))
+        rotating which goes first (``lora_lite.testing.measure.interleaved``; with lora-lite always
+        first, LoRA's step ratio read 1.03 in three runs of identical work): each row gets its
+        medians and its step-time spread; returns the per-turn times (ms)."""
+        phases = {"fwd": {k: r.forward for k, r in runners.items()},
+                  "step": {k: r.step for k, r in runners.items()}}
+        times = interleaved(phases, self.s.repeats, self.device)
+        fwd, step = ({k: [s * 1e3 for s in times[phase][k]["wall"]] for k in runners} for phase in ("fwd", "step"))
         for k in runners:
             rows[k].fwd_ms, rows[k].step_ms = _median(fwd[k]), _median(step[k])
             rows[k].step_ms_spread = (min(step[k]), max(step[k]))

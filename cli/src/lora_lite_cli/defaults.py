@@ -8,9 +8,10 @@ from its config class (its own default r, alpha and target_names).
 from __future__ import annotations
 
 import lora_lite as ll
+from lora_lite.targets import DEFAULT_TARGET_NAMES
 
 # what a variant that says nothing gets
-GENERIC = dict(lr=2e-3, targets=(r"(q_proj|v_proj)$",), calibration=0, knobs={})
+GENERIC = dict(lr=2e-3, targets=DEFAULT_TARGET_NAMES, calibration=0, knobs={})
 KEYS = ("lr", "targets", "alpha", "calibration", "knobs")
 
 

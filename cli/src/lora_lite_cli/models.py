@@ -20,6 +20,8 @@ import io
 import os
 import re
 
+from .errors import CLIError
+
 DEFAULT_MODEL = "smollm2"
 DEFAULT_ALIASES = (DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -175,3 +177,11 @@ def keep_4bit_trainable_on_cpu(model) -> int:
             count += 1
     return count
 
+
+def load_base_model(name: str, dtype="float32", quantize=None, device="cpu"):
+    """(model, tokenizer) through ``load_model``, with a clear error for a local path
+    that does not exist (transformers would call it an invalid hub repo id)."""
+    if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
+        raise CLIError(f"model {name!r} not found: no such folder or file", 2)
+    return load_model(os.path.expanduser(name) if name.startswith("~") else name,
+                      dtype=dtype, quantize=quantize, device=device)

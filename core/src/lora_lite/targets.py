@@ -36,6 +36,12 @@ from torch import nn
 from .errors import AttachError, VariantNotInstalled
 from .layers.kinds import features, is_adaptable, is_linear_like
 
+# The default targets of the command line and the conformance suite when a variant names none of
+# its own: the attention's query and value projections, as upstream LoRA's benchmark. (The
+# library's own default, an empty target_names, is every linear-like layer; see above.) The one
+# place these regexes are written: help texts and other defaults are formatted from it.
+DEFAULT_TARGET_NAMES = (r"q_proj$", r"v_proj$")
+
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
 _WRITER_NAMES = ("o_proj", "out_proj", "down_proj", "dense_4h_to_h", "c_proj", "wo", "w2",
                  "fc2", "dense", "o", "out_lin")

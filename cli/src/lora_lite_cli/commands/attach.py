@@ -7,41 +7,28 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..app import (
-    app,
-    build_config,
-    console,
+from ..app import app, console, err_console, handle_errors
+from ..configs import build_config, parse_layers, parse_sets
+from ..models import DEFAULT_MODEL, load_base_model
+from ..options import (
+    default_targets_text,
     dtype_option,
-    err_console,
-    handle_errors,
     layers_option,
-    load_base_model,
-    parse_layers,
-    parse_sets,
-    print_json,
     quantize_option,
     rank_option,
     sets_option,
     variant_option,
 )
-from ..models import DEFAULT_MODEL
+from ..output import print_json
 
 PROBE_BATCH, PROBE_SEQ = 2, 16          # the fixed input of the identity check
 CALIB_BATCHES, CALIB_BATCH, CALIB_SEQ = 4, 2, 32
 
 
-def token_batch(vocab_size: int, batch: int, seq: int, seed: int, device="cpu") -> dict:
-    """Random token ids (fixed by ``seed``) with a full attention mask."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
-    return {"input_ids": ids.to(device),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
-
-
 def calibration_batches(vocab_size: int, n=CALIB_BATCHES, batch=CALIB_BATCH, seq=CALIB_SEQ,
                         device="cpu") -> list[dict]:
     """Generated calibration data for variants that initialise from data (not real text)."""
+    from lora_lite.testing.measure import token_batch
     return [token_batch(vocab_size, batch, seq, seed=1000 + i, device=device) for i in range(n)]
 
 
@@ -76,7 +63,7 @@ def attach_command(
                               help="'smollm2' (embedded default), a local model folder, a .gguf file or a hub name."),
     targets: list[str] | None = typer.Option(
         None, "--targets", "-t",
-        help="Regex on layer names, repeatable (default: the variant's own, else q_proj$ and v_proj$).",
+        help=f"Regex on layer names, repeatable (default: the variant's own, else {default_targets_text()}).",
     ),
     rank: int | None = rank_option(),
     alpha: float | None = typer.Option(None, "--alpha", help="LoRA scale numerator: s = alpha / r."),
@@ -100,9 +87,9 @@ def attach_command(
     import torch
 
     import lora_lite as ll
-    from lora_lite.testing import same_kernel_logits
+    from lora_lite.testing import measure, same_kernel_logits
 
-    from ..app import CLIError
+    from ..errors import CLIError
 
     if quantize not in (None, "4bit", "8bit"):
         raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
@@ -112,7 +99,7 @@ def attach_command(
     with err_console.status(f"loading {model} ..."):
         base, _ = load_base_model(model, dtype=dtype, quantize=quantize)
     vocab = vocab_size(base)
-    probe = token_batch(vocab, PROBE_BATCH, PROBE_SEQ, seed=0)
+    probe = measure.token_batch(vocab, PROBE_BATCH, PROBE_SEQ, seed=0)
     base_logits = same_kernel_logits(base, probe)
     calib = None
     if cls.needs_calibration:

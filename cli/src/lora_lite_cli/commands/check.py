@@ -9,7 +9,11 @@ import warnings
 import typer
 from rich.table import Table
 
-from ..app import CLIError, app, build_config, console, handle_errors, parse_sets, print_json
+from ..app import app, console, handle_errors
+from ..configs import build_config, parse_sets
+from ..errors import CLIError
+from ..options import default_targets_text
+from ..output import print_json
 
 CHECK_RANK = 4  # the kit's rank on the test model
 
@@ -84,7 +88,7 @@ def _markdown(rows, bases):
 
 
 def _table(rows, bases):
-    table = Table(title="lora-lite check (tiny random Llama, r=4 on q_proj/v_proj unless set; "
+    table = Table(title=f"lora-lite check (tiny random Llama, r=4 on {default_targets_text()} unless set; "
                   "max |logit difference|)", title_justify="left")
     for col in ["variant", *[f"identity {b}" for b in bases], *[f"reload {b}" for b in bases],
                 "PEFT parity", "merge", "mixed batch", "trainable", "detach"]:

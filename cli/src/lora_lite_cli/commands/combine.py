@@ -9,7 +9,10 @@ from pathlib import Path
 import typer
 
 from ..adapters import check_adapter, model_of_adapter
-from ..app import CLIError, app, console, err_console, handle_errors, load_base_model, print_json
+from ..app import app, console, err_console, handle_errors
+from ..errors import CLIError
+from ..models import load_base_model
+from ..output import print_json
 
 
 def _weights(text, count):

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
-from ..app import CLIError, MultiValueCommand, app, console, err_console, handle_errors
+from ..app import app, console, err_console, handle_errors
+from ..errors import CLIError
+from ..options import MultiValueCommand
 
 
 class SweepUI:

@@ -7,27 +7,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..app import (
-    CLIError,
-    MultiValueCommand,
-    app,
-    build_config,
-    console,
-    dtype_option,
-    err_console,
-    handle_errors,
-    jsonable,
-    layers_option,
-    load_base_model,
-    one_line,
-    parse_layers,
-    parse_sets,
-    print_json,
-    quantize_option,
-    rank_option,
-    warn,
-)
-from ..models import DEFAULT_MODEL
+from ..app import app, console, err_console, handle_errors, warn
+from ..configs import build_config, parse_layers, parse_sets
+from ..errors import CLIError, one_line
+from ..models import DEFAULT_MODEL, load_base_model
+from ..options import MultiValueCommand, default_targets_text, dtype_option, layers_option, quantize_option, rank_option
+from ..output import jsonable, print_json
 
 
 def _si(value, digits=3) -> str:
@@ -171,7 +156,7 @@ def cost_report_command(
     ),
     targets: list[str] | None = typer.Option(
         None, "--targets", "-t",
-        help="Regex on layer names, repeatable (default: each variant's own, else q_proj$ and v_proj$).",
+        help=f"Regex on layer names, repeatable (default: each variant's own, else {default_targets_text()}).",
     ),
     rank: int | None = rank_option(),
     layers: str | None = layers_option(),

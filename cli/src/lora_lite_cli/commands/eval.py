@@ -1,6 +1,9 @@
 """``lora-lite eval``: accuracy of a base model and of the same model with an adapter file, or
 with each of several (``--adapter A --adapter B``: one base load, each attached under a name) and
-a weighted set of them (``--mix A=1,B=0.5``, names = the adapters' file stems)."""
+a weighted set of them (``--mix A=1,B=0.5``, names = the adapters' file stems).
+
+The flags eval shares with ``train`` (model, data, metric, limits, dtype, quantize, device,
+threads) are generated from the ``Settings`` fields, declared once (``settings_options``)."""
 from __future__ import annotations
 
 import time
@@ -9,61 +12,34 @@ from pathlib import Path
 import typer
 
 from ..adapters import check_adapter, model_of_adapter
-from ..app import (
-    CLIError,
-    app,
-    console,
-    dtype_option,
-    err_console,
-    handle_errors,
-    json_option,
-    print_json,
-    quantize_option,
-    threads_option,
-)
+from ..app import app, console, err_console, handle_errors
+from ..errors import CLIError
+from ..options import json_option, model_option
+from ..output import print_json
 from ..training.reporting import eval_summary as summary
+from .settings_options import shared_settings_options, with_defaults
+
+# train's flags that eval takes too, with eval's own wording where it differs
+SHARED = ("model", "eval_data", "data_format", "metric", "seq_len", "dtype", "quantize", "eval_limit",
+          "eval_batch_size", "max_new_tokens", "device", "threads")
+OVERRIDES = {
+    "model": {"option": lambda: model_option(help_extra=" (default: the model recorded in the adapter file, "
+                                                        "else smollm2)")},
+    "eval_limit": {"aliases": ("--limit", "-n"), "help": "Evaluate the first N items, 0 for all"},
+    "eval_batch_size": {"aliases": ("--batch-size", "-b")},
+    "seq_len": {"help": "Truncate examples to this many tokens for --metric loss"},
+}
 
 
 @app.command("eval")
 @handle_errors
+@shared_settings_options(SHARED, OVERRIDES)
 def eval_command(
     adapter: list[Path] = typer.Option(
         ..., "--adapter", "-a",
         help="Repeatable. Adapter file (.safetensors written by lora-lite), a PEFT adapter folder, or a hub adapter id "
         "(org/name: its config and safetensors weights only, through huggingface_hub).",
     ),
-    model: str | None = typer.Option(
-        None, "--model", "-m",
-        help="Base model (default: the one recorded in the adapter file, else the embedded smollm2).",
-    ),
-    eval_data: str = typer.Option(
-        "generated", "--eval-data",
-        help="'generated' (the fixed held-out split), a .jsonl file, a dataset folder or a hub dataset, e.g. "
-        "openai/gsm8k.",
-    ),
-    limit: int = typer.Option(
-        100, "--eval-limit", "--limit", "-n",
-        help="Evaluate the first N items (0: all); the same option as train's --eval-limit.",
-    ),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Generation budget per answer."),
-    metric: str | None = typer.Option(
-        None, "--metric",
-        help="numeric (the answer's number), exact (the completion, stripped) or loss (held-out loss and perplexity on "
-        "the completion tokens) (default: numeric for question/answer data, else loss).",
-    ),
-    data_format: str | None = typer.Option(
-        None, "--data-format",
-        help="qa, chat, alpaca, prompt_completion or text (default: detected from the fields).",
-    ),
-    seq_len: int = typer.Option(256, "--seq-len", help="Truncate examples to this many tokens for --metric loss."),
-    batch_size: int = typer.Option(
-        50, "--eval-batch-size", "--batch-size", "-b",
-        help="Prompts per generation batch (train's --eval-batch-size).",
-    ),
-    dtype: str = dtype_option(),
-    quantize: str | None = quantize_option(),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-    threads: int | None = threads_option(),
     base: bool = typer.Option(True, "--base/--no-base", help="Also evaluate the base model."),
     predictions: Path | None = typer.Option(
         None, "--predictions",
@@ -74,6 +50,7 @@ def eval_command(
         help="With several --adapter: also score this weighted set, e.g. A=1,B=0.5 (A, B: the adapters' file stems).",
     ),
     as_json: bool = json_option(),
+    given: dict | None = None,
 ):
     """Accuracy (or held-out loss) of the base model and of the adapted model on held-out data.
 
@@ -84,76 +61,95 @@ def eval_command(
     """
     import lora_lite as ll
 
-    from .. import data as data_mod
-    from .. import evaluate as eval_mod
-    from ..models import load_model
-    from ..training import pick_device, set_threads
-    from ..training.reporting import write_predictions
-
-    if quantize not in (None, "4bit", "8bit"):
-        raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
+    opts = with_defaults(given or {}, keep_none=("model",))
+    if opts["quantize"] not in (None, "4bit", "8bit"):
+        raise CLIError(f"--quantize {opts['quantize']!r}: expected 4bit or 8bit", 2)
     adapters, mix_set = _checked(adapter, mix)  # bad adapters / --mix fail before a model loads
-    adapter = adapters[0]
-    name = model or model_of_adapter(str(adapter))
+    opts["model"] = opts["model"] or model_of_adapter(str(adapters[0]))
     out = err_console if as_json else console
+    examples, opts["metric"] = _examples(opts)
+    if opts["metric"] == "loss" and len(adapters) > 1:
+        raise CLIError("--metric loss scores one --adapter at a time for now; run eval per adapter", 2)
+    run = _Scorer(opts, examples, out)
+    base_res = run("base model") if base else None
+    if len(adapters) > 1:
+        result = _several(ll, run.model, adapters, mix_set, run, base_res, opts["model"], examples)
+        return print_json(result) if as_json else _show_several(result)
+    ll.load(run.model, adapters[0])
+    result = _one(ll, run, adapters[0], base_res, predictions, opts, examples)
+    if as_json:
+        return print_json(result)
+    _show_one(result, examples)
+
+
+def _examples(opts):
+    """(the evaluation data, the metric it is scored with); a data problem is one line, exit 2."""
+    from .. import data as data_mod
     try:
-        examples = data_mod.eval_data(eval_data, limit or None, data_format, metric)
-        metric = data_mod.check_metric(metric, examples.format)
+        examples = data_mod.eval_data(opts["eval_data"], opts["eval_limit"] or None, opts["data_format"],
+                                      opts["metric"])
+        return examples, data_mod.check_metric(opts["metric"], examples.format)
     except data_mod.DataError as e:
         raise CLIError(str(e), 2) from None
-    if metric == "loss" and len(adapters) > 1:
-        raise CLIError("--metric loss scores one --adapter at a time for now; run eval per adapter", 2)
-    device = pick_device(device)
-    set_threads(threads)
-    with out.status(f"loading {name} ..."):
-        base_model, tokenizer = load_model(name, dtype, quantize, device)
 
-    def run(label):
+
+class _Scorer:
+    """Loads the base model once; ``run(label)`` scores the model as it is now, with a progress bar."""
+
+    def __init__(self, opts, examples, out):
+        from ..models import load_model
+        from ..training import pick_device, set_threads
+        self.opts, self.examples, self.out = opts, examples, out
+        device = pick_device(opts["device"])
+        set_threads(opts["threads"])
+        with out.status(f"loading {opts['model']} ..."):
+            self.model, self.tokenizer = load_model(opts["model"], opts["dtype"], opts["quantize"], device)
+
+    def __call__(self, label) -> dict:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from .. import evaluate as eval_mod
+        o, items = self.opts, self.examples.examples
         with Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=out) as progress:
-            task = progress.add_task(label, total=len(examples.examples))
+                      TimeRemainingColumn(), console=self.out) as progress:
+            task = progress.add_task(label, total=len(items))
             t = time.perf_counter()
-            res = eval_mod.evaluate(base_model, tokenizer, examples.examples, batch_size,
-                                    max_new_tokens, lambda k: progress.advance(task, k),
-                                    metric=metric, seq_len=seq_len)
+            res = eval_mod.evaluate(self.model, self.tokenizer, items, o["eval_batch_size"], o["max_new_tokens"],
+                                    lambda k: progress.advance(task, k), metric=o["metric"], seq_len=o["seq_len"])
         res["time_s"] = round(time.perf_counter() - t, 2)
         return res
 
-    base_res = run("base model") if base else None
-    if len(adapters) > 1:
-        result = _several(ll, base_model, adapters, mix_set, run, base_res, name, examples)
-        return print_json(result) if as_json else _show_several(result)
-    ll.load(base_model, adapter)
+
+def _one(ll, run, adapter, base_res, predictions, opts, examples) -> dict:
+    """Scores the attached adapter, writes the per-item predictions: the result record."""
+    from ..training.reporting import write_predictions
     adapted_res = run("adapted model")
     pred_path = str(predictions or _predictions_path(adapter))
     write_predictions(pred_path, base_res, adapted_res)
+    key = "loss" if opts["metric"] == "loss" else "accuracy"
+    return {"adapter": str(adapter), "variant": ll.attached(run.model).cfg.variant, "model": opts["model"],
+            "eval_data": examples.fingerprint(), "max_new_tokens": opts["max_new_tokens"],
+            "base": summary(base_res), "adapted": summary(adapted_res), "metric": opts["metric"],
+            "gain": (adapted_res[key] - base_res[key]) if base_res else None, "predictions": pred_path}
 
-    key = "loss" if metric == "loss" else "accuracy"
-    meta = {"variant": ll.attached(base_model).cfg.variant}
-    result = {"adapter": str(adapter), "variant": meta.get("variant"), "model": name,
-              "eval_data": examples.fingerprint(), "max_new_tokens": max_new_tokens,
-              "base": summary(base_res), "adapted": summary(adapted_res),
-              "metric": metric,
-              "gain": (adapted_res[key] - base_res[key]) if base_res else None,
-              "predictions": pred_path}
-    if as_json:
-        print_json(result)
-        return
+
+def _show_one(result, examples):
     from rich.table import Table
-    table = Table(title=f"{meta.get('variant')} adapter {adapter} on {name}", title_justify="left")
+    metric, loss = result["metric"], result["metric"] == "loss"
+    table = Table(title=f"{result['variant']} adapter {result['adapter']} on {result['model']}",
+                  title_justify="left")
     table.add_column("model")
-    loss = metric == "loss"
     table.add_column("held-out loss" if loss else f"accuracy ({metric})", justify="right")
     table.add_column("perplexity" if loss else "correct", justify="right")
-    for label, res in (("base", base_res), ("adapted", adapted_res)):
+    for label in ("base", "adapted"):
+        res = result[label]
         if res is not None and loss:
             table.add_row(label, f"{res['loss']:.4f}", f"{res['perplexity']:.4g}")
         elif res is not None:
             table.add_row(label, f"{100 * res['accuracy']:.1f}%", f"{res['correct']}/{res['n']}")
     console.print(table)
     console.print(f"data: {examples.spec} ({examples.kind}, {len(examples.examples)} items); "
-                  f"predictions: {pred_path}", highlight=False)
+                  f"predictions: {result['predictions']}", highlight=False)
 
 
 def _predictions_path(adapter) -> Path:

@@ -8,8 +8,11 @@ from pathlib import Path
 import typer
 
 from ..adapters import check_adapter, model_of_adapter
-from ..app import CLIError, app, console, err_console, handle_errors, load_base_model, print_json
+from ..app import app, console, err_console, handle_errors
+from ..errors import CLIError
 from ..export_folder import ExportFolderError, check_output, staged_folder
+from ..models import load_base_model
+from ..output import print_json
 
 FORMATS = ("merged", "peft")
 

@@ -10,7 +10,9 @@ import sys
 import typer
 from rich.table import Table
 
-from ..app import CLIError, app, command_problems, console, err_console, handle_errors, print_json, warn
+from ..app import app, command_problems, console, err_console, handle_errors, warn
+from ..errors import CLIError
+from ..output import print_json
 
 
 def plugins_data() -> dict:

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import typer
 
-from ..app import CLIError, app, console, err_console, handle_errors, json_option, print_json, variant_option
+from ..app import app, console, err_console, handle_errors
+from ..errors import CLIError
+from ..options import json_option, variant_option
+from ..output import print_json
 from .settings_options import settings_options
 
 

@@ -7,7 +7,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..app import app, console, handle_errors, jsonable, print_json, warn
+from ..app import app, console, handle_errors, warn
+from ..output import jsonable, print_json
 
 
 def variant_info(name, cls) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..app import CLIError, parse_layers
+from ..configs import parse_layers
+from ..errors import CLIError
 from ..training.settings import Settings
 
 # train options that compare owns or that make no sense for a sweep

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..app import CLIError
+from ..errors import CLIError
 from ..training.settings import Settings
 
 RUNS_DIR = "runs"
@@ -86,7 +86,7 @@ def per_variant_sets(pairs, variants) -> dict[str, dict]:
 
 
 def _setting(name: str, text: str, pair: str):
-    from ..app import parse_layers
+    from ..configs import parse_layers
     if name == "targets":
         return (text,)
     if name == "layers":

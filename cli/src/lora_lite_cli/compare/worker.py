@@ -136,8 +136,9 @@ def work(job: dict) -> int:
 
 
 def main(argv=None) -> int:
-    from ..app import CLIError, one_line, quiet_library_notices
+    from ..app import quiet_library_notices
     from ..data import DataError
+    from ..errors import CLIError, one_line
     from ..models import ModelNotFound
     quiet_library_notices()
     (path,) = argv if argv is not None else sys.argv[1:]

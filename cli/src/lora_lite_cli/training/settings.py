@@ -7,13 +7,16 @@ settings stored in its checkpoint; only the options in ``RESUME_FREE`` may diffe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
 
 from .. import data as data_mod
-from ..app import CLIError
+from .. import options
+from ..configs import parse_layers, parse_sets
 from ..defaults import variant_defaults
+from ..errors import CLIError
 from ..models import DEFAULT_MODEL
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -37,7 +40,7 @@ def _flag(default=dataclasses.MISSING, *decls, help="", shown=None, option=None,
 
     decls: the flag and its short alias; help: its text, to which "(default: X)." is added, X the
     field's default, or ``shown`` when given (``shown=False``: the help says it all); option: an
-    ``app.*_option`` maker used as is; parse: the option's value -> the setting's value; cli_type:
+    ``options.*_option`` maker used as is; parse: the option's value -> the setting's value; cli_type:
     the option's type when not the field's."""
     meta = {"decls": decls, "help": help, "shown": shown, "option": option, "parse": parse,
             "cli_type": cli_type}
@@ -45,19 +48,10 @@ def _flag(default=dataclasses.MISSING, *decls, help="", shown=None, option=None,
 
 
 def _app_option(name, *args):
-    def make():
-        from .. import app
-        return getattr(app, name)(*args)
-    return make
-
-
-def _parse_layers(text):
-    from ..app import parse_layers
-    return parse_layers(text)
+    return functools.partial(getattr(options, name), *args)
 
 
 def _parse_sets(pairs):
-    from ..app import parse_sets
     return parse_sets(pairs) if pairs else None
 
 
@@ -100,7 +94,7 @@ class Settings:
     grad_clip: float = _flag(1.0, "--grad-clip", help="Clip the adapter gradient norm, 0 for no clipping")
     seq_len: int = _flag(256, "--seq-len", help="Truncate training examples to this many tokens")
     targets: tuple = _flag((), option=_app_option("targets_option"), parse=_tuple)
-    layers: tuple | None = _flag(None, option=_app_option("layers_option"), parse=_parse_layers,
+    layers: tuple | None = _flag(None, option=_app_option("layers_option"), parse=parse_layers,
                                 cli_type=str)
     rank: int = _flag(8, option=_app_option("rank_option"))
     alpha: float = _flag(16.0, "--alpha", shown="per variant, 16", help="Scale numerator, s = alpha / r")
@@ -218,6 +212,6 @@ def build_config(s: Settings):
     fields (a bad knob or value is a ConfigError naming it). The adapter's own tensors are
     always float32 (the master weights), whatever the base's ``--dtype``: in fp16, AdamW's eps
     (1e-8) underflows to 0 and the first update is non-finite."""
-    from ..app import build_config as cli_build_config
+    from ..configs import build_config as cli_build_config
     return cli_build_config(s.variant, targets=list(s.targets), rank=s.rank, alpha=float(s.alpha),
                             layers=s.layers, dtype="float32", sets=dict(s.knobs), seed=s.seed)

@@ -10,6 +10,10 @@ the scaffolding the plugins' ``benchmarks/*_vs_peft.py`` scripts share, for plug
     times = bench.interleaved_times(steps, batch, args)
     bench.print_table(times, bench.step_memories(steps, batch, args.device), args)
 
+The measuring itself (batches, timed calls, turn order, peak memory) is ``lora_lite.testing.measure``,
+shared with ``lora-lite cost-report``; this module adds the training-step scaffolding on top (and
+keeps ``sync``, ``timed`` and ``turn_order`` importable from here).
+
 - time per training step (forward with labels, backward, AdamW on what requires grad): after
   ``warmup`` steps each, ``rounds`` rounds in which every model runs one step, interleaved and
   rotating which goes first, so load from other jobs hits all of them alike; medians, min, max.
@@ -28,10 +32,15 @@ import copy
 import logging
 import re
 import statistics
-import time
 import warnings
 
 import torch
+
+from . import measure
+from .measure import sync, timed, turn_order
+
+__all__ = ["arg_parser", "floor_model", "interleaved_calls", "interleaved_times", "peak_step_memory", "print_table",
+           "quiet", "random_llama", "step_memories", "sync", "timed", "token_batch", "trainer", "turn_order"]
 
 
 def arg_parser(description: str) -> argparse.ArgumentParser:
@@ -69,9 +78,7 @@ def random_llama(hidden: int, layers: int, vocab: int, seq: int, seed: int = 0):
 
 def token_batch(args, seed: int = 0) -> dict:
     """Random input_ids (args.batch, args.seq) below args.vocab, on args.device, full mask."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return measure.token_batch(args.vocab, args.batch, args.seq, seed, args.device)
 
 
 def trainer(model):
@@ -103,28 +110,6 @@ def floor_model(base, target_pattern: str):
     return model
 
 
-def sync(device: str):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of one call of fn()."""
-    sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    sync(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def turn_order(names: list, turn: int) -> list:
-    """``names`` rotated by ``turn``: over the rounds each one goes first as often as the others
-    (a fixed order biases the ratio: measured in lora-lite's cost report, the side always run
-    first read 1.03x for identical work)."""
-    k = turn % len(names) if names else 0
-    return names[k:] + names[:k]
-
-
 def interleaved_calls(fns: dict, warmup: int, rounds: int, device) -> dict[str, dict]:
     """fns: name -> callable. ``warmup`` calls each, then ``rounds`` rounds of one call per name,
     rotating which goes first. name -> {"wall": [s, ...], "cpu": [s, ...]} (CPU time of this
@@ -133,13 +118,7 @@ def interleaved_calls(fns: dict, warmup: int, rounds: int, device) -> dict[str, 
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
-    for i in range(rounds):
-        for name in turn_order(list(fns), i):
-            wall, cpu = timed(fns[name], device)
-            times[name]["wall"].append(wall)
-            times[name]["cpu"].append(cpu)
-    return times
+    return measure.interleaved({"call": fns}, rounds, device)["call"]
 
 
 def interleaved_times(steps: dict, batch, args) -> dict[str, dict]:
@@ -151,24 +130,11 @@ def interleaved_times(steps: dict, batch, args) -> dict[str, dict]:
 
 
 def peak_step_memory(step, batch, device) -> int:
-    """Peak tensor bytes alive at once during one step, above those alive at its start."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    """Peak tensor bytes alive at once during one step, above those alive at its start
+    (``measure.PeakMemory`` with ``cpu="tensors"``)."""
+    with measure.PeakMemory(device, cpu="tensors") as mem:
         step(batch)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(batch)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return mem.peak_bytes
 
 
 def step_memories(steps: dict, batch, device) -> dict[str, int]:

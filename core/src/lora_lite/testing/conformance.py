@@ -22,11 +22,12 @@ import torch
 from ..attach import attach, attached
 from ..config import config as make_config
 from ..plugins import register_plugin, unregister_plugin, variant_problem, variants
+from ..targets import DEFAULT_TARGET_NAMES
 from ..variant import rewrites_base
 from .conformance_multi import check_multi
 from .testbed import BASES, logits, make_batch, measure_invariants, model_maker, perturb
 
-DEFAULT_FIELDS = {"r": 4, "target_names": (r"q_proj$", r"v_proj$"), "target_roles": ()}
+DEFAULT_FIELDS = {"r": 4, "target_names": DEFAULT_TARGET_NAMES, "target_roles": ()}
 _KIT_PLUGIN = "lora-lite-check-variant"
 _TRAIN_KEYS = {"lr", "targets", "alpha", "calibration", "knobs"}
 
@@ -45,7 +46,8 @@ def check_variant(variant, cfg=None, *, bases=("fp32",), calibration_data=None, 
                   mix_tol=None, **cfg_fields) -> dict:
     """Check ``variant`` (a class, registered or not, or a registered name) on tiny random Llamas.
 
-    cfg: a config of the variant, else ``ll.config(name, **{r: 4, q_proj/v_proj} | cfg_fields)``.
+    cfg: a config of the variant, else ``ll.config(name, **DEFAULT_FIELDS | cfg_fields)``
+        (r=4 on ``DEFAULT_TARGET_NAMES``, the q/v projections).
     bases: any of "fp32", "4bit", "8bit"; bias: projections with random biases.
     identity_tol / reload_tol: a float, or {base: float}; tolerances on max |logit difference|.
     peft / merge: False skips those checks even when the variant declares them.
