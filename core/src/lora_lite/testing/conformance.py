@@ -70,7 +70,8 @@ def check_variant(variant, cfg=None, *, bases=("fp32",), calibration_data=None, 
             figures = _check_base(cls, cfg, base, batch, calibration_data, bias, steps, lr,
                                   _per_base(identity_tol, base), reload)
             if multi and "skipped" not in figures:
-                mix = _per_base(mix_tol, base) if mix_tol is not None else (1e-6 if base == "fp32" else max(reload, 1e-6))
+                mix = (_per_base(mix_tol, base) if mix_tol is not None
+                       else (1e-6 if base == "fp32" else max(reload, 1e-6)))
                 figures["multi"] = check_multi(_fail, cls, cfg, model_maker(base, bias=bias),
                                                calibration_data, reload, mix)
             out["bases"][base] = figures
