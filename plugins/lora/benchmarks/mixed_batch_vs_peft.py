@@ -9,7 +9,7 @@ q_proj / v_proj. Both sides hold the same adapter tensors (checked first: the sa
 ratio lora-lite / PEFT and the overhead of the mixed batch over lora-lite's batch of the same
 size run by one adapter (``ll.using``).
 
-    python plugins/lora/benchmarks/mixed_batch_vs_peft.py --rounds 7
+    python plugins/lora/benchmarks/mixed_batch_vs_peft.py --rounds 7 --threads 1
     python plugins/lora/benchmarks/mixed_batch_vs_peft.py --random --hidden 256 --layers 2
 """
 import copy
@@ -73,6 +73,13 @@ def time_one_k(base, batch, k, args):
     assert gap <= args.tol, f"K={k}: the two sides differ by {gap:.3g} > {args.tol:g}"
     print(f"K={k}: same function (max |logit difference| {gap:.2g})", flush=True)
 
+    times = bench.interleaved_calls(calls(ours, theirs, names[0], rows, batch), args.warmup,
+                                    args.rounds, args.device)
+    return times, gap
+
+
+def calls(ours, theirs, one, rows, batch):
+    """The three forwards timed: lora-lite's mixed batch, PEFT's, lora-lite's one adapter."""
     def run_ours():
         with torch.no_grad(), ll.rows(ours, rows):
             ours(**batch)
@@ -82,13 +89,9 @@ def time_one_k(base, batch, k, args):
             theirs(**batch, adapter_names=rows)
 
     def run_single():
-        with torch.no_grad(), ll.using(ours, names[0]):
+        with torch.no_grad(), ll.using(ours, one):
             ours(**batch)
-    times = bench.interleaved_calls({"ours": run_ours, "peft": run_theirs, "single": run_single},
-                                    args.warmup, args.rounds, args.device)
-    del ours, theirs
-    gc.collect()
-    return times, gap
+    return {"ours": run_ours, "peft": run_theirs, "single": run_single}
 
 
 def main():
@@ -99,7 +102,11 @@ def main():
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--ks", default="1,4,16")
     p.add_argument("--tol", type=float, default=1e-5, help="largest |logit difference| accepted")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); on a "
+                   "CPU shared with other jobs 1 is far steadier")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bench.quiet()
     base, what = base_model(args)
     batch = bench.token_batch(args)
@@ -108,6 +115,7 @@ def main():
     results = {}
     for k in [int(v) for v in args.ks.split(",")]:
         results[k] = time_one_k(base, batch, k, args)[0]
+        gc.collect()  # the pair of copies for this K
     print_table(results, args)
 
 
