@@ -14,7 +14,7 @@ SIDE_BY_SIDE = [
     ("plugins/hra/benchmarks/hra_vs_peft.py", []),
     ("benchmarks/moe_vs_peft.py", []),
     ("plugins/dora/benchmarks/dora_vs_peft.py", []),
-    ("plugins/lora/benchmarks/mixed_batch_vs_peft.py", ["--ks", "1,2", "--batch", "2"]),
+    ("plugins/lora/benchmarks/mixed_batch_vs_peft.py", ["--random", "--ks", "1,2", "--batch", "2"]),
     # bitsandbytes' CPU 4bit kernel needs widths that are multiples of 64 (intermediate 11/4·h)
     ("plugins/dora/benchmarks/dora_vs_peft.py", ["--quantize", "4bit", "--hidden", "256"]),
 ]

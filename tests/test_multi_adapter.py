@@ -2,6 +2,7 @@
 batches (also under generate), training one adapter, save / load by name, and the refusals."""
 import pytest
 import torch
+from lltest import QV as _QV
 from lltest import hooks_count, lora_cfg
 
 import lora_lite as ll
@@ -79,6 +80,59 @@ def test_mixed_batch_of_four_adapters_equals_each_row_alone(model):
         with (ll.disabled(model) if name is None else ll.using(model, name)):
             alone = logits(model, row)
         assert (mixed[b:b + 1] - alone).abs().max() <= 1e-6, (b, name)
+
+
+def _each_row_alone(model, batch, assign, tol=1e-6):
+    mixed = ll.forward_mixed(model, batch, adapter_per_row=assign).logits
+    for b, name in enumerate(assign):
+        row = {k: v[b:b + 1] for k, v in batch.items()}
+        with (ll.disabled(model) if name is None else ll.using(model, name)):
+            alone = logits(model, row)
+        assert (mixed[b:b + 1] - alone).abs().max() <= tol, (b, name)
+
+
+@pytest.mark.parametrize("assign", [
+    ["b", "a", "a", "c", "b", "d", "a", "b"],   # every row an adapter, unevenly spaced rows
+    ["c"] * 8,                                  # one adapter on every row: its plain path
+    ["a", None, "a", "a", None, "a", "a", "a"],  # one adapter and base rows
+    [None] * 8,
+])
+def test_mixed_batch_layouts_equal_each_row_alone(model, assign):
+    _adapters(model)
+    _each_row_alone(model, _batch(), assign)
+
+
+@pytest.mark.parametrize("default, named", [("dora", "lora"), ("lora", "dora")])
+def test_mixed_batch_next_to_a_default_adapter_of_another_variant(model, default, named):
+    """A named adapter runs with the default's tensors out of sight (DoRA has one LoRA lacks)."""
+    ll.attach(model, ll.config(default, r=4, **_QV))
+    ll.attach(model, ll.config(named, r=4, **_QV), name="n")
+    for name in ("default", "n"):
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in ll.trainable_parameters(model, name=name):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    _each_row_alone(model, _batch(), ["n", "default", None, "n", "n", "default", "n", "n"])
+
+
+def test_gradients_through_a_mixed_batch_are_the_rows_alone(model):
+    """Training through ll.rows: each adapter's gradient is the sum over its rows run alone."""
+    batch, assign = _batch(), ["b", "a", "a", "c", "b", None, "a", "b"]
+    _adapters(model, ("a", "b", "c"))
+    ll.set_trainable(model, ["a", "b", "c"])
+    params = ll.trainable_parameters(model)
+    with ll.rows(model, assign):
+        model(**batch).logits.square().mean().backward()
+    mixed = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    for b, name in enumerate(assign):
+        if name is not None:  # a base row adds no gradient
+            with ll.using(model, name):
+                (model(**{k: v[b:b + 1] for k, v in batch.items()}).logits.square().mean() / 8).backward()
+    for got, p in zip(mixed, params, strict=True):
+        want = p.grad if p.grad is not None else torch.zeros_like(got)
+        assert (got - want).abs().max() <= 1e-6
 
 
 def test_rows_work_with_generate(model):

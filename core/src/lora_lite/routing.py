@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import AttachError
-from .slots import _SWAPPED as SWAPPED
-from .slots import DEFAULT, as_adapter, slots
+from .slots import call_as, slots
 from .variant import hook_kind, rewrites_base
 
 OFF = "_lora_off"  # set on the target layers inside ``disabled(model)``
@@ -29,14 +28,43 @@ ROUTING = "_lora_routing"
 class Routing:
     """Shared by every adapted layer of one model."""
     active: list = field(default_factory=list)  # [(name, weight)]
-    rows: dict | None = None                    # name -> row indices, in ``ll.rows``
+    rows: dict | None = None                    # name -> row indices (a list), in ``ll.rows``
     batch: int = 0
-    _on: dict = field(default_factory=dict)     # device -> {name: indices there}
+    _plans: dict = field(default_factory=dict)  # (layer id, hook, device) -> LayerRows, in ``ll.rows``
 
-    def rows_on(self, device):
-        if device not in self._on:
-            self._on[device] = {n: i.to(device) for n, i in self.rows.items()}
-        return self._on[device]
+    def layer_rows(self, layer, hook: str, device) -> LayerRows:
+        """Which rows each adapter on ``layer`` with a ``hook`` ("output"/"input") runs on
+        ``device``: worked out once per ``ll.rows`` block (the hooks run it every forward)."""
+        key = (id(layer), hook, device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = LayerRows.make(layer, hook, self.rows or {}, self.batch, device)
+        return plan
+
+
+@dataclass
+class LayerRows:
+    """One layer's share of an ``ll.rows`` block, for one hook."""
+    parts: list    # [(adapter name, rows: a slice where they are evenly spaced, else an index tensor)]
+    whole: str | None  # the adapter running every row, if one does: its plain, unrouted path
+    covered: bool  # every row runs an adapter here (the output starts empty, not as a copy)
+
+    @classmethod
+    def make(cls, layer, hook, rows, batch, device):
+        mine = slots(layer)
+        parts = [(n, _selector(i, device)) for n, i in rows.items()
+                 if n in mine and hook in hook_kind(mine[n].variant)]
+        covered = sum(len(rows[n]) for n, _ in parts) == batch
+        return cls(parts, parts[0][0] if covered and len(parts) == 1 else None, covered)
+
+
+def _selector(indices: list, device):
+    """Rows ``indices`` (ascending) as a slice when evenly spaced (a view: nothing gathered),
+    else as an index tensor on ``device``."""
+    step = indices[1] - indices[0] if len(indices) > 1 else 1
+    if step > 0 and indices == list(range(indices[0], indices[-1] + 1, step)):
+        return slice(indices[0], indices[-1] + 1, step)
+    return torch.tensor(indices, dtype=torch.long, device=device)
 
 
 def adapter_dtype(layer):
@@ -46,23 +74,21 @@ def adapter_dtype(layer):
     return probe.dtype if isinstance(probe, torch.Tensor) else layer._lora_cfg.dtype
 
 
+def _output(layer, x, y):
+    x = x.to(adapter_dtype(layer)) if x.is_floating_point() else x  # an embedding's indices
+    return layer._lora_variant.forward(layer, x, y, layer._lora_cfg).to(y.dtype)
+
+
+def _input(layer, x):
+    return layer._lora_variant.forward_input(layer, x.to(adapter_dtype(layer)), layer._lora_cfg).to(x.dtype)
+
+
 def _run_output(layer, name, x, y):
-    with _as(layer, name):
-        x = x.to(adapter_dtype(layer)) if x.is_floating_point() else x  # an embedding's indices
-        return layer._lora_variant.forward(layer, x, y, layer._lora_cfg).to(y.dtype)
+    return call_as(layer, name, _output, layer, x, y)
 
 
 def _run_input(layer, name, x):
-    with _as(layer, name):
-        return layer._lora_variant.forward_input(layer, x.to(adapter_dtype(layer)),
-                                                layer._lora_cfg).to(x.dtype)
-
-
-def _as(layer, name):
-    """as_adapter, without its cost on the single default adapter's path (nothing to swap)."""
-    if name == DEFAULT and not layer.__dict__.get(SWAPPED):
-        return contextlib.nullcontext(layer)
-    return as_adapter(layer, name)
+    return call_as(layer, name, _input, layer, x)
 
 
 def _has(layer, name, kind):
@@ -76,18 +102,27 @@ def _check_batch(layer, plan, n):
                           f"of {n}; give one adapter (or None) per row of the batch")
 
 
+def _routed(layer, plan, hook, t, run):
+    """``t`` (y for the output hook, x for the input one) with each adapter's rows replaced by
+    ``run(name, rows)``; None where no adapter runs here."""
+    _check_batch(layer, plan, t.shape[0])
+    here = plan.layer_rows(layer, hook, t.device)
+    if here.whole is not None:
+        return run(here.whole, slice(None))
+    if not here.parts:
+        return None
+    out = torch.empty_like(t) if here.covered else t.clone()
+    for name, sel in here.parts:
+        out[sel] = run(name, sel)
+    return out
+
+
 def output_hook(layer, args, y):
     if layer.__dict__.get(OFF):
         return None  # disabled(): the base output as it is
     plan, x = layer.__dict__[ROUTING], args[0]
     if plan.rows is not None:
-        _check_batch(layer, plan, y.shape[0])
-        out = None
-        for name, idx in plan.rows_on(y.device).items():
-            if name in slots(layer) and _has(layer, name, "output"):
-                out = y.clone() if out is None else out
-                out[idx] = _run_output(layer, name, x[idx], y[idx])
-        return out
+        return _routed(layer, plan, "output", y, lambda n, sel: _run_output(layer, n, x[sel], y[sel]))
     run = [(n, w) for n, w in plan.active if n in slots(layer) and _has(layer, n, "output")]
     if len(run) == 1 and run[0][1] == 1.0:
         return _run_output(layer, run[0][0], x, y)
@@ -103,12 +138,7 @@ def input_hook(layer, args):
         return None
     plan, x = layer.__dict__[ROUTING], args[0]
     if plan.rows is not None:
-        _check_batch(layer, plan, x.shape[0])
-        out = None
-        for name, idx in plan.rows_on(x.device).items():
-            if name in slots(layer) and _has(layer, name, "input"):
-                out = x.clone() if out is None else out
-                out[idx] = _run_input(layer, name, x[idx])
+        out = _routed(layer, plan, "input", x, lambda n, sel: _run_input(layer, n, x[sel]))
         return None if out is None else (out, *args[1:])
     run = [n for n, _ in plan.active if n in slots(layer) and _has(layer, n, "input")]
     for name in run:
@@ -198,12 +228,11 @@ def rows(model, adapter_per_row):
         if n is not None:
             index.setdefault(n, []).append(b)
     routing = reg.routing
-    routing.rows = {n: torch.tensor(i, dtype=torch.long) for n, i in index.items()}
-    routing.batch, routing._on = len(names), {}
+    routing.rows, routing.batch, routing._plans = index, len(names), {}
     try:
         yield model
     finally:
-        routing.rows, routing.batch, routing._on = None, 0, {}
+        routing.rows, routing.batch, routing._plans = None, 0, {}
 
 
 def forward_mixed(model, batch, adapter_per_row):

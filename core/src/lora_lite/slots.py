@@ -128,6 +128,52 @@ def _swap_out(layer, name):
     del layer.__dict__[_SWAPPED]
 
 
+def call_as(layer, name, fn, *args):
+    """``fn(*args)`` with ``layer`` showing adapter ``name`` as inside ``as_adapter``, cheaply (the
+    hooks' path, once per adapter and layer each forward): the adapter's tensors and scratch
+    attributes are put in the layer's ``__dict__``, which attribute lookup reads before the
+    module's parameters and buffers, and taken out after; nothing is moved. A full swap where
+    that would show something else: a swap already in place, or a default adapter on the layer
+    with a tensor this adapter lacks (the swap hides it)."""
+    d = layer.__dict__
+    if _SWAPPED in d:
+        if d[_SWAPPED] == name:
+            return fn(*args)
+        with as_adapter(layer, name):
+            return fn(*args)
+    if name == DEFAULT:
+        return fn(*args)  # its tensors and scratch attributes are the layer's own
+    shown = _shown(layer, name)
+    if shown is None:
+        with as_adapter(layer, name):
+            return fn(*args)
+    saved = {k: d[k] for k in shown if k in d}
+    d.update(shown)
+    try:
+        return fn(*args)
+    finally:
+        for k in shown:
+            del d[k]
+        d.update(saved)
+
+
+def _shown(layer, name) -> dict | None:
+    """What ``call_as`` puts in ``layer.__dict__`` for adapter ``name`` (None: swap instead)."""
+    mine = slots(layer)
+    slot, default = mine[name], mine.get(DEFAULT)
+    if default is not None and not default.attrs.keys() <= slot.attrs.keys():
+        return None
+    params, buffers = layer._parameters, layer._buffers
+    shown = {"_lora_cfg": slot.cfg, "_lora_variant": slot.variant, "_lora_role": slot.role,
+             "_lora_name": slot.target, "_lora_probe": slot.probe}
+    for tensor, attr in slot.attrs.items():
+        value = params[attr] if attr in params else buffers.get(attr)
+        if value is None:
+            return None
+        shown[tensor] = value
+    return shown
+
+
 @contextlib.contextmanager
 def as_adapter_everywhere(layers, name):
     with contextlib.ExitStack() as stack:
