@@ -285,3 +285,30 @@ def test_embedding_lora_on_a_quantized_base(bits):
     model.train()
     loss_of(model, batch).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ll.trainable_parameters(model))
+
+
+@pytest.mark.parametrize("make, x_of", [
+    (lambda: torch.nn.Linear(6, 5), lambda g: torch.randn(2, 3, 6, generator=g)),
+    (lambda: torch.nn.Linear(6, 5), lambda g: torch.randn(6, generator=g)),
+    (lambda: torch.nn.Embedding(7, 5), lambda g: torch.randint(0, 7, (2, 3), generator=g)),
+    (lambda: torch.nn.Conv1d(6, 5, 3), lambda g: torch.randn(2, 6, 8, generator=g)),
+])
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16])
+def test_project_out_add_is_y_plus_scaled_project_out(make, x_of, y_dtype):
+    """The fused form (linear / embedding, same dtypes) and the general one agree with
+    y + s · project_out(project_in(x)) in y's dtype."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    layer = make()
+    emb = isinstance(layer, torch.nn.Embedding)
+    d_in, d_out = (layer.num_embeddings, layer.embedding_dim) if emb else layer.weight.shape[1::-1]
+    A, B = torch.randn(3, d_in, generator=g), torch.randn(d_out, 3, generator=g)
+    if isinstance(layer, torch.nn.Conv1d):
+        A = torch.randn(3, 6, 3, generator=g)
+    x = x_of(g)
+    y = layer(x).detach().to(y_dtype)
+    h = ll.project_in(layer, x, A)
+    out = ll.project_out_add(layer, h, B, y, 0.5)
+    expected = y + 0.5 * ll.project_out(layer, h, B).to(y_dtype)
+    assert out.dtype == y_dtype and out.shape == y.shape
+    torch.testing.assert_close(out, expected, atol=1e-5 if y_dtype == torch.float32 else 2e-2, rtol=1e-5)

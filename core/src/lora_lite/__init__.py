@@ -32,7 +32,7 @@ from .errors import (
     VariantContractError,
     VariantNotInstalled,
 )
-from .layers.kinds import kind_family, project_in, project_out
+from .layers.kinds import kind_family, project_in, project_out, project_out_add
 from .layers.weights import base_dense_weight, dense_weight, set_dense_weight
 from .merge import merge
 from .plugins import get_plugin_manager, get_variant, installed_plugins, problems, variants
@@ -72,7 +72,7 @@ __all__ = [
     "installed_plugins", "is_finite_number", "kind_family", "knob", "linear_layers", "load", "load_peft_adapters",
     "load_peft_low_rank_state",
     "merge", "peft_lora_config", "peft_lora_fields", "peft_low_rank_state", "peft_patterns",
-    "peft_tensor", "problems", "project_in", "project_out", "read_header", "rewrites_base",
+    "peft_tensor", "problems", "project_in", "project_out", "project_out_add", "read_header", "rewrites_base",
     "rows", "save", "set_dense_weight", "set_trainable", "stream_inputs", "trainable_parameters",
     "use", "using", "variants",
 ]

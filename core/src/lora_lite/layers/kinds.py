@@ -193,6 +193,15 @@ def project_out(layer, h, B):
     return h @ B.T
 
 
+def project_out_add(layer, h, B, y, scale: float):
+    """``y + scale · project_out(layer, h, B)`` in y's dtype; on linear and embedding layers, when
+    the dtypes agree, one fused addmm (no delta or scaled-delta temporaries)."""
+    if _math_family(layer) != "conv" and h.dtype == y.dtype == B.dtype:
+        flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.T, alpha=scale)
+        return flat.view(y.shape)
+    return y + scale * project_out(layer, h, B).to(y.dtype)
+
+
 def kind_family(layer) -> str:
     """"linear", "embedding" or "conv" (a plugin kind is "linear" unless it says otherwise)."""
     kind = kind_of(layer)

@@ -16,9 +16,6 @@ exports to and imports from PEFT as it is (rank_pattern / alpha_pattern become p
 import math
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 import lora_lite as ll
 
 # PEFT inits that rewrote the base weight (the adapter is relative to that): refused at import
@@ -55,14 +52,8 @@ class LoRA(ll.Variant):
     def forward(layer, x, y, cfg):
         # x: (..., d_in) in cfg.dtype; y: (..., d_out) base output
         # (x @ A.T) @ B.T on linear layers; the layer's own lookup / conv otherwise
-        h = ll.project_in(layer, x, layer.lora_A)
-        if isinstance(layer, nn.Linear) and h.dtype == y.dtype:
-            # the same sum in one call, y + s · h Bᵀ (no delta, scaled delta temporaries)
-            flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), layer.lora_B.T,
-                               alpha=cfg.scale)
-            return flat.view(y.shape)
-        delta = ll.project_out(layer, h, layer.lora_B)
-        return y + cfg.scale * delta.to(y.dtype)
+        h = ll.project_in(layer, x, layer.lora_A)                  # (..., r)
+        return ll.project_out_add(layer, h, layer.lora_B, y, cfg.scale)  # y + s · h Bᵀ
 
     def merged_weight(layer, cfg):
         W = ll.dense_weight(layer)                                   # (d_out, d_in) fp32
