@@ -273,3 +273,26 @@ def test_export_peft_by_name_is_that_adapter(model, batch, tmp_path):
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "b")
     with ll.using(model, "b"):
         assert (logits(model, batch) - logits(theirs, batch)).abs().max() < 1e-5
+
+
+def test_a_forward_that_raises_inside_rows_leaves_the_layers_as_they_were(model, monkeypatch):
+    """ll.rows shows an adapter's tensors through the layer's __dict__ for the call; a variant
+    forward that raises must not leave them there (they would shadow the module's own)."""
+    _adapters(model, ("a", "b"))
+    batch = _batch(4)
+    with ll.using(model, "b"):
+        before_b = logits(model, batch)
+    layers = [t.layer for t in ll.attached(model, "a").targets]
+    keys = [set(layer.__dict__) for layer in layers]
+    variant = ll.attached(model, "a").variant
+
+    def broken(layer, x, y, cfg):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(variant, "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"), ll.rows(model, ["a", "b", None, "a"]):
+        logits(model, batch)
+    monkeypatch.undo()
+    assert [set(layer.__dict__) for layer in layers] == keys
+    assert not any(k.startswith("lora_") for layer in layers for k in layer.__dict__)
+    with ll.using(model, "b"):
+        assert torch.equal(logits(model, batch), before_b)
