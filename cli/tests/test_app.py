@@ -217,3 +217,17 @@ def test_the_commands_hook_is_the_clis_not_cores():
     assert not hasattr(core_specs, "register_commands")
     get_app()
     assert registry().pm.hook.register_commands.spec.function is hookspecs.register_commands
+
+
+def test_set_reaches_target_parameters_and_trainable_modules():
+    """--set on fields that default to None: one regex as it is (commas kept), a JSON list as a
+    list (it was read as one regex, a character class that matched the wrong parameters)."""
+    cfg = build_config("lora", sets=parse_sets([r"target_parameters=experts\.w{1,2}$", "trainable_modules=score"]))
+    assert cfg.target_parameters == (r"experts\.w{1,2}$",) and cfg.trainable_modules == ("score",)
+    cfg = build_config("lora", sets=parse_sets(['target_parameters=["gate_up_proj$", "down_proj$"]']))
+    assert cfg.target_parameters == ("gate_up_proj$", "down_proj$")
+    import pytest
+
+    import lora_lite as ll
+    with pytest.raises(ll.ConfigError, match="target_parameters: cannot read"):
+        build_config("lora", sets=parse_sets(["target_parameters=[not json"]))

@@ -38,9 +38,9 @@ def _coerce(field, text: str):
         return int(text)
     if isinstance(default, float):
         return float(text)
+    if text.startswith("[") and (isinstance(default, (tuple, list)) or "tuple" in str(field.type)):
+        return tuple(json.loads(text))  # a JSON list, also for fields defaulting to None
     if isinstance(default, (tuple, list)):
-        if text.startswith("["):
-            return tuple(json.loads(text))
         items = [s.strip() for s in text.split(",") if s.strip()]
         return tuple(_scalar(s) for s in items) if field.name == "layers" else tuple(items)
     if default is None:
