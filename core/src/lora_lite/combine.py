@@ -28,7 +28,7 @@ import torch
 from .attach import attach_for_loading, detach, one_adapter, refuse_taken_name
 from .errors import AttachError
 from .layers.weights import base_dense_weight
-from .merge import merged_weights
+from .merge import merge_refusal, merged_weights
 from .plugins import variants
 from .slots import as_adapter
 from .task_merging import HOWS, combine_tensors
@@ -74,10 +74,9 @@ def _check(model, names, weights, how, name, density):
 
 def _check_mergeable(state):
     """how='svd' reads weight-space deltas: refuse, naming adapter and layer, one that cannot merge."""
-    v = state.variant
-    if v.mergeable and v.merged_weight is not None:
+    why = merge_refusal(state.variant)
+    if why is None:
         return
-    why = (v.merge_refusal or "it says so") if not v.mergeable else "its plugin has no merged_weight"
     raise AttachError(f"adapter {state.name!r} ({state.cfg.variant}) cannot be merged (at "
                       f"{state.targets[0].name}): {why}; how='svd' combines weight-space deltas, "
                       "so leave it out of the combination")

@@ -20,17 +20,24 @@ from .layers.weights import backend_for, dense_weight, forget_base_weight
 from .slots import as_adapter
 
 
+def merge_refusal(variant) -> str | None:
+    """Why adapters of ``variant`` cannot be merged (it says so, or its plugin has no
+    merged_weight), or None when they can: merge, combine(how="svd") and the test bed ask this."""
+    if not variant.mergeable:
+        return variant.merge_refusal or "it says so"
+    if variant.merged_weight is None:
+        return "it has no merged_weight (its plugin does not implement merging)"
+    return None
+
+
 def merged_weights(model, name=None) -> dict:
     """{target name: (W', b' or None)} of the attached adapter (``name``, or the only one), fp32;
     nothing is changed."""
     state = one_adapter(model, name, "merge")
     variant = state.variant
-    if not variant.mergeable:
-        raise AttachError(f"variant {state.cfg.variant!r} cannot be merged: "
-                          f"{variant.merge_refusal or 'it says so'}; the model was not changed")
-    if variant.merged_weight is None:
-        raise AttachError(f"variant {state.cfg.variant!r} has no merged_weight (its plugin does not "
-                          "implement merging); the model was not changed")
+    why = merge_refusal(variant)
+    if why is not None:
+        raise AttachError(f"variant {state.cfg.variant!r} cannot be merged: {why}; the model was not changed")
     out = {}
     with torch.no_grad():
         for t in state.targets:

@@ -124,13 +124,12 @@ def run_cell(arch, variant, layers=None, knobs=None):
 def merge_error(pristine, path, arch, batch, trained):
     """Relative output error of ``ll.merge`` on a fresh base loaded from ``path``; None when the
     variant cannot merge (mergeable = False or no merged_weight)."""
-    from ..merge import merge
+    from ..merge import merge, merge_refusal
     model = copy.deepcopy(pristine)
     load(model, path)
     state = attached(model)
     assert state is not None, "load attached the adapter"
-    variant = state.variant
-    if not variant.mergeable or variant.merged_weight is None:
+    if merge_refusal(state.variant) is not None:
         return None
     merge(model)
     return (arch.outputs(model, batch) - trained).abs().max().item() / scale(trained)
