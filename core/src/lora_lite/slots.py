@@ -49,9 +49,13 @@ def stored_name(tensor: str, adapter: str) -> str:
     return tensor if adapter == DEFAULT else f"{tensor}__{adapter}"
 
 
+def scratch_of(slot) -> dict:
+    """The plain attributes (``SCRATCH``) a layer shows for the adapter in ``slot``."""
+    return dict(zip(SCRATCH, (slot.cfg, slot.variant, slot.role, slot.target, slot.probe), strict=True))
+
+
 def set_scratch(layer, slot) -> None:
-    layer.__dict__.update(_lora_cfg=slot.cfg, _lora_variant=slot.variant, _lora_role=slot.role,
-                          _lora_name=slot.target, _lora_probe=slot.probe)
+    layer.__dict__.update(scratch_of(slot))
 
 
 def _pop(layer, key):
@@ -164,8 +168,7 @@ def _shown(layer, name) -> dict | None:
     if default is not None and not default.attrs.keys() <= slot.attrs.keys():
         return None
     params, buffers = layer._parameters, layer._buffers
-    shown = {"_lora_cfg": slot.cfg, "_lora_variant": slot.variant, "_lora_role": slot.role,
-             "_lora_name": slot.target, "_lora_probe": slot.probe}
+    shown = scratch_of(slot)
     for tensor, attr in slot.attrs.items():
         value = params[attr] if attr in params else buffers.get(attr)
         if value is None:
