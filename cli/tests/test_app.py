@@ -231,3 +231,14 @@ def test_set_reaches_target_parameters_and_trainable_modules():
     import lora_lite as ll
     with pytest.raises(ll.ConfigError, match="target_parameters: cannot read"):
         build_config("lora", sets=parse_sets(["target_parameters=[not json"]))
+
+
+def test_every_command_with_quantize_refuses_another_kind_in_one_line():
+    """eval, attach, cost-report and check share one --quantize check (options.check_quantize)."""
+    for argv in (["eval", "--adapter", "a.safetensors", "--quantize", "3bit"],
+                 ["attach", "--variant", "lora", "--quantize", "3bit"],
+                 ["cost-report", "--variants", "lora", "--quantize", "3bit"],
+                 ["check", "lora", "--quantize", "4bit,3bit"]):
+        result = runner.invoke(get_app(), argv)
+        assert result.exit_code == 2, (argv, result.output)
+        assert "--quantize '3bit': expected 4bit or 8bit" in result.output, (argv, result.output)

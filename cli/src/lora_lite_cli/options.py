@@ -43,6 +43,17 @@ def quantize_option():
     return typer.Option(None, "--quantize", help="Quantize the base with bitsandbytes: 4bit (nf4) or 8bit.")
 
 
+QUANTIZE_KINDS = ("4bit", "8bit")
+
+
+def check_quantize(value):
+    """``value`` of --quantize when it is None, 4bit or 8bit; else the one-line usage error (exit 2)."""
+    if value not in (None, *QUANTIZE_KINDS):
+        from .errors import CLIError
+        raise CLIError(f"--quantize {value!r}: expected 4bit or 8bit", 2)
+    return value
+
+
 def threads_option():
     return typer.Option(None, "--threads", help="CPU threads for torch (default: one per core "
                         "not busy with other work).")

@@ -11,6 +11,7 @@ from ..app import app, console, err_console, handle_errors
 from ..configs import build_config, parse_layers, parse_sets
 from ..models import DEFAULT_MODEL, load_base_model
 from ..options import (
+    check_quantize,
     default_targets_text,
     dtype_option,
     layers_option,
@@ -89,10 +90,8 @@ def attach_command(
     import lora_lite as ll
     from lora_lite.testing import measure, same_kernel_logits
 
-    from ..errors import CLIError
 
-    if quantize not in (None, "4bit", "8bit"):
-        raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
+    check_quantize(quantize)
     cfg = build_config(variant, targets=targets, rank=rank, alpha=alpha, layers=parse_layers(layers),
                        dtype=dtype, sets=parse_sets(sets), seed=seed)  # fails before loading
     cls = ll.get_variant(variant)

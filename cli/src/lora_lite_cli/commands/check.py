@@ -12,7 +12,7 @@ from rich.table import Table
 from ..app import app, console, handle_errors
 from ..configs import build_config, parse_sets
 from ..errors import CLIError
-from ..options import default_targets_text
+from ..options import check_quantize, default_targets_text
 from ..output import print_json
 
 CHECK_RANK = 4  # the kit's rank on the test model
@@ -22,9 +22,7 @@ def _bases(quantize: list[str]) -> list[str]:
     bases = ["fp32"]
     for item in quantize or []:
         for kind in (k.strip() for k in item.split(",") if k.strip()):
-            if kind not in ("4bit", "8bit"):
-                raise CLIError(f"--quantize {kind!r}: expected 4bit or 8bit", 2)
-            if kind not in bases:
+            if check_quantize(kind) not in bases:
                 bases.append(kind)
     return bases
 

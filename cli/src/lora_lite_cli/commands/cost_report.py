@@ -11,7 +11,15 @@ from ..app import app, console, err_console, handle_errors, warn
 from ..configs import build_config, parse_layers, parse_sets
 from ..errors import CLIError, one_line
 from ..models import DEFAULT_MODEL, load_base_model
-from ..options import MultiValueCommand, default_targets_text, dtype_option, layers_option, quantize_option, rank_option
+from ..options import (
+    MultiValueCommand,
+    check_quantize,
+    default_targets_text,
+    dtype_option,
+    layers_option,
+    quantize_option,
+    rank_option,
+)
 from ..output import jsonable, print_json
 
 
@@ -217,8 +225,7 @@ def _check_options(compare, quantize, seq_len, batch, repeats, warmup, device) -
         raise CLIError(f"--compare {compare!r}: the only comparison is 'peft'", 2)
     if compare == "peft":
         _need_module("peft", "--compare peft needs PEFT: pip install 'lora-lite-cli[peft]'")
-    if quantize not in (None, "4bit", "8bit"):
-        raise CLIError(f"--quantize {quantize!r}: expected 4bit or 8bit", 2)
+    check_quantize(quantize)
     if quantize:
         _need_module("bitsandbytes",
                      "--quantize needs bitsandbytes: pip install 'lora-lite-cli[quantize]'")

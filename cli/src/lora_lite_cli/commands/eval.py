@@ -14,7 +14,7 @@ import typer
 from ..adapters import check_adapter, model_of_adapter
 from ..app import app, console, err_console, handle_errors
 from ..errors import CLIError
-from ..options import json_option, model_option
+from ..options import check_quantize, json_option, model_option
 from ..output import print_json
 from ..training.reporting import eval_summary as summary
 from .settings_options import shared_settings_options, with_defaults
@@ -62,8 +62,7 @@ def eval_command(
     import lora_lite as ll
 
     opts = with_defaults(given or {}, keep_none=("model",))
-    if opts["quantize"] not in (None, "4bit", "8bit"):
-        raise CLIError(f"--quantize {opts['quantize']!r}: expected 4bit or 8bit", 2)
+    check_quantize(opts["quantize"])
     adapters, mix_set = _checked(adapter, mix)  # bad adapters / --mix fail before a model loads
     opts["model"] = opts["model"] or model_of_adapter(str(adapters[0]))
     out = err_console if as_json else console
